@@ -1,0 +1,53 @@
+"""The analytical blocking model (Low, Igual, Smith and Quintana-Orti, "Analytical modeling
+is enough for high-performance BLIS", ACM TOMS 2016), from cache geometry alone.
+
+kc: an mr x kc micro-panel of A and an nr x kc micro-panel of B share L1, B's panel in whole
+ways so it survives the stream of A's panels; mc: the mc x kc block of A fills the L2 ways
+left after B's micro-panel; nc: the kc x nc block of B fills the L3 ways left after A's block,
+divided among the cores that share the L3 (each thread packs its own B here).
+"""
+import math
+
+# When the OS says nothing: a small, common geometry (safe on anything made since 2010).
+FALLBACK = {
+    1: {"size": 32 * 1024, "ways": 8, "line": 64},
+    2: {"size": 256 * 1024, "ways": 4, "line": 64},
+    3: {"size": 2 * 1024 * 1024, "ways": 16, "line": 64},
+}
+NC_MAX = 4096
+KC_MIN, KC_MAX = 64, 1024
+
+
+def _geometry(caches, level):
+    """(size, ways, line, sets, sharing) of a level, falling back field by field."""
+    found = next((c for c in caches if c.get("level") == level), {}) or {}
+    fb = FALLBACK[level]
+    size = found.get("size") or fb["size"]
+    ways = found.get("ways") or fb["ways"]
+    line = found.get("line") or fb["line"]
+    sets = found.get("sets") or max(1, size // (ways * line))
+    sharing = found.get("shared_cpus") or 1
+    return size, ways, line, sets, sharing
+
+
+def analytical_blocking(caches, mr, nr, itemsize, cores=1):
+    """Block sizes {"mc", "kc", "nc"} for an mr x nr micro-kernel on elements of ``itemsize``
+    bytes, given caches as ``_hwinfo.read_caches`` lists them (missing levels fall back)."""
+    _, w1, l1, n1, _ = _geometry(caches, 1)
+    ways_a = max(1, math.floor((w1 - 1) / (1 + nr / mr)))
+    kc = ways_a * n1 * l1 // (mr * itemsize)
+    kc = int(min(KC_MAX, max(KC_MIN, kc // 8 * 8)))
+
+    _, w2, l2, n2, _ = _geometry(caches, 2)
+    ways_b2 = math.ceil(nr * kc * itemsize / (n2 * l2))
+    ways_a2 = max(1, w2 - 1 - ways_b2)
+    mc = ways_a2 * n2 * l2 // (kc * itemsize)
+    mc = int(max(mr, mc // mr * mr))
+
+    s3, w3, l3, n3, share3 = _geometry(caches, 3)
+    ways_a3 = math.ceil(mc * kc * itemsize / (n3 * l3))
+    ways_b3 = max(1, w3 - 1 - ways_a3)
+    nc = ways_b3 * n3 * l3 // (kc * itemsize)
+    nc //= max(1, min(share3, cores))
+    nc = int(max(nr, min(NC_MAX, nc) // nr * nr))
+    return {"mc": mc, "kc": kc, "nc": nc}

@@ -1,0 +1,72 @@
+"""Validation shared by every public function: dtypes, ``out`` arrays, overlap.
+
+Rules (API.md): float32 and float64 only, other dtypes raise TypeError naming the dtype;
+mixed float32/float64 compute in float64; any layout is accepted (misaligned or byte-swapped
+data is copied first); ``out`` must have the exact shape (ValueError), dtype (TypeError) and
+be writeable (ValueError).
+"""
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef object F32 = np.dtype(np.float32)
+cdef object F64 = np.dtype(np.float64)
+
+
+cpdef cnp.ndarray as_float_array(object x, str name):
+    """``x`` as a native-endian, aligned float32 or float64 ndarray; TypeError otherwise."""
+    cdef cnp.ndarray arr
+    if type(x) is np.ndarray:
+        arr = <cnp.ndarray> x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
+    dt = arr.dtype
+    if dt is F32 or dt is F64:
+        if cnp.PyArray_ISALIGNED(arr):
+            return arr
+        return arr.copy()
+    if dt.kind == "f" and dt.itemsize in (4, 8) and dt.fields is None:
+        # Byte-swapped or otherwise exotic but numerically float32/float64.
+        return np.ascontiguousarray(arr, dtype=F32 if dt.itemsize == 4 else F64)
+    raise TypeError(f"{name}: unsupported dtype {dt}; microtile computes in float32 and float64")
+
+
+cpdef object result_dtype(tuple arrays):
+    """float64 when any array is float64 (NumPy's promotion), else float32."""
+    for a in arrays:
+        if a is not None and (<cnp.ndarray> a).dtype is F64:
+            return F64
+    return F32
+
+
+cpdef cnp.ndarray as_dtype(cnp.ndarray x, object dtype):
+    if x.dtype is dtype:
+        return x
+    return x.astype(dtype)
+
+
+cpdef cnp.ndarray check_out(object out, tuple shape, object dtype, str name="out"):
+    """Validate a caller's ``out`` array for a result of ``shape`` and ``dtype``."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    cdef cnp.ndarray o = <cnp.ndarray> out
+    if (<object> o).shape != shape:
+        raise ValueError(f"{name} has shape {(<object> o).shape}; the result has shape {shape}")
+    if o.dtype != dtype:
+        raise TypeError(f"{name} has dtype {o.dtype}; the result has dtype {dtype}")
+    if not o.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if not cnp.PyArray_ISALIGNED(o) or not o.dtype.isnative:
+        raise ValueError(f"{name} must be aligned and in native byte order")
+    return o
+
+
+cpdef bint overlaps(cnp.ndarray a, cnp.ndarray b):
+    """True when the memory spans of two arrays intersect (a cheap, conservative test)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    return np.may_share_memory(a, b)
