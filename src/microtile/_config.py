@@ -28,6 +28,10 @@ _LIMITS = {
 }
 TUNABLE = tuple(_LIMITS) + ("split",)
 
+# Options that are not per dtype and not read by the GEMM driver: name -> (default, lo, hi).
+# conv_workspace: bytes of im2col workspace a convolution may use per thread.
+OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34)}
+
 # Measured on a Zen3 (2 cores): below ~64^3 packing costs more than it saves, below ~96^3
 # a second thread costs more than it saves.  The tuner re-measures both.
 _DEFAULT_EXTRA = {"nopack_mnk": 64 ** 3, "thread_mnk": 96 ** 3, "nopack_a_panels": 4, "split": 0}
@@ -39,6 +43,7 @@ _state = {
     "profile_status": "missing",
     "defaults": {},      # dtype -> analytical + built-in values
     "base": {},          # dtype -> values in force (defaults, then profile)
+    "options": {name: spec[0] for name, spec in OPTIONS.items()},
 }
 
 
@@ -61,6 +66,8 @@ def validate(name, value):
         raise ValueError(f"split must be one of {sorted(set(SPLITS))}, got {value!r}")
     if name in ("nopack_mnk", "thread_mnk") and isinstance(value, float) and value.is_integer():
         value = int(value)
+    if name in OPTIONS:
+        return _check_int(name, value, *OPTIONS[name][1:])
     if name not in _LIMITS:
         raise ValueError(f"unknown parameter {name!r}; tunable are {TUNABLE + ('threads', 'isa')}")
     return _check_int(name, value, *_LIMITS[name])
@@ -99,9 +106,19 @@ def _init():
     if status == "loaded":
         for dtype in DTYPES:
             _state["base"][dtype].update(chosen.get(dtype, {}))
+        _state["options"].update({k: v for k, v in chosen.get("options", {}).items()
+                                  if k in OPTIONS})
     for code, dtype in enumerate(DTYPES):
         _params.set_base(code, _state["base"][dtype])
     set_num_threads(_threads_from_env())
+
+
+def get_option(name):
+    """The value in force of a non-GEMM option (see ``OPTIONS``), overrides included."""
+    ov = _params.override.get()
+    if ov is not None and name in ov.get("options", {}):
+        return ov["options"][name]
+    return _state["options"][name]
 
 
 def get_num_threads():
@@ -147,6 +164,7 @@ def get_config():
         "profile_status": _state["profile_status"],
         "openmp": _openmp_enabled(),
     }
+    out.update({name: get_option(name) for name in OPTIONS})
     for code, dtype in enumerate(DTYPES):
         eff = _params.effective(code)
         isa = _dispatch.ISA_NAMES[eff["isa"]]
@@ -204,10 +222,16 @@ def config_context(**overrides):
         new["threads"] = _check_int("threads", overrides.pop("threads"), 1, 1 << 12)
     if "isa" in overrides:
         new["isa"] = _dispatch.isa_id(overrides.pop("isa"))
+    options = {name: validate(name, overrides.pop(name)) for name in list(overrides)
+               if name in OPTIONS}
+    if options:
+        new["options"] = options
     blocking = {name: validate(name, value) for name, value in overrides.items()}
     old = _params.override.get()
     merged = {} if old is None else {key: (dict(v) if isinstance(v, dict) else v)
                                      for key, v in old.items()}
+    if "options" in new:
+        new["options"] = {**merged.get("options", {}), **new["options"]}
     merged.update(new)
     for code, name in enumerate(DTYPES):
         if dtype is None or dtype == name:
