@@ -163,6 +163,25 @@ def with_layout(x, layout):
     raise ValueError(layout)
 
 
+VEC_LAYOUTS = ("C", "strided", "neg", "neg_strided", "readonly", "unaligned", "byteswapped")
+
+
+def vec_layout(x, layout):
+    """A 1-D array equal to ``x`` with the given layout; strided ones live in a NaN buffer."""
+    x = np.asarray(x)
+    if layout in ("strided", "neg_strided"):
+        step = 3 if layout == "strided" else -2
+        big = np.full(abs(step) * max(len(x), 1) + 1, np.nan, dtype=x.dtype)
+        view = big[::step][:len(x)]
+        view[...] = x
+        return view
+    if layout == "neg":
+        return x[::-1].copy()[::-1]
+    if layout == "C":
+        return x.copy()
+    return with_layout(x, layout)
+
+
 OUT_LAYOUTS = ("C", "F", "strided", "neg_rows", "neg_both", "neg_strided")
 
 

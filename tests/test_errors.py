@@ -133,7 +133,7 @@ def test_gemm_c_required_when_beta_nonzero():
 
 
 @pytest.mark.parametrize("sa,sb", [((3, 4), (5, 6)), ((2, 3, 4), (3, 4, 5)), ((3,), (4,)),
-                                   ((3,), (4, 5)), ((5, 4), (3,)), ((2, 1, 3, 4), (3, 4, 5))])
+                                   ((3,), (4, 5)), ((5, 4), (3,)), ((2, 2, 3, 4), (3, 4, 5))])
 def test_matmul_mismatch(sa, sb):
     with pytest.raises(ValueError) as info:
         microtile.matmul(np.ones(sa), np.ones(sb))
