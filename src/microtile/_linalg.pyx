@@ -439,6 +439,13 @@ def matmul(a, b, out=None):
     if A.ndim == 0 or B.ndim == 0:
         raise ValueError(f"matmul: operands must be at least 1-D, got shapes {np.shape(A)} "
                          f"and {np.shape(B)}")
+    if A.ndim == 2 and B.ndim == 2:
+        # The common case, without the stack machinery.
+        if A.shape[1] != B.shape[0]:
+            raise ValueError(f"matmul: a has shape {np.shape(A)} and b has shape "
+                             f"{np.shape(B)}: core dimensions {A.shape[1]} and {B.shape[0]} "
+                             "differ")
+        return gemm(A, B, out=out)
     dt = result_dtype((A, B))
     a_vec = A.ndim == 1
     b_vec = B.ndim == 1
