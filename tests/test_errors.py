@@ -326,9 +326,20 @@ def test_gemv_out_overlaps_input(rng):
         microtile.gemv(a, a[2], out=a[2])
     with pytest.raises(ValueError):
         microtile.gemv(a, x, out=a[:, 0])
-    # y is an input too; API.md allows out to be an input only for gemm's c.
-    with pytest.raises(ValueError):
-        microtile.gemv(a, x, beta=1.0, y=y, out=y)
+    # Like gemm's c, y may be out itself (gemv's docstring says so, which API.md allows),
+    # but out may not overlap y otherwise.
+    buf = rand(rng, 6, np.float64)
+    for y_view, out in [(buf[:5], buf[1:]), (buf[:5], buf[:5][::-1])]:
+        with pytest.raises(ValueError):
+            microtile.gemv(a, x, beta=1.0, y=y_view, out=out)
+
+
+def test_gemv_out_is_y_is_in_place(rng):
+    a, x = rand(rng, (5, 4), np.float64), rand(rng, 4, np.float64)
+    for y in (rand(rng, 5, np.float64), rand(rng, 10, np.float64)[::-2]):
+        y0 = y.copy()
+        assert microtile.gemv(a, x, alpha=2.0, beta=-1.0, y=y, out=y) is y
+        assert_gemm(y[:, None], a, x[:, None], 2.0, -1.0, y0[:, None])
 
 
 def test_ger_x_inside_a_is_rejected_or_correct(rng):
