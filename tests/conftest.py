@@ -9,7 +9,9 @@ round-off u = eps/2 is within gamma_k = k*u/(1 - k*u) of the exact value, relati
 scalings, the final addition and the cast of alpha/beta to float32).  The float64 reference
 has an error of the same form in float64.  Hence, elementwise,
 
-    |C - C_ref| <= FACTOR * (k + 2) * eps(dtype) * (|alpha| |A| @ |B| + |beta| |C0|)
+    |C - C_ref| <= FACTOR * (k + 2) * (eps(dtype) * (|alpha| |A| @ |B| + |beta| |C0|) + tiny)
+
+(tiny, the smallest subnormal, bounds the absolute error of an operation that underflows)
 
 with FACTOR = 2 as a safety margin; this is still ~1e-13 relative for float64 at k = 300,
 so a single dropped, doubled or misplaced product is always caught (see
@@ -97,7 +99,10 @@ def assert_close(result, ref, bound, k, dtype, what=""):
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise AssertionError(f"{what}: Inf mismatch at {idx}: got {r64[idx]}, expected {ref[idx]}")
     fin = np.isfinite(ref)
-    tol = FACTOR * (k + 2) * eps(dtype) * np.where(fin, bound, 0.0)
+    # Underflow: each of the k + 2 operations may also be off by half the smallest
+    # subnormal in absolute terms (matters only for subnormal alpha, beta or data).
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    tol = FACTOR * (k + 2) * (eps(dtype) * np.where(fin, bound, 0.0) + tiny)
     err = np.where(fin, np.abs(r64 - np.where(fin, ref, 0.0)), 0.0)
     excess = err - tol
     if excess.size and excess.max() > 0:
