@@ -112,7 +112,7 @@ def configs(draw):
     if draw(st.booleans()):
         cfg.update(mc=draw(st.integers(1, 40)), kc=draw(st.integers(1, 40)),
                    nc=draw(st.integers(1, 60)))
-    cfg["threads"] = draw(st.sampled_from((1, 2)))
+    cfg["threads"] = draw(st.sampled_from((1, 2, 3, 4)))  # 3, 4: oversubscribed, odd splits
     cfg["split"] = draw(st.sampled_from(("auto", "ic", "jc")))
     cfg["isa"] = draw(st.sampled_from(ISAS))
     cfg["nopack_mnk"] = draw(st.sampled_from((0, 64 ** 3, 1 << 40)))
@@ -185,7 +185,7 @@ def test_small_blocking(blocking, dt, threads, rng):
             assert_gemm(gemm(a, b), a, b, what=f"{m}x{n}x{k} beta=0")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("split", ["auto", "ic", "jc"])
 @pytest.mark.parametrize("dt", FLOATS)
 def test_threads_and_split(threads, split, dt, rng):
@@ -460,3 +460,31 @@ def test_result_is_independent_of_layout(rng):
             for lb in ("C", "F", "neg_strided"):
                 res = gemm(with_layout(a_op, la), with_layout(b_op, lb))
                 assert_gemm(res, a_op, b_op, what=f"{la}/{lb}")
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_aliased_inputs(dt, rng):
+    """The same array as a and b, and as c: reading the same memory twice is fine."""
+    a = rand(rng, (70, 70), dt)
+    assert_gemm(gemm(a, a), a, a)
+    assert_gemm(gemm(a, a, trans_b=True), a, a.T)
+    assert_gemm(gemm(a, a, trans_a=True, beta=-1.0, c=a), a.T, a, 1.0, -1.0, a)
+    v = a[:, ::2]
+    assert_gemm(gemm(v, v, trans_a=True), v.T, v)
+
+
+@pytest.mark.parametrize("out_layout", ["F", "strided", "neg_both"])
+@pytest.mark.parametrize("split", ["auto", "ic", "jc"])
+@pytest.mark.parametrize("dt", FLOATS)
+def test_threaded_any_out_layout(out_layout, split, dt, rng):
+    """Threads writing into a column-major, strided or reversed out (the driver transposes
+    the problem for column-major C)."""
+    with config_context(threads=2, split=split, thread_mnk=0):
+        for m, n, k in [(301, 157, 263), (7, 900, 40), (900, 7, 40), (97, 101, 1)]:
+            a, b = rand(rng, (m, k), dt), rand(rng, (k, n), dt)
+            c = rand(rng, (m, n), dt)
+            out, big = make_out((m, n), dt, out_layout)
+            res = gemm(a, b, alpha=-1.0, beta=0.5, c=c, out=out)
+            assert res is out
+            assert_gemm(out, a, b, -1.0, 0.5, c, what=f"{m}x{n}x{k} {out_layout} {split}")
+            assert_outside_untouched(out, big)

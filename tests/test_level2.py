@@ -232,7 +232,7 @@ def test_gemv_matches_numpy(case):
     run_gemv(case)
 
 
-@given(gemv_cases(), st.sampled_from(ISAS), st.sampled_from((1, 2)))
+@given(gemv_cases(), st.sampled_from(ISAS), st.sampled_from((1, 2, 3)))
 def test_gemv_matches_numpy_any_isa_threads(case, isa, threads):
     with config_context(isa=isa, threads=threads):
         run_gemv(case)
@@ -295,3 +295,22 @@ def test_gemv_returns_promoted_dtype(rng):
     assert microtile.gemv(a, rand(rng, 5, np.float64)).dtype == np.float64
     assert microtile.gemv(a, rand(rng, 5, np.float32), beta=1.0,
                           y=rand(rng, 6, np.float64)).dtype == np.float64
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dt", FLOATS)
+def test_ger_and_outer_large(layout, threads, dt, rng):
+    """Big enough for the threaded paths; row-, column-major and strided a."""
+    for m, n in [(1531, 1297), (9, 20000), (20000, 9)]:
+        x, y = rand(rng, m, dt), rand(rng, n, dt)
+        a, big = make_out((m, n), dt, layout)
+        a[...] = rand(rng, (m, n), dt)
+        a0 = a.copy()
+        with config_context(threads=threads):
+            microtile.ger(a, x, y, alpha=0.75)
+            res = microtile.outer(x, y)
+        ref, bound = outer_ref(x, y)
+        assert_close(a, a0 + 0.75 * ref, np.abs(a0) + 0.75 * bound, 1, dt, f"ger {m}x{n}")
+        assert_close(res, ref, bound, 1, dt, f"outer {m}x{n}")
+        assert_outside_untouched(a, big)

@@ -187,3 +187,21 @@ def test_out_nan_filled_does_not_leak(rng):
     out = np.full((3, 20, 10), np.nan)
     microtile.matmul(a, b, out=out)
     check(out, a, b)
+
+
+def test_aliased_operands(rng):
+    a = rand(rng, (4, 30, 30), np.float64)
+    check(microtile.matmul(a, a), a, a)
+    check(microtile.matmul(a, a.transpose(0, 2, 1)), a, a.transpose(0, 2, 1))
+    check(microtile.matmul(a[0], a[0]), a[0], a[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stack_out_layouts_threaded(threads, rng):
+    """A stack of small products spread across threads, into a stack out of any layout."""
+    a, b = rand(rng, (64, 9, 13), np.float32), rand(rng, (64, 13, 11), np.float32)
+    for layout in ("C", "F", "swap", "perm", "neg_both"):
+        out = stack_layout(np.zeros((64, 9, 11), np.float32), layout, rng)
+        with config_context(threads=threads, thread_mnk=0):
+            assert microtile.matmul(a, b, out=out) is out
+        check(out, a, b, f"out {layout}")
