@@ -300,3 +300,44 @@ def test_threadpoolctl_in_fresh_process():
             "if e.get('user_api') == 'microtile']))")
     pools = run_python(code, env={"MICROTILE_NUM_THREADS": "2"})
     assert len(pools) == 1 and pools[0]["num_threads"] == 2
+
+
+_FORK_CODE = r"""
+import json, os, signal, time
+import numpy as np, microtile
+microtile.set_num_threads(2)
+rng = np.random.default_rng(0)
+a = rng.standard_normal((400, 400))
+s = rng.standard_normal((64, 20, 20))
+x = rng.standard_normal(400)
+want = (a @ a, np.matmul(s, s), a @ x)
+microtile.gemm(a, a)                  # the parent's OpenMP threads have run
+pid = os.fork()
+if pid == 0:
+    got = (microtile.gemm(a, a), microtile.matmul(s, s), microtile.gemv(a, x))
+    ok = all(np.allclose(g, w, rtol=1e-12, atol=1e-10) for g, w in zip(got, want))
+    os._exit(0 if ok else 3)
+deadline = time.monotonic() + 8
+status = None
+while time.monotonic() < deadline:
+    done, st = os.waitpid(pid, os.WNOHANG)
+    if done:
+        status = os.waitstatus_to_exitcode(st)
+        break
+    time.sleep(0.02)
+if status is None:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(json.dumps({"status": status}))
+"""
+
+
+def test_threaded_calls_work_in_a_forked_child():
+    """multiprocessing's default start method on Linux is fork: a child of a process that
+    has already run microtile's threads must still compute (not hang on the parent's
+    OpenMP pool, whose threads do not exist in the child)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    res = run_python(_FORK_CODE, timeout=60)
+    assert res["status"] is not None, "the forked child hung in a threaded call"
+    assert res["status"] == 0, f"the forked child computed wrong results ({res['status']})"
