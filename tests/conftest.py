@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, settings
 # runs many more for a soak test; "ci" is reproducible run to run.
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("default", max_examples=25, **_COMMON)
-settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
+settings.register_profile("default", max_examples=50, **_COMMON)
+settings.register_profile("ci", max_examples=50, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("MICROTILE_HYPOTHESIS", "default"))
 

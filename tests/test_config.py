@@ -227,3 +227,12 @@ def test_profile_unreadable_directory_is_invalid_not_a_crash(tmp_path):
                                         "MICROTILE_PROFILE": tmp_path})
     assert res["status"] == "invalid"
     assert res["ok"]
+
+
+@pytest.mark.parametrize("value", ["bogus", "avx512-nope", ""])
+def test_unknown_isa_env_does_not_break_import(value):
+    res = run_python("import json, microtile; c = microtile.get_config(); "
+                     "print(json.dumps([c['isa'], list(microtile.available_isas())]))",
+                     env={"MICROTILE_ISA": value})
+    isa, available = res
+    assert isa in available

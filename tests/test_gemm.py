@@ -488,3 +488,29 @@ def test_threaded_any_out_layout(out_layout, split, dt, rng):
             assert res is out
             assert_gemm(out, a, b, -1.0, 0.5, c, what=f"{m}x{n}x{k} {out_layout} {split}")
             assert_outside_untouched(out, big)
+
+
+_KERNEL_FINGERPRINT = r"""
+import hashlib, json, numpy as np, microtile
+rng = np.random.default_rng(11)
+a = rng.standard_normal((64, 300)).astype(np.float32)
+b = rng.standard_normal((300, 70)).astype(np.float32)
+with microtile.config_context(ISA mc=48, kc=64, nc=256, threads=1, nopack_mnk=0):
+    c = microtile.gemm(a, b)
+print(json.dumps({"isa": microtile.get_config()["isa"],
+                  "digest": hashlib.sha256(c.tobytes()).hexdigest()}))
+"""
+
+
+def test_isa_override_really_switches_kernels():
+    """Same blocking, one thread: config_context(isa="generic") must give bit-for-bit what
+    a process started with MICROTILE_ISA=generic gives, and (FMA rounds differently from a
+    separate multiply and add) not what the AVX2 kernels give."""
+    env_generic = run_python(_KERNEL_FINGERPRINT.replace("ISA ", ""),
+                             env={"MICROTILE_ISA": "generic"})
+    ctx_generic = run_python(_KERNEL_FINGERPRINT.replace("ISA ", "isa='generic', "))
+    assert env_generic["isa"] == "generic"
+    assert ctx_generic["digest"] == env_generic["digest"]
+    if "avx2-fma" in ISAS:
+        ctx_avx2 = run_python(_KERNEL_FINGERPRINT.replace("ISA ", "isa='avx2-fma', "))
+        assert ctx_avx2["digest"] != env_generic["digest"]
