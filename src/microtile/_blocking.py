@@ -18,7 +18,9 @@ FALLBACK = {
     2: {"size": 256 * 1024, "ways": 4, "line": 64},
     3: {"size": 2 * 1024 * 1024, "ways": 16, "line": 64},
 }
-NC_MAX = 4096
+# The L3 of a VM or a many-core part is shared with neighbours the OS does not show: measured
+# on a 2-vCPU Zen3 slice, nc = 2048 beats 4096 by about 3 %.
+NC_MAX = 2048
 KC_MIN, KC_MAX = 64, 1024
 
 
