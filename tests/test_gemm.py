@@ -514,3 +514,14 @@ def test_isa_override_really_switches_kernels():
     if "avx2-fma" in ISAS:
         ctx_avx2 = run_python(_KERNEL_FINGERPRINT.replace("ISA ", "isa='avx2-fma', "))
         assert ctx_avx2["digest"] != env_generic["digest"]
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_nan_inf_scalars(dt, rng):
+    """alpha or beta NaN/Inf are not zero: they take part in IEEE arithmetic."""
+    a, b, c = rand(rng, (7, 5), dt), rand(rng, (5, 9), dt), rand(rng, (7, 9), dt)
+    assert np.isnan(gemm(a, b, alpha=np.nan)).all()
+    assert np.isnan(gemm(a, b, beta=np.nan, c=c)).all()
+    res = gemm(np.abs(a), np.abs(b), alpha=np.inf)
+    assert np.isposinf(res).all()
+    assert np.isnan(gemm(a, b, alpha=0.0, beta=np.nan, c=c)).all()

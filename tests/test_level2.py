@@ -314,3 +314,11 @@ def test_ger_and_outer_large(layout, threads, dt, rng):
         assert_close(a, a0 + 0.75 * ref, np.abs(a0) + 0.75 * bound, 1, dt, f"ger {m}x{n}")
         assert_close(res, ref, bound, 1, dt, f"outer {m}x{n}")
         assert_outside_untouched(a, big)
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_nan_scalars(dt, rng):
+    a, x, y = rand(rng, (6, 5), dt), rand(rng, 5, dt), rand(rng, 6, dt)
+    assert np.isnan(microtile.gemv(a, x, alpha=np.nan)).all()
+    assert np.isnan(microtile.gemv(a, x, beta=np.nan, y=y)).all()
+    assert np.isnan(microtile.ger(a.copy(), y, x, alpha=np.nan)).all()
