@@ -160,7 +160,8 @@ def test_gemm_releases_the_gil():
                     microtile.gemm(a, a)
 
             ratios = []
-            for _ in range(3):
+            # Up to five tries: other processes on this shared machine can steal the core.
+            while len(ratios) < 5 and (not ratios or max(ratios) <= 0.25):
                 base = _counter_rate_during(lambda: time.sleep(0.3), counter)
                 busy = _counter_rate_during(multiply, counter)
                 ratios.append(busy / base)
