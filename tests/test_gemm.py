@@ -525,3 +525,19 @@ def test_nan_inf_scalars(dt, rng):
     res = gemm(np.abs(a), np.abs(b), alpha=np.inf)
     assert np.isposinf(res).all()
     assert np.isnan(gemm(a, b, alpha=0.0, beta=np.nan, c=c)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [2.0, 3, -0.5])
+def test_python_number_c_is_a_weak_scalar(dtype, c):
+    # NumPy keeps float32 for a32 @ b32 + 2.0; so does gemm with a Python number as c.
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((5, 7)).astype(dtype)
+    b = rng.standard_normal((7, 3)).astype(dtype)
+    r = mt.gemm(a, b, beta=1.5, c=c)
+    assert r.dtype == dtype
+    ref = a.astype(np.float64) @ b + 1.5 * c
+    tol = 2 * 9 * np.finfo(dtype).eps * (np.abs(a) @ np.abs(b) + 1.5 * abs(c))
+    assert np.all(np.abs(r - ref) <= tol)
+    y = mt.gemv(a, b[:, 0], beta=1.5, y=c)
+    assert y.dtype == dtype

@@ -59,6 +59,10 @@ cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, 
     return 0
 
 
+cdef inline bint _weak(object v):
+    return type(v) is float or type(v) is int
+
+
 def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out=None):
     """General matrix multiply: ``alpha * op(a) @ op(b) + beta * c``.
 
@@ -97,7 +101,8 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"gemm: a and b must be 2-D, got shapes {np.shape(A)} and {np.shape(B)}")
     if c is not None:
-        C = as_float_array(c, "c")
+        # A Python number is a weak scalar, as in NumPy: it takes the operands' dtype.
+        C = as_float_array(np.asarray(c, dtype=result_dtype((A, B))) if _weak(c) else c, "c")
     elif beta_f != 0:
         raise ValueError("gemm: c is required when beta != 0")
     m, k = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
@@ -225,6 +230,8 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
         raise ValueError(f"gemv: op(a) has shape {(m, n)} and x has shape {np.shape(X)}; "
                          f"expected x of length {n}")
     if y is not None:
+        if _weak(y):
+            y = np.full(m, y, dtype=result_dtype((A, X)))
         Y = _vector(y, "y", "gemv")
         if Y.shape[0] != m:
             raise ValueError(f"gemv: y has shape {np.shape(Y)}; expected ({m},)")
