@@ -534,10 +534,10 @@ def test_python_number_c_is_a_weak_scalar(dtype, c):
     rng = np.random.default_rng(5)
     a = rng.standard_normal((5, 7)).astype(dtype)
     b = rng.standard_normal((7, 3)).astype(dtype)
-    r = mt.gemm(a, b, beta=1.5, c=c)
+    r = microtile.gemm(a, b, beta=1.5, c=c)
     assert r.dtype == dtype
     ref = a.astype(np.float64) @ b + 1.5 * c
     tol = 2 * 9 * np.finfo(dtype).eps * (np.abs(a) @ np.abs(b) + 1.5 * abs(c))
     assert np.all(np.abs(r - ref) <= tol)
-    y = mt.gemv(a, b[:, 0], beta=1.5, y=c)
+    y = microtile.gemv(a, b[:, 0], beta=1.5, y=c)
     assert y.dtype == dtype
