@@ -281,6 +281,8 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     if y.size == 0:
         return
     pl.bias_col = bias_col and not pl.direct
+    if bias_col and pl.direct:
+        bias = np.ascontiguousarray(wm[:, pl.CRS])    # the 1x1 path adds it to the output
     pl.ldw = wm.shape[1]
     if pl.direct:
         pl.nb = 1
@@ -322,13 +324,13 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                     idx_t gi, idx_t ch, const floating* x, const idx_t* xs,
                     const floating* w, const floating* dy, floating* dx, floating* dwp,
                     floating* ws, bint need_w, bint need_x) noexcept nogil:
-    cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_b, cs_b
+    cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_a2, cs_a2
     cdef idx_t RS = g.R * g.S
     cdef int inner_nt = 1 if pl.par else pl.nt
     cdef const floating* xg = x + gi * pl.Cg * xs[1]
     cdef const floating* wg = w + gi * pl.Kg * pl.ldw
     cdef const floating* a
-    cdef const floating* b
+    cdef const floating* a2
     cdef const floating* src
     cdef floating* cols = ws + pl.ws_cols
     cdef floating* tmp = ws + pl.ws_tmp
@@ -348,19 +350,25 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
         a = tmp
         rs_a = ncur
     if need_w:
+        # dW^T (CRS x Kg) += cols (CRS x ncur) @ dY^T: the column matrix is the A operand,
+        # which the GEMM reads in place when Kg is narrow, so it is never packed again.  With
+        # a row of ones under cols, row CRS of dW^T collects db for free.
         if pl.direct:
-            b = xg + n0 * xs[0] + pq0 * xs[3]
-            rs_b = xs[3]
-            cs_b = xs[1]
+            a2 = xg + n0 * xs[0] + pq0 * xs[3]
+            rs_a2 = xs[1]
+            cs_a2 = xs[3]
         else:
             for i in range(nb):
                 _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, pl.Cg, pq0, pq1, cols + i * wcols,
                               ncur, RS, inner_nt)
-            b = cols
-            rs_b = 1
-            cs_b = ncur
-        if _gemm(not pl.par, prm, pl.Kg, pl.CRS, ncur, a, rs_a, 1, b, rs_b, cs_b,
-                 <floating> 1, dwp + gi * pl.Kg * pl.CRS, pl.CRS) != 0:
+            if pl.bias_col:
+                for j in range(ncur):
+                    cols[pl.CRS * ncur + j] = 1
+            a2 = cols
+            rs_a2 = ncur
+            cs_a2 = 1
+        if _gemm(not pl.par, prm, pl.CRS + pl.bias_col, pl.Kg, ncur, a2, rs_a2, cs_a2, a, 1,
+                 rs_a, <floating> 1, dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg, pl.Kg) != 0:
             return -1
     if need_x:
         if pl.direct:
@@ -399,7 +407,7 @@ cdef int _bwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
                   const floating* dy, floating* dx, floating* dwp, floating* ws,
                   bint need_w, bint need_x) noexcept nogil:
     cdef idx_t u, units = pl.G * (pl.N if pl.cpi > 1 else pl.n_chunks)
-    cdef idx_t dw_elems = pl.K * pl.CRS
+    cdef idx_t dw_elems = pl.K * (pl.CRS + pl.bias_col)
     cdef int fails = 0, tid
     if pl.par:
         for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
@@ -415,17 +423,27 @@ cdef int _bwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
 
 cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* db,
                      int nt) noexcept nogil:
-    # Accumulated in double: a float32 sum over N*P*Q terms would lose digits.
-    cdef idx_t k, n, j
-    cdef double acc
+    # Accumulated in double (a float32 sum over N*P*Q terms would lose digits), in four
+    # independent chains so the adds overlap.
+    cdef idx_t k, n, j, j4
+    cdef double a0, a1, a2, a3
     cdef const floating* row
     for k in prange(K, num_threads=nt, schedule="static"):
-        acc = 0
+        a0 = 0
+        a1 = 0
+        a2 = 0
+        a3 = 0
+        j4 = PQ - PQ % 4
         for n in range(N):
             row = dy + (n * K + k) * PQ
-            for j in range(PQ):
-                acc = acc + row[j]
-        db[k] = <floating> acc
+            for j in range(0, j4, 4):
+                a0 = a0 + row[j]
+                a1 = a1 + row[j + 1]
+                a2 = a2 + row[j + 2]
+                a3 = a3 + row[j + 3]
+            for j in range(j4, PQ):
+                a0 = a0 + row[j]
+        db[k] = <floating> ((a0 + a1) + (a2 + a3))
 
 
 def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, idx_t groups,
@@ -441,25 +459,22 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     cdef idx_t isz = dy.itemsize, units, per_col
     cdef cnp.ndarray wsbuf, dwp, dx = None, db = None
     cdef int rc = 0, nt_parts, i
+    cdef idx_t rows
     current_params(code, &prm)
     pl = _base_plan(x, dy, geom, groups, prm.n_threads)
     pl.ldw = wm.shape[1]
     dt = dy.dtype
     if need_x:
         dx = np.zeros((x.shape[0], x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
-    if need_b:
-        db = np.empty(pl.K, dtype=dt)
-        if pl.K and dy.size:
-            if code == 0:
-                _bias_grad_f(dy, db, pl)
-            else:
-                _bias_grad_d(dy, db, pl)
-        else:
-            db[...] = 0
-    if not (need_w or need_x):
-        return dx, None, db
-    if pl.N == 0 or pl.PQ == 0 or pl.K == 0 or pl.CRS == 0:
+    if pl.N == 0 or pl.PQ == 0 or pl.K == 0 or pl.CRS == 0 or not (need_w or need_x):
+        if need_b:
+            db = np.zeros(pl.K, dtype=dt)
+            if dy.size:
+                _bias_grad_any(dy, db, pl)
         return dx, (np.zeros((pl.K, pl.CRS), dtype=dt) if need_w else None), db
+    # db rides in the dW GEMM (a row of ones under the columns) whenever that GEMM runs on
+    # im2col columns; otherwise it is a sum of its own.
+    pl.bias_col = need_b and need_w and not pl.direct
     if pl.direct:
         pl.nb = 1
         pl.cpi = 1
@@ -469,7 +484,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
         pl.ws_cols = 0
         pl.ws_tmp = 0
     else:
-        per_col = pl.CRS if (need_w or need_x) else 0
+        per_col = pl.CRS + pl.bias_col
         _plan_chunks(&pl, max(workspace // (isz * pl.nt), 1), per_col + pl.Kg, per_col)
         pl.ws_cols = 0
         pl.ws_tmp = per_col * pl.ncols
@@ -477,9 +492,11 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     units = pl.G * (pl.N if pl.cpi > 1 else pl.n_chunks)
     _choose_threading(&pl, units)
     nt_parts = pl.nt if pl.par else 1
+    rows = pl.CRS + pl.bias_col
     wsbuf = np.empty(max(pl.ws_elems, 1) * nt_parts, dtype=dt)
-    dwp = np.zeros(((<object> nt_parts, <object> pl.K, <object> pl.CRS) if need_w
-                    else (<object> 1,)), dtype=dt)
+    # Per-thread partial dW^T, one (rows x Kg) block per group, reduced below.
+    dwp = np.zeros(((<object> nt_parts, <object> pl.G, <object> rows, <object> pl.Kg)
+                    if need_w else (<object> 1,)), dtype=dt)
     for i in range(4):
         xs[i] = _es(x, i)
     cdef void* px = cnp.PyArray_DATA(x)
@@ -502,8 +519,21 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
         raise MemoryError("microtile: could not allocate GEMM packing buffers")
     dw = None
     if need_w:
-        dw = dwp[0] if nt_parts == 1 else dwp.sum(axis=0)
+        tot = dwp[0] if nt_parts == 1 else dwp.sum(axis=0)
+        dw = np.ascontiguousarray(tot[:, :pl.CRS, :].transpose(0, 2, 1)).reshape(pl.K, pl.CRS)
+        if pl.bias_col:
+            db = np.ascontiguousarray(tot[:, pl.CRS, :]).reshape(pl.K)
+    if need_b and not pl.bias_col:
+        db = np.empty(pl.K, dtype=dt)
+        _bias_grad_any(dy, db, pl)
     return dx, dw, db
+
+
+cdef void _bias_grad_any(cnp.ndarray dy, cnp.ndarray db, conv_plan pl):
+    if dy.dtype == np.float32:
+        _bias_grad_f(dy, db, pl)
+    else:
+        _bias_grad_d(dy, db, pl)
 
 
 cdef void _bias_grad_f(cnp.ndarray dy, cnp.ndarray db, conv_plan pl):

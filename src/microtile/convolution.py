@@ -112,16 +112,21 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
                 raise ValueError(f"conv2d: out overlaps {name}")
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
-    Wm = np.empty((K, crs + (B is not None)), dtype=dt)
-    Wm[:, :crs] = Wt.reshape(K, crs)
+    # The bias rides in the GEMM as one more weight column when copying the weights costs
+    # little next to the output; otherwise it is added to the output (no weight copy).
+    bias_col = B is not None and 4 * crs <= N * P * Q
     Bc = None
-    if B is not None:
+    if bias_col:
+        Wm = np.empty((K, crs + 1), dtype=dt)
+        Wm[:, :crs] = Wt.reshape(K, crs)
         Wm[:, crs] = B
-        Bc = np.ascontiguousarray(B, dtype=dt)
+    else:
+        Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+        if B is not None:
+            Bc = np.ascontiguousarray(B, dtype=dt)
     in_place = O is not None and O.flags.c_contiguous
     Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
-    _conv.conv2d_forward(X4, Wm, Bc, Y, geom, groups, B is not None,
-                         get_option("conv_workspace"))
+    _conv.conv2d_forward(X4, Wm, Bc, Y, geom, groups, bias_col, get_option("conv_workspace"))
     if O is not None:
         if not in_place:
             O[...] = Y.reshape(shape)
