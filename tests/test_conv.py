@@ -197,13 +197,19 @@ def test_chunking_and_threads(threads, workspace, shape):
         check_forward_backward(x, w, b, np.float64, padding=1, stride=(1, 2))
 
 
-def test_large_depth_chunks_float32():
-    # GEMM depth above kc and many columns: the float32 tolerance is k-dependent.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("K", [33, 70])
+def test_large_depth_chunks_float32(K, threads):
+    # GEMM depth above kc; K = 70 accumulates dW rather than dW^T and, with many filters on
+    # small planes, threads inside the GEMMs instead of over chunks.
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 40, 15, 15)).astype(np.float32)
-    w = rng.standard_normal((33, 40, 3, 3)).astype(np.float32)
-    with mt.config_context(conv_workspace=64 << 10):
-        check_forward_backward(x, w, None, np.float32, padding=1)
+    w = rng.standard_normal((K, 40, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    with mt.config_context(conv_workspace=64 << 10, threads=threads):
+        check_forward_backward(x, w, b, np.float32, padding=1)
+    with mt.config_context(threads=threads):
+        check_forward_backward(x, w, b, np.float32, padding=1)
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])

@@ -54,6 +54,7 @@ ctypedef struct conv_plan:
     bint bias_col       # W carries the bias as column CRS; cols get a row of ones
     int nt              # threads
     bint par            # threads over chunks (gemm_serial) rather than inside the GEMM
+    bint dw_trans       # backward accumulates dW^T (CRS x Kg) rather than dW (Kg x CRS)
 
 
 cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
@@ -69,14 +70,13 @@ cdef inline idx_t _es(cnp.ndarray a, int axis):
 
 
 cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
-                       idx_t per_col_slice):
+                       idx_t per_col_slice, idx_t want):
     """Choose images per chunk or chunks per image so one chunk's workspace fits the budget
-    (elements per thread), and there are enough chunks to keep every thread busy."""
-    cdef idx_t want, nb
+    (elements per thread), with at least ``want`` chunks per group when images allow."""
+    cdef idx_t nb
     pl.nb = 1
     pl.cpi = 1
     if pl.PQ * per_col_whole <= budget_elems:
-        want = _cdiv(pl.nt, pl.G)
         nb = budget_elems // (pl.PQ * per_col_whole) if per_col_whole > 0 else pl.N
         nb = _min(nb, _cdiv(pl.N, want))
         if nb < 1:
@@ -96,9 +96,29 @@ cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
         pl.n_chunks = pl.N * pl.cpi
 
 
-cdef void _choose_threading(conv_plan* pl, idx_t units):
-    # Whole chunks per thread when they divide evenly enough; otherwise the GEMM is threaded.
-    pl.par = pl.nt > 1 and units >= pl.nt and (units % pl.nt == 0 or units >= 4 * pl.nt)
+cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
+                idx_t per_col_slice, bint backward, bint prefer_threaded):
+    """Chunking and threading.  Whole chunks per thread (serial GEMMs, the cap shared between
+    threads) when there are enough of them to share out evenly; otherwise chunks one after
+    another, each as large as the whole cap allows, with the GEMM threaded inside."""
+    cdef idx_t units
+    if pl.direct:
+        pl.nb = 1
+        pl.cpi = 1
+        pl.ncols = pl.PQ
+        pl.n_chunks = pl.N
+    if pl.nt > 1 and not prefer_threaded:
+        if not pl.direct:
+            _plan_chunks(pl, max(workspace // (isz * pl.nt), 1), per_col_whole, per_col_slice,
+                         _cdiv(pl.nt, pl.G))
+        # The backward hands a thread every chunk of an image (col2im stays race-free).
+        units = pl.G * (pl.N if (backward and pl.cpi > 1) else pl.n_chunks)
+        if units >= pl.nt and (units % pl.nt == 0 or units >= 4 * pl.nt):
+            pl.par = True
+            return
+    pl.par = False
+    if not pl.direct:
+        _plan_chunks(pl, max(workspace // isz, 1), per_col_whole, per_col_slice, 1)
 
 
 cdef inline int _gemm(bint threaded, const gemm_params* prm, idx_t m, idx_t n, idx_t k,
@@ -284,19 +304,13 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     if bias_col and pl.direct:
         bias = np.ascontiguousarray(wm[:, pl.CRS])    # the 1x1 path adds it to the output
     pl.ldw = wm.shape[1]
+    _plan(&pl, workspace, isz, pl.CRS + 1 + pl.Kg, pl.CRS + 1, False, False)
     if pl.direct:
-        pl.nb = 1
-        pl.cpi = 1
-        pl.ncols = pl.PQ
-        pl.n_chunks = pl.N
         pl.ws_elems = 0
     else:
-        _plan_chunks(&pl, max(workspace // (isz * pl.nt), 1), pl.CRS + 1 + pl.Kg, pl.CRS + 1)
         pl.ws_elems = (pl.CRS + 1) * pl.ncols + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
     pl.ws_cols = 0
     pl.ws_tmp = (pl.CRS + 1) * pl.ncols
-    units = pl.G * pl.n_chunks
-    _choose_threading(&pl, units)
     wsbuf = np.empty(max(pl.ws_elems, 1) * (pl.nt if pl.par else 1), dtype=y.dtype)
     for i in range(4):
         xs[i] = _es(x, i)
@@ -325,6 +339,7 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                     const floating* w, const floating* dy, floating* dx, floating* dwp,
                     floating* ws, bint need_w, bint need_x) noexcept nogil:
     cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_a2, cs_a2
+    cdef int rc
     cdef idx_t RS = g.R * g.S
     cdef int inner_nt = 1 if pl.par else pl.nt
     cdef const floating* xg = x + gi * pl.Cg * xs[1]
@@ -350,9 +365,10 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
         a = tmp
         rs_a = ncur
     if need_w:
-        # dW^T (CRS x Kg) += cols (CRS x ncur) @ dY^T: the column matrix is the A operand,
-        # which the GEMM reads in place when Kg is narrow, so it is never packed again.  With
-        # a row of ones under cols, row CRS of dW^T collects db for free.
+        # With few filters, dW^T (CRS x Kg) += cols (CRS x ncur) @ dY^T: the column matrix
+        # is then the A operand, which the GEMM reads in place when Kg is narrow, so it is
+        # never packed again.  Otherwise dW += dY @ cols^T (no transpose at the end).  With
+        # a row of ones under cols, the last row/column collects db for free.
         if pl.direct:
             a2 = xg + n0 * xs[0] + pq0 * xs[3]
             rs_a2 = xs[1]
@@ -367,8 +383,15 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
             a2 = cols
             rs_a2 = ncur
             cs_a2 = 1
-        if _gemm(not pl.par, prm, pl.CRS + pl.bias_col, pl.Kg, ncur, a2, rs_a2, cs_a2, a, 1,
-                 rs_a, <floating> 1, dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg, pl.Kg) != 0:
+        if pl.dw_trans:
+            rc = _gemm(not pl.par, prm, pl.CRS + pl.bias_col, pl.Kg, ncur, a2, rs_a2, cs_a2,
+                       a, 1, rs_a, <floating> 1, dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg,
+                       pl.Kg)
+        else:
+            rc = _gemm(not pl.par, prm, pl.Kg, pl.CRS + pl.bias_col, ncur, a, rs_a, 1,
+                       a2, cs_a2, rs_a2, <floating> 1,
+                       dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg, pl.CRS + pl.bias_col)
+        if rc != 0:
             return -1
     if need_x:
         if pl.direct:
@@ -475,28 +498,27 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     # db rides in the dW GEMM (a row of ones under the columns) whenever that GEMM runs on
     # im2col columns; otherwise it is a sum of its own.
     pl.bias_col = need_b and need_w and not pl.direct
+    pl.dw_trans = pl.Kg <= prm.nopack_a_panels * 16
+    per_col = pl.CRS + pl.bias_col
+    # Per-thread dW partials cost a reduction of nt * K * CRS elements: when that is large
+    # next to the columns (many filters, small planes), thread inside the GEMMs instead.
+    _plan(&pl, workspace, isz, per_col + pl.Kg, per_col, True,
+          need_w and pl.nt * pl.K * 8 > pl.N * pl.PQ)
+    pl.ws_cols = 0
     if pl.direct:
-        pl.nb = 1
-        pl.cpi = 1
-        pl.ncols = pl.PQ
-        pl.n_chunks = pl.N
         pl.ws_elems = 0
-        pl.ws_cols = 0
         pl.ws_tmp = 0
     else:
-        per_col = pl.CRS + pl.bias_col
-        _plan_chunks(&pl, max(workspace // (isz * pl.nt), 1), per_col + pl.Kg, per_col)
-        pl.ws_cols = 0
         pl.ws_tmp = per_col * pl.ncols
         pl.ws_elems = pl.ws_tmp + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
-    units = pl.G * (pl.N if pl.cpi > 1 else pl.n_chunks)
-    _choose_threading(&pl, units)
     nt_parts = pl.nt if pl.par else 1
     rows = pl.CRS + pl.bias_col
     wsbuf = np.empty(max(pl.ws_elems, 1) * nt_parts, dtype=dt)
-    # Per-thread partial dW^T, one (rows x Kg) block per group, reduced below.
+    # Per-thread partial dW (or dW^T), one block per group, reduced below.
     dwp = np.zeros(((<object> nt_parts, <object> pl.G, <object> rows, <object> pl.Kg)
                     if need_w else (<object> 1,)), dtype=dt)
+    if need_w and not pl.dw_trans:
+        dwp = dwp.reshape(nt_parts, pl.G, pl.Kg, rows)
     for i in range(4):
         xs[i] = _es(x, i)
     cdef void* px = cnp.PyArray_DATA(x)
@@ -520,9 +542,11 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     dw = None
     if need_w:
         tot = dwp[0] if nt_parts == 1 else dwp.sum(axis=0)
-        dw = np.ascontiguousarray(tot[:, :pl.CRS, :].transpose(0, 2, 1)).reshape(pl.K, pl.CRS)
+        if pl.dw_trans:
+            tot = tot.transpose(0, 2, 1)
+        dw = np.ascontiguousarray(tot[:, :, :pl.CRS]).reshape(pl.K, pl.CRS)
         if pl.bias_col:
-            db = np.ascontiguousarray(tot[:, pl.CRS, :]).reshape(pl.K)
+            db = np.ascontiguousarray(tot[:, :, pl.CRS]).reshape(pl.K)
     if need_b and not pl.bias_col:
         db = np.empty(pl.K, dtype=dt)
         _bias_grad_any(dy, db, pl)
