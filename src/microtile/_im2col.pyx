@@ -75,6 +75,10 @@ cdef void im2col_rows(const conv_geom* g, const floating* x, idx_t xs_c, idx_t x
                         src = x + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
                         if step == 1:
                             memcpy(dst + j + (lo - q), src, (hi - lo) * sizeof(floating))
+                        elif step == 2:
+                            # A constant stride lets the compiler vectorize with shuffles.
+                            for i in range(hi - lo):
+                                dst[j + (lo - q) + i] = src[2 * i]
                         else:
                             for i in range(hi - lo):
                                 dst[j + (lo - q) + i] = src[i * step]
