@@ -67,10 +67,6 @@ def release_workspace():
 # Output planes at least this wide use the no-im2col path for 1x1 convolutions; narrower
 # ones are batched over images by im2col (one copy) so the GEMM is not skinny.
 DEF DIRECT_MIN_PQ = 256
-# Column bytes one thread works on at a time, when the cap allows more: measured on a Zen3
-# (512 KiB L2), 1-2 MiB chunks beat both L2-sized ones (more GEMM calls, A re-packed) and
-# 8 MiB ones (columns fall out of cache between im2col and the GEMM) by 10-40%.
-DEF CHUNK_TARGET = 2 << 20
 
 
 ctypedef struct conv_plan:
@@ -90,6 +86,7 @@ ctypedef struct conv_plan:
     int nt              # threads
     bint par            # threads over chunks (gemm_serial) rather than inside the GEMM
     bint dw_trans       # backward accumulates dW^T (CRS x Kg) rather than dW (Kg x CRS)
+    idx_t chunk         # column bytes one thread works on at a time, when the cap allows
 
 
 cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
@@ -144,7 +141,7 @@ cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
         pl.n_chunks = pl.N
     if pl.nt > 1 and not prefer_threaded:
         if not pl.direct:
-            _plan_chunks(pl, max(_min(workspace // pl.nt, CHUNK_TARGET) // isz, 1),
+            _plan_chunks(pl, max(_min(workspace // pl.nt, pl.chunk) // isz, 1),
                          per_col_whole, per_col_slice, _cdiv(pl.nt, pl.G))
         # The backward hands a thread every chunk of an image (col2im stays race-free).
         units = pl.G * (pl.N if (backward and pl.cpi > 1) else pl.n_chunks)
@@ -153,7 +150,7 @@ cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
             return
     pl.par = False
     if not pl.direct:
-        _plan_chunks(pl, max(_min(workspace, CHUNK_TARGET * pl.nt) // isz, 1), per_col_whole,
+        _plan_chunks(pl, max(_min(workspace, pl.chunk * pl.nt) // isz, 1), per_col_whole,
                      per_col_slice, 1)
 
 
@@ -316,12 +313,13 @@ cdef int _dtype_code(cnp.ndarray a) except -1:
 
 
 def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tuple geom,
-                   idx_t groups, bint bias_col, idx_t workspace):
+                   idx_t groups, bint bias_col, idx_t workspace, idx_t chunk):
     """y (N, K, P, Q), C-contiguous  <-  conv(x, W) (+ bias).
 
     x: (N, C, H, W) of y's dtype, any strides.  wm: (K, ldw) C-contiguous weights, with the
     bias as column CRS when ``bias_col``.  bias: (K,) contiguous or None (used when not
-    ``bias_col``).  workspace: bytes all threads together may use for columns.
+    ``bias_col``).  workspace: bytes all threads together may use for columns; chunk: the
+    column bytes one thread should work on at a time when the workspace allows more.
     """
     cdef gemm_params prm
     cdef conv_geom g = _geom(geom)
@@ -334,6 +332,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     cdef int rc
     current_params(code, &prm)
     pl = _base_plan(x, y, geom, groups, prm.n_threads)
+    pl.chunk = max(chunk, 1)
     if y.size == 0:
         return
     pl.bias_col = bias_col and not pl.direct
@@ -507,7 +506,7 @@ cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* d
 
 
 def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, idx_t groups,
-                    bint need_w, bint need_x, bint need_b, idx_t workspace):
+                    bint need_w, bint need_x, bint need_b, idx_t workspace, idx_t chunk):
     """Gradients of a conv2d.  dy (N, K, P, Q) C-contiguous, x (N, C, H, W) any strides,
     wm (K, CRS) C-contiguous, all of one dtype.  Returns (dx or None, dw (K, CRS) or None,
     db or None)."""
@@ -522,6 +521,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     cdef idx_t rows
     current_params(code, &prm)
     pl = _base_plan(x, dy, geom, groups, prm.n_threads)
+    pl.chunk = max(chunk, 1)
     pl.ldw = wm.shape[1]
     dt = dy.dtype
     if need_x:

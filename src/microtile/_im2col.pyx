@@ -113,8 +113,16 @@ cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t 
                         hi = _min(qend, qb)
                         if lo < hi:
                             dst = dx + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
-                            for i in range(hi - lo):
-                                dst[i * step] += src[j + (lo - q) + i]
+                            # Constant strides let the compiler vectorize the common cases.
+                            if step == 1:
+                                for i in range(hi - lo):
+                                    dst[i] += src[j + (lo - q) + i]
+                            elif step == 2:
+                                for i in range(hi - lo):
+                                    dst[2 * i] += src[j + (lo - q) + i]
+                            else:
+                                for i in range(hi - lo):
+                                    dst[i * step] += src[j + (lo - q) + i]
                     j += qend - q
                     pq += qend - q
 
