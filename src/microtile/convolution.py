@@ -8,24 +8,18 @@ import numpy as np
 
 from microtile import _conv, _im2col
 from microtile._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
-from microtile import _config
 from microtile._config import get_num_threads, get_option
 from microtile._nchw import as_nchw, conv_padding, out_size, pair
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
 
 
-# Column bytes one thread works on at a time when the workspace cap allows more.  Measured on
-# a Zen3 (512 KiB L2, float32 ResNet/VGG layers): 1-2 MiB chunks beat both L2-sized ones (more
-# GEMM calls, weights re-packed) and 8 MiB ones (columns fall out of cache between im2col and
-# the GEMM) by 10-40%.  A "conv_chunk" config option, when the config layer has one (so the
-# tuner can set it per machine), takes precedence.
-_DEFAULT_CHUNK = 2 << 20
-
-
 def _sizes():
-    chunk = get_option("conv_chunk") if "conv_chunk" in _config.OPTIONS else _DEFAULT_CHUNK
-    return get_option("conv_workspace"), chunk
+    # The workspace cap (all threads together) and the column bytes one thread works on at a
+    # time.  Measured on a Zen3 (512 KiB L2, float32 ResNet/VGG layers): 1-2 MiB chunks beat
+    # both L2-sized ones (more GEMM calls, weights re-packed) and 8 MiB ones (columns fall out
+    # of cache between im2col and the GEMM) by 10-40%; the tuner may set it per machine.
+    return get_option("conv_workspace"), get_option("conv_chunk")
 
 
 def _groups(groups, what):
