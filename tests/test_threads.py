@@ -342,3 +342,27 @@ def test_threaded_calls_work_in_a_forked_child():
     res = run_python(_FORK_CODE, timeout=60)
     assert res["status"] is not None, "the forked child hung in a threaded call"
     assert res["status"] == 0, f"the forked child computed wrong results ({res['status']})"
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threaded_phases_are_race_free(threads, dtype):
+    # Several jc and pc steps per call, so the team reuses B's buffer and C's tiles between
+    # phases: a missing barrier shows as a result that differs from the one-thread result.
+    # Each tile is summed in the same order whatever thread computes it, so results must be
+    # bitwise equal.
+    from microtile._gemm import _contention_backoff
+    rng = np.random.default_rng(threads)
+    a = rng.standard_normal((301, 517)).astype(dtype)
+    b = rng.standard_normal((517, 389)).astype(dtype)
+    c0 = rng.standard_normal((301, 389)).astype(dtype)
+    with microtile.config_context(threads=1, mc=24, kc=40, nc=64, thread_mnk=0):
+        ref = microtile.gemm(a, b, alpha=0.5, beta=2.0, c=c0)
+    old = _contention_backoff(backoff_seconds=0.0)  # keep every call threaded
+    try:
+        with microtile.config_context(threads=threads, mc=24, kc=40, nc=64, thread_mnk=0):
+            for _ in range(30):
+                got = microtile.gemm(a, b, alpha=0.5, beta=2.0, c=c0)
+                assert np.array_equal(got, ref)
+    finally:
+        _contention_backoff(*old)

@@ -11,7 +11,8 @@ shared buffer, then takes work items of the ic loop dynamically, each thread pac
 block into its own buffer.  Items are small enough that there are several per thread, so a
 thread that loses its core for a while does less of the work instead of holding up the call.
 When there are too few row blocks (small m, or split == "jc"), items also cut the jr loop.
-Cython has no barrier, so the two phases are two parallel regions.
+The whole call is one parallel region; Cython's worksharing loops inside it do not wait for
+each other, so an OpenMP barrier (``_mt_openmp.mt_barrier``) separates the phases.
 
 Small problems and skinny operands skip packing: the general micro-kernel reads A at any
 strides and B in place when its rows are contiguous, so only edge slivers are copied.
@@ -19,7 +20,8 @@ strides and B in place when its rows are contiguous, so only edge slivers are co
 An epilogue (bias, activation) is applied to each tile right after its last rank-kc update,
 while it is still in L1, which saves the separate pass over C that NumPy code would make.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport calloc, free
 from libc.math cimport ceil, exp, tanh
 
 from microtile._typedefs cimport idx_t, floating
@@ -28,8 +30,31 @@ from microtile._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr, u
 from microtile._dispatch cimport kernel_set
 from microtile._pack cimport pack_a, pack_b
 from microtile._level2 cimport gemv_run
+from microtile._mt_openmp cimport mt_thread_num, mt_barrier
 from microtile._scratch cimport (scratch_get, SCRATCH_PACK_A, SCRATCH_PACK_B,
                                  SCRATCH_EXTRA, SCRATCH_EXTRA2)
+
+
+cdef extern from *:
+    """
+    #include <time.h>
+    static double mt_now(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    """
+    double mt_now() nogil
+
+# Threaded calls longer than LATE_SECONDS whose team was idle over half the time back off to
+# one thread for BACKOFF_SECONDS, doubling up to BACKOFF_MAX (see _note_contention).  Read and written without a lock: a race
+# only changes which of two nearly simultaneous calls backs off.
+cdef double LATE_SECONDS = 200e-6
+cdef double BACKOFF_SECONDS = 0.05
+cdef double BACKOFF_MAX = 2.0
+cdef double _backoff = 0.05
+cdef double _solo_until = 0
+cdef double _last_seen[2]
 
 
 cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
@@ -270,9 +295,10 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                     const floating* b, idx_t rs_b, idx_t cs_b,
                     floating beta, floating* c, idx_t rs_c, idx_t cs_c,
                     const gemm_epilogue* ep) noexcept nogil:
-    """The five loops.  B's block is packed once per (jc, pc) into the calling thread's buffer,
-    by the whole team (one parallel region); the items of the ic/jr loops then go to the team
-    dynamically (a second region).  With nt == 1 no region is opened."""
+    """The five loops.  One parallel region per call: for each (jc, pc) step the team packs
+    B's block into the calling thread's buffer (a worksharing loop, whose implicit barrier is
+    the one between the phases), then takes the ic/jr work items dynamically.  With nt == 1
+    no region is opened."""
     cdef const kernel_set_t* ks = kernel_set(prm.isa)
     cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
     cdef _plan pl
@@ -281,7 +307,9 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
     cdef floating* bufB = NULL
     cdef const gemm_epilogue* ep_p
     cdef gemm_epilogue ep_t
-    cdef int fails = 0
+    cdef int tid, fails = 0
+    cdef double* entered
+    cdef double t_call, t_work
     if m <= 0 or n <= 0:
         return 0
     if alpha == 0 or k <= 0:
@@ -301,42 +329,101 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
         return _gemm_core(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
                           cs_c, rs_c, ep)
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
-                   or _ceil_div(m, mr) * _ceil_div(n, nr) < 2 * nt):
+                   or _ceil_div(m, mr) * _ceil_div(n, nr) < 2 * nt or mt_now() < _solo_until):
         nt = 1
     _make_plan(prm, nt, mr, nr, m, n, k, cs_b, &pl)
     if pl.b_packed:
         bufB = <floating*> scratch_get(SCRATCH_PACK_B, pl.kc * pl.nc * sizeof(floating))
         if bufB == NULL:
             return -1
-    for jc_i in range(_ceil_div(n, pl.nc)):
-        jc = jc_i * pl.nc
-        nc_cur = _min(pl.nc, n - jc)
-        panels = _ceil_div(nc_cur, nr)
-        n_items = pl.n_ic * pl.n_jr
-        for pc_i in range(_ceil_div(k, pl.kc)):
-            pc = pc_i * pl.kc
-            kc_cur = _min(pl.kc, k - pc)
-            beta_p = beta if pc == 0 else 1
-            ep_p = ep if pc + kc_cur >= k else NULL
-            if nt == 1:
+    n_items = pl.n_ic * pl.n_jr
+    if nt == 1:
+        for jc_i in range(_ceil_div(n, pl.nc)):
+            jc = jc_i * pl.nc
+            nc_cur = _min(pl.nc, n - jc)
+            for pc_i in range(_ceil_div(k, pl.kc)):
+                pc = pc_i * pl.kc
+                kc_cur = _min(pl.kc, k - pc)
+                beta_p = beta if pc == 0 else 1
+                ep_p = ep if pc + kc_cur >= k else NULL
                 if pl.b_packed:
                     pack_b(kc_cur, nc_cur, b + pc * rs_b + jc * cs_b, rs_b, cs_b, nr, bufB)
                 for it in range(n_items):
                     if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
                              b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
                         return -1
-            else:
+        return 0
+
+    # Per thread: when it entered the region, whether an item failed, seconds spent working.
+    entered = <double*> calloc(3 * nt, sizeof(double))
+    if entered == NULL:
+        return -1
+    t_call = mt_now()
+    with parallel(num_threads=nt):
+        tid = mt_thread_num()
+        entered[tid] = mt_now()
+        for jc_i in range(_ceil_div(n, pl.nc)):
+            jc = jc_i * pl.nc
+            nc_cur = _min(pl.nc, n - jc)
+            panels = _ceil_div(nc_cur, nr)
+            for pc_i in range(_ceil_div(k, pl.kc)):
+                pc = pc_i * pl.kc
+                kc_cur = _min(pl.kc, k - pc)
+                beta_p = beta if pc == 0 else 1
+                ep_p = ep if pc + kc_cur >= k else NULL
+                t_work = mt_now()
                 if pl.b_packed:
-                    for p in prange(panels, num_threads=nt, schedule="static"):
+                    for p in prange(panels, schedule="static"):
                         pack_b(kc_cur, _min(nr, nc_cur - p * nr),
                                b + pc * rs_b + (jc + p * nr) * cs_b, rs_b, cs_b, nr,
                                bufB + p * nr * kc_cur)
-                for it in prange(n_items, num_threads=nt, schedule="dynamic", chunksize=1):
-                    fails += _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a,
-                                   cs_a, b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0
-                if fails:
-                    return -1
-    return 0
+                    entered[2 * nt + tid] += mt_now() - t_work
+                    mt_barrier()  # B's block complete before anyone multiplies with it
+                    t_work = mt_now()
+                for it in prange(n_items, schedule="dynamic", chunksize=1):
+                    if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
+                             b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
+                        entered[nt + mt_thread_num()] = 1
+                entered[2 * nt + tid] += mt_now() - t_work
+                mt_barrier()  # all products done before B's buffer or C's tiles are reused
+    for tid in range(nt):
+        fails += entered[nt + tid] != 0
+    _note_contention(entered, nt, mt_now() - t_call)
+    free(entered)
+    return -1 if fails else 0
+
+
+cdef void _note_contention(const double* entered, int nt, double elapsed) noexcept nogil:
+    """Run the next calls on one thread for a while if the team could not run together.
+
+    A call whose threads mostly waited (for a late member, at its barriers) means a core was
+    taken (by another library's spinning workers, say OpenBLAS's for ~0.1-0.2 s
+    after each NumPy call, or by another process), and every barrier waits for the thread that
+    lost it: on two cores that made a 256^3 product 15x slower.  Backing off lets the calls
+    run at one core's speed meanwhile and leaves the other core to whoever took it.  The
+    back-off doubles while the contention lasts (up to BACKOFF_MAX) and resets on a clean call."""
+    global _solo_until, _backoff
+    cdef double first = entered[0], last = entered[0], busy = 0
+    cdef int t, members = 0
+    for t in range(nt):
+        if entered[t] == 0:
+            continue  # the runtime gave a smaller team
+        members += 1
+        busy += entered[2 * nt + t]
+        if entered[t] > last:
+            last = entered[t]
+        if entered[t] < first:
+            first = entered[t]
+    _last_seen[0] = last - first
+    _last_seen[1] = busy / (members * elapsed) if elapsed > 0 else 1
+    # Lateness alone is no sign: a worker woken from sleep here often takes 0.5-4 ms to come
+    # in, but the others work meanwhile (the items are handed out dynamically).  What counts
+    # is the team's idle share: over half means one thread would have done as well.
+    if elapsed > LATE_SECONDS and busy < 0.5 * members * elapsed:
+        _solo_until = mt_now() + _backoff
+        _backoff = _backoff * 2 if _backoff * 2 < BACKOFF_MAX else BACKOFF_MAX
+    else:
+        _backoff = BACKOFF_SECONDS
 
 
 cdef int gemm_serial_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
@@ -371,3 +458,28 @@ cdef int gemm_run(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating al
                   floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
     return _gemm_core(prm, prm.n_threads, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta,
                       c, rs_c, cs_c, NULL)
+
+
+def _contention_backoff(late_seconds=None, backoff_seconds=None):
+    """Get, or set, how late a team member may come in (s) before threaded calls back off to
+    one thread, and for how long (s).  Returns the previous pair (for tests and experiments)."""
+    global LATE_SECONDS, BACKOFF_SECONDS, _solo_until, _backoff
+    old = (LATE_SECONDS, BACKOFF_SECONDS)
+    if late_seconds is not None:
+        LATE_SECONDS = late_seconds
+    if backoff_seconds is not None:
+        BACKOFF_SECONDS = backoff_seconds
+        _backoff = backoff_seconds
+        _solo_until = 0
+    return old
+
+
+def _backing_off():
+    """Seconds left of the current one-thread back-off (0 when none)."""
+    cdef double left = _solo_until - mt_now()
+    return left if left > 0 else 0.0
+
+
+def _last_team():
+    """(lateness in s, busy fraction) of the last threaded call (diagnostics)."""
+    return (_last_seen[0], _last_seen[1])
