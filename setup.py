@@ -90,7 +90,9 @@ class BuildExt(build_ext):
             print("microtile: OpenMP not found; building single-threaded kernels", file=sys.stderr)
         msvc = self.compiler.compiler_type == "msvc"
         for ext in self.extensions:
-            opt = [] if msvc else (["-O0", "-g"] if DEBUG else ["-O3"])
+            # -fno-math-errno: sqrt and friends need not set errno, so loops over them
+            # vectorize (Adam's update is 4x faster); nothing here reads errno.
+            opt = [] if msvc else (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-fno-math-errno"]
             ext.extra_compile_args = opt + ext.extra_compile_args
             if cflags:
                 ext.extra_compile_args += cflags
@@ -119,7 +121,7 @@ def extensions():
 
 
 setup(
-    packages=["microtile", "autotune"],
+    packages=["microtile", "microtile.nn", "autotune"],
     package_dir={"microtile": "src/microtile", "autotune": "autotune"},
     package_data={"microtile": ["*.pxd", "*.h"], "autotune": ["*.pxd"]},
     ext_modules=cythonize(

@@ -85,14 +85,35 @@ cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, id
                     floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
     """C[0:m, 0:n] = act(C + bias) for the tile whose top-left is (row0, col0) of the call."""
     cdef const floating* bias = <const floating*> ep.bias
+    cdef int act = ep.act
     cdef idx_t i, j
-    cdef floating bv
+    cdef floating bv, v
+    cdef floating* row
+    cdef const floating* bj
+    if bias == NULL and act == ACT_NONE:
+        return
+    if cs_c == 1 and (bias == NULL or (ep.bias_axis == 1 and ep.bias_inc == 1)):
+        # The common case (nn.Linear): plain row loops the compiler vectorizes.
+        bj = bias + col0 if bias != NULL else NULL
+        for i in range(m):
+            row = c + i * rs_c
+            if bj != NULL:
+                for j in range(n):
+                    row[j] = row[j] + bj[j]
+            if act == ACT_RELU:
+                for j in range(n):
+                    v = row[j]
+                    row[j] = v if (v > 0 or v != v) else 0
+            elif act != ACT_NONE:
+                for j in range(n):
+                    row[j] = _act(row[j], act)
+        return
     for i in range(m):
         for j in range(n):
             bv = 0
             if bias != NULL:
                 bv = bias[(row0 + i) * ep.bias_inc] if ep.bias_axis == 0 else bias[(col0 + j) * ep.bias_inc]
-            c[i * rs_c + j * cs_c] = _act(c[i * rs_c + j * cs_c] + bv, ep.act)
+            c[i * rs_c + j * cs_c] = _act(c[i * rs_c + j * cs_c] + bv, act)
 
 
 cdef void _scale(idx_t m, idx_t n, floating beta, floating* c, idx_t rs_c,
