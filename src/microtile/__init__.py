@@ -17,6 +17,8 @@ from microtile._threadpool import register as _register_threadpool  # noqa: E402
 _register_threadpool()
 del _register_threadpool, _init_config
 
+from microtile import nn  # noqa: E402,F401  (subpackage; imports only core modules above)
+
 __all__ = [
     "__version__", "gemm",
     "get_num_threads", "set_num_threads", "get_config", "config_context", "available_isas",
