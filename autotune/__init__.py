@@ -1,0 +1,1 @@
+"""The hardware-aware tuner for microtile: ``python -m autotune``."""
