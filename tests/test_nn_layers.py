@@ -169,6 +169,34 @@ def test_linear_against_numpy(dtype, batch, in_f, out_f):
                   "dx")
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch,in_f,out_f,layout", [(257, 129, 131, "c"), (300, 97, 150, "strided"),
+                                                     (65, 263, 257, "negative")])
+def test_linear_backward_large_side_by_side_gemms(dtype, threads, batch, in_f, out_f, layout):
+    """Big enough for dW and dX to run side by side on the thread team (and in turn at 1)."""
+    rng = np.random.default_rng(batch)
+    layer = nn.Linear(in_f, out_f, dtype=dtype, rng=rng)
+    base = rand(rng, 2 * batch, 2 * in_f, dtype=dtype)
+    x = {"c": base[:batch, :in_f].copy(), "strided": base[::2, ::2],
+         "negative": base[::-2, ::-2]}[layout]
+    dy = rand(rng, batch, out_f, dtype=dtype)
+    with microtile.config_context(threads=threads):
+        layer(x)
+        layer.weight.grad[...] = 0.5
+        dx = layer.backward(dy)
+    x64, dy64, W = x.astype(F64), dy.astype(F64), layer.weight.data.astype(F64)
+    e = np.finfo(dtype).eps
+    assert_within(layer.weight.grad, 0.5 + dy64.T @ x64,
+                  4 * (batch + 2) * e * (np.abs(dy64.T) @ np.abs(x64) + 0.5), "dW")
+    assert_within(dx, dy64 @ W, 4 * (out_f + 2) * e * (np.abs(dy64) @ np.abs(W)), "dx")
+    layer.zero_grad()
+    with microtile.config_context(threads=threads):
+        layer.backward(dy)  # the gradient is written, not added, after zero_grad
+    assert_within(layer.weight.grad, dy64.T @ x64,
+                  4 * (batch + 2) * e * (np.abs(dy64.T) @ np.abs(x64)), "dW after zero_grad")
+
+
 @pytest.mark.parametrize("layout", ["fortran", "strided", "negative", "readonly"])
 def test_linear_any_input_layout(layout):
     rng = np.random.default_rng(9)

@@ -104,7 +104,13 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.15, help="seconds per timed round")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=["mlp", "cnn"], default=None)
+    ap.add_argument("--epilogue", choices=["auto", "separate"], default="auto",
+                    help="Linear forward: the core's fused GEMM epilogue when the build has it "
+                         "(auto), or GEMM then one bias+activation pass (separate)")
     args = ap.parse_args(argv)
+    if args.epilogue == "separate":
+        from microtile.nn import _epilogue
+        _epilogue._FUSED = None
     try:
         import torch
     except ImportError:
@@ -140,8 +146,10 @@ def main(argv=None):
     if args.json:
         print(json.dumps(dict(threads=args.threads, rows=rows), indent=2))
         return 0
+    from microtile.nn import _epilogue
     print(f"training step, float32, {args.threads} threads, medians of {args.rounds} "
-          f"interleaved rounds (torch {torch.__version__}, microtile {microtile.__version__})")
+          f"interleaved rounds (torch {torch.__version__}, microtile {microtile.__version__}, "
+          f"Linear epilogue {'fused' if _epilogue._FUSED is not None else 'separate pass'})")
     print(f"{'model':44s} {'batch':>5s} {'microtile ms':>12s} {'torch ms':>9s} {'speedup':>8s}")
     for r in rows:
         print(f"{r['model']:44s} {r['batch']:5d} {r['microtile_ms']:12.3f} {r['torch_ms']:9.3f} "

@@ -3,6 +3,7 @@ import numpy as np
 
 from microtile._linalg import gemm
 from microtile._nn_act import ACT_CODES, act_backward, act_backward_colsum
+from microtile._nn_linear import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._epilogue import linear_forward
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
@@ -10,6 +11,10 @@ from microtile.nn._module import Module, check_int
 from microtile.nn._parameter import Parameter
 
 _F64 = np.dtype(np.float64)
+
+# Multiply-adds per GEMM from which the two backward GEMMs run side by side (below it, one
+# threaded GEMM after the other starts faster).
+PAIR_MIN_MACS = 1 << 22
 
 
 class Linear(Module):
@@ -96,14 +101,18 @@ class Linear(Module):
         elif act:
             act_backward(act, y2.reshape(-1), dy2.reshape(-1), dz.reshape(-1))
         gw, acc = self.weight._grad_for_update()
-        if acc:
-            gemm(dz, x2, trans_a=True, beta=1.0, c=gw, out=gw)
-        else:
-            gemm(dz, x2, trans_a=True, out=gw)
-        if not need_input_grad:
+        dx = self._buffer("dx", x2.shape, dt) if need_input_grad else None
+        if (dx is None or x2.shape[0] * self.in_features * self.out_features < PAIR_MIN_MACS
+                or not dz.flags.c_contiguous or not x2.flags.aligned
+                or not linear_weight_and_input_grads(dz, x2, self.weight.data, gw, dx, acc)):
+            if acc:
+                gemm(dz, x2, trans_a=True, beta=1.0, c=gw, out=gw)
+            else:
+                gemm(dz, x2, trans_a=True, out=gw)
+            if dx is not None:
+                gemm(dz, self.weight.data, out=dx)
+        if dx is None:
             return None
-        dx = self._buffer("dx", x2.shape, dt)
-        gemm(dz, self.weight.data, out=dx)
         return dx if len(self._in_shape) == 2 else dx.reshape(self._in_shape)
 
     def __repr__(self):
