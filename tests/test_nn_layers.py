@@ -398,3 +398,37 @@ def test_zero_size_batch():
 
 def test_nn_is_a_subpackage():
     assert microtile.nn is nn
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdaGrad", "RMSprop"])
+def test_training_step_allocates_no_arrays(opt_name):
+    """Once shapes are known a step reuses every buffer: the traced peak stays far below the
+    size of a single activation (128 x 256 float32 = 128 KiB)."""
+    import tracemalloc
+    rng = np.random.default_rng(14)
+    model = nn.Sequential(nn.Linear(300, 256, rng=0), nn.ReLU(), nn.Linear(256, 128, rng=1),
+                          nn.Sigmoid(), nn.Linear(128, 10, rng=2))
+    x = rand(rng, 128, 300, dtype=np.float32)
+    labels = rng.integers(0, 10, 128)
+    loss = nn.CrossEntropyLoss()
+    kw = dict(lr=0.01, momentum=0.9) if opt_name == "SGD" else {}
+    opt = getattr(nn, opt_name)(model.parameters(), **kw)
+
+    def step():
+        opt.zero_grad()
+        out = model.forward(x)
+        loss.forward(out, labels)
+        model.backward(loss.backward(), need_input_grad=False)
+        opt.step()
+    step()
+    step()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for _ in range(3):
+            step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - base < 16 * 1024
