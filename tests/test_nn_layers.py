@@ -171,8 +171,8 @@ def test_linear_against_numpy(dtype, batch, in_f, out_f):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("batch,in_f,out_f,layout", [(257, 129, 131, "c"), (300, 97, 150, "strided"),
-                                                     (65, 263, 257, "negative")])
+@pytest.mark.parametrize("batch,in_f,out_f,layout", [
+    (257, 129, 131, "c"), (300, 97, 150, "strided"), (65, 263, 257, "negative")])
 def test_linear_backward_large_side_by_side_gemms(dtype, threads, batch, in_f, out_f, layout):
     """Big enough for dW and dX to run side by side on the thread team (and in turn at 1)."""
     rng = np.random.default_rng(batch)

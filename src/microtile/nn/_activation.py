@@ -37,7 +37,7 @@ class _Activation(Module):
         y = self._y
         if y is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
-        dy = as_grad(dy, y.dtype, y.shape, repr(self))
+        dy = as_grad(dy, y.dtype, y.shape, self)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", y.shape, y.dtype)

@@ -73,7 +73,7 @@ class Conv2d(Module):
         self._y = None
         self._act = 0
 
-    def _padding_hw(self, h, w):
+    def _padding_hw(self):
         """Padding before and after along each axis (torch's split for 'same')."""
         if self.padding == "valid":
             return (0, 0), (0, 0)
@@ -92,7 +92,7 @@ class Conv2d(Module):
             raise ValueError(f"{self!r}: input has shape {tuple(input_shape)}, expected "
                              f"(N, {self.in_channels}, H, W)")
         n, _, h, w = input_shape
-        pad = self._padding_hw(h, w)
+        pad = self._padding_hw()
         out = []
         for size, (lo, hi), d, k, st in zip((h, w), pad, self.dilation, self.kernel_size,
                                             self.stride):
@@ -132,7 +132,7 @@ class Conv2d(Module):
         x, y = self._x, self._y
         if x is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
-        dy = as_grad(dy, y.dtype, y.shape, repr(self))
+        dy = as_grad(dy, y.dtype, y.shape, self)
         if self._act:
             dz = self._buffer("dz", y.shape, y.dtype)
             act_backward(self._act, y.reshape(-1), dy.reshape(-1), dz.reshape(-1))

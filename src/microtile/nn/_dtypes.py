@@ -31,10 +31,11 @@ def as_input(x, dtype, name="x"):
 
 def as_grad(dy, dtype, shape, owner):
     """An upstream gradient checked against the forward output's shape, in ``dtype``,
-    C-contiguous (the element-wise kernels stream it)."""
+    C-contiguous (the element-wise kernels stream it).  ``owner`` (the layer) is named in
+    the error."""
     arr = as_float_array(dy, "dy")
     if arr.shape != shape:
-        raise ValueError(f"{owner}: gradient has shape {arr.shape}, the forward output had "
+        raise ValueError(f"{owner!r}: gradient has shape {arr.shape}, the forward output had "
                          f"shape {shape}")
     if arr.dtype != dtype or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=dtype)

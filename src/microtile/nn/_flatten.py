@@ -2,7 +2,6 @@
 import numpy as np
 
 from microtile._checks import as_float_array
-from microtile.nn._dtypes import as_grad
 from microtile.nn._module import Module
 
 

@@ -11,7 +11,7 @@ _cache = {}
 def kernel(name):
     fn = _cache.get(name)
     if fn is None:
-        import microtile  # noqa: F401  (already imported: microtile.nn is its subpackage)
+        # microtile itself is always imported by now: microtile.nn is its subpackage.
         fn = getattr(sys.modules["microtile"], name, None)
         if fn is None:
             raise NotImplementedError(f"microtile.{name} is not available in this build")

@@ -90,7 +90,7 @@ class Linear(Module):
             raise RuntimeError(f"{self!r}: backward called before forward")
         dt = y2.dtype
         out_shape = self._in_shape[:-1] + (self.out_features,)
-        dy = as_grad(dy, dt, out_shape, repr(self))
+        dy = as_grad(dy, dt, out_shape, self)
         dy2 = dy if dy.ndim == 2 else dy.reshape(y2.shape)
         act = self._act
         dz = self._buffer("dz", y2.shape, dt) if act else dy2

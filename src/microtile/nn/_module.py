@@ -123,9 +123,6 @@ class Module:
         del lst[_BUFFER_SHAPES:]
         return a
 
-    def _name(self):
-        return repr(self)
-
 
 def check_int(value, name, owner, minimum=0):
     """``value`` as an int >= minimum: TypeError for a non-integer, ValueError when smaller."""

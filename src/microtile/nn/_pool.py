@@ -53,7 +53,7 @@ class MaxPool2d(_Pool2d):
     def backward(self, dy, *, need_input_grad=True):
         if self._x is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
-        dy = as_grad(dy, self._x.dtype, self._y_shape, repr(self))
+        dy = as_grad(dy, self._x.dtype, self._y_shape, self)
         if not need_input_grad:
             return None
         return kernel("max_pool2d_backward")(dy, self._x, self.kernel_size, self.stride,
@@ -88,7 +88,7 @@ class AvgPool2d(_Pool2d):
     def backward(self, dy, *, need_input_grad=True):
         if self._x is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
-        dy = as_grad(dy, self._x.dtype, self._y_shape, repr(self))
+        dy = as_grad(dy, self._x.dtype, self._y_shape, self)
         if not need_input_grad:
             return None
         return kernel("avg_pool2d_backward")(dy, self._x.shape, self.kernel_size, self.stride,
