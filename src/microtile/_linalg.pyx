@@ -59,6 +59,33 @@ cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, 
     return 0
 
 
+cdef inline bint _weak(object v):
+    return type(v) is float or type(v) is int
+
+
+cdef cnp.ndarray _accumulator(str func, object out, tuple shape, object dt, tuple inputs,
+                              cnp.ndarray c, str c_name, double beta):
+    """The array C = alpha * product + beta * c is written to: ``out`` (validated; it may be
+    ``c`` itself for an in-place update, but may not otherwise overlap an input) or a new one,
+    holding a copy of ``c`` when beta != 0."""
+    cdef cnp.ndarray O
+    cdef bint in_place = False
+    if out is None:
+        O = np.empty(shape, dtype=dt)
+    else:
+        O = check_out(out, shape, dt)
+        for x in inputs:
+            if overlaps(O, x):
+                raise ValueError(f"{func}: out overlaps an input")
+        if c is not None and overlaps(O, c):
+            if not same_view(O, c):
+                raise ValueError(f"{func}: out overlaps {c_name} without being {c_name}")
+            in_place = True
+    if beta != 0 and not in_place:
+        np.copyto(O, c, casting="unsafe")
+    return O
+
+
 def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out=None):
     """General matrix multiply: ``alpha * op(a) @ op(b) + beta * c``.
 
@@ -93,11 +120,12 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     cdef cnp.ndarray C = None
     cdef cnp.ndarray O
     cdef double alpha_f = float(alpha), beta_f = float(beta)
-    cdef bint ta = bool(trans_a), tb = bool(trans_b), in_place = False
+    cdef bint ta = bool(trans_a), tb = bool(trans_b)
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"gemm: a and b must be 2-D, got shapes {np.shape(A)} and {np.shape(B)}")
     if c is not None:
-        C = as_float_array(c, "c")
+        # A Python number is a weak scalar, as in NumPy: it takes the operands' dtype.
+        C = as_float_array(np.asarray(c, dtype=result_dtype((A, B))) if _weak(c) else c, "c")
     elif beta_f != 0:
         raise ValueError("gemm: c is required when beta != 0")
     m, k = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
@@ -113,20 +141,9 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
         except ValueError:
             raise ValueError(f"gemm: c has shape {np.shape(C)}, which does not broadcast to the "
                              f"result's shape {shape}") from None
-    if out is None:
-        O = np.empty(shape, dtype=dt)
-    else:
-        O = check_out(out, shape, dt)
-        if overlaps(O, A) or overlaps(O, B):
-            raise ValueError("gemm: out overlaps a or b")
-        if C is not None and overlaps(O, C):
-            if not same_view(O, C):
-                raise ValueError("gemm: out overlaps c without being c")
-            in_place = True
+    O = _accumulator("gemm", out, shape, dt, (A, B), C, "c", beta_f)
     A = as_dtype(A, dt)
     B = as_dtype(B, dt)
-    if beta_f != 0 and not in_place:
-        np.copyto(O, C, casting="unsafe")
     run_gemm(A, ta, B, tb, alpha_f, beta_f, O)
     return O
 
@@ -209,7 +226,7 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
     cdef cnp.ndarray A = as_float_array(a, "a"), X = _vector(x, "x", "gemv")
     cdef cnp.ndarray Y = None, O
     cdef double alpha_f = float(alpha), beta_f = float(beta)
-    cdef bint ta = bool(trans), in_place = False
+    cdef bint ta = bool(trans)
     cdef gemm_params prm
     cdef const kernel_set_t* ks
     cdef idx_t m, n, rs_a, cs_a, incx, incy
@@ -225,26 +242,17 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
         raise ValueError(f"gemv: op(a) has shape {(m, n)} and x has shape {np.shape(X)}; "
                          f"expected x of length {n}")
     if y is not None:
+        if _weak(y):
+            y = np.full(m, y, dtype=result_dtype((A, X)))
         Y = _vector(y, "y", "gemv")
         if Y.shape[0] != m:
             raise ValueError(f"gemv: y has shape {np.shape(Y)}; expected ({m},)")
     elif beta_f != 0:
         raise ValueError("gemv: y is required when beta != 0")
     dt = result_dtype((A, X, Y))
-    if out is None:
-        O = np.empty((m,), dtype=dt)
-    else:
-        O = check_out(out, (m,), dt)
-        if overlaps(O, A) or overlaps(O, X):
-            raise ValueError("gemv: out overlaps a or x")
-        if Y is not None and overlaps(O, Y):
-            if not same_view(O, Y):
-                raise ValueError("gemv: out overlaps y without being y")
-            in_place = True
+    O = _accumulator("gemv", out, (m,), dt, (A, X), Y, "y", beta_f)
     A = as_dtype(A, dt)
     X = as_dtype(X, dt)
-    if beta_f != 0 and not in_place:
-        np.copyto(O, Y, casting="unsafe")
     rs_a = estride(A, 1 if ta else 0)
     cs_a = estride(A, 0 if ta else 1)
     incx = estride(X, 0)
