@@ -54,6 +54,17 @@ def test_regression_with_mse_and_sgd():
     assert hist["loss"][-1] < 0.05 * hist["loss"][0]
 
 
+def test_mse_with_integer_targets():
+    rng = np.random.default_rng(2)
+    X = rng.uniform(-1, 1, (64, 2))
+    y = (X[:, :1] > 0).astype(np.int64)
+    model = nn.Sequential(nn.Linear(2, 8, dtype=np.float64, rng=0), nn.Tanh(),
+                          nn.Linear(8, 1, dtype=np.float64, rng=1))
+    hist = nn.fit(model, nn.MSELoss(), nn.Adam(model.parameters(), lr=1e-2), X, y, epochs=30,
+                  batch_size=16, rng=0, progress=False)
+    assert set(hist) == {"loss"} and hist["loss"][-1] < 0.5 * hist["loss"][0]
+
+
 def test_history_with_validation_and_partial_batch():
     X, y = spirals(n_per_class=35)  # 105 samples: batches of 32 leave 9
     model = mlp()

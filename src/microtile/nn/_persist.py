@@ -1,6 +1,5 @@
 """save / load: a model's state dict to and from a NumPy ``.npz`` file."""
 import os
-import tempfile
 
 import numpy as np
 
@@ -16,6 +15,8 @@ def save(model, path):
     model : Module
     path : str or os.PathLike
     """
+    import tempfile  # only here: keeps it out of ``import microtile``
+
     state = model.state_dict()
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

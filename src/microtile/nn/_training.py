@@ -3,6 +3,7 @@ import numpy as np
 
 from microtile._checks import as_float_array
 from microtile.nn._init import as_generator
+from microtile.nn._loss import MSELoss
 from microtile.nn._module import Module, check_int
 from microtile.nn._progress import Progress
 
@@ -14,7 +15,7 @@ def _model_dtype(model, X):
     return params[0].dtype if params else X.dtype
 
 
-def _prepare(model, X, y, what):
+def _prepare(model, X, y, what, loss=None):
     X = as_float_array(X, f"{what} X")
     if X.ndim == 0:
         raise ValueError(f"{what}: X must have a sample dimension, got a scalar")
@@ -23,7 +24,7 @@ def _prepare(model, X, y, what):
     y = np.asarray(y)
     if y.ndim == 0 or y.shape[0] != X.shape[0]:
         raise ValueError(f"{what}: X has {X.shape[0]} samples but y has shape {y.shape}")
-    if y.dtype.kind in "iu":
+    if y.dtype.kind in "iu" and not isinstance(loss, MSELoss):
         y = np.ascontiguousarray(y, dtype=_INTP)
         labels = True
     else:
@@ -86,7 +87,8 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     X : array_like, (N, ...)
         Converted once to the model's dtype.
     y : array_like, (N, ...)
-        Integer class labels (then accuracy is reported) or float targets.
+        Integer class labels (then accuracy is reported) or float targets (integers too,
+        with MSELoss).
     epochs : int
     batch_size : int
         The last batch of an epoch holds the remainder when N is not a multiple.
@@ -108,7 +110,7 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     """
     epochs = check_int(epochs, "epochs", "fit", 0)
     batch_size = check_int(batch_size, "batch_size", "fit", 1)
-    X, y, labels = _prepare(model, X, y, "fit")
+    X, y, labels = _prepare(model, X, y, "fit", loss)
     n = X.shape[0]
     if n == 0:
         raise ValueError("fit: X has no samples")
@@ -117,7 +119,7 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
             Xv, yv = validation
         except (TypeError, ValueError):
             raise ValueError("fit: validation must be a pair (X, y)") from None
-        Xv, yv, vlabels = _prepare(model, Xv, yv, "fit validation")
+        Xv, yv, vlabels = _prepare(model, Xv, yv, "fit validation", loss)
         if Xv.shape[0] == 0:
             raise ValueError("fit: validation set has no samples")
     gen = as_generator(rng)
