@@ -28,7 +28,9 @@ def _prepare(model, X, y, what, loss=None):
         y = np.ascontiguousarray(y, dtype=_INTP)
         labels = True
     else:
-        y = np.ascontiguousarray(as_float_array(y, f"{what} y"), dtype=dt)
+        if y.dtype.kind not in "iu":
+            y = as_float_array(y, f"{what} y")
+        y = np.ascontiguousarray(y, dtype=dt)
         labels = False
     return X, y, labels
 
