@@ -111,28 +111,46 @@ cdef void _dact_run(int act, const floating* y, const floating* dy, floating* dz
             dz[i] = dy[i]
 
 
-cdef void _dact_colsum_cols(int act, const floating* y, const floating* dy, floating* dz,
-                            double* acc, idx_t rows, idx_t cols, idx_t c0,
-                            idx_t c1) noexcept nogil:
-    """Columns [c0, c1): dz = dy * act'(y) and acc[j] = sum over rows of dz[:, j].
+# Column sums: rows in blocks of ROW_BLOCK, columns in strips of at most STRIP; each block's
+# strip is summed in the data's precision (vectorised adds, no conversions) and then added to
+# float64 sums, so a float32 bias gradient over a large batch keeps its digits.
+DEF STRIP = 512
+DEF ROW_BLOCK = 32
 
-    Two simple loops per row segment (derivative, then sums) rather than one fused loop:
-    the segment is still in L1 for the second, and each loop on its own vectorises.
-    """
-    cdef idx_t i, j, off, w = c1 - c0
+
+cdef void _dact_colsum_rows(int act, const floating* y, const floating* dy, floating* dz,
+                            double* acc, idx_t r0, idx_t r1, idx_t cols) noexcept nogil:
+    """Rows [r0, r1): dz = dy * act'(y), and acc[j] = sum over those rows of dz[:, j]."""
+    cdef floating part[STRIP]
+    cdef idx_t i, j, b0, b1, s0, sw, off, st, rb
+    cdef idx_t n_strips = (cols + STRIP - 1) // STRIP
+    cdef idx_t n_blocks = (r1 - r0 + ROW_BLOCK - 1) // ROW_BLOCK
     cdef const floating* src
-    cdef double* pa = acc + c0
-    for j in range(w):
-        pa[j] = 0
-    for i in range(rows):
-        off = i * cols + c0
-        if act != 0:
-            _dact_run(act, y + off, dy + off, dz + off, w)
-            src = dz + off
-        else:
-            src = dy + off
-        for j in range(w):
-            pa[j] += src[j]
+    for j in range(cols):
+        acc[j] = 0
+    for rb in range(n_blocks):
+        b0 = r0 + rb * ROW_BLOCK
+        b1 = b0 + ROW_BLOCK
+        if b1 > r1:
+            b1 = r1
+        for st in range(n_strips):
+            s0 = st * STRIP
+            sw = cols - s0
+            if sw > STRIP:
+                sw = STRIP
+            for j in range(sw):
+                part[j] = 0
+            for i in range(b0, b1):
+                off = i * cols + s0
+                if act != 0:
+                    _dact_run(act, y + off, dy + off, dz + off, sw)
+                    src = dz + off
+                else:
+                    src = dy + off
+                for j in range(sw):
+                    part[j] += src[j]
+            for j in range(sw):
+                acc[s0 + j] += part[j]
 
 
 def act_forward(const floating[::1] x, floating[::1] out, int act):
@@ -210,17 +228,18 @@ def act_backward(int act, const floating[::1] y, const floating[::1] dy, floatin
 
 
 def act_backward_colsum(int act, const floating[:, ::1] y, const floating[:, ::1] dy,
-                        floating[:, ::1] dz,
-                        floating[::1] db, double[::1] work, bint accumulate):
+                        floating[:, ::1] dz, floating[::1] db, double[::1] work,
+                        bint accumulate):
     """One pass over a Linear layer's output gradient.
 
     dz = dy * act'(y) (not written when ``act`` is 0: dz is then dy) and the column sums of
-    dz go to ``db`` (``db += sums`` when ``accumulate``, else ``db = sums``).  The sums are
-    kept in float64 (``work``, one per column) so that a float32 bias gradient over a large
-    batch does not lose digits.  Threads split the columns: each reads whole rows of its slice.
+    dz go to ``db`` (``db += sums`` when ``accumulate``, else ``db = sums``).  Threads take
+    blocks of rows, each with its own float64 sums in ``work`` (``t * cols`` onwards; as
+    many threads as ``work`` has room for), reduced at the end.
     """
-    cdef idx_t rows = dy.shape[0], cols = dy.shape[1], j, chunk, c0, c1
+    cdef idx_t rows = dy.shape[0], cols = dy.shape[1], j, per, r0, r1
     cdef int nt, t
+    cdef double s
     if act != 0 and (y is None or dz is None or y.shape[0] != rows or y.shape[1] != cols
                      or dz.shape[0] != rows or dz.shape[1] != cols):
         raise ValueError("act_backward_colsum: y, dy and dz must have one shape")
@@ -234,25 +253,38 @@ def act_backward_colsum(int act, const floating[:, ::1] y, const floating[:, ::1
     cdef double* acc = &work[0]
     cdef floating* pdb = &db[0]
     nt = _threads_for(rows * cols)
-    # Each thread's slice must be wide enough to stream rows efficiently.
-    while nt > 1 and cols // nt < 64:
+    if nt > work.shape[0] // cols:
+        nt = <int> (work.shape[0] // cols)
+    # At least a block of rows per thread.
+    while nt > 1 and rows < nt * ROW_BLOCK:
         nt -= 1
-    if nt == 1:
+    per = (rows + nt - 1) // nt if nt > 0 else 0
+    if nt <= 1:
+        nt = 1
         with nogil:
-            _dact_colsum_cols(act, py, pdy, pdz, acc, rows, cols, 0, cols)
+            _dact_colsum_rows(act, py, pdy, pdz, acc, 0, rows, cols)
     else:
-        chunk = ((cols + nt - 1) // nt + 15) & ~(<idx_t> 15)
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-            c0 = t * chunk
-            c1 = c0 + chunk
-            if c1 > cols:
-                c1 = cols
-            if c0 < c1:
-                _dact_colsum_cols(act, py, pdy, pdz, acc, rows, cols, c0, c1)
+            r0 = t * per
+            r1 = r0 + per
+            if r1 > rows:
+                r1 = rows
+            if r0 > rows:
+                r0 = rows
+            _dact_colsum_rows(act, py, pdy, pdz, acc + t * cols, r0, r1, cols)
     with nogil:
-        if accumulate:
-            for j in range(cols):
-                pdb[j] = <floating> (pdb[j] + acc[j])
-        else:
-            for j in range(cols):
-                pdb[j] = <floating> acc[j]
+        for j in range(cols):
+            s = 0
+            for t in range(nt):
+                s = s + acc[t * cols + j]
+            if accumulate:
+                pdb[j] = <floating> (pdb[j] + s)
+            else:
+                pdb[j] = <floating> s
+
+
+def colsum_work_size(idx_t cols):
+    """Length of the ``work`` array ``act_backward_colsum`` needs for all threads."""
+    cdef gemm_params prm
+    current_params(0, &prm)
+    return cols * (prm.n_threads if prm.n_threads > 1 else 1)

@@ -2,7 +2,8 @@
 import numpy as np
 
 from microtile._linalg import gemm
-from microtile._nn_act import ACT_CODES, act_backward, act_backward_colsum
+from microtile._nn_act import (ACT_CODES, act_backward, act_backward_colsum,
+                               colsum_work_size)
 from microtile._nn_linear import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._epilogue import linear_forward
@@ -96,7 +97,7 @@ class Linear(Module):
         dz = self._buffer("dz", y2.shape, dt) if act else dy2
         if self.bias is not None:
             gb, acc = self.bias._grad_for_update()
-            work = self._buffer("colsum", (self.out_features,), _F64)
+            work = self._buffer("colsum", (colsum_work_size(self.out_features),), _F64)
             act_backward_colsum(act, y2, dy2, dz if act else None, gb, work, acc)
         elif act:
             act_backward(act, y2.reshape(-1), dy2.reshape(-1), dz.reshape(-1))
