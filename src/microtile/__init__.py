@@ -9,6 +9,8 @@ from microtile._config import (config_context, get_config, get_num_threads,
                                set_num_threads, _init as _init_config)
 from microtile._dispatch import available_isas
 from microtile._linalg import dot, gemm, gemv, ger, matmul, outer
+from microtile.convolution import conv2d, conv2d_backward, im2col, col2im  # noqa: E402
+from microtile.pooling import max_pool2d, max_pool2d_backward, avg_pool2d, avg_pool2d_backward  # noqa: E402,E501
 
 _init_config()
 
@@ -21,5 +23,7 @@ from microtile import nn  # noqa: E402,F401  (subpackage; imports only core modu
 
 __all__ = [
     "__version__", "gemm", "matmul", "dot", "outer", "ger", "gemv",
+    "conv2d", "conv2d_backward", "im2col", "col2im",
+    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
     "get_num_threads", "set_num_threads", "get_config", "config_context", "available_isas",
 ]

@@ -29,8 +29,11 @@ _LIMITS = {
 TUNABLE = tuple(_LIMITS) + ("split",)
 
 # Options that are not per dtype and not read by the GEMM driver: name -> (default, lo, hi).
-# conv_workspace: bytes of im2col workspace a convolution may use per thread.
-OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34)}
+# conv_workspace: bytes of im2col workspace a convolution may use in all (its cap);
+# conv_chunk: column bytes one thread lowers and multiplies at a time within that cap
+# (1-2 MiB measured best on a Zen3 with 512 KiB L2; the tuner may set it per machine).
+OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),
+           "conv_chunk": (2 << 20, 16 << 10, 1 << 32)}
 
 # Measured on a Zen3 (2 cores): below ~64^3 packing costs more than it saves, below ~96^3
 # a second thread costs more than it saves.  The tuner re-measures both.

@@ -1,0 +1,82 @@
+"""Argument rules shared by the NCHW convolution and pooling functions (PyTorch's semantics).
+
+int-or-pair parsing, padding modes, output sizes, and the rank checks, each raising a
+ValueError or TypeError that names the argument and the value.
+"""
+import operator
+
+import numpy as np
+
+
+def pair(value, name, *, minimum=1):
+    """``value`` as an (h, w) pair of ints, each at least ``minimum``."""
+    if isinstance(value, (str, bytes)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if np.ndim(value) == 0:
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        out = (v, v)
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        if len(items) == 1:
+            items = items * 2
+        if len(items) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        out = []
+        for item in items:
+            if isinstance(item, (bool, np.bool_)):
+                raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+            try:
+                out.append(operator.index(item))
+            except TypeError:
+                raise TypeError(f"{name} must be an int or a pair of ints, "
+                                f"got {value!r}") from None
+        out = tuple(out)
+    if out[0] < minimum or out[1] < minimum:
+        rule = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return out
+
+
+def conv_padding(padding, kernel, stride, dilation):
+    """((top, bottom), (left, right)) for an int, a pair, "valid" or "same"."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+            out = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                # As PyTorch: an odd total puts the extra row/column at the bottom/right.
+                out.append((total // 2, total - total // 2))
+            return tuple(out)
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    ph, pw = pair(padding, "padding", minimum=0)
+    return (ph, ph), (pw, pw)
+
+
+def out_size(size, kernel, pad_lo, pad_hi, stride, dilation, what, axis):
+    """Output length of a sliding window; ValueError when the window exceeds the input."""
+    eff = dilation * (kernel - 1) + 1
+    padded = size + pad_lo + pad_hi
+    if eff > padded:
+        raise ValueError(f"{what}: kernel {axis} {kernel} (dilated to {eff}) is larger than the "
+                         f"padded input {axis} {padded} ({size} + padding {pad_lo + pad_hi})")
+    return (padded - eff) // stride + 1
+
+
+def as_nchw(arr, name, what):
+    """(array as 4-D, True if it was 3-D (unbatched)); ValueError for any other rank."""
+    if arr.ndim == 4:
+        return arr, False
+    if arr.ndim == 3:
+        return arr[None], True
+    raise ValueError(f"{what}: {name} must be 4-D (N, C, H, W) or 3-D (C, H, W), "
+                     f"got shape {arr.shape}")

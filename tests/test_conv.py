@@ -1,0 +1,508 @@
+"""conv2d, conv2d_backward, im2col and col2im against a direct NumPy float64 reference."""
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import microtile as mt
+
+EPS = {np.float32: np.finfo(np.float32).eps, np.float64: np.finfo(np.float64).eps}
+
+
+# ------------------------------------------------------------------ float64 reference
+
+def _pads(padding, R, S, dil):
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        th, tw = dil[0] * (R - 1), dil[1] * (S - 1)
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    ph, pw = (padding, padding) if np.isscalar(padding) else padding
+    return ph, ph, pw, pw
+
+
+def _pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)
+
+
+def _windows(xp, r, s, P, Q, st, dil):
+    """xp[..., r*dh + p*sh, s*dw + q*sw] for all p < P, q < Q (a strided slice)."""
+    h0, w0 = r * dil[0], s * dil[1]
+    return xp[:, :, h0:h0 + st[0] * (P - 1) + 1:st[0], w0:w0 + st[1] * (Q - 1) + 1:st[1]]
+
+
+def ref_conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Direct loops over kernel taps and groups, in float64."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    st, dil = _pair(stride), _pair(dilation)
+    N, C, H, W = x.shape
+    K, Cg, R, S = w.shape
+    pt, pb, pl, pr = _pads(padding, R, S, dil)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    P = (H + pt + pb - dil[0] * (R - 1) - 1) // st[0] + 1
+    Q = (W + pl + pr - dil[1] * (S - 1) - 1) // st[1] + 1
+    Kg = K // groups
+    y = np.zeros((N, K, P, Q))
+    for g in range(groups):
+        xg = xp[:, g * Cg:(g + 1) * Cg]
+        for r in range(R):
+            for s in range(S):
+                patch = _windows(xg, r, s, P, Q, st, dil)
+                y[:, g * Kg:(g + 1) * Kg] += np.einsum("nchw,kc->nkhw", patch,
+                                                       w[g * Kg:(g + 1) * Kg, :, r, s])
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None]
+    return y
+
+
+def ref_conv_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1):
+    dy = np.asarray(dy, np.float64)
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    st, dil = _pair(stride), _pair(dilation)
+    N, C, H, W = x.shape
+    K, Cg, R, S = w.shape
+    pt, pb, pl, pr = _pads(padding, R, S, dil)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    dxp = np.zeros_like(xp)
+    P, Q = dy.shape[2:]
+    Kg = K // groups
+    dw = np.zeros_like(w)
+    for g in range(groups):
+        ks = slice(g * Kg, (g + 1) * Kg)
+        cs = slice(g * Cg, (g + 1) * Cg)
+        for r in range(R):
+            for s in range(S):
+                patch = _windows(xp[:, cs], r, s, P, Q, st, dil)
+                dw[ks, :, r, s] = np.einsum("nkhw,nchw->kc", dy[:, ks], patch)
+                _windows(dxp[:, cs], r, s, P, Q, st, dil)[...] += np.einsum(
+                    "nkhw,kc->nchw", dy[:, ks], w[ks, :, r, s])
+    dx = dxp[:, :, pt:pt + H, pl:pl + W]
+    return dx, dw, dy.sum(axis=(0, 2, 3))
+
+
+def assert_close(got, ref, bound, k, dtype, what=""):
+    """|got - ref| <= c * k * eps * bound, with bound the same sum taken over |terms|."""
+    assert got.shape == ref.shape, (what, got.shape, ref.shape)
+    tol = 4 * (k + 2) * EPS[dtype] * bound + 1e-300
+    err = np.abs(got.astype(np.float64) - ref)
+    worst = np.unravel_index(np.argmax(err - tol), err.shape) if err.size else None
+    assert np.all(err <= tol), f"{what}: worst at {worst}: got {got[worst]}, want {ref[worst]}"
+
+
+def random_config(rng):
+    groups = int(rng.choice([1, 1, 2, 3]))
+    Cg = int(rng.integers(1, 4))
+    Kg = int(rng.integers(1, 4))
+    if rng.random() < 0.2:  # depthwise
+        Cg, Kg, groups = 1, 1, int(rng.integers(2, 6))
+    R, S = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    st = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    dil = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+    pad = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+    H = int(rng.integers(dil[0] * (R - 1) + 1, 16)) - min(pad[0], 1)
+    W = int(rng.integers(dil[1] * (S - 1) + 1, 16)) - min(pad[1], 1)
+    N = int(rng.integers(1, 4))
+    return dict(N=N, C=Cg * groups, H=max(H, 1), W=max(W, 1), K=Kg * groups, R=R, S=S,
+                stride=st, padding=pad, dilation=dil, groups=groups)
+
+
+def make(cfg, dtype, rng, bias=True):
+    x = rng.standard_normal((cfg["N"], cfg["C"], cfg["H"], cfg["W"])).astype(dtype)
+    w = rng.standard_normal((cfg["K"], cfg["C"] // cfg["groups"], cfg["R"], cfg["S"]))
+    b = rng.standard_normal(cfg["K"]).astype(dtype) if bias else None
+    return x, w.astype(dtype), b
+
+
+def kw(cfg):
+    return {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+def check_forward_backward(x, w, b, dtype, **kwargs):
+    y = mt.conv2d(x, w, b, **kwargs)
+    ref = ref_conv(x, w, b, **kwargs)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    bound = ref_conv(np.abs(x), np.abs(w), None if b is None else np.abs(b), **kwargs)
+    assert y.dtype == dtype
+    assert_close(y, ref, bound, k, dtype, "y")
+    dy = np.random.default_rng(7).standard_normal(y.shape).astype(dtype)
+    dx, dw, db = mt.conv2d_backward(dy, x, w, **kwargs)
+    rdx, rdw, rdb = ref_conv_backward(dy, x, w, **kwargs)
+    adx, adw, adb = ref_conv_backward(np.abs(dy), np.abs(x), np.abs(w), **kwargs)
+    n_terms = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    assert_close(dx, rdx, adx, w.shape[0] * w.shape[2] * w.shape[3], dtype, "dx")
+    assert_close(dw, rdw, adw, n_terms, dtype, "dw")
+    assert_close(db, rdb, adb, n_terms, dtype, "db")
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (w.shape[0],)
+    assert dx.dtype == dw.dtype == db.dtype == dtype
+
+
+# ------------------------------------------------------------------------ forward/backward
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configs(seed, dtype):
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    x, w, b = make(cfg, dtype, rng, bias=seed % 3 != 0)
+    check_forward_backward(x, w, b, dtype, **kw(cfg))
+
+
+@pytest.mark.parametrize("layout", ["fortran", "reversed", "strided", "transposed"])
+def test_noncontiguous_inputs(layout):
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((3, 4, 11, 13))
+    if layout == "fortran":
+        x = np.asfortranarray(base)
+    elif layout == "reversed":
+        x = base[:, ::-1, ::-1, ::-1]
+    elif layout == "strided":
+        x = rng.standard_normal((3, 8, 22, 13))[:, ::2, ::2, :]
+    else:
+        x = np.ascontiguousarray(base.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    w = rng.standard_normal((12, 6, 3, 2))[::2, ::3]   # (6, 2, 3, 2), strided
+    b = rng.standard_normal(12)[::2]
+    check_forward_backward(x, w, b, np.float64, stride=(2, 1), padding=1, dilation=(1, 2),
+                           groups=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hw", [(7, 7), (20, 19)])
+def test_1x1(dtype, hw):
+    # (20, 19) takes the no-im2col path; (7, 7) batches images through im2col.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 12, *hw)).astype(dtype)
+    w = rng.standard_normal((8, 6, 1, 1)).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    check_forward_backward(x, w, b, dtype, groups=2)
+    # A plane that is not one strided run falls back to im2col.
+    check_forward_backward(x[:, :, :, ::2], w, b, dtype, groups=2)
+    check_forward_backward(x, w, b, dtype, stride=2, groups=2)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("workspace", [64 << 10, 1 << 20])
+@pytest.mark.parametrize("shape", [(5, 6, 40, 37, 7), (9, 16, 6, 6, 24), (1, 3, 70, 70, 4)])
+def test_chunking_and_threads(threads, workspace, shape):
+    # Small workspaces force slices of one image (large planes) or several images per chunk
+    # (small planes); odd thread counts leave uneven shares.
+    N, C, H, W, K = shape
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((K, C, 3, 3))
+    b = rng.standard_normal(K)
+    with mt.config_context(conv_workspace=workspace, threads=threads):
+        check_forward_backward(x, w, b, np.float64, padding=1, stride=(1, 2))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("K", [33, 70])
+def test_large_depth_chunks_float32(K, threads):
+    # GEMM depth above kc; K = 70 accumulates dW rather than dW^T and, with many filters on
+    # small planes, threads inside the GEMMs instead of over chunks.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 40, 15, 15)).astype(np.float32)
+    w = rng.standard_normal((K, 40, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    with mt.config_context(conv_workspace=64 << 10, threads=threads):
+        check_forward_backward(x, w, b, np.float32, padding=1)
+    with mt.config_context(threads=threads):
+        check_forward_backward(x, w, b, np.float32, padding=1)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_padding_modes(padding):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 9, 10))
+    w = rng.standard_normal((4, 3, 4, 3))  # even kernel height: asymmetric "same" padding
+    check_forward_backward(x, w, None, np.float64, padding=padding, dilation=(2, 1))
+    if padding == "same":
+        assert mt.conv2d(x, w, padding="same", dilation=(2, 1)).shape == (2, 4, 9, 10)
+
+
+def test_gradients_finite_differences():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 4, 7, 6))
+    w = rng.standard_normal((6, 2, 3, 2))
+    b = rng.standard_normal(6)
+    args = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    dy = rng.standard_normal(mt.conv2d(x, w, b, **args).shape)
+    dx, dw, db = mt.conv2d_backward(dy, x, w, **args)
+
+    def loss(xx, ww, bb):
+        return float(np.sum(dy * mt.conv2d(xx, ww, bb, **args)))
+
+    h = 1e-6
+    for arr, grad, pos in ((x, dx, 0), (w, dw, 1), (b, db, 2)):
+        for flat in rng.choice(arr.size, size=min(arr.size, 12), replace=False):
+            idx = np.unravel_index(flat, arr.shape)
+            plus = [x.copy(), w.copy(), b.copy()]
+            minus = [x.copy(), w.copy(), b.copy()]
+            plus[pos][idx] += h
+            minus[pos][idx] -= h
+            num = (loss(*plus) - loss(*minus)) / (2 * h)
+            assert abs(num - grad[idx]) <= 1e-6 * (1 + abs(num)), (pos, idx, num, grad[idx])
+
+
+def test_need_flags_and_unbatched():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 8, 8))
+    w = rng.standard_normal((5, 3, 3, 3))
+    y = mt.conv2d(x, w, padding=1)
+    np.testing.assert_allclose(y, ref_conv(x[None], w, padding=1)[0], rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = mt.conv2d_backward(dy, x, w, padding=1, need_input_grad=False,
+                                    need_bias_grad=False)
+    assert dx is None and db is None
+    rdx, rdw, _ = ref_conv_backward(dy[None], x[None], w, padding=1)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-12, atol=1e-12)
+    dx, dw2, db = mt.conv2d_backward(dy, x, w, padding=1)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx, rdx[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw2, rdw, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_dtypes_promote():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 2, 2))
+    assert mt.conv2d(x, w).dtype == np.float64
+    assert mt.conv2d(x, w.astype(np.float32)).dtype == np.float32
+    assert mt.conv2d(x, w.astype(np.float32), np.zeros(3)).dtype == np.float64
+    dx, dw, db = mt.conv2d_backward(np.ones((2, 3, 4, 4), np.float32), x, w)
+    assert dx.dtype == dw.dtype == db.dtype == np.float64
+
+
+def test_out_argument():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 6, 6))
+    w = rng.standard_normal((4, 3, 3, 3))
+    ref = ref_conv(x, w, padding=1)
+    out = np.empty((2, 4, 6, 6))
+    assert mt.conv2d(x, w, padding=1, out=out) is out
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    outf = np.empty((2, 4, 6, 6), order="F")
+    assert mt.conv2d(x, w, padding=1, out=outf) is outf
+    np.testing.assert_allclose(outf, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        mt.conv2d(x, w, out=np.empty((2, 4, 6, 6)))
+    with pytest.raises(TypeError):
+        mt.conv2d(x, w, padding=1, out=np.empty((2, 4, 6, 6), np.float32))
+    ro = np.empty((2, 4, 6, 6))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        mt.conv2d(x, w, padding=1, out=ro)
+
+
+def test_inputs_untouched_and_readonly():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 4, 9, 9))
+    w = rng.standard_normal((4, 2, 3, 3))
+    b = rng.standard_normal(4)
+    dy = rng.standard_normal((2, 4, 9, 9))
+    copies = [a.copy() for a in (x, w, b, dy)]
+    for a in (x, w, b, dy):
+        a.flags.writeable = False
+    mt.conv2d(x, w, b, padding=1, groups=2)
+    mt.conv2d_backward(dy, x, w, padding=1, groups=2)
+    for a, c in zip((x, w, b, dy), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_zero_sizes():
+    w = np.ones((4, 3, 3, 3))
+    assert mt.conv2d(np.ones((0, 3, 5, 5)), w).shape == (0, 4, 3, 3)
+    y = mt.conv2d(np.ones((2, 3, 5, 5)), np.ones((0, 3, 3, 3)))
+    assert y.shape == (2, 0, 3, 3)
+    y = mt.conv2d(np.ones((2, 0, 5, 5)), np.ones((4, 0, 3, 3)), np.arange(4.0))
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(4.0)[None, :, None, None],
+                                                     (2, 4, 3, 3)))
+    dx, dw, db = mt.conv2d_backward(np.ones((0, 4, 3, 3)), np.ones((0, 3, 5, 5)), w)
+    assert dx.shape == (0, 3, 5, 5) and dw.shape == w.shape and not dw.any()
+    np.testing.assert_array_equal(db, np.zeros(4))
+    dx, dw, db = mt.conv2d_backward(np.ones((2, 4, 3, 3)), np.ones((2, 0, 5, 5)),
+                                    np.ones((4, 0, 3, 3)))
+    assert dx.shape == (2, 0, 5, 5) and dw.shape == (4, 0, 3, 3)
+    np.testing.assert_array_equal(db, np.full(4, 18.0))
+
+
+def test_nan_inf_propagate():
+    x = np.ones((1, 1, 5, 5))
+    x[0, 0, 2, 2] = np.nan
+    y = mt.conv2d(x, np.ones((1, 1, 3, 3)))
+    assert np.isnan(y).all()          # every 3x3 window of a 5x5 plane covers the centre
+    x[0, 0, 2, 2] = np.inf
+    y = mt.conv2d(x, np.ones((1, 1, 1, 1)))
+    assert np.isinf(y[0, 0, 2, 2]) and np.isfinite(y).sum() == 24
+
+
+def test_threads_from_python():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 6, 20, 20)).astype(np.float32)
+    w = rng.standard_normal((8, 6, 3, 3)).astype(np.float32)
+    want = mt.conv2d(x, w, padding=1)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                np.testing.assert_array_equal(mt.conv2d(x, w, padding=1), want)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+# ---------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(x=np.ones((2, 4, 5, 5)), w=np.ones((3, 3, 3, 3))), ValueError, "channels"),
+    (dict(x=np.ones((2, 4, 5, 5)), w=np.ones((3, 2, 3, 3)), groups=2), ValueError, "groups"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 1, 3, 3)), groups=2), ValueError, "divide"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 6, 3))), ValueError, "larger"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), dilation=3), ValueError,
+     "larger"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), stride=0), ValueError, "stride"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), stride=(1, -1)), ValueError,
+     "stride"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), dilation=0), ValueError,
+     "dilation"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), padding=-1), ValueError,
+     "padding"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), padding="same", stride=2),
+     ValueError, "same"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), padding="full"), ValueError,
+     "padding"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), stride=(1, 2, 3)), ValueError,
+     "stride"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), stride=1.5), TypeError,
+     "stride"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), groups=0), ValueError, "groups"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), groups=1.0), TypeError,
+     "groups"),
+    (dict(x=np.ones((3, 5, 5, 1, 1)), w=np.ones((4, 3, 3, 3))), ValueError, "4-D"),
+    (dict(x=np.ones((5, 5)), w=np.ones((4, 3, 3, 3))), ValueError, "4-D"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3))), ValueError, "4-D"),
+    (dict(x=np.ones((2, 3, 5, 5), int), w=np.ones((4, 3, 3, 3))), TypeError, "int64"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3), np.float16)), TypeError,
+     "float16"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), bias=np.ones(3)), ValueError,
+     "bias"),
+    (dict(x=np.ones((2, 3, 5, 5)), w=np.ones((4, 3, 3, 3)), bias=np.ones(4, bool)), TypeError,
+     "bool"),
+])
+def test_conv2d_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        mt.conv2d(**kwargs)
+
+
+def test_backward_errors():
+    x, w = np.ones((2, 3, 5, 5)), np.ones((4, 3, 3, 3))
+    with pytest.raises(ValueError, match="dy"):
+        mt.conv2d_backward(np.ones((2, 4, 5, 5)), x, w)
+    with pytest.raises(TypeError, match="complex"):
+        mt.conv2d_backward(np.ones((2, 4, 3, 3), complex), x, w)
+    with pytest.raises(ValueError, match="channels"):
+        mt.conv2d_backward(np.ones((2, 4, 3, 3)), x, np.ones((4, 2, 3, 3)))
+
+
+# ----------------------------------------------------------------------- im2col / col2im
+
+def ref_im2col(x, R, S, stride, padding, dilation):
+    st, dil, pad = _pair(stride), _pair(dilation), _pair(padding)
+    N, C, H, W = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    P = (H + 2 * pad[0] - dil[0] * (R - 1) - 1) // st[0] + 1
+    Q = (W + 2 * pad[1] - dil[1] * (S - 1) - 1) // st[1] + 1
+    out = np.empty((N, C, R, S, P * Q))
+    for r in range(R):
+        for s in range(S):
+            out[:, :, r, s] = _windows(xp, r, s, P, Q, st, dil).reshape(N, C, P * Q)
+    return out.reshape(N, C * R * S, P * Q)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(8))
+def test_im2col_col2im(seed, dtype):
+    rng = np.random.default_rng(100 + seed)
+    cfg = random_config(rng)
+    x = rng.standard_normal((cfg["N"], cfg["C"], cfg["H"], cfg["W"])).astype(dtype)
+    if seed % 2:
+        x = x[:, ::-1, :, ::-1]
+    ks = (cfg["R"], cfg["S"])
+    args = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
+    cols = mt.im2col(x, ks, **args)
+    np.testing.assert_array_equal(cols, ref_im2col(x, *ks, **args).astype(dtype))
+    # col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)>.
+    c = rng.standard_normal(cols.shape)
+    back = mt.col2im(c, x.shape[2:], ks, **args)
+    assert back.shape == x.shape
+    lhs = np.sum(ref_im2col(x, *ks, **args) * c)
+    rhs = np.sum(x.astype(np.float64) * back)
+    assert abs(lhs - rhs) <= 1e-10 * (1 + np.sum(np.abs(c)) * np.abs(x).max())
+
+
+def test_im2col_col2im_errors():
+    x = np.ones((2, 3, 5, 5))
+    with pytest.raises(ValueError, match="larger"):
+        mt.im2col(x, 6)
+    with pytest.raises(ValueError, match="4-D"):
+        mt.im2col(np.ones((5, 5)), 2)
+    with pytest.raises(TypeError):
+        mt.im2col(x, 2, padding="same")
+    with pytest.raises(ValueError, match="taps"):
+        mt.col2im(np.ones((2, 10, 16)), (5, 5), 2)
+    with pytest.raises(ValueError, match="columns"):
+        mt.col2im(np.ones((2, 12, 15)), (5, 5), 2)
+    with pytest.raises(TypeError):
+        mt.col2im(np.ones((2, 12, 16), np.int32), (5, 5), 2)
+    assert mt.im2col(np.ones((3, 5, 5)), 2).shape == (12, 16)
+    assert mt.col2im(np.ones((12, 16)), 5, 2).shape == (3, 5, 5)
+
+
+# ------------------------------------------------------------------------------ vs torch
+
+@pytest.mark.parametrize("seed", range(6))
+def test_against_torch(seed):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(200 + seed)
+    cfg = random_config(rng)
+    x, w, b = make(cfg, np.float32, rng)
+    args = kw(cfg)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    yt = F.conv2d(xt, wt, bt, **args)
+    y = mt.conv2d(x, w, b, **args)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.tensor(dy))
+    dx, dw, db = mt.conv2d_backward(dy, x, w, **args)
+    for got, ref in ((dx, xt.grad), (dw, wt.grad), (db, bt.grad)):
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+    ks = (cfg["R"], cfg["S"])
+    uargs = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
+    cols = mt.im2col(x, ks, **uargs)
+    np.testing.assert_array_equal(cols, F.unfold(torch.tensor(x), ks, **uargs).numpy())
+    np.testing.assert_allclose(mt.col2im(cols, x.shape[2:], ks, **uargs),
+                               F.fold(torch.tensor(cols), x.shape[2:], ks, **uargs).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_same_padding_against_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(300)
+    x = rng.standard_normal((2, 2, 8, 7)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 4, 2)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch notes that it copies the input for this case
+        ref = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding="same",
+                                         dilation=(1, 3))
+    np.testing.assert_allclose(mt.conv2d(x, w, padding="same", dilation=(1, 3)), ref.numpy(),
+                               rtol=1e-5, atol=1e-5)
