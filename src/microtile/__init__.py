@@ -19,6 +19,8 @@ from microtile._threadpool import register as _register_threadpool  # noqa: E402
 _register_threadpool()
 del _register_threadpool, _init_config
 
+from microtile import nn  # noqa: E402,F401  (subpackage; imports only core modules above)
+
 __all__ = [
     "__version__", "gemm", "matmul", "dot", "outer", "ger", "gemv",
     "conv2d", "conv2d_backward", "im2col", "col2im",

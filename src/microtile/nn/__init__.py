@@ -1,0 +1,38 @@
+"""microtile.nn: small neural networks (MLPs and CNNs) trained with backprop on microtile's
+GEMM and convolution kernels.
+
+Layers use torch's weight layouts and default initialisation, and the optimizers torch.optim's
+update rules, so a model moves between the two with the same numbers::
+
+    from microtile import nn
+    model = nn.Sequential(nn.Linear(64, 128, rng=0), nn.ReLU(), nn.Linear(128, 10, rng=1))
+    opt = nn.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    history = nn.fit(model, nn.CrossEntropyLoss(), opt, X, y, epochs=10, batch_size=64)
+    labels = nn.predict(model, X_test).argmax(axis=1)
+
+Arrays returned by a layer's ``forward``/``backward`` (and a loss's ``backward``) are that
+layer's reusable buffers, overwritten by its next call with the same shapes: this is what
+keeps a training step free of allocations.  Copy what you want to keep; ``predict`` does.
+"""
+from microtile.nn._activation import ReLU, Sigmoid, Tanh
+from microtile.nn._conv import Conv2d
+from microtile.nn._flatten import Flatten
+from microtile.nn._gradcheck import gradcheck
+from microtile.nn._linear import Linear
+from microtile.nn._loss import CrossEntropyLoss, MSELoss
+from microtile.nn._module import Module
+from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
+from microtile.nn._parameter import Parameter
+from microtile.nn._persist import load, save
+from microtile.nn._pool import AvgPool2d, MaxPool2d
+from microtile.nn._sequential import Sequential
+from microtile.nn._training import fit, predict
+
+__all__ = [
+    "Module", "Parameter",
+    "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid", "Tanh",
+    "Sequential",
+    "CrossEntropyLoss", "MSELoss",
+    "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
+    "fit", "predict", "save", "load", "gradcheck",
+]

@@ -1,0 +1,121 @@
+"""Linear: y = act(x @ weight.T + bias) forward, GEMMs with transpose flags backward."""
+import numpy as np
+
+from microtile._linalg import gemm
+from microtile._nn_act import (ACT_CODES, act_backward, act_backward_colsum,
+                               colsum_work_size)
+from microtile._nn_linear import linear_weight_and_input_grads
+from microtile.nn._dtypes import as_grad, as_input, float_dtype
+from microtile.nn._epilogue import linear_forward
+from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
+from microtile.nn._module import Module, check_int
+from microtile.nn._parameter import Parameter
+
+_F64 = np.dtype(np.float64)
+
+# Multiply-adds per GEMM from which the two backward GEMMs run side by side (below it, one
+# threaded GEMM after the other starts faster).
+PAIR_MIN_MACS = 1 << 22
+
+
+class Linear(Module):
+    """Fully connected layer with torch's layout and initialisation.
+
+    ``y = x @ weight.T + bias`` with ``weight`` of shape (out_features, in_features).  The
+    input may have any number of leading dimensions: (..., in_features) -> (..., out_features).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+        Whether to learn an additive bias.
+    dtype : float32 or float64
+    rng : numpy.random.Generator, int or None
+        Source of the initial values (torch's default: Kaiming-uniform with a = sqrt(5),
+        bias uniform in +-1/sqrt(in_features)).
+
+    Notes
+    -----
+    Backward computes ``dW += dYᵀ·X`` and ``dX = dY·W`` as GEMMs on the stored arrays with
+    transpose flags (no transposed copy), and the bias gradient as column sums in the same
+    pass that applies a fused activation's derivative.
+    """
+
+    _param_names = ("weight", "bias")
+    _fusable = True
+
+    def __init__(self, in_features, out_features, bias=True, *, dtype=np.float32, rng=None):
+        self.in_features = check_int(in_features, "in_features", "Linear")
+        self.out_features = check_int(out_features, "out_features", "Linear")
+        dt = float_dtype(dtype, "Linear")
+        gen = as_generator(rng)
+        self.weight = Parameter(kaiming_uniform(gen, (self.out_features, self.in_features),
+                                                self.in_features, dt))
+        self.bias = (Parameter(bias_uniform(gen, (self.out_features,), self.in_features, dt))
+                     if bias else None)
+        self._x2 = None
+        self._y2 = None
+        self._act = 0
+        self._in_shape = None
+
+    def forward(self, x):
+        """``x @ weight.T + bias`` for ``x`` of shape (..., in_features)."""
+        return self._forward(x, None)
+
+    def _forward(self, x, activation):
+        dt = self.weight.dtype
+        x = as_input(x, dt)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self!r}: input has shape {x.shape}, expected (..., "
+                             f"{self.in_features})")
+        x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
+        y2 = self._buffer("y", (x2.shape[0], self.out_features), dt)
+        bias = self.bias.data if self.bias is not None else None
+        linear_forward(x2, self.weight.data, bias, activation, y2)
+        self._x2 = x2
+        self._y2 = y2
+        self._act = ACT_CODES[activation]
+        self._in_shape = x.shape
+        if x.ndim == 2:
+            return y2
+        return y2.reshape(x.shape[:-1] + (self.out_features,))
+
+    def backward(self, dy, *, need_input_grad=True):
+        """Accumulate the parameter gradients; return dL/dx (None if not ``need_input_grad``).
+
+        When the layer ran with a fused activation (inside a Sequential), ``dy`` is the
+        gradient with respect to the activation's output.
+        """
+        x2, y2 = self._x2, self._y2
+        if x2 is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        dt = y2.dtype
+        out_shape = self._in_shape[:-1] + (self.out_features,)
+        dy = as_grad(dy, dt, out_shape, self)
+        dy2 = dy if dy.ndim == 2 else dy.reshape(y2.shape)
+        act = self._act
+        dz = self._buffer("dz", y2.shape, dt) if act else dy2
+        if self.bias is not None:
+            gb, acc = self.bias._grad_for_update()
+            work = self._buffer("colsum", (colsum_work_size(self.out_features),), _F64)
+            act_backward_colsum(act, y2, dy2, dz if act else None, gb, work, acc)
+        elif act:
+            act_backward(act, y2.reshape(-1), dy2.reshape(-1), dz.reshape(-1))
+        gw, acc = self.weight._grad_for_update()
+        dx = self._buffer("dx", x2.shape, dt) if need_input_grad else None
+        if (dx is None or x2.shape[0] * self.in_features * self.out_features < PAIR_MIN_MACS
+                or not dz.flags.c_contiguous or not x2.flags.aligned
+                or not linear_weight_and_input_grads(dz, x2, self.weight.data, gw, dx, acc)):
+            if acc:
+                gemm(dz, x2, trans_a=True, beta=1.0, c=gw, out=gw)
+            else:
+                gemm(dz, x2, trans_a=True, out=gw)
+            if dx is not None:
+                gemm(dz, self.weight.data, out=dx)
+        if dx is None:
+            return None
+        return dx if len(self._in_shape) == 2 else dx.reshape(self._in_shape)
+
+    def __repr__(self):
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None})")

@@ -1,0 +1,99 @@
+"""Parameter: a trainable array and the gradient that backward passes accumulate into it."""
+import numpy as np
+
+from microtile.nn._dtypes import float_dtype
+
+
+class Parameter:
+    """A trainable array (``.data``) and its gradient (``.grad``), of one shape and dtype.
+
+    Both arrays are owned by the parameter, C-contiguous, and never replaced: assigning to
+    ``.data`` or ``.grad`` copies into them, so layers, optimizers and views taken earlier all
+    keep seeing the same memory.
+
+    ``zero_grad()`` does not touch memory: it marks the gradient as zero, and the next
+    backward pass then writes it instead of adding to it (as torch's ``set_to_none`` saves
+    the clearing pass).  Reading ``.grad`` in between gives zeros, as it should.
+
+    Parameters
+    ----------
+    data : array_like
+        Initial value; float32 or float64 (other dtypes raise TypeError).  Copied.
+    """
+
+    __slots__ = ("_data", "_grad", "_grad_is_zero", "_flat_data", "_flat_grad")
+
+    def __init__(self, data):
+        arr = np.asarray(data)
+        dt = float_dtype(arr.dtype, "Parameter")
+        self._data = np.array(arr, dtype=dt, order="C", copy=True)
+        self._grad = np.zeros_like(self._data)
+        self._grad_is_zero = True
+        # Flat views made once: the optimizers' kernels take 1-D arrays.
+        self._flat_data = self._data.reshape(-1)
+        self._flat_grad = self._grad.reshape(-1)
+
+    @property
+    def data(self):
+        """The value (an array owned by the parameter; update it in place or assign)."""
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._copy_in(self._data, value, "data")
+
+    @property
+    def grad(self):
+        """The accumulated gradient, same shape and dtype as ``data``."""
+        if self._grad_is_zero:
+            self._grad.fill(0)
+            self._grad_is_zero = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._copy_in(self._grad, value, "grad")
+        self._grad_is_zero = False
+
+    @property
+    def shape(self):
+        return self._data.shape
+
+    @property
+    def dtype(self):
+        return self._data.dtype
+
+    @property
+    def size(self):
+        return self._data.size
+
+    def zero_grad(self):
+        """Set the gradient to zero (lazily: no pass over memory until it is needed)."""
+        self._grad_is_zero = True
+
+    def _grad_for_update(self):
+        """``(grad, accumulate)`` for a backward pass: when ``accumulate`` is False the caller
+        must overwrite every element (the gradient is logically zero)."""
+        accumulate = not self._grad_is_zero
+        self._grad_is_zero = False
+        return self._grad, accumulate
+
+    def _add_to_grad(self, value):
+        """grad += value (or grad = value when the gradient is logically zero)."""
+        g, accumulate = self._grad_for_update()
+        if accumulate:
+            np.add(g, value, out=g)
+        else:
+            np.copyto(g, value)
+
+    def _copy_in(self, target, value, what):
+        value = np.asarray(value)
+        if value.dtype.kind not in "iuf":
+            raise TypeError(f"Parameter.{what}: cannot assign an array of dtype {value.dtype}")
+        if value.shape != target.shape:
+            raise ValueError(f"Parameter.{what}: value has shape {value.shape}, the parameter "
+                             f"has shape {target.shape}")
+        np.copyto(target, value, casting="unsafe")
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype})"

@@ -1,0 +1,96 @@
+"""MaxPool2d and AvgPool2d: torch's pooling layers on microtile's pooling functions."""
+from microtile.nn._dtypes import as_grad
+from microtile._checks import as_float_array
+from microtile.nn._conv import pair
+from microtile.nn._kernels import kernel
+from microtile.nn._module import Module
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        owner = type(self).__name__
+        self.kernel_size = pair(kernel_size, "kernel_size", owner, 1)
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride", owner, 1)
+        self.padding = pair(padding, "padding", owner, 0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{owner}: padding {self.padding} must be at most half the kernel "
+                             f"size {self.kernel_size}")
+        self._x = None
+        self._y_shape = None
+
+    def _check(self, x):
+        x = as_float_array(x, "x")
+        if x.ndim != 4:
+            raise ValueError(f"{self!r}: input has shape {x.shape}, expected (N, C, H, W)")
+        return x
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding})")
+
+
+class MaxPool2d(_Pool2d):
+    """Maximum over windows, as ``torch.nn.MaxPool2d`` (ceil_mode False).
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int, (int, int) or None
+        Defaults to ``kernel_size``.
+    padding : int or (int, int)
+        Implicit -inf padding (never chosen as a maximum); at most half the kernel.
+    """
+
+    def forward(self, x):
+        x = self._check(x)
+        y, idx = kernel("max_pool2d")(x, self.kernel_size, self.stride, self.padding,
+                                      return_indices=True)
+        self._x = x
+        self._idx = idx
+        self._y_shape = y.shape
+        return y
+
+    def backward(self, dy, *, need_input_grad=True):
+        if self._x is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        dy = as_grad(dy, self._x.dtype, self._y_shape, self)
+        if not need_input_grad:
+            return None
+        return kernel("max_pool2d_backward")(dy, self._x, self.kernel_size, self.stride,
+                                             self.padding, indices=self._idx)
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over windows, as ``torch.nn.AvgPool2d`` (count_include_pad True by default).
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int, (int, int) or None
+        Defaults to ``kernel_size``.
+    padding : int or (int, int)
+    count_include_pad : bool
+        Whether zero padding counts in the divisor.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = bool(count_include_pad)
+
+    def forward(self, x):
+        x = self._check(x)
+        y = kernel("avg_pool2d")(x, self.kernel_size, self.stride, self.padding,
+                                 count_include_pad=self.count_include_pad)
+        self._x = x
+        self._y_shape = y.shape
+        return y
+
+    def backward(self, dy, *, need_input_grad=True):
+        if self._x is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        dy = as_grad(dy, self._x.dtype, self._y_shape, self)
+        if not need_input_grad:
+            return None
+        return kernel("avg_pool2d_backward")(dy, self._x.shape, self.kernel_size, self.stride,
+                                             self.padding,
+                                             count_include_pad=self.count_include_pad)

@@ -1,0 +1,98 @@
+"""Sequential: layers applied in order, with an activation folded into the layer before it."""
+from microtile.nn._activation import _Activation
+from microtile.nn._module import Module
+
+
+class Sequential(Module):
+    """A chain of layers: ``forward`` applies them in order, ``backward`` in reverse.
+
+    A Linear or Conv2d followed by ReLU, Sigmoid or Tanh runs as one step: the activation is
+    applied while the layer writes its output, and its derivative while the layer reads the
+    incoming gradient, saving a pass over the activations each way.  The results are the
+    same as running the two layers separately.
+
+    Parameters
+    ----------
+    *layers
+        Objects with ``forward``/``backward`` (and optionally ``parameters``).
+    """
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            if not (callable(getattr(layer, "forward", None))
+                    and callable(getattr(layer, "backward", None))):
+                raise TypeError(f"Sequential: argument {i} ({type(layer).__name__}) is not a "
+                                f"layer (it needs forward and backward)")
+        self.layers = tuple(layers)
+        self._plan = None
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def named_parameters(self, prefix=""):
+        out = []
+        for i, layer in enumerate(self.layers):
+            sub = prefix + f"{i}."
+            if isinstance(layer, Module):
+                out.extend(layer.named_parameters(sub))
+            elif callable(getattr(layer, "parameters", None)):
+                out.extend((sub + str(j), p) for j, p in enumerate(layer.parameters()))
+        return out
+
+    def forward(self, x):
+        """Apply every layer; a ValueError names the layer (index and repr) it came from."""
+        layers = self.layers
+        n = len(layers)
+        plan = []
+        i = 0
+        while i < n:
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < n else None
+            try:
+                if (isinstance(nxt, _Activation) and getattr(layer, "_fusable", False)
+                        and type(nxt)._act_name is not None):
+                    x = layer._forward(x, nxt._act_name)
+                    nxt._adopt_output(x)
+                    plan.append((i, layer, True))
+                    i += 2
+                    continue
+                x = layer.forward(x)
+            except ValueError as exc:
+                self._plan = None
+                raise ValueError(f"Sequential layer {i} ({layer!r}): {exc}") from exc
+            plan.append((i, layer, False))
+            i += 1
+        self._plan = plan
+        return x
+
+    def backward(self, dy, *, need_input_grad=True):
+        """Back-propagate ``dy`` through every layer; returns dL/dx (None when
+        ``need_input_grad`` is False, which spares the first layer's input-gradient GEMM)."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("Sequential: backward called before forward")
+        for k in range(len(plan) - 1, -1, -1):
+            i, layer, _ = plan[k]
+            need = need_input_grad or k > 0
+            try:
+                if isinstance(layer, Module):
+                    dy = layer.backward(dy, need_input_grad=need)
+                else:
+                    dy = layer.backward(dy)
+            except ValueError as exc:
+                raise ValueError(f"Sequential layer {i} ({layer!r}): {exc}") from exc
+            if dy is None and need:
+                raise RuntimeError(f"Sequential layer {i} ({layer!r}) returned no gradient")
+        return dy
+
+    def __repr__(self):
+        if not self.layers:
+            return "Sequential()"
+        body = "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{body}\n)"

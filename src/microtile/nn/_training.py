@@ -1,0 +1,215 @@
+"""fit and predict: mini-batch training and batched inference over NumPy arrays."""
+import numpy as np
+
+from microtile._checks import as_float_array
+from microtile.nn._init import as_generator
+from microtile.nn._loss import MSELoss
+from microtile.nn._module import Module, check_int
+from microtile.nn._progress import Progress
+
+_INTP = np.dtype(np.intp)
+
+
+def _model_dtype(model, X):
+    params = model.parameters() if callable(getattr(model, "parameters", None)) else []
+    return params[0].dtype if params else X.dtype
+
+
+def _prepare(model, X, y, what, loss=None):
+    X = as_float_array(X, f"{what} X")
+    if X.ndim == 0:
+        raise ValueError(f"{what}: X must have a sample dimension, got a scalar")
+    dt = _model_dtype(model, X)
+    X = np.ascontiguousarray(X, dtype=dt)
+    y = np.asarray(y)
+    if y.ndim == 0 or y.shape[0] != X.shape[0]:
+        raise ValueError(f"{what}: X has {X.shape[0]} samples but y has shape {y.shape}")
+    if y.dtype.kind in "iu" and not isinstance(loss, MSELoss):
+        y = np.ascontiguousarray(y, dtype=_INTP)
+        labels = True
+    else:
+        if y.dtype.kind not in "iu":
+            y = as_float_array(y, f"{what} y")
+        y = np.ascontiguousarray(y, dtype=dt)
+        labels = False
+    return X, y, labels
+
+
+def _backward(model, grad):
+    if isinstance(model, Module):
+        model.backward(grad, need_input_grad=False)
+    else:
+        model.backward(grad)
+
+
+class _Accuracy:
+    """Counts argmax hits into reused buffers (for (N, C) outputs and integer labels)."""
+
+    def __init__(self):
+        self._pred = {}
+
+    def hits(self, out, labels):
+        if out.ndim != 2 or out.shape[1] < 2:
+            return None
+        n = out.shape[0]
+        pred = self._pred.get(n)
+        if pred is None:
+            pred = self._pred[n] = np.empty(n, _INTP)
+        np.argmax(out, axis=1, out=pred)
+        return int(np.count_nonzero(pred == labels))
+
+
+def _evaluate(model, loss, X, y, labels, batch_size, acc):
+    n = X.shape[0]
+    total = 0.0
+    hits = 0 if labels else None
+    for start in range(0, n, batch_size):
+        xb = X[start:start + batch_size]
+        yb = y[start:start + batch_size]
+        out = model.forward(xb)
+        total += loss.forward(out, yb) * xb.shape[0]
+        if hits is not None:
+            h = acc.hits(out, yb)
+            hits = None if h is None else hits + h
+    return total / n, (hits / n if hits is not None else None)
+
+
+def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, rng=None,
+        progress=True, validation=None):
+    """Train ``model`` with mini-batches of ``(X, y)``.
+
+    Each step: ``optimizer.zero_grad()``, ``model.forward``, ``loss.forward``,
+    ``model.backward(loss.backward())``, ``optimizer.step()``.
+
+    Parameters
+    ----------
+    model : layer (usually a Sequential)
+    loss : CrossEntropyLoss, MSELoss or an object with ``forward(pred, target)``/``backward()``
+    optimizer : SGD, Adam, AdaGrad, RMSprop (anything with ``zero_grad``/``step``)
+    X : array_like, (N, ...)
+        Converted once to the model's dtype.
+    y : array_like, (N, ...)
+        Integer class labels (then accuracy is reported) or float targets (integers too,
+        with MSELoss).
+    epochs : int
+    batch_size : int
+        The last batch of an epoch holds the remainder when N is not a multiple.
+    shuffle : bool
+        Visit the samples in a new random order each epoch.
+    rng : numpy.random.Generator, int or None
+        Source of the shuffling.
+    progress : bool
+        Show a progress bar on stderr when it is a terminal.
+    validation : (Xv, yv) or None
+        Evaluated after each epoch.
+
+    Returns
+    -------
+    dict
+        Lists with one entry per epoch: ``"loss"`` (mean training loss over the epoch's
+        samples), ``"accuracy"`` for integer labels, ``"val_loss"`` and ``"val_accuracy"``
+        with ``validation``.
+    """
+    epochs = check_int(epochs, "epochs", "fit", 0)
+    batch_size = check_int(batch_size, "batch_size", "fit", 1)
+    X, y, labels = _prepare(model, X, y, "fit", loss)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("fit: X has no samples")
+    if validation is not None:
+        try:
+            Xv, yv = validation
+        except (TypeError, ValueError):
+            raise ValueError("fit: validation must be a pair (X, y)") from None
+        Xv, yv, vlabels = _prepare(model, Xv, yv, "fit validation", loss)
+        if Xv.shape[0] == 0:
+            raise ValueError("fit: validation set has no samples")
+    gen = as_generator(rng)
+    history = {"loss": []}
+    if labels:
+        history["accuracy"] = []
+    if validation is not None:
+        history["val_loss"] = []
+        if vlabels:
+            history["val_accuracy"] = []
+    acc = _Accuracy()
+    bar = Progress(n, epochs, enabled=progress)
+    order = np.arange(n, dtype=_INTP)
+    xbufs, ybufs = {}, {}
+    for epoch in range(epochs):
+        if shuffle:
+            gen.shuffle(order)
+        bar.start_epoch(epoch)
+        total = 0.0
+        hits = 0 if labels else None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            m = stop - start
+            if shuffle:
+                idx = order[start:stop]
+                xb = xbufs.get(m)
+                if xb is None:
+                    xb = xbufs[m] = np.empty((m,) + X.shape[1:], X.dtype)
+                    ybufs[m] = np.empty((m,) + y.shape[1:], y.dtype)
+                yb = ybufs[m]
+                np.take(X, idx, axis=0, out=xb)
+                np.take(y, idx, axis=0, out=yb)
+            else:
+                xb = X[start:stop]
+                yb = y[start:stop]
+            optimizer.zero_grad()
+            out = model.forward(xb)
+            value = loss.forward(out, yb)
+            _backward(model, loss.backward())
+            optimizer.step()
+            total += value * m
+            if hits is not None:
+                h = acc.hits(out, yb)
+                hits = None if h is None else hits + h
+            bar.update(stop, total / stop, None if hits is None else hits / stop)
+        history["loss"].append(total / n)
+        if labels:
+            history["accuracy"].append(hits / n if hits is not None else float("nan"))
+        extra = ""
+        if validation is not None:
+            vl, va = _evaluate(model, loss, Xv, yv, vlabels, max(batch_size, 256), acc)
+            history["val_loss"].append(vl)
+            extra = f" val_loss {vl:.4f}"
+            if vlabels:
+                history["val_accuracy"].append(va if va is not None else float("nan"))
+                if va is not None:
+                    extra += f" val_acc {va:.4f}"
+        bar.end_epoch(n, total / n, None if hits is None else hits / n, extra)
+    return history
+
+
+def predict(model, X, batch_size=256):
+    """The model's outputs for every sample of ``X``, computed ``batch_size`` at a time.
+
+    Parameters
+    ----------
+    model : layer
+    X : array_like, (N, ...)
+        Converted to the model's dtype.
+    batch_size : int
+
+    Returns
+    -------
+    ndarray
+        (N, ...) outputs (a new array, not a layer buffer).
+    """
+    batch_size = check_int(batch_size, "batch_size", "predict", 1)
+    X = as_float_array(X, "X")
+    if X.ndim == 0:
+        raise ValueError("predict: X must have a sample dimension, got a scalar")
+    X = X.astype(_model_dtype(model, X), copy=False)
+    n = X.shape[0]
+    if n == 0:
+        return np.array(model.forward(X), copy=True)
+    result = None
+    for start in range(0, n, batch_size):
+        out = model.forward(X[start:start + batch_size])
+        if result is None:
+            result = np.empty((n,) + out.shape[1:], out.dtype)
+        result[start:start + out.shape[0]] = out
+    return result

@@ -1,0 +1,434 @@
+"""microtile.nn layers: gradients (finite differences, float64), torch parity, errors."""
+import warnings
+
+import numpy as np
+import pytest
+
+import microtile
+from microtile import nn
+
+F64 = np.float64
+FLOATS = (np.float32, np.float64)
+
+
+def rand(rng, *shape, dtype=F64, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def assert_within(actual, ref, bound, what=""):
+    """|actual - ref| <= bound element-wise (bound an array), with the worst element shown."""
+    err = np.abs(np.asarray(actual, F64) - ref)
+    bad = ~(err <= bound)
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err / np.maximum(bound, 1e-300), 0)),
+                             err.shape)
+        raise AssertionError(f"{what} differs at {i}: {actual[i]} vs {ref[i]} "
+                             f"(bound {np.broadcast_to(bound, err.shape)[i]})")
+
+
+def away_from_zero(rng, *shape, dtype=F64, gap=0.05):
+    """Values whose magnitude is at least ``gap``: finite differences never cross ReLU's kink."""
+    x = rng.standard_normal(shape)
+    x = np.where(np.abs(x) < gap, np.sign(x + 1e-12) * gap + x, x)
+    return x.astype(dtype)
+
+
+# --- gradients ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_f,out_f,batch", [(1, 1, 1), (7, 5, 3), (13, 2, 9)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gradcheck(in_f, out_f, batch, bias):
+    rng = np.random.default_rng(in_f * 100 + out_f)
+    layer = nn.Linear(in_f, out_f, bias=bias, dtype=F64, rng=rng)
+    assert nn.gradcheck(layer, rand(rng, batch, in_f))
+
+
+def test_linear_gradcheck_nd_input():
+    rng = np.random.default_rng(1)
+    layer = nn.Linear(4, 3, dtype=F64, rng=rng)
+    assert nn.gradcheck(layer, rand(rng, 2, 3, 4))
+    assert layer(rand(rng, 4)).shape == (3,)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh])
+def test_activation_gradcheck(act):
+    rng = np.random.default_rng(2)
+    assert nn.gradcheck(act(), away_from_zero(rng, 3, 7, 5))
+
+
+def test_flatten_gradcheck():
+    rng = np.random.default_rng(3)
+    assert nn.gradcheck(nn.Flatten(), rand(rng, 2, 3, 4, 5))
+    assert nn.Flatten(1, 2)(np.zeros((2, 3, 4, 5))).shape == (2, 12, 5)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh])
+def test_whole_mlp_gradcheck(act):
+    rng = np.random.default_rng(4)
+    model = nn.Sequential(nn.Linear(6, 9, dtype=F64, rng=rng), act(),
+                          nn.Linear(9, 8, dtype=F64, rng=rng), act(),
+                          nn.Linear(8, 4, dtype=F64, rng=rng))
+    assert nn.gradcheck(model, away_from_zero(rng, 5, 6))
+
+
+def test_whole_model_with_loss_gradcheck():
+    """Loss of a whole model with respect to the input: chain the two by hand."""
+    rng = np.random.default_rng(5)
+    model = nn.Sequential(nn.Linear(5, 8, dtype=F64, rng=rng), nn.Tanh(),
+                          nn.Linear(8, 3, dtype=F64, rng=rng))
+    loss = nn.CrossEntropyLoss()
+    labels = rng.integers(0, 3, 6)
+
+    def f(x):
+        value = loss.forward(model.forward(x), labels)
+        return value, lambda g: g * model.backward(loss.backward()).copy()
+    assert nn.gradcheck(f, rand(rng, 6, 5))
+
+
+def test_gradcheck_catches_a_wrong_gradient():
+    class Broken(nn.Linear):
+        def backward(self, dy, *, need_input_grad=True):
+            dx = super().backward(dy, need_input_grad=need_input_grad)
+            self.weight.grad[1, 2] += 1e-3
+            return dx
+    rng = np.random.default_rng(6)
+    layer = Broken(4, 3, dtype=F64, rng=rng)
+    with pytest.raises(AssertionError, match=r"parameter 'weight'.*index \(1, 2\)"):
+        nn.gradcheck(layer, rand(rng, 5, 4))
+
+    def wrong_input_grad(x):
+        return x * x, lambda dy: dy * x  # should be 2 * dy * x
+    with pytest.raises(AssertionError, match="input x"):
+        nn.gradcheck(wrong_input_grad, rand(rng, 3, 2))
+
+
+def test_gradcheck_leaves_input_and_grads_alone():
+    rng = np.random.default_rng(7)
+    layer = nn.Linear(3, 2, dtype=F64, rng=rng)
+    layer.weight.grad[...] = 5.0
+    x = rand(rng, 4, 3)
+    x0 = x.copy()
+    w0 = layer.weight.data.copy()
+    nn.gradcheck(layer, x)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(layer.weight.data, w0)
+    assert np.all(layer.weight.grad == 5.0)
+
+
+# --- fused and unfused paths agree -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh])
+def test_sequential_fusion_matches_separate_layers(dtype, act):
+    rng = np.random.default_rng(8)
+    lin = nn.Linear(65, 33, dtype=dtype, rng=1)
+    a = act()
+    seq = nn.Sequential(lin, a)
+    x = rand(rng, 17, 65, dtype=dtype)
+    dy = rand(rng, 17, 33, dtype=dtype)
+    y_fused = seq(x).copy()
+    seq.zero_grad()
+    dx_fused = seq.backward(dy).copy()
+    gw_fused, gb_fused = lin.weight.grad.copy(), lin.bias.grad.copy()
+
+    y_sep = a(lin(x)).copy()
+    lin.zero_grad()
+    dx_sep = lin.backward(a.backward(dy)).copy()
+    tol = 50 * np.finfo(dtype).eps
+    np.testing.assert_allclose(y_fused, y_sep, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx_fused, dx_sep, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lin.weight.grad, gw_fused, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lin.bias.grad, gb_fused, rtol=tol, atol=tol)
+
+
+# --- against NumPy in float64 ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("batch,in_f,out_f", [(1, 1, 1), (7, 63, 65), (64, 257, 10),
+                                              (300, 31, 129)])
+def test_linear_against_numpy(dtype, batch, in_f, out_f):
+    rng = np.random.default_rng(batch + in_f)
+    layer = nn.Linear(in_f, out_f, dtype=dtype, rng=rng)
+    x = rand(rng, batch, in_f, dtype=dtype)
+    dy = rand(rng, batch, out_f, dtype=dtype)
+    W = layer.weight.data.astype(F64)
+    b = layer.bias.data.astype(F64)
+    y = layer(x)
+    assert y.dtype == dtype
+    x64, dy64 = x.astype(F64), dy.astype(F64)
+    bound = 4 * (in_f + 2) * np.finfo(dtype).eps
+    assert_within(y, x64 @ W.T + b, bound * (np.abs(x64) @ np.abs(W.T) + np.abs(b)), "y")
+    layer.weight.grad[...] = 1.0  # backward accumulates
+    layer.bias.grad[...] = 1.0
+    dx = layer.backward(dy)
+    bb = 4 * (batch + 2) * np.finfo(dtype).eps
+    assert_within(layer.weight.grad, 1 + dy64.T @ x64, bb * (np.abs(dy64.T) @ np.abs(x64) + 1),
+                  "dW")
+    assert_within(layer.bias.grad, 1 + dy64.sum(0), bb * (np.abs(dy64).sum(0) + 1), "db")
+    assert_within(dx, dy64 @ W, 4 * (out_f + 2) * np.finfo(dtype).eps * (np.abs(dy64) @ np.abs(W)),
+                  "dx")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch,in_f,out_f,layout", [
+    (257, 129, 131, "c"), (300, 97, 150, "strided"), (65, 263, 257, "negative")])
+def test_linear_backward_large_side_by_side_gemms(dtype, threads, batch, in_f, out_f, layout):
+    """Big enough for dW and dX to run side by side on the thread team (and in turn at 1)."""
+    rng = np.random.default_rng(batch)
+    layer = nn.Linear(in_f, out_f, dtype=dtype, rng=rng)
+    base = rand(rng, 2 * batch, 2 * in_f, dtype=dtype)
+    x = {"c": base[:batch, :in_f].copy(), "strided": base[::2, ::2],
+         "negative": base[::-2, ::-2]}[layout]
+    dy = rand(rng, batch, out_f, dtype=dtype)
+    with microtile.config_context(threads=threads):
+        layer(x)
+        layer.weight.grad[...] = 0.5
+        dx = layer.backward(dy)
+    x64, dy64, W = x.astype(F64), dy.astype(F64), layer.weight.data.astype(F64)
+    e = np.finfo(dtype).eps
+    assert_within(layer.weight.grad, 0.5 + dy64.T @ x64,
+                  4 * (batch + 2) * e * (np.abs(dy64.T) @ np.abs(x64) + 0.5), "dW")
+    assert_within(dx, dy64 @ W, 4 * (out_f + 2) * e * (np.abs(dy64) @ np.abs(W)), "dx")
+    layer.zero_grad()
+    with microtile.config_context(threads=threads):
+        layer.backward(dy)  # the gradient is written, not added, after zero_grad
+    assert_within(layer.weight.grad, dy64.T @ x64,
+                  4 * (batch + 2) * e * (np.abs(dy64.T) @ np.abs(x64)), "dW after zero_grad")
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided", "negative", "readonly"])
+def test_linear_any_input_layout(layout):
+    rng = np.random.default_rng(9)
+    layer = nn.Linear(7, 5, dtype=F64, rng=rng)
+    base = rand(rng, 22, 14)
+    x = {"fortran": np.asfortranarray(base[:11, :7]), "strided": base[::2, ::2],
+         "negative": base[::-2, ::-2], "readonly": base[:11, :7].copy()}[layout]
+    if layout == "readonly":
+        x.setflags(write=False)
+    x0 = x.copy()
+    y = layer(x).copy()
+    np.testing.assert_allclose(y, x0 @ layer.weight.data.T + layer.bias.data, rtol=1e-12)
+    dy = rand(rng, *y.shape)
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.weight.grad, dy.T @ x0, rtol=1e-12)
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_activation_values_and_safety():
+    x = np.array([-1e30, -1000.0, -88.8, -1.0, -0.0, 0.0, 1.0, 88.8, 1000.0, 1e30, np.inf,
+                  -np.inf, np.nan])
+    for dtype in FLOATS:
+        xd = x.astype(dtype) if dtype is F64 else np.clip(x, -3e38, 3e38).astype(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with np.errstate(all="raise"):
+                s = nn.Sigmoid()(xd)
+                t = nn.Tanh()(xd)
+                r = nn.ReLU()(xd)
+        x64 = xd.astype(F64)
+        with np.errstate(over="ignore"):
+            ref = 1 / (1 + np.exp(-x64))
+        np.testing.assert_allclose(s, ref, rtol=4 * np.finfo(dtype).eps, atol=1e-300)
+        np.testing.assert_allclose(t, np.tanh(x64), rtol=4 * np.finfo(dtype).eps)
+        np.testing.assert_array_equal(r[:-1], np.maximum(x64[:-1], 0))
+        assert np.isnan(s[-1]) and np.isnan(t[-1]) and np.isnan(r[-1])
+        assert np.all((s[:-1] >= 0) & (s[:-1] <= 1))
+
+
+@pytest.mark.parametrize("act,deriv", [
+    (nn.ReLU, lambda x: (x > 0).astype(F64)),
+    (nn.Sigmoid, lambda x: np.exp(-x) / (1 + np.exp(-x)) ** 2),
+    (nn.Tanh, lambda x: 1 / np.cosh(x) ** 2)])
+def test_activation_backward_against_numpy(act, deriv):
+    rng = np.random.default_rng(10)
+    x = rand(rng, 257, 65, scale=3)  # large enough for the threaded path
+    dy = rand(rng, 257, 65)
+    layer = act()
+    layer(x)
+    np.testing.assert_allclose(layer.backward(dy), dy * deriv(x), rtol=1e-12, atol=1e-14)
+
+
+def test_activation_on_non_contiguous_input():
+    rng = np.random.default_rng(11)
+    x = rand(rng, 9, 8)[::-2, 1::3]
+    np.testing.assert_array_equal(nn.ReLU()(x), np.maximum(x, 0))
+
+
+# --- initialisation ----------------------------------------------------------------------
+
+def test_default_init_bounds_and_rng():
+    layer = nn.Linear(400, 300, rng=0)
+    bound = 1 / np.sqrt(400)
+    w = layer.weight.data
+    assert w.shape == (300, 400) and w.dtype == np.float32
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+    assert abs(w.std() - bound / np.sqrt(3)) < 0.01 * bound
+    assert np.abs(layer.bias.data).max() <= bound
+    same = nn.Linear(400, 300, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(same.weight.data, w)
+    other = nn.Linear(400, 300, rng=1)
+    assert not np.array_equal(other.weight.data, w)
+    assert nn.Linear(3, 2, dtype=np.float64).weight.dtype == np.float64
+
+
+def test_init_matches_torch_distribution():
+    torch = pytest.importorskip("torch")
+    t = torch.nn.Linear(300, 200)
+    m = nn.Linear(300, 200, rng=0)
+    tw = t.weight.detach().numpy()
+    assert abs(np.abs(tw).max() - np.abs(m.weight.data).max()) < 1e-3
+    assert abs(tw.std() - m.weight.data.std()) < 2e-3
+    tb = t.bias.detach().numpy()
+    assert abs(np.abs(tb).max() - np.abs(m.bias.data).max()) < 5e-3
+
+
+# --- against torch -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_mlp_forward_backward_against_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    sizes = [37, 64, 33, 10]
+    acts = [nn.ReLU, nn.Tanh]
+    layers, tlayers = [], []
+    for i in range(3):
+        lin = nn.Linear(sizes[i], sizes[i + 1], dtype=dtype, rng=rng)
+        tl = torch.nn.Linear(sizes[i], sizes[i + 1], dtype=getattr(torch, np.dtype(dtype).name))
+        with torch.no_grad():
+            tl.weight.copy_(torch.from_numpy(lin.weight.data))
+            tl.bias.copy_(torch.from_numpy(lin.bias.data))
+        layers.append(lin)
+        tlayers.append(tl)
+        if i < 2:
+            layers.append(acts[i]())
+            tlayers.append(torch.nn.ReLU() if i == 0 else torch.nn.Tanh())
+    model = nn.Sequential(*layers)
+    tmodel = torch.nn.Sequential(*tlayers)
+    x = rand(rng, 29, 37, dtype=dtype)
+    labels = rng.integers(0, 10, 29)
+    loss = nn.CrossEntropyLoss()
+    value = loss.forward(model(x), labels)
+    model.backward(loss.backward())
+    tx = torch.from_numpy(x).requires_grad_()
+    tloss = torch.nn.functional.cross_entropy(tmodel(tx), torch.from_numpy(labels))
+    tloss.backward()
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(value, tloss.item(), rtol=rtol)
+    for (name, p), tp in zip(model.named_parameters(), tmodel.parameters()):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=rtol,
+                                   atol=rtol * np.abs(tp.grad.numpy()).max(), err_msg=name)
+    dx = model.backward(loss.backward())  # accumulates again; dx unaffected
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=rtol,
+                               atol=rtol * np.abs(tx.grad.numpy()).max())
+
+
+# --- buffers -----------------------------------------------------------------------------
+
+def test_buffers_are_reused_between_steps():
+    rng = np.random.default_rng(13)
+    model = nn.Sequential(nn.Linear(8, 16, rng=0), nn.ReLU(), nn.Linear(16, 4, rng=1))
+    loss = nn.CrossEntropyLoss()
+    x = rand(rng, 10, 8, dtype=np.float32)
+    labels = rng.integers(0, 4, 10)
+    ids = None
+    for _ in range(3):
+        out = model(x)
+        loss.forward(out, labels)
+        g = loss.backward()
+        dx = model.backward(g)
+        now = (out.ctypes.data, g.ctypes.data, dx.ctypes.data)
+        assert ids is None or now == ids
+        ids = now
+
+
+# --- errors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(3, 2), nn.ReLU, nn.Sigmoid, nn.Tanh,
+                                  nn.Flatten, lambda: nn.Sequential(nn.Linear(3, 2))])
+def test_backward_before_forward(make):
+    with pytest.raises(RuntimeError, match="before forward"):
+        make().backward(np.zeros((1, 2), np.float32))
+
+
+def test_shape_mismatch_names_the_layer():
+    model = nn.Sequential(nn.Linear(8, 16, rng=0), nn.ReLU(), nn.Linear(15, 4, rng=1))
+    with pytest.raises(ValueError, match=r"layer 2 \(Linear\(in_features=15.*\(5, 16\)"):
+        model(np.zeros((5, 8), np.float32))
+    with pytest.raises(ValueError, match=r"Linear\(in_features=8.*\(5, 7\)"):
+        nn.Linear(8, 3)(np.zeros((5, 7), np.float32))
+    lin = nn.Linear(8, 3)
+    lin(np.zeros((5, 8), np.float32))
+    with pytest.raises(ValueError, match=r"gradient has shape \(5, 4\)"):
+        lin.backward(np.zeros((5, 4), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.float16, np.complex64, object])
+def test_bad_input_dtype(dtype):
+    with pytest.raises(TypeError, match="dtype"):
+        nn.Linear(3, 2)(np.zeros((2, 3), dtype=dtype))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(TypeError):
+        nn.Linear(3, 2, dtype=np.int32)
+    with pytest.raises(TypeError):
+        nn.Linear(3.5, 2)
+    with pytest.raises(ValueError):
+        nn.Linear(-1, 2)
+    with pytest.raises(TypeError):
+        nn.Sequential(nn.Linear(3, 2), "relu")
+
+
+def test_float64_input_to_float32_model_and_back():
+    layer = nn.Linear(3, 2, rng=0)
+    y = layer(np.ones((4, 3)))
+    assert y.dtype == np.float32
+    assert layer.backward(np.ones((4, 2))).dtype == np.float32
+
+
+def test_zero_size_batch():
+    model = nn.Sequential(nn.Linear(3, 4, rng=0), nn.ReLU(), nn.Linear(4, 2, rng=1))
+    y = model(np.zeros((0, 3), np.float32))
+    assert y.shape == (0, 2)
+    dx = model.backward(np.zeros((0, 2), np.float32))
+    assert dx.shape == (0, 3)
+    assert np.all(model[0].weight.grad == 0) and np.all(model[0].bias.grad == 0)
+
+
+def test_nn_is_a_subpackage():
+    assert microtile.nn is nn
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdaGrad", "RMSprop"])
+def test_training_step_allocates_no_arrays(opt_name):
+    """Once shapes are known a step reuses every buffer: the traced peak stays far below the
+    size of a single activation (128 x 256 float32 = 128 KiB)."""
+    import tracemalloc
+    rng = np.random.default_rng(14)
+    model = nn.Sequential(nn.Linear(300, 256, rng=0), nn.ReLU(), nn.Linear(256, 128, rng=1),
+                          nn.Sigmoid(), nn.Linear(128, 10, rng=2))
+    x = rand(rng, 128, 300, dtype=np.float32)
+    labels = rng.integers(0, 10, 128)
+    loss = nn.CrossEntropyLoss()
+    kw = dict(lr=0.01, momentum=0.9) if opt_name == "SGD" else {}
+    opt = getattr(nn, opt_name)(model.parameters(), **kw)
+
+    def step():
+        opt.zero_grad()
+        out = model.forward(x)
+        loss.forward(out, labels)
+        model.backward(loss.backward(), need_input_grad=False)
+        opt.step()
+    step()
+    step()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for _ in range(3):
+            step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - base < 16 * 1024
