@@ -1,5 +1,3 @@
-# distutils: extra_compile_args = -fno-math-errno
-# (sqrt that need not set errno is what lets GCC/Clang vectorise the update loops: 4x on Adam.)
 """In-place optimizer updates (SGD, Adam, AdaGrad, RMSprop) as nogil loops.
 
 Each update follows torch.optim's single-tensor code operation by operation (the same
