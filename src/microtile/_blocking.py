@@ -15,6 +15,7 @@ FALLBACK = {
     3: {"size": 2 * 1024 * 1024, "ways": 16, "line": 64},
 }
 NC_MAX = 4096
+MC_MAX = 4096
 KC_MIN, KC_MAX = 64, 1024
 
 
@@ -25,7 +26,9 @@ def _geometry(caches, level):
     size = found.get("size") or fb["size"]
     ways = found.get("ways") or fb["ways"]
     line = found.get("line") or fb["line"]
-    sets = found.get("sets") or max(1, size // (ways * line))
+    # The size wins over a reported set count: a tuner may substitute a measured size, and
+    # the model must then see that size's sets.
+    sets = max(1, size // (ways * line))
     sharing = found.get("shared_cpus") or 1
     return size, ways, line, sets, sharing
 
@@ -42,7 +45,7 @@ def analytical_blocking(caches, mr, nr, itemsize, cores=1):
     ways_b2 = math.ceil(nr * kc * itemsize / (n2 * l2))
     ways_a2 = max(1, w2 - 1 - ways_b2)
     mc = ways_a2 * n2 * l2 // (kc * itemsize)
-    mc = int(max(mr, mc // mr * mr))
+    mc = int(max(mr, min(MC_MAX, mc) // mr * mr))
 
     s3, w3, l3, n3, share3 = _geometry(caches, 3)
     ways_a3 = math.ceil(mc * kc * itemsize / (n3 * l3))
