@@ -1,0 +1,447 @@
+"""What to choose: the blocking and threading parameters of one dtype, by measurement.
+
+Order of the steps, each fixing what the next one builds on:
+
+1. mc, kc — single-threaded (they size per-core caches), local search from the analytical
+   model's values on a 1024^3 GEMM: race the centre against its neighbours (each of mc and
+   kc up and down by a factor, and both together the way that keeps the block's footprint),
+   move to a winner that beats the centre by more than the noise, shrink the factor when
+   the centre holds.
+2. nc — a few values around the model's, on a wide GEMM whose n spans several of them.
+3. split (ic vs jc) — with the tuned threads, over square, tall, wide and skinny shapes.
+4. thread_mnk — the size below which one thread beats them all.
+5. nopack_mnk and nopack_a_panels — where reading operands in place beats packing them.
+
+The incumbent (the model's value, or the library's default) keeps its place unless a
+challenger beats it by a margin, so noise cannot talk the tuner into a change.
+"""
+import math
+import time
+
+import numpy as np
+
+from autotune import measure
+from microtile import _blocking
+
+OBJECTIVE_N = 1024
+MOVE_MARGIN = 1.01       # a neighbour must beat the centre by 1 % to move the search
+KEEP_MARGIN = 1.02       # a challenger must beat the default by 2 % to replace it
+KC_STEP = 8
+# Below this parallel efficiency the cores are taken by someone else, and thread-count
+# decisions are not made (the defaults stay).
+BUSY_EFFICIENCY = 0.7
+
+SETTINGS = {
+    True: {   # --quick
+        "factors": (1.5, 1.22), "max_moves": 2, "rounds": 3, "top": 3, "extra": 2,
+        "nc_count": 3, "sweep_rounds": 5,
+        "budget": {"blocking": 8.0, "nc": 2.0, "split": 2.0, "threads": 2.0,
+                   "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0},
+    },
+    False: {  # full run
+        "factors": (1.5, 1.25, 1.1), "max_moves": 4, "rounds": 5, "top": 3, "extra": 3,
+        "nc_count": 5, "sweep_rounds": 9,
+        "budget": {"blocking": 100.0, "nc": 20.0, "split": 15.0, "threads": 12.0,
+                   "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0},
+    },
+}
+
+
+class Tuning:
+    """What one dtype's search needs: kernel shape, threads, settings, clock, progress."""
+
+    def __init__(self, dtype, mr, nr, threads, *, quick, say=None, hard_deadline=None,
+                 seed=0, cores_free=None):
+        self.dtype = dtype
+        self.mr, self.nr = mr, nr
+        self.threads = threads
+        self.quick = quick
+        self.s = SETTINGS[bool(quick)]
+        self.say = say or (lambda msg: None)
+        self.hard_deadline = hard_deadline
+        self.seed = seed
+        # cores_free() -> parallel efficiency now (None: assume the cores are free).
+        self.cores_free = cores_free
+        self.evidence = {}
+
+    def deadline(self, phase):
+        d = time.perf_counter() + self.s["budget"][phase]
+        return d if self.hard_deadline is None else min(d, self.hard_deadline)
+
+    def out_of_time(self):
+        return self.hard_deadline is not None and time.perf_counter() > self.hard_deadline
+
+    def problem(self, m, n, k, seed=None):
+        return measure.Problem(m, n, k, self.dtype, seed=self.seed if seed is None else seed)
+
+    def race(self, problem, candidates, deadline, base=None, min_seconds=0.0, **kw):
+        """Race overrides dicts on one problem; ``base`` overrides are added to each."""
+        base = dict(base or {})
+        opts = {"rounds": self.s["rounds"], "top": self.s["top"],
+                "extra_rounds": self.s["extra"], "deadline": deadline, "seed": self.seed}
+        opts.update(kw)
+        return measure.race(
+            candidates,
+            lambda c: measure.gflops(problem, {**base, **c}, min_seconds),
+            lambda c: measure.check(problem, {**base, **c}),
+            **opts)
+
+
+def snap(value, step, lo, hi):
+    """``value`` rounded to a multiple of ``step`` within [lo, hi]."""
+    v = int(round(value / step)) * step
+    return int(min(hi, max(lo, v)))
+
+
+def legal_block(mc, kc, mr):
+    return {"mc": snap(mc, mr, mr, _blocking.MC_MAX),
+            "kc": snap(kc, KC_STEP, 2 * KC_STEP, 2048)}
+
+
+def neighbours(centre, factor, mr):
+    """mc and kc each up and down by ``factor``, and both at once along mc*kc constant."""
+    mc, kc = centre["mc"], centre["kc"]
+    pts = [(mc * factor, kc), (mc / factor, kc), (mc, kc * factor), (mc, kc / factor),
+           (mc * factor, kc / factor), (mc / factor, kc * factor)]
+    out, seen = [], {measure.key(centre)}
+    for m, k in pts:
+        c = legal_block(m, k, mr)
+        if measure.key(c) not in seen:
+            seen.add(measure.key(c))
+            out.append(c)
+    return out
+
+
+def _fmt(c):
+    return " ".join(f"{k}={v}" for k, v in c.items())
+
+
+def search_blocking(t, seeds, nc):
+    """Local search over (mc, kc), single-threaded, from ``seeds`` (model values first)."""
+    deadline = t.deadline("blocking")
+    prob = t.problem(OBJECTIVE_N, OBJECTIVE_N, OBJECTIVE_N)
+    base = {"threads": 1, "nc": nc}
+    seeds = [legal_block(s["mc"], s["kc"], t.mr) for s in seeds]
+    uniq = []
+    for s in seeds:
+        if s not in uniq:
+            uniq.append(s)
+    centre = uniq[0]
+    visited = set()
+    races = []
+    first = True
+    for factor in t.s["factors"]:
+        moves = 0
+        while moves <= t.s["max_moves"]:
+            cands = [centre] + [c for c in neighbours(centre, factor, t.mr)
+                                if measure.key(c) not in visited]
+            if first:
+                cands += [s for s in uniq[1:] if s not in cands]
+                first = False
+            if len(cands) == 1:
+                break
+            res = t.race(prob, cands, deadline, base=base)
+            visited.update(measure.key(c) for c in cands)
+            races.append({"factor": factor, "results": res.summary()})
+            w = res.winner
+            if w is None:
+                raise RuntimeError(f"{t.dtype}: no blocking candidate computed a correct result")
+            t.say(f"{t.dtype} blocking x{factor:g}: best {_fmt(w)} "
+                  f"{res.median(w):.1f} GFLOP/s (centre {_fmt(centre)} "
+                  f"{res.median(centre):.1f}), {len(cands)} candidates")
+            if w == centre or res.median(w) < res.median(centre) * MOVE_MARGIN:
+                break
+            centre = w
+            moves += 1
+            if time.perf_counter() > deadline:
+                break
+        if time.perf_counter() > deadline:
+            t.say(f"{t.dtype} blocking: time budget spent, stopping the search")
+            break
+    # The final word: the chosen point against every seed, fresh and interleaved; the
+    # model's point stays unless the winner beats it by more than the noise.
+    finals = [centre] + [s for s in uniq if s != centre]
+    verdict = None
+    if len(finals) > 1:
+        verdict = t.race(prob, finals, None, base=base, rounds=max(3, t.s["rounds"]),
+                         extra_rounds=0, prune=0.0)
+        w = verdict.winner
+        if w is not None:
+            centre = w
+            if w != uniq[0] and verdict.median(w) < verdict.median(uniq[0]) * MOVE_MARGIN:
+                centre = uniq[0]
+    t.evidence["blocking"] = {
+        "problem": [prob.m, prob.n, prob.k], "threads": 1, "nc": nc, "races": races,
+        "final": verdict.summary() if verdict else None, "chosen": centre}
+    return centre
+
+
+def search_nc(t, block, nc_seed):
+    """nc among a few values around the model's, single-threaded on a wide GEMM."""
+    deadline = t.deadline("nc")
+    top = _blocking.NC_MAX
+    vals = {snap(nc_seed, t.nr, t.nr, top)}
+    for f in (0.5, 0.25, 2.0, 0.75, 1.5)[: t.s["nc_count"] - 1]:
+        vals.add(snap(nc_seed * f, t.nr, t.nr, top))
+    cands = [{"nc": v} for v in sorted(vals)]
+    m = snap(max(4 * block["mc"], 512), t.mr, t.mr, 4096)
+    n = snap(1.25 * max(vals), t.nr, t.nr, 1 << 14)
+    k = 2 * block["kc"]
+    prob = t.problem(m, n, k)
+    res = t.race(prob, cands, deadline, base={"threads": 1, **block})
+    seed_c = {"nc": snap(nc_seed, t.nr, t.nr, top)}
+    w = res.winner
+    chosen = seed_c if res.median(w) < res.median(seed_c) * KEEP_MARGIN else w
+    t.say(f"{t.dtype} nc: {chosen['nc']} ({res.median(chosen):.1f} GFLOP/s on {prob}; "
+          f"model {seed_c['nc']} {res.median(seed_c):.1f})")
+    t.evidence["nc"] = {"problem": [m, n, k], "results": res.summary(), "chosen": chosen["nc"]}
+    return chosen["nc"]
+
+
+def split_shapes(n):
+    """Square, tall, wide and skinny (convolution-like) shapes for the split race."""
+    return [(n, n, n), (4 * n, n // 4, n // 2), (n // 4, 4 * n, n // 2), (3136, 64, 576)]
+
+
+def search_split(t, block):
+    """ic vs jc (vs the driver's own choice) with the tuned thread count."""
+    deadline = t.deadline("split")
+    size = 1024 if t.dtype == "float32" else 768
+    probs = [t.problem(*s, seed=t.seed + i) for i, s in enumerate(split_shapes(size))]
+    base = {"threads": t.threads, "thread_mnk": 0, **block}
+    cands = [{"split": "auto"}, {"split": "ic"}, {"split": "jc"}]
+
+    def sample(c):  # geometric mean over the shapes
+        logs = [math.log(measure.gflops(p, {**base, **c})) for p in probs]
+        return math.exp(sum(logs) / len(logs))
+
+    def check(c):
+        return max(measure.check(p, {**base, **c}) for p in probs)
+
+    res = measure.race(cands, sample, check, rounds=t.s["rounds"], top=3,
+                       extra_rounds=t.s["extra"], deadline=deadline, seed=t.seed)
+    w = res.winner
+    auto = cands[0]
+    chosen = auto if res.median(w) < res.median(auto) * KEEP_MARGIN else w
+    t.say(f"{t.dtype} split on {t.threads} threads: {chosen['split']} ("
+          + ", ".join(f"{c['split']} {res.median(c):.1f}" for c in cands) + " GFLOP/s)")
+    t.evidence.setdefault("split", {})[str(t.threads)] = {
+        "shapes": [list(s) for s in split_shapes(size)], "results": res.summary(),
+        "chosen": chosen["split"]}
+    return chosen["split"]
+
+
+def best_cut(ratios, favour_low):
+    """Index i of the best threshold for a per-size speed ratio of option X over option Y.
+
+    ``favour_low``: X is used at sizes 0..i-1 (i = 0: never), and i maximises the summed
+    log-ratio over those sizes.  Otherwise X is used at sizes i..end (i = len: never).  A
+    sum rather than a first crossing, so one noisy point cannot move the threshold far.
+    """
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    if favour_low:
+        gains = [sum(logs[:i]) for i in range(n + 1)]
+    else:
+        gains = [sum(logs[i:]) for i in range(n + 1)]
+    return max(range(n + 1), key=lambda i: (round(gains[i], 6), -abs(i - n / 2)))
+
+
+def sweep(t, problems, configs, base, rounds, min_seconds):
+    """Per problem, the median GFLOP/s of each config (dict name -> overrides), measured
+    in interleaved rounds; every config's output is checked first."""
+    for p in problems:
+        for name, cfg in configs.items():
+            err = measure.check(p, {**base, **cfg})
+            if err > 1.0:
+                raise RuntimeError(f"{t.dtype} {name} on {p}: wrong result "
+                                   f"(error {err:.3g} x the bound)")
+    samples = {(i, name): [] for i in range(len(problems)) for name in configs}
+    rng = np.random.default_rng(t.seed)
+    for _ in range(rounds):
+        for i in rng.permutation(len(problems)):
+            names = list(configs)
+            rng.shuffle(names)
+            for name in names:
+                samples[(int(i), name)].append(
+                    measure.gflops(problems[int(i)], {**base, **configs[name]}, min_seconds))
+    return [{name: float(np.median(samples[(i, name)])) for name in configs}
+            for i in range(len(problems))]
+
+
+def _mid(a, b):
+    return int(math.sqrt(a * b))
+
+
+def search_thread_mnk(t, block, split):
+    """The m*n*k below which one thread is faster than ``t.threads``."""
+    sizes = [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    probs = [t.problem(s, s, s) for s in sizes]
+    med = sweep(t, probs, {"one": {"threads": 1}, "all": {"threads": t.threads, "thread_mnk": 0}},
+                {**block, "split": split}, t.s["sweep_rounds"], 0.004)
+    ratios = [m["all"] / m["one"] for m in med]
+    i = best_cut(ratios, favour_low=False)
+    mnk = [s ** 3 for s in sizes]
+    if i == 0:
+        value = mnk[0]
+    elif i == len(sizes):
+        value = mnk[-1] * 2
+    else:
+        value = _mid(mnk[i - 1], mnk[i])
+    t.say(f"{t.dtype} threads pay from about {round(value ** (1 / 3))}^3 ("
+          + " ".join(f"{s}:{r:.2f}" for s, r in zip(sizes, ratios)) + " speed-up)")
+    t.evidence["thread_mnk"] = {"sizes": sizes, "speedup": [round(r, 3) for r in ratios],
+                                "threads": t.threads, "chosen": value}
+    return value
+
+
+def search_nopack(t, block, default):
+    """The m*n*k at or below which reading A and B in place beats packing them."""
+    sizes = [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    probs = [t.problem(s, s, s) for s in sizes]
+    med = sweep(t, probs, {"inplace": {"nopack_mnk": 1 << 40}, "packed": {"nopack_mnk": 0}},
+                {"threads": 1, **block}, t.s["sweep_rounds"], 0.003)
+    ratios = [m["inplace"] / m["packed"] for m in med]
+    mnk = [s ** 3 for s in sizes]
+    matters = max(abs(math.log(r)) for r in ratios) > math.log(1.03)
+    i = best_cut(ratios, favour_low=True)
+    if not matters:
+        value = default
+    elif i == 0:
+        value = 0
+    elif i == len(sizes):
+        value = mnk[-1]
+    else:
+        value = _mid(mnk[i - 1], mnk[i])
+    t.say(f"{t.dtype} no-pack path up to about {round(value ** (1 / 3))}^3 ("
+          + " ".join(f"{s}:{r:.2f}" for s, r in zip(sizes, ratios)) + " in-place/packed)"
+          + ("" if matters else "; under 3 % either way, default kept"))
+    t.evidence["nopack_mnk"] = {"sizes": sizes, "ratio": [round(r, 3) for r in ratios],
+                                "matters": matters, "chosen": value}
+    return value
+
+
+def search_nopack_a(t, block, default):
+    """How many nr-wide column panels of B (at most) make reading A in place pay."""
+    panels = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    mk = 512
+    probs = [t.problem(mk, p * t.nr, mk) for p in panels]
+    med = sweep(t, probs, {"inplace": {"nopack_a_panels": 1 << 10},
+                           "packed": {"nopack_a_panels": 0}},
+                {"threads": 1, "nopack_mnk": 0, **block}, t.s["sweep_rounds"], 0.003)
+    ratios = [m["inplace"] / m["packed"] for m in med]
+    matters = max(abs(math.log(r)) for r in ratios) > math.log(1.03)
+    i = best_cut(ratios, favour_low=True)
+    value = (panels[i - 1] if i else 0) if matters else default
+    t.say(f"{t.dtype} A read in place up to {value} column panel(s) ("
+          + " ".join(f"{p}:{r:.2f}" for p, r in zip(panels, ratios)) + " in-place/packed)"
+          + ("" if matters else "; under 3 % either way, default kept"))
+    t.evidence["nopack_a_panels"] = {"m": mk, "k": mk, "panels": panels,
+                                     "ratio": [round(r, 3) for r in ratios],
+                                     "matters": matters, "chosen": value}
+    return value
+
+
+def tune_dtype(t, model, defaults):
+    """Run every step for one dtype; returns the chosen overrides (a ``config_context``
+    dict for ``t.dtype``) and fills ``t.evidence``."""
+    seeds = [model, defaults]
+    chosen = {}
+    block = search_blocking(t, seeds, model["nc"])
+    chosen.update(block)
+    chosen["nc"] = model["nc"]
+    steps = [
+        ("nc", lambda: search_nc(t, block, model["nc"])),
+        ("split", lambda: search_split(t, {**block, "nc": chosen["nc"]})
+         if t.threads > 1 else defaults["split"]),
+        ("thread_mnk", lambda: search_thread_mnk(t, {**block, "nc": chosen["nc"]},
+                                                 chosen.get("split", "auto"))
+         if t.threads > 1 else defaults["thread_mnk"]),
+        ("nopack_mnk", lambda: search_nopack(t, {**block, "nc": chosen["nc"]},
+                                             defaults["nopack_mnk"])),
+        ("nopack_a_panels", lambda: search_nopack_a(t, {**block, "nc": chosen["nc"]},
+                                                    defaults["nopack_a_panels"])),
+    ]
+    skipped = []
+    for name, step in steps:
+        if t.out_of_time():
+            skipped.append(name)
+            chosen[name] = defaults[name] if name != "nc" else model["nc"]
+            continue
+        if name in ("split", "thread_mnk") and t.threads > 1 and t.cores_free is not None:
+            eff = t.cores_free()
+            t.evidence.setdefault("parallel_efficiency", {})[name] = round(eff, 3)
+            if eff < BUSY_EFFICIENCY:
+                t.say(f"{t.dtype} {name}: {t.threads} threads get only {eff:.0%} of "
+                      f"{t.threads} cores (other processes are running); keeping the default")
+                t.evidence.setdefault("busy", []).append(name)
+                chosen[name] = defaults[name]
+                continue
+        chosen[name] = step()
+    if skipped:
+        t.say(f"{t.dtype}: out of time, kept defaults for " + ", ".join(skipped))
+        t.evidence["skipped"] = skipped
+    if isinstance(chosen.get("split"), int):
+        chosen["split"] = {0: "auto", 1: "ic", 2: "jc"}[chosen["split"]]
+    return chosen
+
+
+def conv_reference(x, w, padding):
+    """float64 NCHW convolution (stride 1, no dilation) and the same of |x|, |w|."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    x64 = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    w64 = w.astype(np.float64)
+    r, s = w.shape[2], w.shape[3]
+    win = sliding_window_view(x64, (r, s), axis=(2, 3))       # N, C, P, Q, R, S
+    ref = np.einsum("ncpqrs,kcrs->nkpq", win, w64, optimize=True)
+    bound = np.einsum("ncpqrs,kcrs->nkpq", np.abs(win), np.abs(w64), optimize=True)
+    return ref, bound
+
+
+def search_conv_workspace(t, conv, default, shape=(8, 64, 28, 28, 128, 3)):
+    """The im2col workspace (bytes per thread) that makes ``conv(x, w, padding=p)`` fastest;
+    float32, with the tuned threads.  ``conv`` is ``microtile.conv2d``."""
+    deadline = t.deadline("conv")
+    n, c, h, wd, k, r = shape
+    rng = np.random.default_rng(t.seed)
+    x = rng.uniform(-1, 1, (n, c, h, wd)).astype(np.float32)
+    w = rng.uniform(-1, 1, (k, c, r, r)).astype(np.float32)
+    pad = r // 2
+    ref, bound = conv_reference(x, w, pad)
+    bound = (c * r * r + 2) * float(np.finfo(np.float32).eps) * bound + 1e-30
+    flops = 2.0 * ref.size * c * r * r
+    sizes = [1 << 20, 8 << 20, 64 << 20] if t.quick else [256 << 10, 1 << 20, 4 << 20,
+                                                          16 << 20, 64 << 20]
+    if default not in sizes:
+        sizes.append(default)
+    cands = [{"conv_workspace": v} for v in sorted(sizes)]
+    base = {"threads": t.threads}
+
+    def check(cand):
+        import microtile
+        with microtile.config_context(**base, **cand):
+            y = conv(x, w, padding=pad)
+        y = np.asarray(y, dtype=np.float64)
+        if y.shape != ref.shape or not np.isfinite(y).all():
+            return math.inf
+        return float(np.max(np.abs(y - ref) / bound))
+
+    def sample(cand):
+        import microtile
+        with microtile.config_context(**base, **cand):
+            sec = measure.timed(lambda: conv(x, w, padding=pad), 0.02)
+        return flops / sec / 1e9
+
+    res = measure.race(cands, sample, check, rounds=t.s["rounds"], top=3,
+                       extra_rounds=t.s["extra"], deadline=deadline, seed=t.seed)
+    w_ = res.winner
+    if w_ is None:
+        raise RuntimeError("conv2d: no workspace size gave a correct result")
+    inc = {"conv_workspace": default}
+    chosen = inc if res.median(w_) < res.median(inc) * KEEP_MARGIN else w_
+    t.say(f"conv2d workspace: {chosen['conv_workspace'] >> 10} KiB per thread ("
+          + ", ".join(f"{cd['conv_workspace'] >> 10} KiB {res.median(cd):.1f}" for cd in cands)
+          + " GFLOP/s)")
+    t.evidence["conv_workspace"] = {"shape": list(shape), "results": res.summary(),
+                                    "chosen": chosen["conv_workspace"]}
+    return chosen["conv_workspace"]
