@@ -4,7 +4,8 @@ is enough for high-performance BLIS", ACM TOMS 2016), from cache geometry alone.
 kc: an mr x kc micro-panel of A and an nr x kc micro-panel of B share L1, B's panel in whole
 ways so it survives the stream of A's panels; mc: the mc x kc block of A fills the L2 ways
 left after B's micro-panel; nc: the kc x nc block of B fills the L3 ways left after A's block,
-divided among the cores that share the L3 (each thread packs its own B here).
+divided among the cores that share the L3 (each thread packs its own B here).  Without an
+L3, nc is bounded only by NC_MAX.
 """
 import math
 
@@ -47,6 +48,11 @@ def analytical_blocking(caches, mr, nr, itemsize, cores=1):
     mc = ways_a2 * n2 * l2 // (kc * itemsize)
     mc = int(max(mr, min(MC_MAX, mc) // mr * mr))
 
+    levels = {c.get("level") for c in caches if c.get("size")}
+    if 2 in levels and 3 not in levels:
+        # The L2 is the last level (many Arm cores): B's block streams from memory and is
+        # reused from L1 a micro-panel at a time, so nothing bounds nc but the buffer.
+        return {"mc": mc, "kc": kc, "nc": NC_MAX // nr * nr}
     s3, w3, l3, n3, share3 = _geometry(caches, 3)
     ways_a3 = math.ceil(mc * kc * itemsize / (n3 * l3))
     ways_b3 = max(1, w3 - 1 - ways_a3)
