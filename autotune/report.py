@@ -121,7 +121,7 @@ def params_table(doc):
     return "\n".join(lines)
 
 
-def gflops_table(rows):
+def gflops_table(rows, conditions=None):
     lines = [f"{'dtype':9}{'m x n x k':>18}{'threads':>9}{'microtile':>11}{'NumPy':>9}"
              f"{'ratio':>7}{'of peak':>9}"]
     for r in rows:
@@ -132,6 +132,10 @@ def gflops_table(rows):
                      f"{r['microtile_gflops']:>11.1f}{r['numpy_gflops']:>9.1f}{ratio:>7.2f}"
                      f"{pk:>9}")
     lines.append("GFLOP/s, medians of alternating blocks; NumPy held to the same threads.")
+    effs = [v for v in (conditions or {}).values() if isinstance(v, (int, float))]
+    if effs and min(effs) < 0.75:
+        lines.append(f"Other processes were using the CPUs while this was measured (threads "
+                     f"ran at {min(effs):.0%} efficiency): multi-thread figures are low.")
     return "\n".join(lines)
 
 
@@ -153,6 +157,11 @@ def summary(doc, path):
     parts = ["\n".join(head), params_table(doc)]
     rows = doc.get("measured", {}).get("reference", [])
     if rows:
-        parts.append(gflops_table(rows))
+        parts.append(gflops_table(rows, doc.get("measured", {}).get("reference_conditions")))
+    busy = sorted({f"{dt} {name}" for dt, ev in doc.get("measured", {}).get("search", {}).items()
+                   if isinstance(ev, dict) for name in ev.get("busy", [])})
+    if busy:
+        parts.append("Kept at their defaults because other processes held the CPUs while "
+                     "they were measured: " + ", ".join(busy) + ". Re-run on a quiet machine.")
     parts.append(f"profile: {path}")
     return "\n\n".join(parts)

@@ -30,17 +30,18 @@ KC_STEP = 8
 # Below this parallel efficiency the cores are taken by someone else, and thread-count
 # decisions are not made (the defaults stay).
 BUSY_EFFICIENCY = 0.7
+CONTAMINATED_SPEEDUP = 0.9
 
 SETTINGS = {
     True: {   # --quick
         "factors": (1.5, 1.22), "max_moves": 2, "rounds": 3, "top": 3, "extra": 2,
-        "nc_count": 3, "sweep_rounds": 5,
+        "finalists": 2, "final_rounds": 4, "nc_count": 3, "sweep_rounds": 5,
         "budget": {"blocking": 8.0, "nc": 2.0, "split": 2.0, "threads": 2.0,
                    "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0},
     },
     False: {  # full run
         "factors": (1.5, 1.25, 1.1), "max_moves": 4, "rounds": 5, "top": 3, "extra": 3,
-        "nc_count": 5, "sweep_rounds": 9,
+        "finalists": 4, "final_rounds": 9, "nc_count": 5, "sweep_rounds": 9,
         "budget": {"blocking": 100.0, "nc": 20.0, "split": 15.0, "threads": 12.0,
                    "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0},
     },
@@ -129,6 +130,7 @@ def search_blocking(t, seeds, nc):
     centre = uniq[0]
     visited = set()
     races = []
+    scores = {}
     first = True
     for factor in t.s["factors"]:
         moves = 0
@@ -143,6 +145,13 @@ def search_blocking(t, seeds, nc):
             res = t.race(prob, cands, deadline, base=base)
             visited.update(measure.key(c) for c in cands)
             races.append({"factor": factor, "results": res.summary()})
+            # Scores relative to this race's centre: races run minutes apart under
+            # different loads, ratios within a race do not drift with it.
+            ref = res.median(centre)
+            if ref > 0:
+                for c in res.valid():
+                    if measure.key(c) not in res.dropped and res.median(c) > 0:
+                        scores.setdefault(measure.key(c), []).append(res.median(c) / ref)
             w = res.winner
             if w is None:
                 raise RuntimeError(f"{t.dtype}: no blocking candidate computed a correct result")
@@ -158,12 +167,19 @@ def search_blocking(t, seeds, nc):
         if time.perf_counter() > deadline:
             t.say(f"{t.dtype} blocking: time budget spent, stopping the search")
             break
-    # The final word: the chosen point against every seed, fresh and interleaved; the
-    # model's point stays unless the winner beats it by more than the noise.
-    finals = [centre] + [s for s in uniq if s != centre]
+    # The final word: the search's end point, the best few it met on the way, and every
+    # seed, re-measured together in fresh interleaved rounds; the model's point stays
+    # unless the winner beats it by more than the noise.
+    ranked = sorted(scores, key=lambda k: float(np.median(scores[k])), reverse=True)
+    finals = [centre]
+    for k in ranked[: t.s["finalists"]]:
+        c = dict(k)
+        if c not in finals:
+            finals.append(c)
+    finals += [s for s in uniq if s not in finals]
     verdict = None
     if len(finals) > 1:
-        verdict = t.race(prob, finals, None, base=base, rounds=max(3, t.s["rounds"]),
+        verdict = t.race(prob, finals, None, base=base, rounds=t.s["final_rounds"],
                          extra_rounds=0, prune=0.0)
         w = verdict.winner
         if w is not None:
@@ -277,9 +293,25 @@ def search_thread_mnk(t, block, split):
     """The m*n*k below which one thread is faster than ``t.threads``."""
     sizes = [16, 24, 32, 48, 64, 96, 128, 192, 256]
     probs = [t.problem(s, s, s) for s in sizes]
-    med = sweep(t, probs, {"one": {"threads": 1}, "all": {"threads": t.threads, "thread_mnk": 0}},
-                {**block, "split": split}, t.s["sweep_rounds"], 0.004)
-    ratios = [m["all"] / m["one"] for m in med]
+    for attempt in range(2):
+        med = sweep(t, probs, {"one": {"threads": 1},
+                               "all": {"threads": t.threads, "thread_mnk": 0}},
+                    {**block, "split": split}, t.s["sweep_rounds"], 0.004)
+        ratios = [m["all"] / m["one"] for m in med]
+        # At 256^3 (a millisecond of work) more threads cannot lose on free cores; if
+        # they do, another process took a core during the sweep.
+        if ratios[-1] >= CONTAMINATED_SPEEDUP:
+            break
+        t.say(f"{t.dtype} threads: {t.threads} threads ran {ratios[-1]:.2f}x one thread at "
+              f"256^3; other processes were using the CPUs"
+              + ("; measuring again" if attempt == 0 else ""))
+        if attempt == 0 and t.cores_free is not None:
+            t.cores_free()
+    else:
+        t.evidence["thread_mnk"] = {"sizes": sizes, "speedup": [round(r, 3) for r in ratios],
+                                    "threads": t.threads, "chosen": None,
+                                    "contaminated": True}
+        return None
     i = best_cut(ratios, favour_low=False)
     mnk = [s ** 3 for s in sizes]
     if i == 0:
@@ -377,7 +409,11 @@ def tune_dtype(t, model, defaults):
                 t.evidence.setdefault("busy", []).append(name)
                 chosen[name] = defaults[name]
                 continue
-        chosen[name] = step()
+        value = step()
+        if value is None:           # the step could not measure cleanly: keep the default
+            t.evidence.setdefault("busy", []).append(name)
+            value = defaults[name]
+        chosen[name] = value
     if skipped:
         t.say(f"{t.dtype}: out of time, kept defaults for " + ", ".join(skipped))
         t.evidence["skipped"] = skipped

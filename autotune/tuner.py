@@ -71,8 +71,15 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
     if options:
         chosen["options"] = options
     say("measuring the result beside NumPy")
+    conditions = {}
+    if threads > 1:
+        conditions["efficiency_before"] = round(probes.wait_for_cores(
+            isa, threads, tries=3 if quick else 6, say=say), 3)
     rows = report.reference_table(chosen, dtypes, threads, quick, probed["peak_gflops"], say)
+    if threads > 1:
+        conditions["efficiency_after"] = round(probes.parallel_efficiency(isa, threads), 3)
     tuner = {"mode": "quick" if quick else "full", "threads": threads, "dtypes": list(dtypes),
              "seconds": round(time.perf_counter() - t_start, 1)}
     return profile.build(isa=isa, probed=probed, chosen=chosen,
-                         measured={"reference": rows, "search": evidence}, tuner=tuner)
+                         measured={"reference": rows, "reference_conditions": conditions,
+                                   "search": evidence}, tuner=tuner)

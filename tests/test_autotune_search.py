@@ -168,3 +168,34 @@ def test_conv_workspace_search_with_a_stand_in_conv(monkeypatch):
     assert value != 1 << 20
     rows = {r["candidate"]["conv_workspace"]: r for r in t.evidence["conv_workspace"]["results"]}
     assert rows[1 << 20]["error_ratio"] > 1 and rows[8 << 20]["error_ratio"] <= 1
+
+
+def test_thread_sweep_under_load_keeps_the_default(monkeypatch):
+    """Another process holding a core makes threads lose even at 256^3: the step measures
+    again, then gives up and the default stays (recorded as such)."""
+    def gflops(prob, ov, min_seconds=0):
+        return 50.0 if ov.get("threads", 1) == 1 else 5.0
+
+    monkeypatch.setattr(measure, "gflops", gflops)
+    checks = []
+    t = search.Tuning("float64", 6, 8, 2, quick=True, cores_free=lambda: checks.append(1) or 1.0)
+    assert search.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto") is None
+    assert t.evidence["thread_mnk"]["contaminated"]
+    assert checks                                      # it waited for the cores once
+
+
+def test_busy_cores_skip_thread_decisions(monkeypatch):
+    monkeypatch.setattr(search, "search_blocking", lambda t, seeds, nc: {"mc": 96, "kc": 256})
+    monkeypatch.setattr(search, "search_nc", lambda t, block, nc: nc)
+    monkeypatch.setattr(search, "search_nopack", lambda t, block, d: d)
+    monkeypatch.setattr(search, "search_nopack_a", lambda t, block, d: d)
+    called = []
+    monkeypatch.setattr(search, "search_split", lambda t, block: called.append(1) or "jc")
+    monkeypatch.setattr(search, "search_thread_mnk", lambda *a: called.append(2) or 1)
+    t = search.Tuning("float32", 6, 16, 2, quick=True, cores_free=lambda: 0.3)
+    defaults = {"mc": 582, "kc": 168, "nc": 4096, "nopack_mnk": 64 ** 3,
+                "thread_mnk": 96 ** 3, "nopack_a_panels": 4, "split": 0}
+    chosen = search.tune_dtype(t, dict(defaults), defaults)
+    assert called == []
+    assert chosen["split"] == "auto" and chosen["thread_mnk"] == 96 ** 3
+    assert t.evidence["busy"] == ["split", "thread_mnk"]
