@@ -72,9 +72,9 @@ def chase_order(nbytes, line, rng):
     nlines = max(1, nbytes // line)
     per_page = max(1, min(PAGE // line, nlines))
     npages = nlines // per_page
-    pages = rng.permutation(npages)
-    within = np.argsort(rng.random((npages, per_page)), axis=1)
-    return (pages[:, None] * per_page + within).ravel().astype(np.int64)
+    pages = rng.permutation(npages).astype(np.int64)
+    within = rng.permuted(np.tile(np.arange(per_page, dtype=np.int64), (npages, 1)), axis=1)
+    return (pages[:, None] * per_page + within).ravel()
 
 
 def latency_points(sizes, *, line=CHASE_LINE, rounds=2, rng=None, deadline=None,
@@ -94,8 +94,10 @@ def latency_points(sizes, *, line=CHASE_LINE, rounds=2, rng=None, deadline=None,
         for s in sizes:
             chain = _latency.Chain(s, chase_order(s, line, rng), line)
             slots = chain.slots
-            chain.chase(min(2 * slots, 1 << 19) + 8)          # bring it into the caches
-            count = int(min(max(2 * slots, 1 << 18), 1 << 20))
+            chain.chase(min(2 * slots, 1 << 18) + 8)          # bring it into the caches
+            # Enough loads to pass over every line twice, 2^18 at least so that the timer
+            # resolution does not matter, 2^19 at most (60 ms from memory).
+            count = int(min(max(2 * slots, 1 << 18), 1 << 19))
             t0 = time.perf_counter()
             chain.chase(count)
             ns = (time.perf_counter() - t0) / (count // 8 * 8) * 1e9
@@ -325,7 +327,7 @@ def probe(*, quick=False, threads=None, dtypes=("float32", "float64"), progress=
     t0 = time.perf_counter()
     curve = latency_curve(max_bytes, rounds=2 if quick else 3, rng=rng,
                           deadline=t0 + (4 if quick else 20))
-    curve = confirm(curve, osc["caches"], rounds=2 if quick else 4, rng=rng,
+    curve = confirm(curve, osc["caches"], rounds=1 if quick else 4, rng=rng,
                     deadline=t0 + (6 if quick else 30))
     steps = find_steps(curve)
     levels, notes, model_caches = reconcile(osc["caches"], steps, max_bytes)
@@ -374,17 +376,41 @@ def parallel_efficiency(isa, threads, seconds=0.03):
     return many / (threads * one) if one > 0 else 0.0
 
 
-def wait_for_cores(isa, threads, *, tries=3, pause=1.0, need=0.75, say=None):
-    """Measure the parallel efficiency up to ``tries`` times, pausing between tries, until
-    it reaches ``need``; returns the last figure.  Thread-count decisions made while other
-    processes hold the cores would be decisions about them, not about this machine."""
-    eff = parallel_efficiency(isa, threads)
+def load_now(isa, threads, ref_peak, seconds=0.03):
+    """(single, parallel): this core's micro-kernel rate now over ``ref_peak`` (the float64
+    per-core peak probed at the start), and the parallel efficiency on ``threads``."""
+    one = fma_peak(isa, "float64", 1, seconds, repeats=2)
+    if threads <= 1:
+        return (min(1.0, one / ref_peak) if ref_peak else 1.0), 1.0
+    many = fma_peak(isa, "float64", threads, seconds, repeats=2)
+    # A short single-thread run can come out low by itself; if every thread ran at full
+    # speed, this core was not shared either.
+    best_one = max(one, many / threads)
+    single = min(1.0, best_one / ref_peak) if ref_peak else 1.0
+    return single, (many / (threads * one) if one > 0 else 0.0)
+
+
+def wait_quiet(isa, threads, ref_peak, *, need_parallel, tries=3, pause=1.0,
+               need_single=0.7, need_par=0.75, say=None):
+    """Check the load up to ``tries`` times, pausing between, until this core runs at
+    ``need_single`` of its probed peak (and, with ``need_parallel``, the threads at
+    ``need_par`` efficiency).  Returns the last (single, parallel) figures.  Decisions
+    measured while other processes hold the cores would be about them, not this machine."""
+    single, par = load_now(isa, threads if need_parallel else 1, ref_peak)
     for _ in range(tries - 1):
-        if eff >= need:
+        if single >= need_single and (not need_parallel or par >= need_par):
             break
         if say:
-            say(f"other processes hold the CPUs ({threads} threads run at {eff:.0%} "
-                f"efficiency); waiting {pause:g} s")
+            what = (f"this core at {single:.0%} of its peak" +
+                    (f", {threads} threads at {par:.0%} efficiency" if need_parallel else ""))
+            say(f"other processes are using the CPUs ({what}); waiting {pause:g} s")
         time.sleep(pause)
-        eff = parallel_efficiency(isa, threads)
-    return eff
+        single, par = load_now(isa, threads if need_parallel else 1, ref_peak)
+    return single, par
+
+
+def wait_for_cores(isa, threads, *, tries=3, pause=1.0, need=0.75, say=None):
+    """The parallel efficiency, after waiting (up to ``tries`` checks) for it to reach
+    ``need``."""
+    return wait_quiet(isa, threads, None, need_parallel=True, tries=tries, pause=pause,
+                      need_single=0.0, need_par=need, say=say)[1]

@@ -30,17 +30,21 @@ KC_STEP = 8
 # Below this parallel efficiency the cores are taken by someone else, and thread-count
 # decisions are not made (the defaults stay).
 BUSY_EFFICIENCY = 0.7
+BUSY_SINGLE = 0.7
+# A sweep whose cells spread more than this (interquartile range over the median) was
+# measured on a machine too busy to tell a few per cent apart.
+NOISY_SPREAD = 0.25
 CONTAMINATED_SPEEDUP = 0.9
 
 SETTINGS = {
     True: {   # --quick
-        "factors": (1.5, 1.22), "max_moves": 2, "rounds": 3, "top": 3, "extra": 2,
-        "finalists": 2, "final_rounds": 4, "nc_count": 3, "sweep_rounds": 5,
+        "factors": (1.41, 1.19), "max_moves": 2, "rounds": 3, "top": 3, "extra": 2,
+        "finalists": 2, "final_rounds": 3, "nc_count": 3, "sweep_rounds": 5,
         "budget": {"blocking": 8.0, "nc": 2.0, "split": 2.0, "threads": 2.0,
                    "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0},
     },
     False: {  # full run
-        "factors": (1.5, 1.25, 1.1), "max_moves": 4, "rounds": 5, "top": 3, "extra": 3,
+        "factors": (1.41, 1.19, 1.09), "max_moves": 4, "rounds": 5, "top": 3, "extra": 3,
         "finalists": 4, "final_rounds": 9, "nc_count": 5, "sweep_rounds": 9,
         "budget": {"blocking": 100.0, "nc": 20.0, "split": 15.0, "threads": 12.0,
                    "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0},
@@ -52,7 +56,7 @@ class Tuning:
     """What one dtype's search needs: kernel shape, threads, settings, clock, progress."""
 
     def __init__(self, dtype, mr, nr, threads, *, quick, say=None, hard_deadline=None,
-                 seed=0, cores_free=None):
+                 seed=0, quiet=None):
         self.dtype = dtype
         self.mr, self.nr = mr, nr
         self.threads = threads
@@ -61,8 +65,10 @@ class Tuning:
         self.say = say or (lambda msg: None)
         self.hard_deadline = hard_deadline
         self.seed = seed
-        # cores_free() -> parallel efficiency now (None: assume the cores are free).
-        self.cores_free = cores_free
+        # quiet(need_parallel) -> (single, parallel): the load figures after waiting a
+        # little for the machine to calm down (see ``probes.wait_quiet``); None: assume calm.
+        self.quiet = quiet
+        self.last_spread = 0.0
         self.evidence = {}
 
     def deadline(self, phase):
@@ -95,8 +101,9 @@ def snap(value, step, lo, hi):
 
 
 def legal_block(mc, kc, mr):
+    # kc above the objective's k (1024 = KC_MAX) would all measure alike there.
     return {"mc": snap(mc, mr, mr, _blocking.MC_MAX),
-            "kc": snap(kc, KC_STEP, 2 * KC_STEP, 2048)}
+            "kc": snap(kc, KC_STEP, 2 * KC_STEP, _blocking.KC_MAX)}
 
 
 def neighbours(centre, factor, mr):
@@ -117,56 +124,76 @@ def _fmt(c):
     return " ".join(f"{k}={v}" for k, v in c.items())
 
 
+def scan_points(model, mr):
+    """A coarse log-spaced grid around the model's point: mc at 1/2, 1 and 2 times, kc at 1,
+    2 and 4 times the model (the model's kc is a lower bound: it keeps both micro-panels in
+    L1, while a deeper kc halves the passes over C and the kernel streams well from L2)."""
+    pts = []
+    for fm in (0.5, 1.0, 2.0):
+        for fk in (1.0, 2.0, 4.0):
+            c = legal_block(model["mc"] * fm, model["kc"] * fk, mr)
+            if c not in pts:
+                pts.append(c)
+    return pts
+
+
 def search_blocking(t, seeds, nc):
-    """Local search over (mc, kc), single-threaded, from ``seeds`` (model values first)."""
+    """(mc, kc), single-threaded: a coarse scan around the model's point, a local search
+    from the scan's best, and a final re-measurement of the best points met."""
     deadline = t.deadline("blocking")
     prob = t.problem(OBJECTIVE_N, OBJECTIVE_N, OBJECTIVE_N)
     base = {"threads": 1, "nc": nc}
-    seeds = [legal_block(s["mc"], s["kc"], t.mr) for s in seeds]
     uniq = []
     for s in seeds:
-        if s not in uniq:
-            uniq.append(s)
-    centre = uniq[0]
-    visited = set()
+        c = legal_block(s["mc"], s["kc"], t.mr)
+        if c not in uniq:
+            uniq.append(c)
     races = []
     scores = {}
-    first = True
+
+    def record(res, ref_cand, label):
+        races.append({"step": label, "results": res.summary()})
+        # Scores relative to a reference measured in the same race: races run at different
+        # moments under different loads, ratios within a race do not drift with it.
+        ref = res.score(ref_cand)
+        if ref > 0:
+            for c in res.valid():
+                if measure.key(c) not in res.dropped and res.score(c) > 0:
+                    scores.setdefault(measure.key(c), []).append(res.score(c) / ref)
+
+    scan = scan_points(uniq[0], t.mr)
+    scan += [s for s in uniq if s not in scan]
+    res = t.race(prob, scan, deadline, base=base, rounds=3, top=3, extra_rounds=1)
+    if res.winner is None:
+        raise RuntimeError(f"{t.dtype}: no blocking candidate computed a correct result")
+    record(res, uniq[0], "scan")
+    centre = res.winner
+    visited = {measure.key(c) for c in scan}
+    t.say(f"{t.dtype} blocking scan: best {_fmt(centre)} {res.score(centre):.1f} GFLOP/s "
+          f"(model {_fmt(uniq[0])} {res.score(uniq[0]):.1f}), {len(scan)} points")
     for factor in t.s["factors"]:
+        if time.perf_counter() > deadline:
+            t.say(f"{t.dtype} blocking: time budget spent, stopping the search")
+            break
         moves = 0
-        while moves <= t.s["max_moves"]:
+        while moves <= t.s["max_moves"] and time.perf_counter() <= deadline:
             cands = [centre] + [c for c in neighbours(centre, factor, t.mr)
                                 if measure.key(c) not in visited]
-            if first:
-                cands += [s for s in uniq[1:] if s not in cands]
-                first = False
             if len(cands) == 1:
                 break
             res = t.race(prob, cands, deadline, base=base)
             visited.update(measure.key(c) for c in cands)
-            races.append({"factor": factor, "results": res.summary()})
-            # Scores relative to this race's centre: races run minutes apart under
-            # different loads, ratios within a race do not drift with it.
-            ref = res.median(centre)
-            if ref > 0:
-                for c in res.valid():
-                    if measure.key(c) not in res.dropped and res.median(c) > 0:
-                        scores.setdefault(measure.key(c), []).append(res.median(c) / ref)
+            record(res, centre, f"x{factor:g}")
             w = res.winner
             if w is None:
                 raise RuntimeError(f"{t.dtype}: no blocking candidate computed a correct result")
             t.say(f"{t.dtype} blocking x{factor:g}: best {_fmt(w)} "
-                  f"{res.median(w):.1f} GFLOP/s (centre {_fmt(centre)} "
-                  f"{res.median(centre):.1f}), {len(cands)} candidates")
-            if w == centre or res.median(w) < res.median(centre) * MOVE_MARGIN:
+                  f"{res.score(w):.1f} GFLOP/s (centre {_fmt(centre)} "
+                  f"{res.score(centre):.1f}), {len(cands)} candidates")
+            if w == centre or res.score(w) < res.score(centre) * MOVE_MARGIN:
                 break
             centre = w
             moves += 1
-            if time.perf_counter() > deadline:
-                break
-        if time.perf_counter() > deadline:
-            t.say(f"{t.dtype} blocking: time budget spent, stopping the search")
-            break
     # The final word: the search's end point, the best few it met on the way, and every
     # seed, re-measured together in fresh interleaved rounds; the model's point stays
     # unless the winner beats it by more than the noise.
@@ -177,18 +204,18 @@ def search_blocking(t, seeds, nc):
         if c not in finals:
             finals.append(c)
     finals += [s for s in uniq if s not in finals]
-    verdict = None
-    if len(finals) > 1:
-        verdict = t.race(prob, finals, None, base=base, rounds=t.s["final_rounds"],
-                         extra_rounds=0, prune=0.0)
-        w = verdict.winner
-        if w is not None:
-            centre = w
-            if w != uniq[0] and verdict.median(w) < verdict.median(uniq[0]) * MOVE_MARGIN:
-                centre = uniq[0]
+    verdict = t.race(prob, finals, None, base=base, rounds=t.s["final_rounds"],
+                     extra_rounds=0, prune=0.0)
+    w = verdict.winner
+    if w is not None:
+        centre = w
+        if w != uniq[0] and verdict.score(w) < verdict.score(uniq[0]) * MOVE_MARGIN:
+            centre = uniq[0]
+    t.say(f"{t.dtype} blocking: {_fmt(centre)} {verdict.score(centre):.1f} GFLOP/s "
+          f"(model {verdict.score(uniq[0]):.1f}) after re-measuring {len(finals)} points")
     t.evidence["blocking"] = {
         "problem": [prob.m, prob.n, prob.k], "threads": 1, "nc": nc, "races": races,
-        "final": verdict.summary() if verdict else None, "chosen": centre}
+        "final": verdict.summary(), "chosen": centre}
     return centre
 
 
@@ -200,16 +227,18 @@ def search_nc(t, block, nc_seed):
     for f in (0.5, 0.25, 2.0, 0.75, 1.5)[: t.s["nc_count"] - 1]:
         vals.add(snap(nc_seed * f, t.nr, t.nr, top))
     cands = [{"nc": v} for v in sorted(vals)]
-    m = snap(max(4 * block["mc"], 512), t.mr, t.mr, 4096)
+    # B's kc x nc block is what nc sizes: k = kc fills it once, m = 2 mc reuses it for two
+    # row blocks, and n spans the largest candidate and a quarter more.
+    m = snap(min(max(2 * block["mc"], 256), 1536), t.mr, t.mr, 4096)
     n = snap(1.25 * max(vals), t.nr, t.nr, 1 << 14)
-    k = 2 * block["kc"]
+    k = min(block["kc"], 1024)
     prob = t.problem(m, n, k)
     res = t.race(prob, cands, deadline, base={"threads": 1, **block})
     seed_c = {"nc": snap(nc_seed, t.nr, t.nr, top)}
     w = res.winner
-    chosen = seed_c if res.median(w) < res.median(seed_c) * KEEP_MARGIN else w
-    t.say(f"{t.dtype} nc: {chosen['nc']} ({res.median(chosen):.1f} GFLOP/s on {prob}; "
-          f"model {seed_c['nc']} {res.median(seed_c):.1f})")
+    chosen = seed_c if res.score(w) < res.score(seed_c) * KEEP_MARGIN else w
+    t.say(f"{t.dtype} nc: {chosen['nc']} ({res.score(chosen):.1f} GFLOP/s on {prob}; "
+          f"model {seed_c['nc']} {res.score(seed_c):.1f})")
     t.evidence["nc"] = {"problem": [m, n, k], "results": res.summary(), "chosen": chosen["nc"]}
     return chosen["nc"]
 
@@ -238,9 +267,9 @@ def search_split(t, block):
                        extra_rounds=t.s["extra"], deadline=deadline, seed=t.seed)
     w = res.winner
     auto = cands[0]
-    chosen = auto if res.median(w) < res.median(auto) * KEEP_MARGIN else w
+    chosen = auto if res.score(w) < res.score(auto) * KEEP_MARGIN else w
     t.say(f"{t.dtype} split on {t.threads} threads: {chosen['split']} ("
-          + ", ".join(f"{c['split']} {res.median(c):.1f}" for c in cands) + " GFLOP/s)")
+          + ", ".join(f"{c['split']} {res.score(c):.1f}" for c in cands) + " GFLOP/s)")
     t.evidence.setdefault("split", {})[str(t.threads)] = {
         "shapes": [list(s) for s in split_shapes(size)], "results": res.summary(),
         "chosen": chosen["split"]}
@@ -264,8 +293,14 @@ def best_cut(ratios, favour_low):
 
 
 def sweep(t, problems, configs, base, rounds, min_seconds):
-    """Per problem, the median GFLOP/s of each config (dict name -> overrides), measured
-    in interleaved rounds; every config's output is checked first."""
+    """Per problem, the GFLOP/s of each config (dict name -> overrides), measured in
+    interleaved rounds; every config's output is checked first.
+
+    Samples here are a few milliseconds long, so a time slice lost to another process
+    halves one outright; the figure kept is the upper quartile (noise only ever slows a
+    GEMM down, yet one lucky sample should not decide either).  ``t.last_spread`` is the
+    median over cells of the interquartile range over the median: how noisy it was.
+    """
     for p in problems:
         for name, cfg in configs.items():
             err = measure.check(p, {**base, **cfg})
@@ -281,8 +316,22 @@ def sweep(t, problems, configs, base, rounds, min_seconds):
             for name in names:
                 samples[(int(i), name)].append(
                     measure.gflops(problems[int(i)], {**base, **configs[name]}, min_seconds))
-    return [{name: float(np.median(samples[(i, name)])) for name in configs}
+    spreads = []
+    for v in samples.values():
+        q1, q2, q3 = np.percentile(v, [25, 50, 75])
+        spreads.append((q3 - q1) / q2 if q2 > 0 else math.inf)
+    t.last_spread = float(np.median(spreads))
+    return [{name: float(np.percentile(samples[(i, name)], 75)) for name in configs}
             for i in range(len(problems))]
+
+
+def _too_noisy(t, step):
+    if t.last_spread <= NOISY_SPREAD:
+        return False
+    t.say(f"{t.dtype} {step}: samples spread {t.last_spread:.0%} (other processes are "
+          "running); keeping the default")
+    t.evidence[step] = {"noisy": True, "spread": round(t.last_spread, 3)}
+    return True
 
 
 def _mid(a, b):
@@ -305,8 +354,8 @@ def search_thread_mnk(t, block, split):
         t.say(f"{t.dtype} threads: {t.threads} threads ran {ratios[-1]:.2f}x one thread at "
               f"256^3; other processes were using the CPUs"
               + ("; measuring again" if attempt == 0 else ""))
-        if attempt == 0 and t.cores_free is not None:
-            t.cores_free()
+        if attempt == 0 and t.quiet is not None:
+            t.quiet(True)
     else:
         t.evidence["thread_mnk"] = {"sizes": sizes, "speedup": [round(r, 3) for r in ratios],
                                     "threads": t.threads, "chosen": None,
@@ -333,6 +382,8 @@ def search_nopack(t, block, default):
     probs = [t.problem(s, s, s) for s in sizes]
     med = sweep(t, probs, {"inplace": {"nopack_mnk": 1 << 40}, "packed": {"nopack_mnk": 0}},
                 {"threads": 1, **block}, t.s["sweep_rounds"], 0.003)
+    if _too_noisy(t, "nopack_mnk"):
+        return None
     ratios = [m["inplace"] / m["packed"] for m in med]
     mnk = [s ** 3 for s in sizes]
     matters = max(abs(math.log(r)) for r in ratios) > math.log(1.03)
@@ -361,6 +412,8 @@ def search_nopack_a(t, block, default):
     med = sweep(t, probs, {"inplace": {"nopack_a_panels": 1 << 10},
                            "packed": {"nopack_a_panels": 0}},
                 {"threads": 1, "nopack_mnk": 0, **block}, t.s["sweep_rounds"], 0.003)
+    if _too_noisy(t, "nopack_a_panels"):
+        return None
     ratios = [m["inplace"] / m["packed"] for m in med]
     matters = max(abs(math.log(r)) for r in ratios) > math.log(1.03)
     i = best_cut(ratios, favour_low=True)
@@ -379,16 +432,17 @@ def tune_dtype(t, model, defaults):
     dict for ``t.dtype``) and fills ``t.evidence``."""
     seeds = [model, defaults]
     chosen = {}
+    if t.quiet is not None:      # the blocking search is single-threaded: this core matters
+        single, _ = t.quiet(False)
+        t.evidence.setdefault("load", {})["blocking"] = {"single": round(single, 3)}
     block = search_blocking(t, seeds, model["nc"])
     chosen.update(block)
     chosen["nc"] = model["nc"]
     steps = [
         ("nc", lambda: search_nc(t, block, model["nc"])),
-        ("split", lambda: search_split(t, {**block, "nc": chosen["nc"]})
-         if t.threads > 1 else defaults["split"]),
+        ("split", lambda: search_split(t, {**block, "nc": chosen["nc"]})),
         ("thread_mnk", lambda: search_thread_mnk(t, {**block, "nc": chosen["nc"]},
-                                                 chosen.get("split", "auto"))
-         if t.threads > 1 else defaults["thread_mnk"]),
+                                                 chosen.get("split", "auto"))),
         ("nopack_mnk", lambda: search_nopack(t, {**block, "nc": chosen["nc"]},
                                              defaults["nopack_mnk"])),
         ("nopack_a_panels", lambda: search_nopack_a(t, {**block, "nc": chosen["nc"]},
@@ -400,12 +454,18 @@ def tune_dtype(t, model, defaults):
             skipped.append(name)
             chosen[name] = defaults[name] if name != "nc" else model["nc"]
             continue
-        if name in ("split", "thread_mnk") and t.threads > 1 and t.cores_free is not None:
-            eff = t.cores_free()
-            t.evidence.setdefault("parallel_efficiency", {})[name] = round(eff, 3)
-            if eff < BUSY_EFFICIENCY:
-                t.say(f"{t.dtype} {name}: {t.threads} threads get only {eff:.0%} of "
-                      f"{t.threads} cores (other processes are running); keeping the default")
+        threaded = name in ("split", "thread_mnk")
+        if threaded and t.threads == 1:
+            chosen[name] = defaults[name]
+            continue
+        if t.quiet is not None:
+            single, par = t.quiet(threaded)
+            t.evidence.setdefault("load", {})[name] = {"single": round(single, 3),
+                                                      "parallel": round(par, 3)}
+            if threaded and (par < BUSY_EFFICIENCY or single < BUSY_SINGLE):
+                t.say(f"{t.dtype} {name}: other processes hold the CPUs ({t.threads} threads "
+                      f"at {par:.0%} efficiency, this core at {single:.0%}); keeping the "
+                      "default")
                 t.evidence.setdefault("busy", []).append(name)
                 chosen[name] = defaults[name]
                 continue
@@ -474,9 +534,9 @@ def search_conv_workspace(t, conv, default, shape=(8, 64, 28, 28, 128, 3)):
     if w_ is None:
         raise RuntimeError("conv2d: no workspace size gave a correct result")
     inc = {"conv_workspace": default}
-    chosen = inc if res.median(w_) < res.median(inc) * KEEP_MARGIN else w_
+    chosen = inc if res.score(w_) < res.score(inc) * KEEP_MARGIN else w_
     t.say(f"conv2d workspace: {chosen['conv_workspace'] >> 10} KiB per thread ("
-          + ", ".join(f"{cd['conv_workspace'] >> 10} KiB {res.median(cd):.1f}" for cd in cands)
+          + ", ".join(f"{cd['conv_workspace'] >> 10} KiB {res.score(cd):.1f}" for cd in cands)
           + " GFLOP/s)")
     t.evidence["conv_workspace"] = {"shape": list(shape), "results": res.summary(),
                                     "chosen": chosen["conv_workspace"]}

@@ -35,6 +35,16 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
                               rng=seed)
         chosen = {}
         evidence = {}
+        ref_peak = probed["peak_gflops"].get("float64", {}).get("1") or probes.fma_peak(
+            isa, "float64", 1, 0.1)
+
+        def quiet(need_parallel):
+            # --quick waits only before thread-count decisions (which load spoils); the
+            # single-threaded steps just record the load they ran under.
+            tries = (2 if need_parallel else 1) if quick else 5
+            return probes.wait_quiet(isa, threads, ref_peak, need_parallel=need_parallel,
+                                     tries=tries, say=say)
+
         for dt in dtypes:
             code = DTYPES.index(dt)
             mr, nr = _dispatch.kernel_shape(isa, code)
@@ -45,15 +55,14 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
                 f"nc={model['nc']} (OS-only model mc={defaults['mc']} kc={defaults['kc']} "
                 f"nc={defaults['nc']})")
             t = search.Tuning(dt, mr, nr, threads, quick=quick, say=say, hard_deadline=hard,
-                              seed=seed, cores_free=lambda: probes.wait_for_cores(
-                                  isa, threads, tries=2 if quick else 6, say=say))
+                              seed=seed, quiet=quiet)
             chosen[dt] = search.tune_dtype(t, model, defaults)
             evidence[dt] = t.evidence
         options = {}
         conv = getattr(microtile, "conv2d", None)
         if conv is not None and "float32" in dtypes and time.perf_counter() < hard:
             t = search.Tuning("float32", 1, 1, threads, quick=quick, say=say,
-                              hard_deadline=hard, seed=seed)
+                              hard_deadline=hard, seed=seed, quiet=quiet)
             options["conv_workspace"] = search.search_conv_workspace(
                 t, conv, _config.get_option("conv_workspace"))
             evidence["options"] = t.evidence

@@ -178,7 +178,8 @@ def test_thread_sweep_under_load_keeps_the_default(monkeypatch):
 
     monkeypatch.setattr(measure, "gflops", gflops)
     checks = []
-    t = search.Tuning("float64", 6, 8, 2, quick=True, cores_free=lambda: checks.append(1) or 1.0)
+    t = search.Tuning("float64", 6, 8, 2, quick=True,
+                      quiet=lambda par: checks.append(par) or (1.0, 1.0))
     assert search.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto") is None
     assert t.evidence["thread_mnk"]["contaminated"]
     assert checks                                      # it waited for the cores once
@@ -192,10 +193,19 @@ def test_busy_cores_skip_thread_decisions(monkeypatch):
     called = []
     monkeypatch.setattr(search, "search_split", lambda t, block: called.append(1) or "jc")
     monkeypatch.setattr(search, "search_thread_mnk", lambda *a: called.append(2) or 1)
-    t = search.Tuning("float32", 6, 16, 2, quick=True, cores_free=lambda: 0.3)
+    t = search.Tuning("float32", 6, 16, 2, quick=True, quiet=lambda par: (0.95, 0.3))
     defaults = {"mc": 582, "kc": 168, "nc": 4096, "nopack_mnk": 64 ** 3,
                 "thread_mnk": 96 ** 3, "nopack_a_panels": 4, "split": 0}
     chosen = search.tune_dtype(t, dict(defaults), defaults)
     assert called == []
     assert chosen["split"] == "auto" and chosen["thread_mnk"] == 96 ** 3
     assert t.evidence["busy"] == ["split", "thread_mnk"]
+
+
+def test_noisy_sweep_keeps_the_default(monkeypatch):
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(measure, "gflops",
+                        lambda prob, ov, min_seconds=0: 50.0 * rng.choice([0.3, 1.0, 3.0]))
+    t = search.Tuning("float32", 6, 16, 1, quick=True)
+    assert search.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3) is None
+    assert t.evidence["nopack_mnk"]["noisy"]

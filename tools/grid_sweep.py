@@ -37,18 +37,19 @@ from autotune import measure, search  # noqa: E402
 BLIS_ZEN3 = {"float32": {"mc": 144, "kc": 256, "nc": 4080},
              "float64": {"mc": 72, "kc": 256, "nc": 4080}}
 GRID = {
-    "float32": {"mc": [48, 72, 96, 144, 192, 258, 318, 390, 480, 582],
-                "kc": [128, 168, 208, 256, 312, 384, 512, 768],
+    "float32": {"mc": [48, 96, 144, 192, 288, 390, 582, 780, 1164],
+                "kc": [128, 168, 256, 384, 512, 672, 768, 896, 1024],
                 "nc": [512, 1024, 2048, 3072, 4096]},
-    "float64": {"mc": [24, 36, 48, 66, 72, 96, 126, 156, 192, 288],
-                "kc": [128, 168, 208, 256, 312, 384, 512, 768],
-                "nc": [336, 512, 896, 1344, 1792, 2560, 4096]},
+    "float64": {"mc": [24, 48, 72, 96, 144, 192, 288, 384, 576],
+                "kc": [128, 168, 256, 384, 512, 672, 768, 896, 1024],
+                "nc": [336, 512, 1024, 1792, 2560, 4096]},
 }
 
 
 def measure_points(problem, points, rounds, base, seed=0, say=print):
-    """Median GFLOP/s per point (dicts of overrides), rounds visiting every point in a new
-    random order; every point's output is checked first."""
+    """GFLOP/s per point (a dict of overrides): the upper quartile of its samples, as the
+    tuner scores; rounds visit every point in a new random order; every point's output is
+    checked first."""
     rng = np.random.default_rng(seed)
     for p in points:
         err = measure.check(problem, {**base, **p})
@@ -60,7 +61,7 @@ def measure_points(problem, points, rounds, base, seed=0, say=print):
         for i in rng.permutation(len(points)):
             samples[i].append(measure.gflops(problem, {**base, **points[int(i)]}))
         say(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t0:.0f} s)")
-    return [float(np.median(s)) for s in samples]
+    return [measure.upper_quartile(s) for s in samples]
 
 
 def named_points(dtype, profiles):
@@ -111,9 +112,9 @@ def sweep_2d(dtype, named, mr, nr, rounds, say):
                     {n: {"mc": p["mc"], "kc": p["kc"]} for n, p in named.items()}, ("mc", "kc"))
     best = res_mk["grid_best"]["point"]
     ncs = sorted(set(g["nc"]) | {p["nc"] for p in named.values()})
-    m = search.snap(max(4 * best["mc"], 512), mr, mr, 4096)
+    m = search.snap(min(max(2 * best["mc"], 256), 1536), mr, mr, 4096)
     n = search.snap(1.25 * max(ncs), nr, nr, 1 << 14)
-    prob2 = measure.Problem(m, n, 2 * best["kc"], dtype)
+    prob2 = measure.Problem(m, n, min(best["kc"], 1024), dtype)
     pts2 = [{"nc": v} for v in ncs]
     say(f"{dtype}: nc sweep of {len(pts2)} values on {prob2} at mc={best['mc']} kc={best['kc']}")
     vals2 = measure_points(prob2, pts2, rounds, {"threads": 1, **best}, say=say)
@@ -155,8 +156,8 @@ def main(argv=None):
             named, mr, nr = named_points(dt, profiles)
             fn = sweep_3d if args.mode == "3d" else sweep_2d
             results[dt] = fn(dt, named, mr, nr, args.rounds, say)
-    print(f"\n({time.perf_counter() - t0:.0f} s; medians of {args.rounds} interleaved rounds "
-          f"on a machine shared with other processes)")
+    print(f"\n({time.perf_counter() - t0:.0f} s; upper quartiles of {args.rounds} interleaved "
+          "rounds on a machine shared with other processes)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
