@@ -44,8 +44,8 @@ SETTINGS = {
                    "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0},
     },
     False: {  # full run
-        "factors": (1.41, 1.19, 1.09), "max_moves": 4, "rounds": 5, "top": 3, "extra": 3,
-        "finalists": 4, "final_rounds": 9, "nc_count": 5, "sweep_rounds": 9,
+        "factors": (1.41, 1.19, 1.09), "max_moves": 4, "rounds": 7, "top": 3, "extra": 3,
+        "finalists": 4, "final_rounds": 11, "nc_count": 5, "sweep_rounds": 9,
         "budget": {"blocking": 100.0, "nc": 20.0, "split": 15.0, "threads": 12.0,
                    "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0},
     },
@@ -124,13 +124,19 @@ def _fmt(c):
     return " ".join(f"{k}={v}" for k, v in c.items())
 
 
-def scan_points(model, mr):
-    """A coarse log-spaced grid around the model's point: mc at 1/2, 1 and 2 times, kc at 1,
-    2 and 4 times the model (the model's kc is a lower bound: it keeps both micro-panels in
-    L1, while a deeper kc halves the passes over C and the kernel streams well from L2)."""
+SCAN = {True: ((0.5, 1.0, 2.0), (1.0, 2.0, 4.0)),
+        False: ((0.25, 0.5, 1.0, 2.0), (1.0, 1.5, 2.0, 3.0, 4.0))}
+
+
+def scan_points(model, mr, quick=True):
+    """A coarse log-spaced grid around the model's point: mc from a quarter (full run) or a
+    half to twice the model's, kc from once to four times (the model's kc is a lower bound:
+    it keeps both micro-panels in L1, while a deeper kc saves passes over C, and the kernel
+    streams its operands well enough from L2)."""
     pts = []
-    for fm in (0.5, 1.0, 2.0):
-        for fk in (1.0, 2.0, 4.0):
+    mcs, kcs = SCAN[bool(quick)]
+    for fm in mcs:
+        for fk in kcs:
             c = legal_block(model["mc"] * fm, model["kc"] * fk, mr)
             if c not in pts:
                 pts.append(c)
@@ -161,7 +167,7 @@ def search_blocking(t, seeds, nc):
                 if measure.key(c) not in res.dropped and res.score(c) > 0:
                     scores.setdefault(measure.key(c), []).append(res.score(c) / ref)
 
-    scan = scan_points(uniq[0], t.mr)
+    scan = scan_points(uniq[0], t.mr, t.quick)
     scan += [s for s in uniq if s not in scan]
     res = t.race(prob, scan, deadline, base=base, rounds=3, top=3, extra_rounds=1)
     if res.winner is None:
