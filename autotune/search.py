@@ -68,6 +68,9 @@ class Tuning:
         # quiet(need_parallel) -> (single, parallel): the load figures after waiting a
         # little for the machine to calm down (see ``probes.wait_quiet``); None: assume calm.
         self.quiet = quiet
+        # Every tunable a measurement does not set itself: the library's defaults, so the
+        # profile loaded when the tuner started cannot leak into what it measures.
+        self.pinned = {}
         self.last_spread = 0.0
         self.evidence = {}
 
@@ -83,7 +86,7 @@ class Tuning:
 
     def race(self, problem, candidates, deadline, base=None, min_seconds=0.0, **kw):
         """Race overrides dicts on one problem; ``base`` overrides are added to each."""
-        base = dict(base or {})
+        base = {**self.pinned, **(base or {})}
         opts = {"rounds": self.s["rounds"], "top": self.s["top"],
                 "extra_rounds": self.s["extra"], "deadline": deadline, "seed": self.seed}
         opts.update(kw)
@@ -254,31 +257,50 @@ def split_shapes(n):
     return [(n, n, n), (4 * n, n // 4, n // 2), (n // 4, 4 * n, n // 2), (3136, 64, 576)]
 
 
+def split_thread_counts(threads):
+    """Thread counts the split is measured at: 2, the powers of two between, and ``threads``
+    (a handful even on a big machine)."""
+    counts, n = [], 2
+    while n < threads:
+        counts.append(n)
+        n *= 2
+    return counts + [threads] if threads > 1 else []
+
+
 def search_split(t, block):
-    """ic vs jc (vs the driver's own choice) with the tuned thread count."""
-    deadline = t.deadline("split")
+    """ic vs jc (vs the driver's own choice, "auto") at each of ``split_thread_counts``;
+    the driver holds one split per dtype, so the tuned thread count's result is chosen and
+    the others are kept as evidence."""
     size = 1024 if t.dtype == "float32" else 768
     probs = [t.problem(*s, seed=t.seed + i) for i, s in enumerate(split_shapes(size))]
-    base = {"threads": t.threads, "thread_mnk": 0, **block}
     cands = [{"split": "auto"}, {"split": "ic"}, {"split": "jc"}]
-
-    def sample(c):  # geometric mean over the shapes
-        logs = [math.log(measure.gflops(p, {**base, **c})) for p in probs]
-        return math.exp(sum(logs) / len(logs))
-
-    def check(c):
-        return max(measure.check(p, {**base, **c}) for p in probs)
-
-    res = measure.race(cands, sample, check, rounds=t.s["rounds"], top=3,
-                       extra_rounds=t.s["extra"], deadline=deadline, seed=t.seed)
-    w = res.winner
     auto = cands[0]
-    chosen = auto if res.score(w) < res.score(auto) * KEEP_MARGIN else w
-    t.say(f"{t.dtype} split on {t.threads} threads: {chosen['split']} ("
-          + ", ".join(f"{c['split']} {res.score(c):.1f}" for c in cands) + " GFLOP/s)")
-    t.evidence.setdefault("split", {})[str(t.threads)] = {
-        "shapes": [list(s) for s in split_shapes(size)], "results": res.summary(),
-        "chosen": chosen["split"]}
+    chosen = auto
+    counts = split_thread_counts(t.threads)
+    for nt in counts:
+        base = {**t.pinned, "threads": nt, "thread_mnk": 0, **block}
+
+        def sample(c):  # geometric mean over the shapes
+            logs = [math.log(measure.gflops(p, {**base, **c})) for p in probs]
+            return math.exp(sum(logs) / len(logs))
+
+        def check(c):
+            return max(measure.check(p, {**base, **c}) for p in probs)
+
+        deadline = t.deadline("split")
+        res = measure.race(cands, sample, check, rounds=t.s["rounds"], top=3,
+                           extra_rounds=t.s["extra"], deadline=deadline, seed=t.seed)
+        w = res.winner
+        if w is None:
+            raise RuntimeError(f"{t.dtype}: no split computed a correct result")
+        pick = auto if res.score(w) < res.score(auto) * KEEP_MARGIN else w
+        t.say(f"{t.dtype} split on {nt} threads: {pick['split']} ("
+              + ", ".join(f"{c['split']} {res.score(c):.1f}" for c in cands) + " GFLOP/s)")
+        t.evidence.setdefault("split", {})[str(nt)] = {
+            "shapes": [list(s) for s in split_shapes(size)], "results": res.summary(),
+            "chosen": pick["split"]}
+        if nt == t.threads:
+            chosen = pick
     return chosen["split"]
 
 
@@ -307,6 +329,7 @@ def sweep(t, problems, configs, base, rounds, min_seconds):
     GEMM down, yet one lucky sample should not decide either).  ``t.last_spread`` is the
     median over cells of the interquartile range over the median: how noisy it was.
     """
+    base = {**t.pinned, **base}
     for p in problems:
         for name, cfg in configs.items():
             err = measure.check(p, {**base, **cfg})
@@ -438,6 +461,8 @@ def tune_dtype(t, model, defaults):
     dict for ``t.dtype``) and fills ``t.evidence``."""
     seeds = [model, defaults]
     chosen = {}
+    t.pinned = {k: defaults[k] for k in ("mc", "kc", "nc", "nopack_mnk", "thread_mnk",
+                                         "nopack_a_panels", "split") if k in defaults}
     if t.quiet is not None:      # the blocking search is single-threaded: this core matters
         single, _ = t.quiet(False)
         t.evidence.setdefault("load", {})["blocking"] = {"single": round(single, 3)}

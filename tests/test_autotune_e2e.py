@@ -63,3 +63,31 @@ def test_quick_run_end_to_end(tmp_path):
     r4 = subprocess.run([sys.executable, "-m", "autotune", "--reset"], env=env,
                         capture_output=True, text=True, timeout=60)
     assert r4.returncode == 0 and not os.path.exists(path)
+
+
+def test_ctrl_c_leaves_the_old_profile(tmp_path):
+    import signal
+    from autotune import profile
+    import microtile
+    path = tmp_path / "microtile" / "profile.json"
+    old = profile.build(isa=microtile.get_config()["isa"], probed={},
+                        chosen={"float32": {"mc": 96}}, measured={},
+                        tuner={"mode": "quick", "threads": 1, "seconds": 0})
+    profile.write(str(path), old)
+    before = path.read_text()
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), ROOT]))
+    env.pop("MICROTILE_PROFILE", None)
+    p = subprocess.Popen([sys.executable, "-m", "autotune", "--quick"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until the search is under way, then interrupt it as Ctrl-C would.
+    t0 = time.perf_counter()
+    for line in p.stderr:
+        if "blocking" in line or time.perf_counter() - t0 > 30:
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "interrupted" in err and "unchanged" in err
+    assert path.read_text() == before
+    assert sorted(os.listdir(path.parent)) == ["profile.json", "profile.json.lock"]

@@ -209,3 +209,10 @@ def test_noisy_sweep_keeps_the_default(monkeypatch):
     t = search.Tuning("float32", 6, 16, 1, quick=True)
     assert search.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3) is None
     assert t.evidence["nopack_mnk"]["noisy"]
+
+
+def test_split_thread_counts():
+    assert search.split_thread_counts(1) == []
+    assert search.split_thread_counts(2) == [2]
+    assert search.split_thread_counts(6) == [2, 4, 6]
+    assert search.split_thread_counts(64) == [2, 4, 8, 16, 32, 64]
