@@ -224,32 +224,80 @@ def search_blocking(t, seeds, nc):
           f"(model {verdict.score(uniq[0]):.1f}) after re-measuring {len(finals)} points")
     t.evidence["blocking"] = {
         "problem": [prob.m, prob.n, prob.k], "threads": 1, "nc": nc, "races": races,
-        "final": verdict.summary(), "chosen": centre}
+        "final": verdict.summary(), "chosen": centre,
+        "finalists": [centre] + [c for c in verdict.ranking() if c != centre][:2]}
     return centre
 
 
-def search_nc(t, block, nc_seed):
-    """nc among a few values around the model's, single-threaded on a wide GEMM."""
+def search_nc(t, block, nc_seed, threads=1):
+    """nc among a few values around the model's, on a wide GEMM.
+
+    With several threads each packs its own kc x nc block of B and the L3 holds them all,
+    so where the cores are free this is measured on ``threads`` threads with the rows split
+    between them (each thread then spans all of n)."""
     deadline = t.deadline("nc")
     top = _blocking.NC_MAX
     vals = {snap(nc_seed, t.nr, t.nr, top)}
     for f in (0.5, 0.25, 2.0, 0.75, 1.5)[: t.s["nc_count"] - 1]:
         vals.add(snap(nc_seed * f, t.nr, t.nr, top))
     cands = [{"nc": v} for v in sorted(vals)]
-    # B's kc x nc block is what nc sizes: k = kc fills it once, m = 2 mc reuses it for two
-    # row blocks, and n spans the largest candidate and a quarter more.
-    m = snap(min(max(2 * block["mc"], 256), 1536), t.mr, t.mr, 4096)
+    # B's kc x nc block is what nc sizes: k = kc fills it once, m = 2 mc per thread reuses
+    # it for two row blocks, and n spans the largest candidate and a quarter more.
+    m = snap(min(max(2 * block["mc"] * threads, 256), 1536 * threads), t.mr, t.mr, 1 << 14)
     n = snap(1.25 * max(vals), t.nr, t.nr, 1 << 14)
     k = min(block["kc"], 1024)
     prob = t.problem(m, n, k)
-    res = t.race(prob, cands, deadline, base={"threads": 1, **block})
+    base = {"threads": threads, **block}
+    if threads > 1:
+        base.update(split="ic", thread_mnk=0)
+    res = t.race(prob, cands, deadline, base=base)
     seed_c = {"nc": snap(nc_seed, t.nr, t.nr, top)}
     w = res.winner
+    if w is None:
+        raise RuntimeError(f"{t.dtype}: no nc computed a correct result")
     chosen = seed_c if res.score(w) < res.score(seed_c) * KEEP_MARGIN else w
-    t.say(f"{t.dtype} nc: {chosen['nc']} ({res.score(chosen):.1f} GFLOP/s on {prob}; "
-          f"model {seed_c['nc']} {res.score(seed_c):.1f})")
-    t.evidence["nc"] = {"problem": [m, n, k], "results": res.summary(), "chosen": chosen["nc"]}
+    t.say(f"{t.dtype} nc: {chosen['nc']} ({res.score(chosen):.1f} GFLOP/s on {prob}, "
+          f"{threads} thread(s); model {seed_c['nc']} {res.score(seed_c):.1f})")
+    t.evidence["nc"] = {"problem": [m, n, k], "threads": threads, "results": res.summary(),
+                        "chosen": chosen["nc"]}
     return chosen["nc"]
+
+
+def search_joint(t, finalists, model):
+    """The last word on (mc, kc, nc): the blocking search's best few, and the model's point,
+    on the square objective timed once on one thread and once on ``t.threads`` threads
+    (their geometric mean), so a blocking that only suits a lone thread (A and B blocks
+    that crowd each other out of a shared L3) cannot win."""
+    cands = []
+    for c in list(finalists) + [model]:
+        c = {"mc": c["mc"], "kc": c["kc"], "nc": c["nc"]}
+        if c not in cands:
+            cands.append(c)
+    if len(cands) == 1:
+        return cands[0]
+    prob = t.problem(OBJECTIVE_N, OBJECTIVE_N, OBJECTIVE_N)
+    one = {**t.pinned, "threads": 1}
+    many = {**t.pinned, "threads": t.threads, "thread_mnk": 0}
+
+    def sample(c):
+        return math.sqrt(measure.gflops(prob, {**one, **c}) * measure.gflops(prob, {**many, **c}))
+
+    def check(c):
+        return max(measure.check(prob, {**one, **c}), measure.check(prob, {**many, **c}))
+
+    res = measure.race(cands, sample, check, rounds=t.s["final_rounds"], top=len(cands),
+                       extra_rounds=0, prune=0.0, deadline=t.deadline("nc"), seed=t.seed)
+    incumbent = cands[0]
+    w = res.winner
+    if w is None:
+        raise RuntimeError(f"{t.dtype}: no blocking computed a correct result")
+    pick = incumbent if res.score(w) < res.score(incumbent) * MOVE_MARGIN else w
+    t.say(f"{t.dtype} blocking on 1 and {t.threads} threads: {_fmt(pick)} "
+          f"{res.score(pick):.1f} GFLOP/s (geometric mean; "
+          + ", ".join(f"{_fmt(c)} {res.score(c):.1f}" for c in cands[1:]) + ")")
+    t.evidence["joint"] = {"problem": [prob.m, prob.n, prob.k], "threads": [1, t.threads],
+                           "results": res.summary(), "chosen": pick}
+    return pick
 
 
 def split_shapes(n):
@@ -458,7 +506,11 @@ def search_nopack_a(t, block, default):
 
 def tune_dtype(t, model, defaults):
     """Run every step for one dtype; returns the chosen overrides (a ``config_context``
-    dict for ``t.dtype``) and fills ``t.evidence``."""
+    dict for ``t.dtype``) and fills ``t.evidence``.
+
+    Steps that decide how threads behave are skipped (defaults kept) when other processes
+    hold the cores; nc is then measured on one thread instead of all.
+    """
     seeds = [model, defaults]
     chosen = {}
     t.pinned = {k: defaults[k] for k in ("mc", "kc", "nc", "nopack_mnk", "thread_mnk",
@@ -469,41 +521,65 @@ def tune_dtype(t, model, defaults):
     block = search_blocking(t, seeds, model["nc"])
     chosen.update(block)
     chosen["nc"] = model["nc"]
+
+    def cur():
+        return {k: chosen[k] for k in ("mc", "kc", "nc")}
+
+    def joint():
+        fin = [{**c, "nc": chosen["nc"]} for c in t.evidence["blocking"]["finalists"]]
+        pick = search_joint(t, fin, model)
+        chosen.update(pick)
+        return pick
+
+    # (name, kind, step): kind "single" runs on one thread, "threaded" needs free cores
+    # or is skipped, "either" runs on all threads when the cores are free, else on one.
     steps = [
-        ("nc", lambda: search_nc(t, block, model["nc"])),
-        ("split", lambda: search_split(t, {**block, "nc": chosen["nc"]})),
-        ("thread_mnk", lambda: search_thread_mnk(t, {**block, "nc": chosen["nc"]},
-                                                 chosen.get("split", "auto"))),
-        ("nopack_mnk", lambda: search_nopack(t, {**block, "nc": chosen["nc"]},
-                                             defaults["nopack_mnk"])),
-        ("nopack_a_panels", lambda: search_nopack_a(t, {**block, "nc": chosen["nc"]},
-                                                    defaults["nopack_a_panels"])),
+        ("nc", "either", lambda n: search_nc(t, block, model["nc"], n)),
+        ("joint", "threaded", lambda n: joint()),
+        ("split", "threaded", lambda n: search_split(t, cur())),
+        ("thread_mnk", "threaded", lambda n: search_thread_mnk(t, cur(),
+                                                             chosen.get("split", "auto"))),
+        ("nopack_mnk", "single", lambda n: search_nopack(t, cur(), defaults["nopack_mnk"])),
+        ("nopack_a_panels", "single", lambda n: search_nopack_a(t, cur(),
+                                                                defaults["nopack_a_panels"])),
     ]
     skipped = []
-    for name, step in steps:
+    for name, kind, step in steps:
+        keep = None if name == "joint" else (model["nc"] if name == "nc" else defaults[name])
         if t.out_of_time():
             skipped.append(name)
-            chosen[name] = defaults[name] if name != "nc" else model["nc"]
+            if keep is not None:
+                chosen[name] = keep
             continue
-        threaded = name in ("split", "thread_mnk")
-        if threaded and t.threads == 1:
-            chosen[name] = defaults[name]
+        if kind == "threaded" and t.threads == 1:
+            if keep is not None:
+                chosen[name] = keep
             continue
+        nthreads = 1
         if t.quiet is not None:
-            single, par = t.quiet(threaded)
+            want_par = kind != "single" and t.threads > 1
+            single, par = t.quiet(want_par)
             t.evidence.setdefault("load", {})[name] = {"single": round(single, 3),
                                                       "parallel": round(par, 3)}
-            if threaded and (par < BUSY_EFFICIENCY or single < BUSY_SINGLE):
+            busy = want_par and (par < BUSY_EFFICIENCY or single < BUSY_SINGLE)
+            if busy and kind == "threaded":
                 t.say(f"{t.dtype} {name}: other processes hold the CPUs ({t.threads} threads "
-                      f"at {par:.0%} efficiency, this core at {single:.0%}); keeping the "
-                      "default")
+                      f"at {par:.0%} efficiency, this core at {single:.0%}); keeping "
+                      + ("the default" if keep is not None else "the one-thread choice"))
                 t.evidence.setdefault("busy", []).append(name)
-                chosen[name] = defaults[name]
+                if keep is not None:
+                    chosen[name] = keep
                 continue
-        value = step()
+            if kind == "either" and not busy:
+                nthreads = t.threads
+        elif kind == "either":
+            nthreads = t.threads
+        value = step(nthreads)
+        if name == "joint":
+            continue
         if value is None:           # the step could not measure cleanly: keep the default
             t.evidence.setdefault("busy", []).append(name)
-            value = defaults[name]
+            value = keep
         chosen[name] = value
     if skipped:
         t.say(f"{t.dtype}: out of time, kept defaults for " + ", ".join(skipped))

@@ -186,11 +186,17 @@ def test_thread_sweep_under_load_keeps_the_default(monkeypatch):
 
 
 def test_busy_cores_skip_thread_decisions(monkeypatch):
-    monkeypatch.setattr(search, "search_blocking", lambda t, seeds, nc: {"mc": 96, "kc": 256})
-    monkeypatch.setattr(search, "search_nc", lambda t, block, nc: nc)
+    called = []
+    def blocking(t, seeds, nc):
+        t.evidence["blocking"] = {"finalists": [{"mc": 96, "kc": 256}]}
+        return {"mc": 96, "kc": 256}
+
+    monkeypatch.setattr(search, "search_blocking", blocking)
+    ncs = []
+    monkeypatch.setattr(search, "search_nc", lambda t, block, nc, n: ncs.append(n) or nc)
+    monkeypatch.setattr(search, "search_joint", lambda *a: called.append(3))
     monkeypatch.setattr(search, "search_nopack", lambda t, block, d: d)
     monkeypatch.setattr(search, "search_nopack_a", lambda t, block, d: d)
-    called = []
     monkeypatch.setattr(search, "search_split", lambda t, block: called.append(1) or "jc")
     monkeypatch.setattr(search, "search_thread_mnk", lambda *a: called.append(2) or 1)
     t = search.Tuning("float32", 6, 16, 2, quick=True, quiet=lambda par: (0.95, 0.3))
@@ -199,7 +205,8 @@ def test_busy_cores_skip_thread_decisions(monkeypatch):
     chosen = search.tune_dtype(t, dict(defaults), defaults)
     assert called == []
     assert chosen["split"] == "auto" and chosen["thread_mnk"] == 96 ** 3
-    assert t.evidence["busy"] == ["split", "thread_mnk"]
+    assert t.evidence["busy"] == ["joint", "split", "thread_mnk"]
+    assert ncs == [1]                      # nc measured on one thread, not on busy cores
 
 
 def test_noisy_sweep_keeps_the_default(monkeypatch):
@@ -216,3 +223,22 @@ def test_split_thread_counts():
     assert search.split_thread_counts(2) == [2]
     assert search.split_thread_counts(6) == [2, 4, 6]
     assert search.split_thread_counts(64) == [2, 4, 8, 16, 32, 64]
+
+
+def test_joint_verdict_weighs_one_and_all_threads(monkeypatch):
+    """A blocking 2 % faster alone but 30 % slower on two threads (its blocks crowd the
+    shared L3) loses to one that is good on both."""
+    def gflops(prob, ov, min_seconds=0):
+        lone = {480: 90.0, 144: 88.0, 582: 80.0}[ov["mc"]]
+        shared = {480: 120.0, 144: 170.0, 582: 150.0}[ov["mc"]]
+        return lone if ov["threads"] == 1 else shared
+
+    monkeypatch.setattr(measure, "gflops", gflops)
+    monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
+    monkeypatch.setattr(measure, "Problem", lambda *a, **k: type(
+        "P", (), {"m": 1, "n": 1, "k": 1})())
+    t = search.Tuning("float32", 6, 16, 2, quick=True)
+    pick = search.search_joint(t, [{"mc": 480, "kc": 1024, "nc": 4096},
+                                   {"mc": 144, "kc": 512, "nc": 4096}],
+                               {"mc": 582, "kc": 168, "nc": 4096})
+    assert pick == {"mc": 144, "kc": 512, "nc": 4096}
