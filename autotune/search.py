@@ -294,7 +294,7 @@ def search_joint(t, finalists, model):
     pick = incumbent if res.score(w) < res.score(incumbent) * MOVE_MARGIN else w
     t.say(f"{t.dtype} blocking on 1 and {t.threads} threads: {_fmt(pick)} "
           f"{res.score(pick):.1f} GFLOP/s (geometric mean; "
-          + ", ".join(f"{_fmt(c)} {res.score(c):.1f}" for c in cands[1:]) + ")")
+          + ", ".join(f"{_fmt(c)} {res.score(c):.1f}" for c in cands) + ")")
     t.evidence["joint"] = {"problem": [prob.m, prob.n, prob.k], "threads": [1, t.threads],
                            "results": res.summary(), "chosen": pick}
     return pick
