@@ -85,13 +85,15 @@ def test_model_adapts_to_each_machine(tmp_path, mr, nr, size):
 
 def test_model_exact_values_for_the_laptop(tmp_path):
     caches = read_machine(tmp_path, "laptop")
-    # L1 32 KiB 8-way: one way for A's 6 x kc panel of floats -> kc = 4096 / 24 = 170 -> 168;
-    # L2 256 KiB 4-way: two ways for A's block -> mc = 131072 / (168 * 4) = 195 -> 192.
-    assert model(caches, 6, 16, 4)["kc"] == 168
-    assert model(caches, 6, 16, 4)["mc"] == 192
-    # float64 6x8: three L1 ways for A -> kc = 3 * 4096 / 48 = 256; mc = 131072 / 2048 = 64 -> 60.
+    # L1 32 KiB 8-way, 6x16 floats: 7 / (1 + 16/6) = 1.9 ways for A's panel ->
+    # kc = 1.9 * 4096 / 24 = 325 -> 320 (multiples of 32);
+    # L2 256 KiB 4-way: B's panel takes 1 way, half of the 2 left go to A ->
+    # mc = 65536 / (320 * 4) = 51 -> 48.
+    assert model(caches, 6, 16, 4)["kc"] == 320
+    assert model(caches, 6, 16, 4)["mc"] == 48
+    # float64 6x8: 7 / (1 + 8/6) = 3 ways -> kc = 3 * 4096 / 48 = 256; mc = 65536 / 2048 = 32 -> 30.
     assert model(caches, 6, 8, 8)["kc"] == 256
-    assert model(caches, 6, 8, 8)["mc"] == 60
+    assert model(caches, 6, 8, 8)["mc"] == 30
 
 
 def test_l3_shared_by_more_cores_shrinks_nc(tmp_path):

@@ -8,7 +8,7 @@ from microtile import _mt_openmp  # noqa: F401  (its file name is what threadpoo
 from microtile._config import (config_context, get_config, get_num_threads,
                                set_num_threads, _init as _init_config)
 from microtile._dispatch import available_isas
-from microtile._linalg import gemm
+from microtile._linalg import dot, gemm, gemv, ger, matmul, outer
 
 _init_config()
 
@@ -18,6 +18,6 @@ _register_threadpool()
 del _register_threadpool, _init_config
 
 __all__ = [
-    "__version__", "gemm",
+    "__version__", "gemm", "matmul", "dot", "outer", "ger", "gemv",
     "get_num_threads", "set_num_threads", "get_config", "config_context", "available_isas",
 ]

@@ -128,6 +128,8 @@ def get_num_threads():
     -------
     int
     """
+    if _params.forked():
+        return 1  # see _params: OpenMP does not survive fork()
     ov = _params.override.get()
     if ov is not None and "threads" in ov:
         return ov["threads"]

@@ -6,24 +6,28 @@
           jr over nr columns    (one micro-panel of B stays in L1)
             ir over mr rows     (micro-kernel: mr x nr of C in registers)
 
-Threading: the m x n output is cut into a grid of tm x tn sub-blocks, one per thread, and each
-thread runs the five loops on its own sub-block with its own packing buffers, so one parallel
-region serves the whole call and no thread ever waits on another (Cython has no barrier).
-tn > 1 parallelises the jc/jr loops (threads pack disjoint parts of B between them), tm > 1
-the ic loop (each thread packs the B panels it reads).  The grid is chosen to minimise the
-largest thread's work, padded tiles and packing included.
+Threading (BLIS's way): for each (jc, pc) step the team packs B's block cooperatively into one
+shared buffer, then takes work items of the ic loop dynamically, each thread packing its A
+block into its own buffer.  Items are small enough that there are several per thread, so a
+thread that loses its core for a while does less of the work instead of holding up the call.
+When there are too few row blocks (small m, or split == "jc"), items also cut the jr loop.
+Cython has no barrier, so the two phases are two parallel regions.
 
 Small problems and skinny operands skip packing: the general micro-kernel reads A at any
 strides and B in place when its rows are contiguous, so only edge slivers are copied.
+
+An epilogue (bias, activation) is applied to each tile right after its last rank-kc update,
+while it is still in L1, which saves the separate pass over C that NumPy code would make.
 """
 from cython.parallel cimport prange
-from libc.math cimport ceil
+from libc.math cimport ceil, exp, tanh
 
 from microtile._typedefs cimport idx_t, floating
 from microtile._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr, ukr_packed,
                                  ukr_gen)
 from microtile._dispatch cimport kernel_set
 from microtile._pack cimport pack_a, pack_b
+from microtile._level2 cimport gemv_run
 from microtile._scratch cimport (scratch_get, SCRATCH_PACK_A, SCRATCH_PACK_B,
                                  SCRATCH_EXTRA, SCRATCH_EXTRA2)
 
@@ -34,6 +38,36 @@ cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
 
 cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
     return (a + b - 1) // b
+
+
+cdef inline floating _act(floating v, int act) noexcept nogil:
+    cdef floating e
+    if act == ACT_RELU:
+        # v > 0 keeps NaN as NaN (max(v, 0) would not).
+        return v if (v > 0 or v != v) else 0
+    if act == ACT_SIGMOID:
+        # Never exponentiates a positive number: no overflow for large |v|.
+        if v >= 0:
+            return 1 / (1 + exp(-v))
+        e = exp(v)
+        return e / (1 + e)
+    if act == ACT_TANH:
+        return tanh(v)
+    return v
+
+
+cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, idx_t n,
+                    floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
+    """C[0:m, 0:n] = act(C + bias) for the tile whose top-left is (row0, col0) of the call."""
+    cdef const floating* bias = <const floating*> ep.bias
+    cdef idx_t i, j
+    cdef floating bv
+    for i in range(m):
+        for j in range(n):
+            bv = 0
+            if bias != NULL:
+                bv = bias[(row0 + i) * ep.bias_inc] if ep.bias_axis == 0 else bias[(col0 + j) * ep.bias_inc]
+            c[i * rs_c + j * cs_c] = _act(c[i * rs_c + j * cs_c] + bv, ep.act)
 
 
 cdef void _scale(idx_t m, idx_t n, floating beta, floating* c, idx_t rs_c,
@@ -74,11 +108,13 @@ cdef void _macro(const kernel_set_t* ks, idx_t mc, idx_t nc, idx_t kc, floating 
                  const floating* a, idx_t rs_a, idx_t cs_a, bint a_packed,
                  const floating* a_edge,
                  const floating* b, idx_t rs_b, bint b_packed, floating* b_edge,
-                 floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
+                 floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                 const gemm_epilogue* ep, idx_t row0, idx_t col0) noexcept nogil:
     """The jr and ir loops over one block.  A packed: `a` holds mr-row panels.  A in place:
     `a` at strides (rs_a, cs_a), and `a_edge` the last partial row panel, packed.  B packed:
     `b` holds nr-column panels.  B in place: rows rs_b apart, columns contiguous; the last
-    partial column panel is packed into `b_edge` here."""
+    partial column panel is packed into `b_edge` here.  `ep` (or NULL) is applied to each
+    tile; (row0, col0) is the block's place in the call's C, for the bias."""
     cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
     cdef idx_t jr, ir, jr_i, ir_i, mrr, nrr, ars, acs, brs
     cdef const floating* ap
@@ -120,137 +156,218 @@ cdef void _macro(const kernel_set_t* ks, idx_t mc, idx_t nc, idx_t kc, floating 
                     ukr_gen(ks, kc, ap, ars, acs, bp, brs, cp, rs_c, cs_c, alpha, beta)
             else:
                 _edge_tile(ks, kc, ap, ars, acs, bp, brs, mrr, nrr, alpha, beta, cp, rs_c, cs_c)
+            if ep != NULL:
+                _epilogue(ep, row0 + ir, col0 + jr, mrr, nrr, cp, rs_c, cs_c)
+
+
+cdef inline gemm_epilogue _transposed(const gemm_epilogue* ep) noexcept nogil:
+    cdef gemm_epilogue t = ep[0]
+    t.bias_axis = 1 - t.bias_axis
+    return t
+
+
+cdef int _vector_case(const kernel_set_t* ks, int nt, idx_t m, idx_t n, idx_t k,
+                      floating alpha, const floating* a, idx_t rs_a, idx_t cs_a,
+                      const floating* b, idx_t rs_b, idx_t cs_b, floating beta, floating* c,
+                      idx_t rs_c, idx_t cs_c, const gemm_epilogue* ep) noexcept nogil:
+    """m == 1 or n == 1: a matrix-vector product (a tile would be mostly padding)."""
+    cdef int rc
+    if n == 1:
+        rc = gemv_run(ks, nt, m, k, alpha, a, rs_a, cs_a, b, rs_b, beta, c, rs_c)
+    else:
+        rc = gemv_run(ks, nt, n, k, alpha, b, cs_b, rs_b, a, cs_a, beta, c, cs_c)
+    if rc == 0 and ep != NULL:
+        _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+    return rc
+
+
+ctypedef struct _plan:
+    # How one call is cut up; fixed before the loops start.
+    int nt              # threads in the team (1: the calling thread alone)
+    bint a_packed       # A copied into mr-row panels, or read in place
+    bint b_packed       # B copied into nr-column panels, or read in place (rows contiguous)
+    idx_t mc, kc, nc    # block sizes, whole micro-panels
+    idx_t item_rows     # rows of C per work item (a multiple of mr, at most mc)
+    idx_t n_ic          # row blocks per call
+    idx_t n_jr          # column chunks per block of nc columns (more than 1 when rows are few)
+
+
+cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, idx_t n, idx_t k,
+                     idx_t cs_b, _plan* pl) noexcept nogil:
+    cdef bint small = <double> m * <double> n * <double> k <= prm.nopack_mnk
+    cdef idx_t micro_rows, want, rows
+    pl.nt = nt
+    pl.b_packed = not (cs_b == 1 and (small or m <= 2 * mr))
+    pl.a_packed = not (small or n <= prm.nopack_a_panels * nr)
+    pl.kc = _min(prm.kc, k)
+    pl.nc = _ceil_div(_min(prm.nc, n), nr) * nr
+    pl.mc = _ceil_div(_min(prm.mc, m), mr) * mr
+    pl.item_rows = pl.mc
+    pl.n_jr = 1
+    if nt > 1:
+        # Three items per thread or more, handed out dynamically, so a thread that loses its
+        # core for a while (another library's spinning workers, a noisy neighbour) does less.
+        micro_rows = _ceil_div(m, mr)
+        want = 3 * nt
+        rows = _ceil_div(micro_rows, want) * mr
+        if rows < pl.item_rows:
+            pl.item_rows = rows if rows >= mr else mr
+        if prm.split == 2 or (prm.split == 0 and _ceil_div(m, pl.item_rows) < want):
+            pl.n_jr = _min(_ceil_div(want, _ceil_div(m, pl.item_rows)), _ceil_div(pl.nc, nr))
+            if pl.n_jr < 1:
+                pl.n_jr = 1
+    pl.n_ic = _ceil_div(m, pl.item_rows)
+
+
+cdef int _item(const kernel_set_t* ks, const _plan* pl, idx_t it, idx_t m, idx_t nc_cur,
+               idx_t kc_cur, idx_t pc, idx_t jc, floating alpha,
+               const floating* a, idx_t rs_a, idx_t cs_a,
+               const floating* b, idx_t rs_b, const floating* bufB,
+               floating beta_p, floating* c, idx_t rs_c, idx_t cs_c,
+               const gemm_epilogue* ep) noexcept nogil:
+    """One work item: rows [ic, ic + item_rows) x one chunk of the current nc columns.  Packs
+    its block of A into this thread's buffer (or reads A in place) and runs the macro-kernel."""
+    cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
+    cdef idx_t ic = (it // pl.n_jr) * pl.item_rows
+    cdef idx_t chunk = it % pl.n_jr
+    cdef idx_t panels = _ceil_div(nc_cur, nr)
+    cdef idx_t per = _ceil_div(panels, pl.n_jr)
+    cdef idx_t jr0 = chunk * per * nr, jr1, mc_cur
+    cdef floating* bufA = NULL
+    cdef floating* edgeA = NULL
+    cdef floating* edgeB = NULL
+    cdef const floating* a_blk = a + ic * rs_a + pc * cs_a
+    jr1 = _min(nc_cur, jr0 + per * nr)
+    if ic >= m or jr0 >= jr1:
+        return 0
+    mc_cur = _min(pl.item_rows, m - ic)
+    if pl.a_packed:
+        bufA = <floating*> scratch_get(SCRATCH_PACK_A, pl.mc * pl.kc * sizeof(floating))
+        if bufA == NULL:
+            return -1
+        pack_a(mc_cur, kc_cur, a_blk, rs_a, cs_a, mr, bufA)
+    elif mc_cur % mr:
+        edgeA = <floating*> scratch_get(SCRATCH_EXTRA, mr * pl.kc * sizeof(floating))
+        if edgeA == NULL:
+            return -1
+        pack_a(mc_cur % mr, kc_cur, a_blk + (mc_cur - mc_cur % mr) * rs_a, rs_a, cs_a, mr,
+               edgeA)
+    if not pl.b_packed and (jr1 - jr0) % nr:
+        edgeB = <floating*> scratch_get(SCRATCH_EXTRA2, nr * pl.kc * sizeof(floating))
+        if edgeB == NULL:
+            return -1
+    _macro(ks, mc_cur, jr1 - jr0, kc_cur, alpha,
+           bufA if pl.a_packed else a_blk, rs_a, cs_a, pl.a_packed, edgeA,
+           bufB + jr0 * kc_cur if pl.b_packed else b + pc * rs_b + jc + jr0, rs_b,
+           pl.b_packed, edgeB,
+           beta_p, c + ic * rs_c + (jc + jr0) * cs_c, rs_c, cs_c,
+           ep, ic, jc + jr0)
+    return 0
+
+
+cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, floating alpha,
+                    const floating* a, idx_t rs_a, idx_t cs_a,
+                    const floating* b, idx_t rs_b, idx_t cs_b,
+                    floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                    const gemm_epilogue* ep) noexcept nogil:
+    """The five loops.  B's block is packed once per (jc, pc) into the calling thread's buffer,
+    by the whole team (one parallel region); the items of the ic/jr loops then go to the team
+    dynamically (a second region).  With nt == 1 no region is opened."""
+    cdef const kernel_set_t* ks = kernel_set(prm.isa)
+    cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
+    cdef _plan pl
+    cdef idx_t jc, pc, jc_i, pc_i, nc_cur, kc_cur, p, panels, it, n_items
+    cdef floating beta_p
+    cdef floating* bufB = NULL
+    cdef const gemm_epilogue* ep_p
+    cdef gemm_epilogue ep_t
+    cdef int fails = 0
+    if m <= 0 or n <= 0:
+        return 0
+    if alpha == 0 or k <= 0:
+        _scale(m, n, beta, c, rs_c, cs_c)
+        if ep != NULL:
+            _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+        return 0
+    if m == 1 or n == 1:
+        return _vector_case(ks, nt, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c,
+                            rs_c, cs_c, ep)
+    # Rows of C contiguous is what the kernel's write-back wants; transpose the problem
+    # (C^T = B^T A^T) when C is column-major.
+    if cs_c != 1 and rs_c == 1:
+        if ep != NULL:
+            ep_t = _transposed(ep)
+            ep = &ep_t
+        return _gemm_core(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
+                          cs_c, rs_c, ep)
+    if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
+                   or _ceil_div(m, mr) * _ceil_div(n, nr) < 2 * nt):
+        nt = 1
+    _make_plan(prm, nt, mr, nr, m, n, k, cs_b, &pl)
+    if pl.b_packed:
+        bufB = <floating*> scratch_get(SCRATCH_PACK_B, pl.kc * pl.nc * sizeof(floating))
+        if bufB == NULL:
+            return -1
+    for jc_i in range(_ceil_div(n, pl.nc)):
+        jc = jc_i * pl.nc
+        nc_cur = _min(pl.nc, n - jc)
+        panels = _ceil_div(nc_cur, nr)
+        n_items = pl.n_ic * pl.n_jr
+        for pc_i in range(_ceil_div(k, pl.kc)):
+            pc = pc_i * pl.kc
+            kc_cur = _min(pl.kc, k - pc)
+            beta_p = beta if pc == 0 else 1
+            ep_p = ep if pc + kc_cur >= k else NULL
+            if nt == 1:
+                if pl.b_packed:
+                    pack_b(kc_cur, nc_cur, b + pc * rs_b + jc * cs_b, rs_b, cs_b, nr, bufB)
+                for it in range(n_items):
+                    if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
+                             b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
+                        return -1
+            else:
+                if pl.b_packed:
+                    for p in prange(panels, num_threads=nt, schedule="static"):
+                        pack_b(kc_cur, _min(nr, nc_cur - p * nr),
+                               b + pc * rs_b + (jc + p * nr) * cs_b, rs_b, cs_b, nr,
+                               bufB + p * nr * kc_cur)
+                for it in prange(n_items, num_threads=nt, schedule="dynamic", chunksize=1):
+                    fails += _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a,
+                                   cs_a, b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0
+                if fails:
+                    return -1
+    return 0
+
+
+cdef int gemm_serial_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                        const floating* a, idx_t rs_a, idx_t cs_a,
+                        const floating* b, idx_t rs_b, idx_t cs_b,
+                        floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                        const gemm_epilogue* ep) noexcept nogil:
+    return _gemm_core(prm, 1, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c, rs_c,
+                      cs_c, ep)
 
 
 cdef int gemm_serial(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
                      const floating* a, idx_t rs_a, idx_t cs_a,
                      const floating* b, idx_t rs_b, idx_t cs_b,
                      floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
-    cdef const kernel_set_t* ks = kernel_set(prm.isa)
-    cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
-    cdef idx_t mc, kc, nc, jc, pc, ic, jc_i, pc_i, ic_i, nc_cur, kc_cur, mc_cur
-    cdef floating beta_p
-    cdef floating* bufA = NULL
-    cdef floating* bufB = NULL
-    cdef floating* edgeA = NULL
-    cdef floating* edgeB = NULL
-    cdef bint small, a_packed, b_packed
-    if m <= 0 or n <= 0:
-        return 0
-    if alpha == 0 or k <= 0:
-        _scale(m, n, beta, c, rs_c, cs_c)
-        return 0
-    # Rows of C contiguous is what the kernel's write-back wants; transpose the problem
-    # (C^T = B^T A^T) when C is column-major.
-    if cs_c != 1 and rs_c == 1:
-        return gemm_serial(prm, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c, cs_c, rs_c)
-
-    small = <double> m * <double> n * <double> k <= prm.nopack_mnk
-    b_packed = not (cs_b == 1 and (small or m <= 2 * mr))
-    a_packed = not (small or n <= prm.nopack_a_panels * nr)
-    mc = _min(prm.mc, m)
-    kc = _min(prm.kc, k)
-    nc = _min(prm.nc, n)
-    # Round block sizes to whole micro-panels (a tuner may propose any value).
-    mc = _ceil_div(mc, mr) * mr
-    nc = _ceil_div(nc, nr) * nr
-
-    if a_packed:
-        bufA = <floating*> scratch_get(SCRATCH_PACK_A, mc * kc * sizeof(floating))
-        if bufA == NULL:
-            return -1
-    elif m % mr:
-        edgeA = <floating*> scratch_get(SCRATCH_EXTRA, mr * kc * sizeof(floating))
-        if edgeA == NULL:
-            return -1
-    if b_packed:
-        bufB = <floating*> scratch_get(SCRATCH_PACK_B, kc * nc * sizeof(floating))
-        if bufB == NULL:
-            return -1
-    elif n % nr:
-        edgeB = <floating*> scratch_get(SCRATCH_EXTRA2, nr * kc * sizeof(floating))
-        if edgeB == NULL:
-            return -1
-
-    for jc_i in range((n + nc - 1) // nc):
-        jc = jc_i * nc
-        nc_cur = _min(nc, n - jc)
-        for pc_i in range((k + kc - 1) // kc):
-            pc = pc_i * kc
-            kc_cur = _min(kc, k - pc)
-            beta_p = beta if pc == 0 else 1
-            if b_packed:
-                pack_b(kc_cur, nc_cur, b + pc * rs_b + jc * cs_b, rs_b, cs_b, nr, bufB)
-            for ic_i in range((m + mc - 1) // mc):
-                ic = ic_i * mc
-                mc_cur = _min(mc, m - ic)
-                if a_packed:
-                    pack_a(mc_cur, kc_cur, a + ic * rs_a + pc * cs_a, rs_a, cs_a, mr, bufA)
-                elif mc_cur % mr:
-                    pack_a(mc_cur % mr, kc_cur,
-                           a + (ic + mc_cur - mc_cur % mr) * rs_a + pc * cs_a,
-                           rs_a, cs_a, mr, edgeA)
-                _macro(ks, mc_cur, nc_cur, kc_cur, alpha,
-                       bufA if a_packed else a + ic * rs_a + pc * cs_a, rs_a, cs_a, a_packed,
-                       edgeA,
-                       bufB if b_packed else b + pc * rs_b + jc, rs_b, b_packed, edgeB,
-                       beta_p, c + ic * rs_c + jc * cs_c, rs_c, cs_c)
-    return 0
+    return _gemm_core(prm, 1, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c, rs_c,
+                      cs_c, NULL)
 
 
-cdef void _choose_grid(idx_t m, idx_t n, idx_t k, int nt, int mr, int nr, idx_t nc, int split,
-                       int* tm_out, int* tn_out) noexcept nogil:
-    """Pick tm x tn == nt minimising the busiest thread's cost: its padded tiles, plus the
-    packing it does (each thread packs A for its rows once per nc block, B for its columns)."""
-    cdef int tm, tn, best_tm = nt, best_tn = 1
-    cdef double rows, cols, cost, best = -1
-    for tm in range(1, nt + 1):
-        if nt % tm:
-            continue
-        tn = nt // tm
-        if (split == 1 and tn != 1) or (split == 2 and tm != 1):
-            continue
-        rows = ceil(ceil(<double> m / mr) / tm) * mr
-        cols = ceil(ceil(<double> n / nr) / tn) * nr
-        # About eight multiply-adds' time per element packed (copy plus scattered store).
-        cost = rows * cols + 8.0 * (rows * ceil(cols / nc) + cols)
-        if best < 0 or cost < best:
-            best = cost
-            best_tm = tm
-            best_tn = tn
-    tm_out[0] = best_tm
-    tn_out[0] = best_tn
+cdef int gemm_run_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                     const floating* a, idx_t rs_a, idx_t cs_a,
+                     const floating* b, idx_t rs_b, idx_t cs_b,
+                     floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                     const gemm_epilogue* ep) noexcept nogil:
+    return _gemm_core(prm, prm.n_threads, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta,
+                      c, rs_c, cs_c, ep)
 
 
 cdef int gemm_run(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
                   const floating* a, idx_t rs_a, idx_t cs_a,
                   const floating* b, idx_t rs_b, idx_t cs_b,
                   floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
-    cdef const kernel_set_t* ks = kernel_set(prm.isa)
-    cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
-    cdef int nt = prm.n_threads, tm = 1, tn = 1, tid, fails = 0
-    cdef idx_t tiles, rows_per, cols_per, r0, r1, c0, c1
-    if m <= 0 or n <= 0 or alpha == 0 or k <= 0:
-        return gemm_serial(prm, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c, rs_c, cs_c)
-    if cs_c != 1 and rs_c == 1:
-        return gemm_run(prm, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c, cs_c, rs_c)
-    tiles = _ceil_div(m, mr) * _ceil_div(n, nr)
-    if <double> m * <double> n * <double> k < prm.thread_mnk:
-        nt = 1
-    if nt > tiles:
-        nt = <int> tiles
-    if nt <= 1:
-        return gemm_serial(prm, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c, rs_c, cs_c)
-    _choose_grid(m, n, k, nt, mr, nr, prm.nc, prm.split, &tm, &tn)
-    rows_per = _ceil_div(_ceil_div(m, mr), tm) * mr
-    cols_per = _ceil_div(_ceil_div(n, nr), tn) * nr
-    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = (tid // tn) * rows_per
-        c0 = (tid % tn) * cols_per
-        r1 = _min(m, r0 + rows_per)
-        c1 = _min(n, c0 + cols_per)
-        if r0 < r1 and c0 < c1:
-            fails += gemm_serial(prm, r1 - r0, c1 - c0, k, alpha,
-                                 a + r0 * rs_a, rs_a, cs_a, b + c0 * cs_b, rs_b, cs_b,
-                                 beta, c + r0 * rs_c + c0 * cs_c, rs_c, cs_c) != 0
-    return -1 if fails else 0
+    return _gemm_core(prm, prm.n_threads, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta,
+                      c, rs_c, cs_c, NULL)

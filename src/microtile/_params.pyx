@@ -5,6 +5,7 @@ in a form that costs nothing to read: one struct copy per call, plus a ContextVa
 ``config_context`` overrides (which are per thread and per async task, like a NumPy errstate).
 """
 import contextvars
+import os
 
 from microtile._gemm cimport gemm_params
 
@@ -14,6 +15,22 @@ override = contextvars.ContextVar("microtile_config_override", default=None)
 
 cdef gemm_params _base[2]
 cdef int _threads = 1
+# GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after
+# its parent used one hangs.  A forked child therefore runs every kernel on one thread.
+cdef bint _forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+def forked():
+    """True in a process forked from one that imported microtile (kernels run single-threaded)."""
+    return _forked
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 FIELDS = ("mc", "kc", "nc", "nopack_mnk", "thread_mnk", "nopack_a_panels", "split")
 
@@ -66,6 +83,8 @@ cdef int current_params(int dtype_code, gemm_params* out) except -1:
             out.isa = ov["isa"]
         if dtype_code in ov:
             _apply(out, ov[dtype_code])
+    if _forked:
+        out.n_threads = 1
     return 0
 
 
