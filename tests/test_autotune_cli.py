@@ -173,13 +173,11 @@ def test_one_dtype_keeps_the_other_from_the_old_profile(profile_path, capsys,
 def test_python_dash_m_entry_point(tmp_path):
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "src"), root]),
-               XDG_CACHE_HOME=str(tmp_path))
-    env.pop("MICROTILE_PROFILE", None)
+    from autotune_env import child_env
+    env = child_env(XDG_CACHE_HOME=tmp_path)
     r = subprocess.run([sys.executable, "-m", "autotune", "--threads", "nope"], env=env,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "--threads" in r.stderr
     r = subprocess.run([sys.executable, "-m", "autotune", "--show"], env=env,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and "missing" in r.stdout

@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 
+from autotune_env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(os.environ.get("MICROTILE_SKIP_TUNER_E2E", "") not in ("", "0"),
@@ -17,12 +19,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("MICROTILE_SKIP_TUNER_E2E", "") n
 
 
 def test_quick_run_end_to_end(tmp_path):
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), ROOT]))
-    env.pop("MICROTILE_PROFILE", None)
+    env = child_env(XDG_CACHE_HOME=tmp_path)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "autotune", "--quick", "--json"], env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     assert elapsed < 60, f"--quick took {elapsed:.1f} s"
@@ -48,7 +48,7 @@ def test_quick_run_end_to_end(tmp_path):
               "print(json.dumps({'status': c['profile_status'], 'path': c['profile'], "
               "'f32': c['float32'], 'f64': c['float64'], 'err': err}))")
     r2 = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                        text=True, timeout=60)
+                        text=True, timeout=60, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr
     got = json.loads(r2.stdout)
     assert got["status"] == "loaded" and got["path"] == path
@@ -58,10 +58,10 @@ def test_quick_run_end_to_end(tmp_path):
     assert got["err"] < 257 * np.finfo(np.float32).eps * 20
 
     r3 = subprocess.run([sys.executable, "-m", "autotune", "--show"], env=env,
-                        capture_output=True, text=True, timeout=60)
+                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r3.returncode == 0 and "loaded" in r3.stdout and "NumPy" in r3.stdout
     r4 = subprocess.run([sys.executable, "-m", "autotune", "--reset"], env=env,
-                        capture_output=True, text=True, timeout=60)
+                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r4.returncode == 0 and not os.path.exists(path)
 
 
@@ -75,11 +75,10 @@ def test_ctrl_c_leaves_the_old_profile(tmp_path):
                         tuner={"mode": "quick", "threads": 1, "seconds": 0})
     profile.write(str(path), old)
     before = path.read_text()
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), ROOT]))
-    env.pop("MICROTILE_PROFILE", None)
+    env = child_env(XDG_CACHE_HOME=tmp_path)
     p = subprocess.Popen([sys.executable, "-m", "autotune", "--quick"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
     # Wait until the search is under way, then interrupt it as Ctrl-C would.
     t0 = time.perf_counter()
     for line in p.stderr:

@@ -13,6 +13,7 @@ import pytest
 import microtile
 from microtile import _profile
 from autotune import profile as tprofile
+from autotune_env import child_env, import_roots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA = microtile.get_config()["isa"]
@@ -37,12 +38,7 @@ def write(path, doc):
 
 
 def env_for(path=None, **extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), ROOT])
-    env["MICROTILE_PROFILE"] = str(path) if path else os.path.join(ROOT, "no-such-profile")
-    env.pop("PYTHONWARNINGS", None)
-    env.update(extra)
-    return env
+    return child_env(MICROTILE_PROFILE=path or os.path.join(ROOT, "no-such-profile"), **extra)
 
 
 CONFIG_SCRIPT = ("import json, microtile; c = microtile.get_config(); "
@@ -52,7 +48,7 @@ CONFIG_SCRIPT = ("import json, microtile; c = microtile.get_config(); "
 
 def import_config(env):
     r = subprocess.run([sys.executable, "-c", CONFIG_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, cwd=os.path.dirname(ROOT))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
@@ -252,7 +248,7 @@ for i in range(60):
 
 def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
     path = tmp_path / "p.json"
-    script = WRITER.format(paths=[os.path.join(ROOT, "src"), ROOT])
+    script = WRITER.format(paths=import_roots())
     procs = [subprocess.Popen([sys.executable, "-c", script, w, str(path)]) for w in "AB"]
     reads = 0
     while any(p.poll() is None for p in procs):

@@ -122,7 +122,8 @@ def read(path):
     if not isinstance(data, dict) or not isinstance(data.get("schema_version"), int):
         return "invalid", "no schema_version"
     if data["schema_version"] != SCHEMA_VERSION:
-        return "stale", f"schema_version {data['schema_version']} (this library reads {SCHEMA_VERSION})"
+        return "stale", (f"schema_version {data['schema_version']} (this library reads "
+                         f"{SCHEMA_VERSION})")
     if data.get("library_version") != library_version():
         return "stale", f"written by microtile {data.get('library_version')}"
     if data.get("fingerprint") != fingerprint():
