@@ -26,6 +26,7 @@ from microtile import _blocking
 OBJECTIVE_N = 1024
 MOVE_MARGIN = 1.01       # a neighbour must beat the centre by 1 % to move the search
 KEEP_MARGIN = 1.02       # a challenger must beat the default by 2 % to replace it
+SPLIT_MARGIN = 1.04      # ... and the driver's own split choice by 4 % (it adapts per shape)
 KC_STEP = 8
 # Below this parallel efficiency the cores are taken by someone else, and thread-count
 # decisions are not made (the defaults stay).
@@ -243,9 +244,11 @@ def search_nc(t, block, nc_seed, threads=1):
     for f in (0.5, 0.25, 2.0, 0.75, 1.5)[: t.s["nc_count"] - 1]:
         vals.add(snap(nc_seed * f, t.nr, t.nr, top))
     cands = [{"nc": v} for v in sorted(vals)]
-    # B's kc x nc block is what nc sizes: k = kc fills it once, m = 2 mc per thread reuses
-    # it for two row blocks, and n spans the largest candidate and a quarter more.
-    m = snap(min(max(2 * block["mc"] * threads, 256), 1536 * threads), t.mr, t.mr, 1 << 14)
+    # B's kc x nc block is what nc sizes: k = kc fills it once, n spans the largest
+    # candidate and a quarter more, and m gives each thread at least 1024 rows: the block is
+    # reused by every row block, while A is packed again for every nc columns, so a small m
+    # would flatter a small nc.
+    m = snap(max(1024, 2 * block["mc"]) * threads, t.mr, t.mr, 1 << 14)
     n = snap(1.25 * max(vals), t.nr, t.nr, 1 << 14)
     k = min(block["kc"], 1024)
     prob = t.problem(m, n, k)
@@ -343,7 +346,7 @@ def search_split(t, block):
         w = res.winner
         if w is None:
             raise RuntimeError(f"{t.dtype}: no split computed a correct result")
-        pick = auto if res.score(w) < res.score(auto) * KEEP_MARGIN else w
+        pick = auto if res.score(w) < res.score(auto) * SPLIT_MARGIN else w
         t.say(f"{t.dtype} split on {nt} threads: {pick['split']} ("
               + ", ".join(f"{c['split']} {res.score(c):.1f}" for c in cands) + " GFLOP/s)")
         t.evidence.setdefault("split", {})[str(nt)] = {
