@@ -230,6 +230,24 @@ def search_blocking(t, seeds, nc):
     return centre
 
 
+def nc_shape(block, nc_max, threads, mr, nr):
+    """The GEMM that nc is measured on.  B's kc x nc block is what nc sizes: k = kc fills
+    it once, n spans the largest candidate and a quarter more, and m gives each thread at
+    least 1024 rows: the block is reused by every row block while A is packed again for
+    every nc columns, so a small m would flatter a small nc."""
+    m = snap(max(1024, 2 * block["mc"]) * threads, mr, mr, 1 << 14)
+    n = snap(1.25 * nc_max, nr, nr, 1 << 14)
+    return m, n, min(block["kc"], 1024)
+
+
+def nc_base(block, threads):
+    """Overrides for the nc measurement: rows split between threads, so each spans all n."""
+    base = {"threads": threads, **block}
+    if threads > 1:
+        base.update(split="ic", thread_mnk=0)
+    return base
+
+
 def search_nc(t, block, nc_seed, threads=1):
     """nc among a few values around the model's, on a wide GEMM.
 
@@ -244,18 +262,9 @@ def search_nc(t, block, nc_seed, threads=1):
     for f in (0.5, 0.25, 2.0, 0.75, 1.5)[: t.s["nc_count"] - 1]:
         vals.add(snap(nc_seed * f, t.nr, t.nr, top))
     cands = [{"nc": v} for v in sorted(vals)]
-    # B's kc x nc block is what nc sizes: k = kc fills it once, n spans the largest
-    # candidate and a quarter more, and m gives each thread at least 1024 rows: the block is
-    # reused by every row block, while A is packed again for every nc columns, so a small m
-    # would flatter a small nc.
-    m = snap(max(1024, 2 * block["mc"]) * threads, t.mr, t.mr, 1 << 14)
-    n = snap(1.25 * max(vals), t.nr, t.nr, 1 << 14)
-    k = min(block["kc"], 1024)
+    m, n, k = nc_shape(block, max(vals), threads, t.mr, t.nr)
     prob = t.problem(m, n, k)
-    base = {"threads": threads, **block}
-    if threads > 1:
-        base.update(split="ic", thread_mnk=0)
-    res = t.race(prob, cands, deadline, base=base)
+    res = t.race(prob, cands, deadline, base=nc_base(block, threads))
     seed_c = {"nc": snap(nc_seed, t.nr, t.nr, top)}
     w = res.winner
     if w is None:

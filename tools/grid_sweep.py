@@ -3,7 +3,8 @@ tuner's choices come to the grid's best?  (Not run in CI: a few minutes of timin
 
 The objectives are the tuner's own (``autotune.search``):
   * (mc, kc) on the square 1024^3 GEMM, single-threaded, nc fixed;
-  * nc on the wide GEMM the nc step uses, at the grid's best (mc, kc).
+  * nc on the wide GEMM the nc step uses (all usable CPUs, rows split between them), at
+    the re-measured best (mc, kc).
 ``--mode 3d`` instead times the full product mc x kc x nc on the geometric mean of both.
 
 Named points are timed in the same interleaved rounds as the grid: the analytical model's
@@ -34,7 +35,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                 for p in ("src", "")]
 
 import microtile  # noqa: E402
-from microtile import _config, _dispatch  # noqa: E402
+from microtile import _config, _dispatch, _hwinfo  # noqa: E402
 from autotune import measure, search  # noqa: E402
 
 BLIS_ZEN3 = {"float32": {"mc": 144, "kc": 256, "nc": 4080},
@@ -144,15 +145,16 @@ def sweep_2d(dtype, named, mr, nr, rounds, say):
     res_mk["confirmed"] = confirm(f"{dtype} (mc, kc) on {prob}", prob,
                                   {"threads": 1, "nc": nc_fix}, pts, vals, named_mk,
                                   ("mc", "kc"), 2 * rounds, say)
-    best = res_mk["grid_best"]["point"]
+    best = res_mk["confirmed"]["best"]["point"]
     ncs = sorted(set(g["nc"]) | {p["nc"] for p in named.values()})
-    m = search.snap(min(max(2 * best["mc"], 256), 1536), mr, mr, 4096)
-    n = search.snap(1.25 * max(ncs), nr, nr, 1 << 14)
-    prob2 = measure.Problem(m, n, min(best["kc"], 1024), dtype)
+    threads = _hwinfo.usable_cpus()
+    prob2 = measure.Problem(*search.nc_shape(best, max(ncs), threads, mr, nr), dtype)
     pts2 = [{"nc": v} for v in ncs]
-    say(f"{dtype}: nc sweep of {len(pts2)} values on {prob2} at mc={best['mc']} kc={best['kc']}")
-    vals2 = measure_points(prob2, pts2, rounds, {"threads": 1, **best}, say=say)
-    res_nc = report(f"{dtype} nc on {prob2} (mc={best['mc']}, kc={best['kc']}):", pts2, vals2,
+    say(f"{dtype}: nc sweep of {len(pts2)} values on {prob2}, {threads} threads, at "
+        f"mc={best['mc']} kc={best['kc']}")
+    vals2 = measure_points(prob2, pts2, rounds, search.nc_base(best, threads), say=say)
+    res_nc = report(f"{dtype} nc on {prob2}, {threads} threads (mc={best['mc']}, "
+                    f"kc={best['kc']}):", pts2, vals2,
                     {n_: {"nc": p["nc"]} for n_, p in named.items()}, ("nc",))
     return {"mc_kc": res_mk, "nc": res_nc}
 
@@ -177,7 +179,6 @@ THREAD_SHAPES = [(256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (3136,
 def compare_threads(dtype, profiles, rounds, say):
     """The named configurations whole (blocking and thresholds) on all usable CPUs, at the
     reference shapes: what a user of each would see."""
-    from microtile import _hwinfo
     threads = _hwinfo.usable_cpus()
     defaults = {k: v for k, v in _config.defaults(dtype).items()}
     named = {"model (OS caches)": dict(defaults),
