@@ -4,7 +4,8 @@ is enough for high-performance BLIS", ACM TOMS 2016), from cache geometry alone.
 kc: an mr x kc micro-panel of A and an nr x kc micro-panel of B share L1, one way kept for C;
 mc: the mc x kc block of A takes half the L2 ways left after B's micro-panel (the other half
 holds C's tiles and the next panels the hardware prefetches); nc: the kc x nc block of B fills
-the L3 ways left after A's block, divided among the cores that share the L3.
+the L3 ways left after A's block, divided among the cores that share the L3; without an L3,
+nc is bounded only by NC_MAX.
 
 Two departures from the paper, both measured on a Zen3: the L1 ways given to A are not rounded
 down to a whole number (with 6x16 float32 tiles rounding gives kc = 168, a tenth slower than
@@ -21,6 +22,7 @@ FALLBACK = {
 # The L3 of a VM or a many-core part is shared with neighbours the OS does not show: measured
 # on a 2-vCPU Zen3 slice, nc = 2048 beats 4096 by about 3 %.
 NC_MAX = 2048
+MC_MAX = 4096
 KC_MIN, KC_MAX = 64, 1024
 
 
@@ -31,7 +33,9 @@ def _geometry(caches, level):
     size = found.get("size") or fb["size"]
     ways = found.get("ways") or fb["ways"]
     line = found.get("line") or fb["line"]
-    sets = found.get("sets") or max(1, size // (ways * line))
+    # The size wins over a reported set count: a tuner may substitute a measured size, and
+    # the model must then see that size's sets.
+    sets = max(1, size // (ways * line))
     sharing = found.get("shared_cpus") or 1
     return size, ways, line, sets, sharing
 
@@ -48,8 +52,13 @@ def analytical_blocking(caches, mr, nr, itemsize, cores=1):
     ways_b2 = math.ceil(nr * kc * itemsize / (n2 * l2))
     ways_a2 = max(1, (w2 - 1 - ways_b2) // 2)
     mc = ways_a2 * n2 * l2 // (kc * itemsize)
-    mc = int(max(mr, mc // mr * mr))
+    mc = int(max(mr, min(MC_MAX, mc) // mr * mr))
 
+    levels = {c.get("level") for c in caches if c.get("size")}
+    if 2 in levels and 3 not in levels:
+        # The L2 is the last level (many Arm cores): B's block streams from memory and is
+        # reused from L1 a micro-panel at a time, so nothing bounds nc but the buffer.
+        return {"mc": mc, "kc": kc, "nc": NC_MAX // nr * nr}
     s3, w3, l3, n3, share3 = _geometry(caches, 3)
     ways_a3 = math.ceil(mc * kc * itemsize / (n3 * l3))
     ways_b3 = max(1, w3 - 1 - ways_a3)

@@ -5,6 +5,8 @@ figures by measurement (``autotune.probes``).
 """
 import os
 import platform
+import subprocess
+import sys
 
 _SYSFS_CPU = "/sys/devices/system/cpu"
 
@@ -55,17 +57,57 @@ def read_caches(root=_SYSFS_CPU):
         ways = _read(os.path.join(d, "ways_of_associativity"))
         sets = _read(os.path.join(d, "number_of_sets"))
         shared = _read(os.path.join(d, "shared_cpu_list"))
-        caches.append({
-            "level": int(level) if level and level.isdigit() else None,
+        entry = {
+            "level": _int(level),
             "type": ctype,
-            "size": size,
-            "line": int(line) if line and line.isdigit() else None,
-            "ways": int(ways) if ways and ways.isdigit() else None,
-            "sets": int(sets) if sets and sets.isdigit() else None,
+            "size": size or None,
+            "line": _int(line),
+            "ways": _int(ways),
+            "sets": _int(sets),
             "shared_cpus": _count_cpu_list(shared) if shared else None,
-        })
+        }
+        # Some kernels (arm64 with ACPI PPTT) give the geometry but no size.
+        if entry["size"] is None and entry["line"] and entry["ways"] and entry["sets"]:
+            entry["size"] = entry["line"] * entry["ways"] * entry["sets"]
+        caches.append(entry)
     caches = [c for c in caches if c["level"] is not None]
     caches.sort(key=lambda c: c["level"])
+    if not caches and root == _SYSFS_CPU and sys.platform == "darwin":
+        caches = read_caches_sysctl()
+    return caches
+
+
+def _int(text):
+    """A positive int from sysfs text, else None (0 means 'unknown' there)."""
+    if text and text.isdigit() and int(text) > 0:
+        return int(text)
+    return None
+
+
+def _sysctl(name):
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True,
+                             timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = out.stdout.strip()
+    return int(text) if out.returncode == 0 and text.isdigit() and int(text) > 0 else None
+
+
+def read_caches_sysctl(query=_sysctl):
+    """Caches from macOS ``sysctl`` (``query(name) -> int or None`` may be a fake).
+
+    Apple silicon describes its performance cores under ``hw.perflevel0``; Intel Macs under
+    ``hw``.  macOS gives neither ways nor sets, so those stay None (the model falls back).
+    """
+    line = query("hw.cachelinesize")
+    caches = []
+    for level, key in ((1, "l1dcachesize"), (2, "l2cachesize"), (3, "l3cachesize")):
+        size = query(f"hw.perflevel0.{key}") or query(f"hw.{key}")
+        if size:
+            caches.append({"level": level, "type": "Data" if level == 1 else "Unified",
+                           "size": size, "line": line, "ways": None, "sets": None,
+                           "shared_cpus": query(f"hw.perflevel0.cpusperl{level}")})
     return caches
 
 

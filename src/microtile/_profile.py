@@ -72,10 +72,15 @@ def write_atomic(path, data):
         raise
 
 
+# Packing buffers a profile may ask for, per thread: far above any sensible block (a few
+# MiB), far below what would make a GEMM call fail for want of memory.
+MAX_BLOCK_BYTES = 256 << 20
+
+
 def check_chosen(chosen):
-    """Validated per-dtype blocking from a profile's "chosen" section; ValueError if any
-    value is unusable."""
-    from microtile._config import DTYPES, TUNABLE, validate
+    """Validated per-dtype blocking (and options) from a profile's "chosen" section;
+    ValueError if any value is unusable."""
+    from microtile._config import DTYPES, OPTIONS, TUNABLE, _ITEMSIZE, validate
     if not isinstance(chosen, dict):
         raise ValueError("'chosen' is not an object")
     out = {}
@@ -83,7 +88,21 @@ def check_chosen(chosen):
         section = chosen.get(dtype, {})
         if not isinstance(section, dict):
             raise ValueError(f"'chosen.{dtype}' is not an object")
-        out[dtype] = {name: validate(name, section[name]) for name in TUNABLE if name in section}
+        unknown = sorted(set(section) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"'chosen.{dtype}' has unknown keys {unknown}")
+        values = {name: validate(name, section[name]) for name in TUNABLE if name in section}
+        size = _ITEMSIZE[dtype]
+        mc, kc, nc = values.get("mc", 1), values.get("kc", 1), values.get("nc", 1)
+        if mc * kc * size > MAX_BLOCK_BYTES or kc * nc * size > MAX_BLOCK_BYTES:
+            raise ValueError(f"'chosen.{dtype}' blocks need more than "
+                             f"{MAX_BLOCK_BYTES >> 20} MiB of packing buffer")
+        out[dtype] = values
+    options = chosen.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError("'chosen.options' is not an object")
+    out["options"] = {name: validate(name, value) for name, value in options.items()
+                      if name in OPTIONS}
     if "threads" in chosen:
         out["threads"] = int(chosen["threads"])
         if out["threads"] < 1:
@@ -103,7 +122,8 @@ def read(path):
     if not isinstance(data, dict) or not isinstance(data.get("schema_version"), int):
         return "invalid", "no schema_version"
     if data["schema_version"] != SCHEMA_VERSION:
-        return "stale", f"schema_version {data['schema_version']} (this library reads {SCHEMA_VERSION})"
+        return "stale", (f"schema_version {data['schema_version']} (this library reads "
+                         f"{SCHEMA_VERSION})")
     if data.get("library_version") != library_version():
         return "stale", f"written by microtile {data.get('library_version')}"
     if data.get("fingerprint") != fingerprint():
@@ -119,7 +139,13 @@ _warned = set()
 
 
 def load_for_import(isa):
-    """(path or None, status, chosen) for the profile in force; warns once when unusable."""
+    """(path or None, status, chosen) for the profile in force; warns once when unusable.
+
+    A profile tuned for another kernel set (``MICROTILE_ISA=generic`` on a machine tuned
+    for AVX2, say) is still this machine's, so it loads, but its per-dtype values are left
+    out: they were measured with other kernels.  Options that do not depend on the kernels
+    still apply.
+    """
     path = profile_path()
     status, data = read(path)
     if status == "missing":
@@ -131,4 +157,7 @@ def load_for_import(isa):
                           "defaults. Run `python -m autotune` to re-tune.", RuntimeWarning,
                           stacklevel=4)
         return path, status, {}
-    return path, "loaded", data["chosen"]
+    chosen = data["chosen"]
+    if data.get("isa") != isa:
+        chosen = {"options": chosen.get("options", {})}
+    return path, "loaded", chosen

@@ -1,0 +1,244 @@
+"""The search machinery: races, correctness gates, thresholds and candidate generation."""
+import math
+
+import numpy as np
+import pytest
+
+import microtile
+from autotune import measure, probes, search
+
+ISA = microtile.get_config()["isa"]
+
+
+def test_problem_checks_against_float64():
+    p = measure.Problem(37, 29, 301, "float32", seed=3)
+    assert measure.check(p, {"threads": 1, "mc": 12, "kc": 64, "nc": 32}) <= 1.0
+    p.out[5, 7] += 2 * p.bound[5, 7]                   # one element beyond the bound
+    assert p.error() > 1.0
+    p.out[0, 0] = np.nan
+    assert p.error() == math.inf
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_odd_blockings_still_compute_correctly(dtype):
+    p = measure.Problem(67, 131, 97, dtype, seed=1)
+    for cand in ({"mc": 6, "kc": 16, "nc": 16}, {"mc": 4096, "kc": 2048, "nc": 4096},
+                 {"mc": 18, "kc": 40, "nc": 48, "split": "jc", "threads": 2, "thread_mnk": 0},
+                 {"nopack_mnk": 1 << 40}, {"nopack_a_panels": 1 << 10, "nopack_mnk": 0}):
+        assert measure.check(p, cand) <= 1.0, cand
+
+
+def fake_race(speeds, errors=None, **kw):
+    """Race candidates whose samples are their speed times deterministic noise."""
+    rng = np.random.default_rng(0)
+    cands = [{"id": i} for i in range(len(speeds))]
+    calls = {i: 0 for i in range(len(speeds))}
+
+    def sample(c):
+        calls[c["id"]] += 1
+        return speeds[c["id"]] * (1 + 0.03 * rng.standard_normal())
+
+    def check(c):
+        return (errors or {}).get(c["id"], 0.5)
+
+    res = measure.race(cands, sample, check, **kw)
+    return res, calls
+
+
+def test_race_picks_the_fastest_and_stops_timing_the_slow():
+    res, calls = fake_race([50, 80, 100, 98, 20], rounds=6)
+    assert res.winner == {"id": 2} or res.winner == {"id": 3}
+    assert calls[4] == 2 and calls[0] == 2             # dropped after two rounds
+    assert calls[2] > calls[4]
+    assert measure.key({"id": 4}) in res.dropped and measure.key({"id": 0}) in res.dropped
+
+
+def test_a_wrong_result_never_wins():
+    res, calls = fake_race([50, 500, 60], errors={1: 3.0}, rounds=3)
+    assert res.winner == {"id": 2}
+    assert calls[1] == 0                              # never timed at all
+    assert [s["error_ratio"] for s in res.summary()][1] == 3.0
+
+
+def test_no_correct_candidate_means_no_winner():
+    res, _ = fake_race([1, 2], errors={0: math.inf, 1: 2.0}, rounds=2)
+    assert res.winner is None
+
+
+def test_race_respects_the_deadline_after_two_rounds():
+    res, calls = fake_race([10, 11, 12], rounds=50, deadline=0.0)
+    assert max(calls.values()) <= 2 + 2                # two rounds, then only the extras
+
+
+def test_best_cut():
+    # Threads lose below the 4th size and win from there on.
+    assert search.best_cut([0.5, 0.7, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 3
+    # One noisy point does not move the threshold.
+    assert search.best_cut([0.5, 0.7, 1.05, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 4
+    assert search.best_cut([2.0, 1.5, 1.2, 0.9, 0.8], favour_low=True) == 3
+    assert search.best_cut([0.8, 0.9], favour_low=True) == 0            # never
+    assert search.best_cut([1.2, 1.3], favour_low=False) == 0           # always
+
+
+def test_neighbours_are_legal_and_distinct():
+    centre = {"mc": 96, "kc": 256}
+    ns = search.neighbours(centre, 1.5, 6)
+    assert len(ns) == 6
+    for c in ns:
+        assert c["mc"] % 6 == 0 and c["kc"] % search.KC_STEP == 0 and c != centre
+    assert {"mc": 144, "kc": 256} in ns and {"mc": 96, "kc": 384} in ns
+    assert {"mc": 144, "kc": 168} in ns                # same footprint, other shape
+    tiny = search.neighbours({"mc": 6, "kc": 16}, 1.1, 6)
+    assert all(c != {"mc": 6, "kc": 16} for c in tiny)
+
+
+def test_blocking_search_moves_towards_a_better_point(monkeypatch):
+    """With measurements replaced by a smooth landscape peaking at mc=144, kc=256, the
+    local search walks there from the model's point."""
+    def speed(c):
+        return 100 * math.exp(-math.log(c["mc"] / 144) ** 2 - math.log(c["kc"] / 256) ** 2)
+
+    monkeypatch.setattr(measure, "gflops", lambda prob, ov, min_seconds=0: speed(ov))
+    monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
+    monkeypatch.setattr(measure, "Problem", lambda *a, **k: type(
+        "P", (), {"m": 1, "n": 1, "k": 1})())
+    t = search.Tuning("float32", 6, 16, 1, quick=False)
+    best = search.search_blocking(t, [{"mc": 582, "kc": 168}], 4096)
+    assert speed(best) > 0.97 * 100
+    assert t.evidence["blocking"]["chosen"] == best
+
+
+def test_thresholds_from_sweeps(monkeypatch):
+    """thread_mnk from a speed-up curve that crosses 1 between 48^3 and 64^3."""
+    def gflops(prob, ov, min_seconds=0):
+        n = prob.m
+        if ov.get("threads", 1) == 1:
+            return 50.0
+        return 50.0 * (0.6 if n <= 48 else 1.6)
+
+    monkeypatch.setattr(measure, "gflops", gflops)
+    t = search.Tuning("float64", 6, 8, 2, quick=True)
+    value = search.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto")
+    assert 48 ** 3 < value < 64 ** 3
+
+
+def test_sweep_refuses_wrong_results(monkeypatch):
+    monkeypatch.setattr(measure, "check", lambda prob, ov: 5.0)
+    t = search.Tuning("float32", 6, 16, 1, quick=True)
+    with pytest.raises(RuntimeError, match="wrong result"):
+        search.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3)
+
+
+def test_fma_peak_and_parallel_efficiency_run():
+    # Only that they run: on a shared machine the 2-thread figure can be anything.
+    assert probes.fma_peak(ISA, "float32", 1, seconds=0.01, repeats=1) > 0
+    assert probes.fma_peak(ISA, "float64", 2, seconds=0.01, repeats=1) > 0
+    assert probes.parallel_efficiency(ISA, 1) == 1.0
+
+
+def test_conv_reference_matches_a_direct_loop():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 5, 4))
+    w = rng.standard_normal((3, 2, 3, 3))
+    ref, bound = search.conv_reference(x, w, 1)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    direct = np.zeros((1, 3, 5, 4))
+    for k in range(3):
+        for p in range(5):
+            for q in range(4):
+                direct[0, k, p, q] = np.sum(xp[0, :, p:p + 3, q:q + 3] * w[k])
+    np.testing.assert_allclose(ref, direct, rtol=1e-12, atol=1e-12)
+    assert (bound >= np.abs(ref) - 1e-12).all()
+
+
+def test_conv_workspace_search_with_a_stand_in_conv(monkeypatch):
+    """The step's plumbing, with a NumPy convolution standing in for microtile.conv2d (the
+    real one lives in another branch): correct results race, a wrong one is refused."""
+    from microtile import _config
+
+    def conv(x, w, padding=0):
+        ws = _config.get_option("conv_workspace")
+        y = search.conv_reference(x, w, padding)[0].astype(np.float32)
+        if ws == 1 << 20:
+            y[0, 0, 0, 0] += 1.0                       # a broken chunking path
+        return y
+
+    t = search.Tuning("float32", 1, 1, 1, quick=True)
+    value = search.search_conv_workspace(t, conv, 8 << 20, shape=(1, 2, 6, 6, 3, 3))
+    assert value != 1 << 20
+    rows = {r["candidate"]["conv_workspace"]: r for r in t.evidence["conv_workspace"]["results"]}
+    assert rows[1 << 20]["error_ratio"] > 1 and rows[8 << 20]["error_ratio"] <= 1
+
+
+def test_thread_sweep_under_load_keeps_the_default(monkeypatch):
+    """Another process holding a core makes threads lose even at 256^3: the step measures
+    again, then gives up and the default stays (recorded as such)."""
+    def gflops(prob, ov, min_seconds=0):
+        return 50.0 if ov.get("threads", 1) == 1 else 5.0
+
+    monkeypatch.setattr(measure, "gflops", gflops)
+    checks = []
+    t = search.Tuning("float64", 6, 8, 2, quick=True,
+                      quiet=lambda par: checks.append(par) or (1.0, 1.0))
+    assert search.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto") is None
+    assert t.evidence["thread_mnk"]["contaminated"]
+    assert checks                                      # it waited for the cores once
+
+
+def test_busy_cores_skip_thread_decisions(monkeypatch):
+    called = []
+    def blocking(t, seeds, nc):
+        t.evidence["blocking"] = {"finalists": [{"mc": 96, "kc": 256}]}
+        return {"mc": 96, "kc": 256}
+
+    monkeypatch.setattr(search, "search_blocking", blocking)
+    ncs = []
+    monkeypatch.setattr(search, "search_nc", lambda t, block, nc, n: ncs.append(n) or nc)
+    monkeypatch.setattr(search, "search_joint", lambda *a: called.append(3))
+    monkeypatch.setattr(search, "search_nopack", lambda t, block, d: d)
+    monkeypatch.setattr(search, "search_nopack_a", lambda t, block, d: d)
+    monkeypatch.setattr(search, "search_split", lambda t, block: called.append(1) or "jc")
+    monkeypatch.setattr(search, "search_thread_mnk", lambda *a: called.append(2) or 1)
+    t = search.Tuning("float32", 6, 16, 2, quick=True, quiet=lambda par: (0.95, 0.3))
+    defaults = {"mc": 582, "kc": 168, "nc": 4096, "nopack_mnk": 64 ** 3,
+                "thread_mnk": 96 ** 3, "nopack_a_panels": 4, "split": 0}
+    chosen = search.tune_dtype(t, dict(defaults), defaults)
+    assert called == []
+    assert chosen["split"] == "auto" and chosen["thread_mnk"] == 96 ** 3
+    assert t.evidence["busy"] == ["joint", "split", "thread_mnk"]
+    assert ncs == [1]                      # nc measured on one thread, not on busy cores
+
+
+def test_noisy_sweep_keeps_the_default(monkeypatch):
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(measure, "gflops",
+                        lambda prob, ov, min_seconds=0: 50.0 * rng.choice([0.3, 1.0, 3.0]))
+    t = search.Tuning("float32", 6, 16, 1, quick=True)
+    assert search.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3) is None
+    assert t.evidence["nopack_mnk"]["noisy"]
+
+
+def test_split_thread_counts():
+    assert search.split_thread_counts(1) == []
+    assert search.split_thread_counts(2) == [2]
+    assert search.split_thread_counts(6) == [2, 4, 6]
+    assert search.split_thread_counts(64) == [2, 4, 8, 16, 32, 64]
+
+
+def test_joint_verdict_weighs_one_and_all_threads(monkeypatch):
+    """A blocking 2 % faster alone but 30 % slower on two threads (its blocks crowd the
+    shared L3) loses to one that is good on both."""
+    def gflops(prob, ov, min_seconds=0):
+        lone = {480: 90.0, 144: 88.0, 582: 80.0}[ov["mc"]]
+        shared = {480: 120.0, 144: 170.0, 582: 150.0}[ov["mc"]]
+        return lone if ov["threads"] == 1 else shared
+
+    monkeypatch.setattr(measure, "gflops", gflops)
+    monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
+    monkeypatch.setattr(measure, "Problem", lambda *a, **k: type(
+        "P", (), {"m": 1, "n": 1, "k": 1})())
+    t = search.Tuning("float32", 6, 16, 2, quick=True)
+    pick = search.search_joint(t, [{"mc": 480, "kc": 1024, "nc": 4096},
+                                   {"mc": 144, "kc": 512, "nc": 4096}],
+                               {"mc": 582, "kc": 168, "nc": 4096})
+    assert pick == {"mc": 144, "kc": 512, "nc": 4096}
