@@ -1,4 +1,8 @@
-"""Build script: compiles every ``.pyx`` under ``src/microtile`` and ``autotune``.
+"""Build script: compiles every ``.pyx`` under ``src/microtile``.
+
+``autotune`` stays pure Python (its timing probes are ``microtile._probe_*``): ``python -m
+autotune`` run from the repository root imports the source directory, not the installed
+package, so it must not need anything compiled of its own.
 
 Modules whose name ends in ``_avx2`` hold AVX2/FMA intrinsics; they are compiled with
 ``-mavx2 -mfma`` and only on x86-64, and the library imports them only after CPUID says
@@ -102,10 +106,10 @@ class BuildExt(build_ext):
 
 def extensions():
     exts = []
-    sources = sorted(glob.glob("src/microtile/*.pyx")) + sorted(glob.glob("autotune/*.pyx"))
+    sources = sorted(glob.glob("src/microtile/*.pyx"))
     for path in sources:
         stem = os.path.splitext(os.path.basename(path))[0]
-        pkg = "microtile" if path.startswith("src/") else "autotune"
+        pkg = "microtile"
         isa = [suffix for suffix in ISA_FLAGS if stem.endswith(suffix)]
         if isa and not X86_64:
             continue
@@ -123,7 +127,7 @@ def extensions():
 setup(
     packages=["microtile", "microtile.nn", "autotune"],
     package_dir={"microtile": "src/microtile", "autotune": "autotune"},
-    package_data={"microtile": ["*.pxd", "*.h"], "autotune": ["*.pxd"]},
+    package_data={"microtile": ["*.pxd", "*.h"]},
     ext_modules=cythonize(
         extensions(),
         compiler_directives=DIRECTIVES,

@@ -219,7 +219,7 @@ def test_chase_order_is_one_cycle_over_every_line():
 
 
 def test_pointer_chase_runs_and_rejects_bad_orders():
-    from autotune import _latency
+    from microtile import _probe_latency as _latency
     ch = _latency.Chain(16 * K, probes.chase_order(16 * K, 64, np.random.default_rng(0)), 64)
     assert ch.slots == 256
     ch.chase(10_000)
@@ -230,7 +230,7 @@ def test_pointer_chase_runs_and_rejects_bad_orders():
 
 
 def test_cpuid_agrees_with_sysfs_where_both_exist():
-    from autotune import _cpuid
+    from microtile import _probe_cpuid as _cpuid
     ours = {c["level"]: c["size"] for c in _cpuid.caches()}
     os_view = {c["level"]: c["size"] for c in _hwinfo.read_caches() if c["size"]}
     if not ours or not os_view:
