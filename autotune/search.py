@@ -615,9 +615,10 @@ def conv_reference(x, w, padding):
     return ref, bound
 
 
-def search_conv_workspace(t, conv, default, shape=(8, 64, 28, 28, 128, 3)):
-    """The im2col workspace (bytes per thread) that makes ``conv(x, w, padding=p)`` fastest;
-    float32, with the tuned threads.  ``conv`` is ``microtile.conv2d``."""
+def search_conv_chunk(t, conv, default, shape=(8, 64, 28, 28, 128, 3)):
+    """The column chunk (bytes one thread lowers and multiplies at a time) that makes
+    ``conv(x, w, padding=p)`` fastest; float32, with the tuned threads.  ``conv`` is
+    ``microtile.conv2d``.  (The workspace cap itself is a memory limit, the user's to set.)"""
     deadline = t.deadline("conv")
     n, c, h, wd, k, r = shape
     rng = np.random.default_rng(t.seed)
@@ -627,11 +628,11 @@ def search_conv_workspace(t, conv, default, shape=(8, 64, 28, 28, 128, 3)):
     ref, bound = conv_reference(x, w, pad)
     bound = (c * r * r + 2) * float(np.finfo(np.float32).eps) * bound + 1e-30
     flops = 2.0 * ref.size * c * r * r
-    sizes = [1 << 20, 8 << 20, 64 << 20] if t.quick else [256 << 10, 1 << 20, 4 << 20,
-                                                          16 << 20, 64 << 20]
+    sizes = [1 << 20, 2 << 20, 4 << 20] if t.quick else [512 << 10, 1 << 20, 2 << 20,
+                                                        4 << 20, 8 << 20]
     if default not in sizes:
         sizes.append(default)
-    cands = [{"conv_workspace": v} for v in sorted(sizes)]
+    cands = [{"conv_chunk": v} for v in sorted(sizes)]
     base = {"threads": t.threads}
 
     def check(cand):
@@ -653,12 +654,12 @@ def search_conv_workspace(t, conv, default, shape=(8, 64, 28, 28, 128, 3)):
                        extra_rounds=t.s["extra"], deadline=deadline, seed=t.seed)
     w_ = res.winner
     if w_ is None:
-        raise RuntimeError("conv2d: no workspace size gave a correct result")
-    inc = {"conv_workspace": default}
+        raise RuntimeError("conv2d: no chunk size gave a correct result")
+    inc = {"conv_chunk": default}
     chosen = inc if res.score(w_) < res.score(inc) * KEEP_MARGIN else w_
-    t.say(f"conv2d workspace: {chosen['conv_workspace'] >> 10} KiB per thread ("
-          + ", ".join(f"{cd['conv_workspace'] >> 10} KiB {res.score(cd):.1f}" for cd in cands)
+    t.say(f"conv2d chunk: {chosen['conv_chunk'] >> 10} KiB per thread ("
+          + ", ".join(f"{cd['conv_chunk'] >> 10} KiB {res.score(cd):.1f}" for cd in cands)
           + " GFLOP/s)")
-    t.evidence["conv_workspace"] = {"shape": list(shape), "results": res.summary(),
-                                    "chosen": chosen["conv_workspace"]}
-    return chosen["conv_workspace"]
+    t.evidence["conv_chunk"] = {"shape": list(shape), "results": res.summary(),
+                                "chosen": chosen["conv_chunk"]}
+    return chosen["conv_chunk"]

@@ -63,8 +63,8 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
         if conv is not None and "float32" in dtypes and time.perf_counter() < hard:
             t = search.Tuning("float32", 1, 1, threads, quick=quick, say=say,
                               hard_deadline=hard, seed=seed, quiet=quiet)
-            options["conv_workspace"] = search.search_conv_workspace(
-                t, conv, _config.get_option("conv_workspace"))
+            options["conv_chunk"] = search.search_conv_chunk(
+                t, conv, _config.get_option("conv_chunk"))
             evidence["options"] = t.evidence
     if path is not None:
         previous = profile.previous_chosen(path, isa)

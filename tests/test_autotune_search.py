@@ -151,23 +151,31 @@ def test_conv_reference_matches_a_direct_loop():
     assert (bound >= np.abs(ref) - 1e-12).all()
 
 
-def test_conv_workspace_search_with_a_stand_in_conv(monkeypatch):
-    """The step's plumbing, with a NumPy convolution standing in for microtile.conv2d (the
-    real one lives in another branch): correct results race, a wrong one is refused."""
+def test_conv_chunk_search_refuses_a_wrong_candidate(monkeypatch):
+    """The step's plumbing, with a NumPy convolution standing in for microtile.conv2d so that
+    one candidate can be made wrong: correct results race, a wrong one is refused."""
     from microtile import _config
 
     def conv(x, w, padding=0):
-        ws = _config.get_option("conv_workspace")
+        ws = _config.get_option("conv_chunk")
         y = search.conv_reference(x, w, padding)[0].astype(np.float32)
         if ws == 1 << 20:
             y[0, 0, 0, 0] += 1.0                       # a broken chunking path
         return y
 
     t = search.Tuning("float32", 1, 1, 1, quick=True)
-    value = search.search_conv_workspace(t, conv, 8 << 20, shape=(1, 2, 6, 6, 3, 3))
+    value = search.search_conv_chunk(t, conv, 2 << 20, shape=(1, 2, 6, 6, 3, 3))
     assert value != 1 << 20
-    rows = {r["candidate"]["conv_workspace"]: r for r in t.evidence["conv_workspace"]["results"]}
-    assert rows[1 << 20]["error_ratio"] > 1 and rows[8 << 20]["error_ratio"] <= 1
+    rows = {r["candidate"]["conv_chunk"]: r for r in t.evidence["conv_chunk"]["results"]}
+    assert rows[1 << 20]["error_ratio"] > 1 and rows[2 << 20]["error_ratio"] <= 1
+
+
+def test_conv_chunk_search_with_the_real_conv2d():
+    import microtile
+    t = search.Tuning("float32", 1, 1, 1, quick=True)
+    value = search.search_conv_chunk(t, microtile.conv2d, 2 << 20, shape=(2, 4, 9, 9, 5, 3))
+    assert value in {r["candidate"]["conv_chunk"] for r in t.evidence["conv_chunk"]["results"]}
+    assert all(r["error_ratio"] <= 1 for r in t.evidence["conv_chunk"]["results"])
 
 
 def test_thread_sweep_under_load_keeps_the_default(monkeypatch):
