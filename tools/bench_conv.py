@@ -10,6 +10,7 @@ tracemalloc (NumPy reports its allocations to it) and compared with output + wor
 """
 import argparse
 import math
+import pathlib
 import statistics
 import sys
 import time
@@ -19,21 +20,9 @@ import numpy as np
 
 import microtile as mt
 
-LAYERS = {
-    # name: (C, H, K, R, stride, pad)
-    "resnet_conv1": (3, 224, 64, 7, 2, 3),
-    "vgg_first": (3, 224, 64, 3, 1, 1),
-    "resnet_3x3_56": (64, 56, 64, 3, 1, 1),
-    "resnet_1x1_56": (256, 56, 64, 1, 1, 0),
-    "resnet_3x3_28": (128, 28, 128, 3, 1, 1),
-    "late_3x3_7": (512, 7, 512, 3, 1, 1),
-}
-
-
-def flops(n, layer):
-    C, H, K, R, s, p = layer
-    P = (H + 2 * p - R) // s + 1
-    return 2.0 * n * K * C * R * R * P * P
+# The layer table is the asv suite's, so both time the same layers.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from asv_benchmarks.benchmarks.bench_conv import LAYERS, flops  # noqa: E402
 
 
 def _time(fn):

@@ -5,7 +5,7 @@ import microtile as mt
 
 from .common import Threads, gflops, random
 
-# name: (C, H, K, R, stride, pad)
+# name: (C, H, K, R, stride, pad); tools/bench_conv.py times these too.
 LAYERS = {
     "resnet_conv1": (3, 224, 64, 7, 2, 3),
     "vgg_first": (3, 224, 64, 3, 1, 1),
@@ -16,7 +16,7 @@ LAYERS = {
 }
 
 
-def _flops(n, layer):
+def flops(n, layer):
     C, H, K, R, s, p = layer
     P = (H + 2 * p - R) // s + 1
     return 2.0 * n * K * C * R * R * P * P
@@ -36,7 +36,7 @@ class Conv2d:
         self.b = random(K, "float32", 3)
         self.y = mt.conv2d(self.x, self.w, self.b, **self.args)
         self.dy = random(self.y.shape, "float32", 4)
-        self.flops = _flops(self.n, LAYERS[layer])
+        self.flops = flops(self.n, LAYERS[layer])
         self.threads = Threads(threads).__enter__()
 
     def teardown(self, layer, threads):

@@ -78,8 +78,7 @@ ctypedef struct conv_plan:
     idx_t cpi           # chunks per image (1 when chunks hold whole images)
     idx_t ncols         # columns of the widest chunk
     idx_t n_chunks      # chunks per group
-    idx_t ws_cols       # offset of the cols block in a thread's workspace (elements)
-    idx_t ws_tmp        # offset of the Kg x ncols scratch block
+    idx_t ws_tmp        # offset of the Kg x ncols scratch block (the columns come first)
     idx_t ws_elems      # workspace elements per thread
     bint direct         # 1x1 path: columns read straight from x
     bint bias_col       # W carries the bias as column CRS; cols get a row of ones
@@ -203,50 +202,51 @@ cdef inline void _chunk(const conv_plan* pl, idx_t ch, idx_t* n0, idx_t* nb, idx
         pq1[0] = pl.PQ
 
 
+cdef const floating* _columns(const conv_plan* pl, const conv_geom* g, const floating* xg,
+                              const idx_t* xs, idx_t n0, idx_t nb, idx_t pq0, idx_t pq1,
+                              floating* cols, idx_t* rs, idx_t* cs) noexcept nogil:
+    """The chunk's column matrix (CRS + bias_col rows, nb * (pq1 - pq0) columns, strides
+    rs/cs): x itself on the 1x1 path, else im2col into cols (plus the row of ones)."""
+    cdef idx_t wcols = pq1 - pq0, ncur = nb * wcols, i, j
+    if pl.direct:
+        rs[0] = xs[1]
+        cs[0] = xs[3]
+        return xg + n0 * xs[0] + pq0 * xs[3]
+    for i in range(nb):
+        _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, pl.Cg, pq0, pq1, cols + i * wcols, ncur,
+                      g.R * g.S, 1 if pl.par else pl.nt)
+    if pl.bias_col:
+        for j in range(ncur):
+            cols[pl.CRS * ncur + j] = 1
+    rs[0] = ncur
+    cs[0] = 1
+    return cols
+
+
 # ----------------------------------------------------------------------------- forward
 
 cdef int _fwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* prm,
                     idx_t gi, idx_t ch, const floating* x, const idx_t* xs,
                     const floating* w, const floating* bias, floating* y,
                     floating* ws) noexcept nogil:
-    cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_b, cs_b, kdim, rs_c
-    cdef idx_t RS = g.R * g.S
-    cdef int inner_nt = 1 if pl.par else pl.nt
-    cdef const floating* xg = x + gi * pl.Cg * xs[1]
+    cdef idx_t n0, nb, pq0, pq1, ncur, i, k, j, rs_b, cs_b, rs_c
     cdef const floating* wg = w + gi * pl.Kg * pl.ldw
     cdef const floating* b
-    cdef floating* cols = ws + pl.ws_cols
     cdef floating* c
     cdef floating* yrow
     cdef floating bk
     cdef int rc
     _chunk(pl, ch, &n0, &nb, &pq0, &pq1)
-    wcols = pq1 - pq0
-    ncur = nb * wcols
-    kdim = pl.CRS
-    if pl.direct:
-        b = xg + n0 * xs[0] + pq0 * xs[3]
-        rs_b = xs[1]
-        cs_b = xs[3]
-    else:
-        for i in range(nb):
-            _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, pl.Cg, pq0, pq1, cols + i * wcols,
-                          ncur, RS, inner_nt)
-        if pl.bias_col:
-            for j in range(ncur):
-                cols[pl.CRS * ncur + j] = 1
-            kdim = pl.CRS + 1
-        b = cols
-        rs_b = ncur
-        cs_b = 1
+    ncur = nb * (pq1 - pq0)
+    b = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, ws, &rs_b, &cs_b)
     if nb == 1:
         c = y + n0 * pl.K * pl.PQ + gi * pl.Kg * pl.PQ + pq0
         rs_c = pl.PQ
     else:
         c = ws + pl.ws_tmp
         rs_c = ncur
-    rc = _gemm(not pl.par, prm, pl.Kg, ncur, kdim, wg, pl.ldw, 1, b, rs_b, cs_b,
-               <floating> 0, c, rs_c)
+    rc = _gemm(not pl.par, prm, pl.Kg, ncur, pl.CRS + pl.bias_col, wg, pl.ldw, 1, b, rs_b,
+               cs_b, <floating> 0, c, rs_c)
     if rc != 0:
         return rc
     if bias != NULL and not pl.bias_col:
@@ -326,7 +326,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     cdef int code = _dtype_code(y)
     cdef conv_plan pl
     cdef idx_t xs[4]
-    cdef idx_t isz = y.itemsize, units
+    cdef idx_t isz = y.itemsize
     cdef cnp.ndarray wsbuf
     cdef void* pb = NULL
     cdef int rc
@@ -344,7 +344,6 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
         pl.ws_elems = 0
     else:
         pl.ws_elems = (pl.CRS + 1) * pl.ncols + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
-    pl.ws_cols = 0
     pl.ws_tmp = (pl.CRS + 1) * pl.ncols
     wsbuf = _ws_get(max(pl.ws_elems, 1) * (pl.nt if pl.par else 1), y.dtype)
     for i in range(4):
@@ -376,14 +375,11 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                     floating* ws, bint need_w, bint need_x) noexcept nogil:
     cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_a2, cs_a2
     cdef int rc
-    cdef idx_t RS = g.R * g.S
-    cdef int inner_nt = 1 if pl.par else pl.nt
-    cdef const floating* xg = x + gi * pl.Cg * xs[1]
     cdef const floating* wg = w + gi * pl.Kg * pl.ldw
     cdef const floating* a
     cdef const floating* a2
     cdef const floating* src
-    cdef floating* cols = ws + pl.ws_cols
+    cdef floating* cols = ws
     cdef floating* tmp = ws + pl.ws_tmp
     cdef floating* dxg = dx + gi * pl.Cg * pl.HW
     _chunk(pl, ch, &n0, &nb, &pq0, &pq1)
@@ -405,20 +401,8 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
         # is then the A operand, which the GEMM reads in place when Kg is narrow, so it is
         # never packed again.  Otherwise dW += dY @ cols^T (no transpose at the end).  With
         # a row of ones under cols, the last row/column collects db for free.
-        if pl.direct:
-            a2 = xg + n0 * xs[0] + pq0 * xs[3]
-            rs_a2 = xs[1]
-            cs_a2 = xs[3]
-        else:
-            for i in range(nb):
-                _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, pl.Cg, pq0, pq1, cols + i * wcols,
-                              ncur, RS, inner_nt)
-            if pl.bias_col:
-                for j in range(ncur):
-                    cols[pl.CRS * ncur + j] = 1
-            a2 = cols
-            rs_a2 = ncur
-            cs_a2 = 1
+        a2 = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, cols, &rs_a2,
+                      &cs_a2)
         if pl.dw_trans:
             rc = _gemm(not pl.par, prm, pl.CRS + pl.bias_col, pl.Kg, ncur, a2, rs_a2, cs_a2,
                        a, 1, rs_a, <floating> 1, dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg,
@@ -441,7 +425,7 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                 return -1
             for i in range(nb):
                 _col2im_chunk(g, cols + i * wcols, ncur, pl.Cg, pq0, pq1,
-                              dxg + (n0 + i) * pl.C * pl.HW, RS, inner_nt)
+                              dxg + (n0 + i) * pl.C * pl.HW, g.R * g.S, 1 if pl.par else pl.nt)
     return 0
 
 
@@ -515,7 +499,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     cdef int code = _dtype_code(dy)
     cdef conv_plan pl
     cdef idx_t xs[4]
-    cdef idx_t isz = dy.itemsize, units, per_col
+    cdef idx_t isz = dy.itemsize, per_col
     cdef cnp.ndarray wsbuf, dwp, dx = None, db = None
     cdef int rc = 0, nt_parts, i
     cdef idx_t rows
@@ -530,7 +514,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
         if need_b:
             db = np.zeros(pl.K, dtype=dt)
             if dy.size:
-                _bias_grad_any(dy, db, pl)
+                _bias_grad_any(dy, db, &pl)
         return dx, (np.zeros((pl.K, pl.CRS), dtype=dt) if need_w else None), db
     # db rides in the dW GEMM (a row of ones under the columns) whenever that GEMM runs on
     # im2col columns; otherwise it is a sum of its own.
@@ -541,7 +525,6 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     # next to the columns (many filters, small planes), thread inside the GEMMs instead.
     _plan(&pl, workspace, isz, per_col + pl.Kg, per_col, True,
           need_w and pl.nt * pl.K * 8 > pl.N * pl.PQ)
-    pl.ws_cols = 0
     if pl.direct:
         pl.ws_elems = 0
         pl.ws_tmp = 0
@@ -587,26 +570,16 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
             db = np.ascontiguousarray(tot[:, :, pl.CRS]).reshape(pl.K)
     if need_b and not pl.bias_col:
         db = np.empty(pl.K, dtype=dt)
-        _bias_grad_any(dy, db, pl)
+        _bias_grad_any(dy, db, &pl)
     return dx, dw, db
 
 
-cdef void _bias_grad_any(cnp.ndarray dy, cnp.ndarray db, conv_plan pl):
+cdef void _bias_grad_any(cnp.ndarray dy, cnp.ndarray db, const conv_plan* pl):
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* pdb = cnp.PyArray_DATA(db)
     if dy.dtype == np.float32:
-        _bias_grad_f(dy, db, pl)
+        with nogil:
+            _bias_grad(<const float*> pdy, pl.N, pl.K, pl.PQ, <float*> pdb, pl.nt)
     else:
-        _bias_grad_d(dy, db, pl)
-
-
-cdef void _bias_grad_f(cnp.ndarray dy, cnp.ndarray db, conv_plan pl):
-    cdef float* pdy = <float*> cnp.PyArray_DATA(dy)
-    cdef float* pdb = <float*> cnp.PyArray_DATA(db)
-    with nogil:
-        _bias_grad(pdy, pl.N, pl.K, pl.PQ, pdb, pl.nt)
-
-
-cdef void _bias_grad_d(cnp.ndarray dy, cnp.ndarray db, conv_plan pl):
-    cdef double* pdy = <double*> cnp.PyArray_DATA(dy)
-    cdef double* pdb = <double*> cnp.PyArray_DATA(db)
-    with nogil:
-        _bias_grad(pdy, pl.N, pl.K, pl.PQ, pdb, pl.nt)
+        with nogil:
+            _bias_grad(<const double*> pdy, pl.N, pl.K, pl.PQ, <double*> pdb, pl.nt)

@@ -33,27 +33,44 @@ cdef inline idx_t _max(idx_t a, idx_t b) noexcept nogil:
     return a if a > b else b
 
 
+cdef inline void _clip(idx_t i, idx_t stride, idx_t pad, idx_t k, idx_t size, idx_t* lo,
+                       idx_t* hi) noexcept nogil:
+    """[lo, hi): the real elements under window i along one axis."""
+    cdef idx_t start = i * stride - pad
+    lo[0] = _max(start, 0)
+    hi[0] = _min(start + k, size)
+
+
+cdef inline idx_t _count(const pool_geom* g, bint include_pad, idx_t h0, idx_t h1, idx_t w0,
+                         idx_t w1) noexcept nogil:
+    """The average's divisor."""
+    return g.kh * g.kw if include_pad else (h1 - h0) * (w1 - w0)
+
+
+cdef inline idx_t _argmax(const pool_geom* g, const floating* x, idx_t xs_h, idx_t xs_w,
+                          idx_t h0, idx_t h1, idx_t w0, idx_t w1,
+                          floating* best_out) noexcept nogil:
+    """Flat index (h * W + w) of the window's winner; its value goes to best_out."""
+    cdef idx_t ih, iw, best_i = h0 * g.W + w0
+    cdef floating v, best = -INFINITY
+    for ih in range(h0, h1):
+        for iw in range(w0, w1):
+            v = x[ih * xs_h + iw * xs_w]
+            if v > best or v != v:
+                best = v
+                best_i = ih * g.W + iw
+    best_out[0] = best
+    return best_i
+
+
 cdef void _max_plane(const pool_geom* g, const floating* x, idx_t xs_h, idx_t xs_w,
                      floating* y, int64_t* idx) noexcept nogil:
-    cdef idx_t p, q, h0, h1, w0, w1, ih, iw, best_i
-    cdef floating v, best
+    cdef idx_t p, q, h0, h1, w0, w1, best_i
     for p in range(g.P):
-        h0 = p * g.sh - g.ph
-        h1 = _min(h0 + g.kh, g.H)
-        h0 = _max(h0, 0)
+        _clip(p, g.sh, g.ph, g.kh, g.H, &h0, &h1)
         for q in range(g.Q):
-            w0 = q * g.sw - g.pw
-            w1 = _min(w0 + g.kw, g.W)
-            w0 = _max(w0, 0)
-            best = -INFINITY
-            best_i = h0 * g.W + w0
-            for ih in range(h0, h1):
-                for iw in range(w0, w1):
-                    v = x[ih * xs_h + iw * xs_w]
-                    if v > best or v != v:
-                        best = v
-                        best_i = ih * g.W + iw
-            y[p * g.Q + q] = best
+            _clip(q, g.sw, g.pw, g.kw, g.W, &w0, &w1)
+            best_i = _argmax(g, x, xs_h, xs_w, h0, h1, w0, w1, y + p * g.Q + q)
             if idx != NULL:
                 idx[p * g.Q + q] = best_i
 
@@ -68,51 +85,34 @@ cdef void _max_plane_backward(const pool_geom* g, const floating* dy, const int6
 cdef void _max_plane_backward_x(const pool_geom* g, const floating* dy, const floating* x,
                                 idx_t xs_h, idx_t xs_w, floating* dx) noexcept nogil:
     """The backward without saved indices: find each window's winner again."""
-    cdef idx_t p, q, h0, h1, w0, w1, ih, iw, best_i
-    cdef floating v, best
+    cdef idx_t p, q, h0, h1, w0, w1
+    cdef floating best
     for p in range(g.P):
-        h0 = p * g.sh - g.ph
-        h1 = _min(h0 + g.kh, g.H)
-        h0 = _max(h0, 0)
+        _clip(p, g.sh, g.ph, g.kh, g.H, &h0, &h1)
         for q in range(g.Q):
-            w0 = q * g.sw - g.pw
-            w1 = _min(w0 + g.kw, g.W)
-            w0 = _max(w0, 0)
-            best = -INFINITY
-            best_i = h0 * g.W + w0
-            for ih in range(h0, h1):
-                for iw in range(w0, w1):
-                    v = x[ih * xs_h + iw * xs_w]
-                    if v > best or v != v:
-                        best = v
-                        best_i = ih * g.W + iw
-            dx[best_i] += dy[p * g.Q + q]
+            _clip(q, g.sw, g.pw, g.kw, g.W, &w0, &w1)
+            dx[_argmax(g, x, xs_h, xs_w, h0, h1, w0, w1, &best)] += dy[p * g.Q + q]
 
 
 cdef void _avg_plane(const pool_geom* g, const floating* x, idx_t xs_h, idx_t xs_w,
                      floating* y, bint include_pad) noexcept nogil:
-    cdef idx_t p, q, h0, h1, w0, w1, ih, iw, hs, ws
-    cdef double acc
+    cdef idx_t p, q, h0, h1, w0, w1, ih, iw
+    cdef double acc     # a float32 sum would round at every step
     for p in range(g.P):
-        hs = p * g.sh - g.ph
-        h1 = _min(hs + g.kh, g.H)
-        h0 = _max(hs, 0)
+        _clip(p, g.sh, g.ph, g.kh, g.H, &h0, &h1)
         for q in range(g.Q):
-            ws = q * g.sw - g.pw
-            w1 = _min(ws + g.kw, g.W)
-            w0 = _max(ws, 0)
+            _clip(q, g.sw, g.pw, g.kw, g.W, &w0, &w1)
             acc = 0
             for ih in range(h0, h1):
                 for iw in range(w0, w1):
                     acc = acc + x[ih * xs_h + iw * xs_w]
-            if include_pad:
-                y[p * g.Q + q] = <floating> (acc / (g.kh * g.kw))
-            else:
-                y[p * g.Q + q] = <floating> (acc / ((h1 - h0) * (w1 - w0)))
+            y[p * g.Q + q] = <floating> (acc / _count(g, include_pad, h0, h1, w0, w1))
 
 
 cdef void _avg_plane_backward(const pool_geom* g, const floating* dy, floating* dx,
                               bint include_pad) noexcept nogil:
+    # Clipped by hand: the same loop written with _clip and _count measured 5-10% slower
+    # (gcc 12, float32, 3x3/2 windows).
     cdef idx_t p, q, h0, h1, w0, w1, ih, iw, hs, ws
     cdef floating share
     for p in range(g.P):
@@ -134,36 +134,37 @@ cdef void _avg_plane_backward(const pool_geom* g, const floating* dy, floating* 
 
 # ------------------------------------------------------------------- plane-parallel drivers
 
+cdef inline const floating* _plane(const floating* x, const idx_t* xs, idx_t u,
+                                   idx_t C) noexcept nogil:
+    """Plane u = n * C + c of an input with element strides xs (any layout)."""
+    cdef idx_t n = u // C
+    return x + n * xs[0] + (u - n * C) * xs[1]
+
+
 cdef void _max_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,
                    floating* y, int64_t* idx, int nt) noexcept nogil:
-    cdef idx_t u, n, c, PQ = g.P * g.Q
+    cdef idx_t u, PQ = g.P * g.Q
     for u in prange(N * C, num_threads=nt, schedule="static"):
-        n = u // C
-        c = u - n * C
-        _max_plane(g, x + n * xs[0] + c * xs[1], xs[2], xs[3], y + u * PQ,
+        _max_plane(g, _plane(x, xs, u, C), xs[2], xs[3], y + u * PQ,
                    idx + u * PQ if idx != NULL else NULL)
 
 
 cdef void _avg_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,
                    floating* y, bint include_pad, int nt) noexcept nogil:
-    cdef idx_t u, n, c, PQ = g.P * g.Q
+    cdef idx_t u, PQ = g.P * g.Q
     for u in prange(N * C, num_threads=nt, schedule="static"):
-        n = u // C
-        c = u - n * C
-        _avg_plane(g, x + n * xs[0] + c * xs[1], xs[2], xs[3], y + u * PQ, include_pad)
+        _avg_plane(g, _plane(x, xs, u, C), xs[2], xs[3], y + u * PQ, include_pad)
 
 
 cdef void _max_bwd_all(const pool_geom* g, const floating* dy, const int64_t* idx,
                        const floating* x, const idx_t* xs, idx_t N, idx_t C, floating* dx,
                        int nt) noexcept nogil:
-    cdef idx_t u, n, c, PQ = g.P * g.Q, HW = g.H * g.W
+    cdef idx_t u, PQ = g.P * g.Q, HW = g.H * g.W
     for u in prange(N * C, num_threads=nt, schedule="static"):
         if idx != NULL:
             _max_plane_backward(g, dy + u * PQ, idx + u * PQ, dx + u * HW)
         else:
-            n = u // C
-            c = u - n * C
-            _max_plane_backward_x(g, dy + u * PQ, x + n * xs[0] + c * xs[1], xs[2], xs[3],
+            _max_plane_backward_x(g, dy + u * PQ, _plane(x, xs, u, C), xs[2], xs[3],
                                   dx + u * HW)
 
 
