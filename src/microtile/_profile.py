@@ -8,10 +8,10 @@ profile can make a kernel compute a wrong result.
 """
 import json
 import os
-import tempfile
 import warnings
 
 from microtile import _hwinfo
+from microtile._atomic import atomic_open
 from microtile._version import __version__
 
 SCHEMA_VERSION = 1
@@ -54,22 +54,9 @@ def fingerprint(isa_flags=None):
 def write_atomic(path, data):
     """Write ``data`` as JSON to ``path`` so that readers see the old file or the new one,
     never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w", prefix=".profile-") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 # Packing buffers a profile may ask for, per thread: far above any sensible block (a few

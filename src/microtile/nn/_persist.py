@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 
+from microtile._atomic import atomic_open
+
 
 def save(model, path):
     """Write ``model.state_dict()`` to ``path`` as an uncompressed ``.npz`` (exact values).
@@ -15,22 +17,9 @@ def save(model, path):
     model : Module
     path : str or os.PathLike
     """
-    import tempfile  # only here: keeps it out of ``import microtile``
-
     state = model.state_dict()
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".microtile-", suffix=".npz.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **state)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **state)
 
 
 def load(model, path):
