@@ -241,11 +241,17 @@ ctypedef struct _plan:
 cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, idx_t n, idx_t k,
                      idx_t cs_b, _plan* pl) noexcept nogil:
     cdef bint small = <double> m * <double> n * <double> k <= prm.nopack_mnk
-    cdef idx_t micro_rows, want, rows
+    cdef idx_t micro_rows, want, rows, n_pc
     pl.nt = nt
     pl.b_packed = not (cs_b == 1 and (small or m <= 2 * mr))
     pl.a_packed = not (small or n <= prm.nopack_a_panels * nr)
-    pl.kc = _min(prm.kc, k)
+    # Depth per pass: as many passes as k / kc rounded to nearest, split evenly, so that no
+    # pass over C (each one reads and writes all of it) is spent on a thin remainder: k = 784
+    # with kc = 256 makes three passes of 262 rather than four, the last of 16.
+    n_pc = (k + prm.kc // 2) // prm.kc
+    if n_pc < 1:
+        n_pc = 1
+    pl.kc = _ceil_div(k, n_pc)
     pl.nc = _ceil_div(_min(prm.nc, n), nr) * nr
     pl.mc = _ceil_div(_min(prm.mc, m), mr) * mr
     pl.item_rows = pl.mc
