@@ -155,3 +155,32 @@ def test_conv_errors():
         nn.Conv2d(3, 4, 0)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         nn.MaxPool2d(2)(np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reused_gradient_buffers_are_cleared(dtype):
+    """The private buffers the layers pass in start full of garbage: the results must equal
+    those of freshly allocated ones (dx, dW partials and pooling dx are cleared in place)."""
+    rng = np.random.default_rng(21)
+    x = rand(rng, 5, 6, 9, 7, dtype=dtype)
+    w = rand(rng, 4, 3, 3, 2, dtype=dtype)
+    dy = rand(rng, 5, 4, 5, 8, dtype=dtype)
+    kw = dict(stride=(2, 1), padding=1, groups=2)
+    ref = microtile.conv2d_backward(dy, x, w, **kw)
+    bufs = [np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype),
+            np.full((4,), np.nan, dtype)]
+    for _ in range(2):
+        got = microtile.conv2d_backward(dy, x, w, **kw, _dx=bufs[0], _dw=bufs[1], _db=bufs[2])
+        for r, g, b in zip(ref, got, bufs):
+            assert g is b or g.base is b
+            np.testing.assert_array_equal(g, r)
+    with pytest.raises(ValueError, match="_dw"):
+        microtile.conv2d_backward(dy, x, w, **kw, _dw=np.empty((4, 3, 3, 3), dtype))
+    py = rand(rng, 5, 6, 4, 3, dtype=dtype)
+    for fn, args in ((microtile.max_pool2d_backward, (py, x, 2)),
+                     (microtile.avg_pool2d_backward, (py, x.shape, 2))):
+        ref = fn(*args)
+        buf = np.full(x.shape, np.nan, dtype)
+        for _ in range(2):
+            assert fn(*args, _dx=buf) is buf
+            np.testing.assert_array_equal(buf, ref)

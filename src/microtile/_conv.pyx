@@ -43,12 +43,14 @@ _POOL_MAX = 2
 
 
 cdef cnp.ndarray _ws_get(idx_t n_elems, object dtype):
+    # Best fit (the pool is sorted largest first): the backward pass holds two buffers at
+    # once (columns and dW partials), and the small request must not take the large one.
     cdef idx_t nbytes = max(n_elems, 1) * dtype.itemsize
+    cdef Py_ssize_t i
     with _pool_lock:
-        for i, buf in enumerate(_pool):
-            if buf.nbytes >= nbytes:
-                del _pool[i]
-                return buf
+        for i in range(len(_pool) - 1, -1, -1):
+            if _pool[i].nbytes >= nbytes:
+                return _pool.pop(i)
     return np.empty(nbytes, dtype=np.uint8)
 
 
@@ -490,17 +492,19 @@ cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* d
 
 
 def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, idx_t groups,
-                    bint need_w, bint need_x, bint need_b, idx_t workspace, idx_t chunk):
+                    bint need_w, bint need_x, bint need_b, idx_t workspace, idx_t chunk,
+                    object dx_out=None, object dw_out=None, object db_out=None):
     """Gradients of a conv2d.  dy (N, K, P, Q) C-contiguous, x (N, C, H, W) any strides,
     wm (K, CRS) C-contiguous, all of one dtype.  Returns (dx or None, dw (K, CRS) or None,
-    db or None)."""
+    db or None).  ``dx_out`` / ``dw_out`` / ``db_out``, when given, are C-contiguous arrays
+    of those shapes and dy's dtype that receive the results (a training loop reuses them)."""
     cdef gemm_params prm
     cdef conv_geom g = _geom(geom)
     cdef int code = _dtype_code(dy)
     cdef conv_plan pl
     cdef idx_t xs[4]
     cdef idx_t isz = dy.itemsize, per_col
-    cdef cnp.ndarray wsbuf, dwp, dx = None, db = None
+    cdef cnp.ndarray wsbuf, dwpbuf, dwp, dx = None, db = None
     cdef int rc = 0, nt_parts, i
     cdef idx_t rows
     current_params(code, &prm)
@@ -509,13 +513,23 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     pl.ldw = wm.shape[1]
     dt = dy.dtype
     if need_x:
-        dx = np.zeros((x.shape[0], x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
+        # col2im adds into dx, so a reused one is cleared first.
+        if dx_out is None:
+            dx = np.zeros((x.shape[0], x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
+        else:
+            dx = dx_out
+            dx.fill(0)
     if pl.N == 0 or pl.PQ == 0 or pl.K == 0 or pl.CRS == 0 or not (need_w or need_x):
         if need_b:
-            db = np.zeros(pl.K, dtype=dt)
+            db = np.zeros(pl.K, dtype=dt) if db_out is None else db_out
+            db.fill(0)
             if dy.size:
                 _bias_grad_any(dy, db, &pl)
-        return dx, (np.zeros((pl.K, pl.CRS), dtype=dt) if need_w else None), db
+        dw = None
+        if need_w:
+            dw = np.zeros((pl.K, pl.CRS), dtype=dt) if dw_out is None else dw_out
+            dw.fill(0)
+        return dx, dw, db
     # db rides in the dW GEMM (a row of ones under the columns) whenever that GEMM runs on
     # im2col columns; otherwise it is a sum of its own.
     pl.bias_col = need_b and need_w and not pl.direct
@@ -534,11 +548,15 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     nt_parts = pl.nt if pl.par else 1
     rows = pl.CRS + pl.bias_col
     wsbuf = _ws_get(max(pl.ws_elems, 1) * nt_parts, dt)
-    # Per-thread partial dW (or dW^T), one block per group, reduced below.
-    dwp = np.zeros(((<object> nt_parts, <object> pl.G, <object> rows, <object> pl.Kg)
-                    if need_w else (<object> 1,)), dtype=dt)
-    if need_w and not pl.dw_trans:
-        dwp = dwp.reshape(nt_parts, pl.G, pl.Kg, rows)
+    # Per-thread partial dW (or dW^T), one block per group, reduced below; kept between
+    # calls like the workspace, so it is cleared here rather than freshly allocated.
+    cdef idx_t dwp_elems = nt_parts * pl.G * rows * pl.Kg if need_w else 1
+    dwpbuf = _ws_get(dwp_elems, dt)
+    dwp = dwpbuf[:dwp_elems * isz].view(dt)
+    dwp.fill(0)
+    if need_w:
+        dwp = dwp.reshape((nt_parts, pl.G, rows, pl.Kg) if pl.dw_trans
+                          else (nt_parts, pl.G, pl.Kg, rows))
     for i in range(4):
         xs[i] = _es(x, i)
     cdef void* px = cnp.PyArray_DATA(x)
@@ -559,17 +577,24 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
                           need_w, need_x)
     _ws_put(wsbuf)
     if rc != 0:
+        _ws_put(dwpbuf)
         raise MemoryError("microtile: could not allocate GEMM packing buffers")
     dw = None
     if need_w:
-        tot = dwp[0] if nt_parts == 1 else dwp.sum(axis=0)
+        # Reduced into the first partial (no temporary), then copied out of the blocks.
+        tot = dwp[0]
+        for i in range(1, nt_parts):
+            np.add(tot, dwp[i], out=tot)
         if pl.dw_trans:
             tot = tot.transpose(0, 2, 1)
-        dw = np.ascontiguousarray(tot[:, :, :pl.CRS]).reshape(pl.K, pl.CRS)
+        dw = np.empty((pl.K, pl.CRS), dtype=dt) if dw_out is None else dw_out
+        np.copyto(dw.reshape(pl.G, pl.Kg, pl.CRS), tot[:, :, :pl.CRS])
         if pl.bias_col:
-            db = np.ascontiguousarray(tot[:, :, pl.CRS]).reshape(pl.K)
+            db = np.empty(pl.K, dtype=dt) if db_out is None else db_out
+            np.copyto(db.reshape(pl.G, pl.Kg), tot[:, :, pl.CRS])
+    _ws_put(dwpbuf)
     if need_b and not pl.bias_col:
-        db = np.empty(pl.K, dtype=dt)
+        db = np.empty(pl.K, dtype=dt) if db_out is None else db_out
         _bias_grad_any(dy, db, &pl)
     return dx, dw, db
 

@@ -80,3 +80,16 @@ def as_nchw(arr, name, what):
         return arr[None], True
     raise ValueError(f"{what}: {name} must be 4-D (N, C, H, W) or 3-D (C, H, W), "
                      f"got shape {arr.shape}")
+
+
+def reuse_out(arr, shape, dt, what, name):
+    """``arr`` when it is a C-contiguous (shape, dt) array to write a result into, else an error
+    (the private ``_out=`` / ``_dx=`` arguments the nn layers pass to reuse buffers between
+    steps)."""
+    if arr is None:
+        return None
+    if (not isinstance(arr, np.ndarray) or arr.shape != tuple(shape) or arr.dtype != dt
+            or not arr.flags.c_contiguous or not arr.flags.writeable):
+        raise ValueError(f"{what}: {name} must be a writeable C-contiguous {np.dtype(dt)} "
+                         f"array of shape {tuple(shape)}")
+    return arr

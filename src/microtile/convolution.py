@@ -9,7 +9,7 @@ import numpy as np
 from microtile import _conv, _im2col
 from microtile._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
 from microtile._config import get_num_threads, get_option
-from microtile._nchw import as_nchw, conv_padding, out_size, pair
+from microtile._nchw import as_nchw, reuse_out, conv_padding, out_size, pair
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
 
@@ -143,7 +143,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
 
 
 def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
-                    need_input_grad=True, need_bias_grad=True):
+                    need_input_grad=True, need_bias_grad=True, _dx=None, _dw=None, _db=None):
     """Gradients of ``sum(dy * conv2d(x, w, b, ...))`` with respect to x, w and b.
 
     Parameters
@@ -181,9 +181,15 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
     Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+    what = "conv2d_backward"
+    dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
+    dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
+    db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
     dx, dwm, db = _conv.conv2d_backward(DY4, X4, Wm, geom, groups, True,
                                         bool(need_input_grad), bool(need_bias_grad),
-                                        *_sizes())
+                                        *_sizes(), dx_out,
+                                        None if dw_out is None else dw_out.reshape(K, crs),
+                                        db_out)
     dw = dwm.reshape(Wt.shape)
     if dx is not None and unbatched:
         dx = dx[0]

@@ -7,7 +7,7 @@ import numpy as np
 from microtile import _pooling
 from microtile._checks import as_float_array, as_dtype, result_dtype
 from microtile._config import get_num_threads
-from microtile._nchw import as_nchw, out_size, pair
+from microtile._nchw import as_nchw, reuse_out, out_size, pair
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
 
@@ -28,6 +28,15 @@ def _pool_args(what, shape, kernel_size, stride, padding):
     return (H, W, kh, kw, sh, sw, ph, pw, P, Q)
 
 
+def _zeroed(arr, shape, dt, what):
+    """A zero (shape, dt) array to add gradients into: ``arr`` cleared in place when given."""
+    if arr is None:
+        return np.zeros(shape, dtype=dt)
+    arr = reuse_out(arr, shape, dt, what, "_dx")
+    arr.fill(0)
+    return arr
+
+
 def _dy4(what, dy, out_shape, unbatched, dt):
     DY = as_float_array(dy, "dy")
     want = out_shape[1:] if unbatched else out_shape
@@ -36,7 +45,8 @@ def _dy4(what, dy, out_shape, unbatched, dt):
     return DY, np.ascontiguousarray(as_dtype(DY, dt)).reshape(out_shape)
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, *, return_indices=False):
+def max_pool2d(x, kernel_size, stride=None, padding=0, *, return_indices=False, _out=None,
+               _indices=None):
     """2-D max pooling, as ``torch.nn.functional.max_pool2d`` (ceil_mode=False).
 
     Parameters
@@ -61,8 +71,14 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, return_indices=False):
     X4, unbatched = as_nchw(X, "x", "max_pool2d")
     geom = _pool_args("max_pool2d", X4.shape, kernel_size, stride, padding)
     shape = X4.shape[:2] + geom[8:]
-    y = np.empty(shape, dtype=X.dtype)
-    idx = np.empty(shape, dtype=np.int64) if return_indices else None
+    y = reuse_out(_out, shape, X.dtype, "max_pool2d", "_out")
+    if y is None:
+        y = np.empty(shape, dtype=X.dtype)
+    idx = None
+    if return_indices:
+        idx = reuse_out(_indices, shape, np.int64, "max_pool2d", "_indices")
+        if idx is None:
+            idx = np.empty(shape, dtype=np.int64)
     _pooling.max_pool_into(X4, y, idx, geom, get_num_threads())
     if unbatched:
         y = y[0]
@@ -70,7 +86,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, return_indices=False):
     return (y, idx) if return_indices else y
 
 
-def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0, *, indices=None):
+def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0, *, indices=None,
+                        _dx=None):
     """Gradient of ``max_pool2d`` with respect to x.
 
     Parameters
@@ -106,13 +123,13 @@ def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0, *, indices=N
             raise ValueError(f"max_pool2d_backward: indices must lie in [0, {geom[0] * geom[1]})"
                              f" for an input plane of {geom[0]}x{geom[1]}")
         idx = np.ascontiguousarray(I, dtype=np.int64).reshape(out_shape)
-    dx = np.zeros(X4.shape, dtype=dt)
+    dx = _zeroed(_dx, X4.shape, dt, "max_pool2d_backward")
     _pooling.max_pool_backward_into(dy4, idx, None if idx is not None else as_dtype(X4, dt), dx,
                                     geom, get_num_threads())
     return dx[0] if unbatched else dx
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, *, count_include_pad=True):
+def avg_pool2d(x, kernel_size, stride=None, padding=0, *, count_include_pad=True, _out=None):
     """2-D average pooling, as ``torch.nn.functional.avg_pool2d`` (ceil_mode=False).
 
     Parameters
@@ -134,13 +151,15 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, *, count_include_pad=True
     X = as_float_array(x, "x")
     X4, unbatched = as_nchw(X, "x", "avg_pool2d")
     geom = _pool_args("avg_pool2d", X4.shape, kernel_size, stride, padding)
-    y = np.empty(X4.shape[:2] + geom[8:], dtype=X.dtype)
+    y = reuse_out(_out, X4.shape[:2] + geom[8:], X.dtype, "avg_pool2d", "_out")
+    if y is None:
+        y = np.empty(X4.shape[:2] + geom[8:], dtype=X.dtype)
     _pooling.avg_pool_into(X4, y, bool(count_include_pad), geom, get_num_threads())
     return y[0] if unbatched else y
 
 
 def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, *,
-                        count_include_pad=True):
+                        count_include_pad=True, _dx=None):
     """Gradient of ``avg_pool2d`` with respect to its input.
 
     Parameters
@@ -170,6 +189,6 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, *,
     geom = _pool_args("avg_pool2d_backward", shape4, kernel_size, stride, padding)
     dt = as_float_array(dy, "dy").dtype
     _, dy4 = _dy4("avg_pool2d_backward", dy, shape4[:2] + geom[8:], unbatched, dt)
-    dx = np.zeros(shape4, dtype=dt)
+    dx = _zeroed(_dx, shape4, dt, "avg_pool2d_backward")
     _pooling.avg_pool_backward_into(dy4, dx, bool(count_include_pad), geom, get_num_threads())
     return dx[0] if unbatched else dx

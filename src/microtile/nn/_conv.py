@@ -138,9 +138,15 @@ class Conv2d(Module):
             act_backward(self._act, y.reshape(-1), dy.reshape(-1), dz.reshape(-1))
         else:
             dz = dy
+        # dx, dW and db land in buffers kept between steps (the kernel zeroes what it adds
+        # into), so a training step of known shapes allocates no arrays.
+        w = self.weight.data
         dx, dw, db = kernel("conv2d_backward")(
-            dz, x, self.weight.data, need_input_grad=bool(need_input_grad),
-            need_bias_grad=self.bias is not None, **self._kw())
+            dz, x, w, need_input_grad=bool(need_input_grad),
+            need_bias_grad=self.bias is not None, **self._kw(),
+            _dx=self._buffer("dx", x.shape, y.dtype) if need_input_grad else None,
+            _dw=self._buffer("dw", w.shape, y.dtype),
+            _db=self._buffer("db", (w.shape[0],), y.dtype) if self.bias is not None else None)
         self.weight._add_to_grad(dw)
         if self.bias is not None:
             self.bias._add_to_grad(db)

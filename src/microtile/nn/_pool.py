@@ -1,6 +1,9 @@
 """MaxPool2d and AvgPool2d: torch's pooling layers on microtile's pooling functions."""
+import numpy as np
+
 from microtile.nn._dtypes import as_grad
 from microtile._checks import as_float_array
+from microtile._nchw import out_size
 from microtile.nn._conv import pair
 from microtile.nn._kernels import kernel
 from microtile.nn._module import Module
@@ -24,6 +27,13 @@ class _Pool2d(Module):
             raise ValueError(f"{self!r}: input has shape {x.shape}, expected (N, C, H, W)")
         return x
 
+    def output_shape(self, input_shape):
+        """(N, C, P, Q) for an (N, C, H, W) input; ValueError when the window does not fit."""
+        n, c, h, w = input_shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (n, c, out_size(h, kh, ph, ph, sh, 1, repr(self), "height"),
+                out_size(w, kw, pw, pw, sw, 1, repr(self), "width"))
+
     def __repr__(self):
         return (f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding})")
@@ -43,8 +53,11 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x):
         x = self._check(x)
+        shape = self.output_shape(x.shape)
         y, idx = kernel("max_pool2d")(x, self.kernel_size, self.stride, self.padding,
-                                      return_indices=True)
+                                      return_indices=True,
+                                      _out=self._buffer("y", shape, x.dtype),
+                                      _indices=self._buffer("idx", shape, np.int64))
         self._x = x
         self._idx = idx
         self._y_shape = y.shape
@@ -57,7 +70,8 @@ class MaxPool2d(_Pool2d):
         if not need_input_grad:
             return None
         return kernel("max_pool2d_backward")(dy, self._x, self.kernel_size, self.stride,
-                                             self.padding, indices=self._idx)
+                                             self.padding, indices=self._idx,
+                                             _dx=self._buffer("dx", self._x.shape, dy.dtype))
 
 
 class AvgPool2d(_Pool2d):
@@ -80,7 +94,8 @@ class AvgPool2d(_Pool2d):
     def forward(self, x):
         x = self._check(x)
         y = kernel("avg_pool2d")(x, self.kernel_size, self.stride, self.padding,
-                                 count_include_pad=self.count_include_pad)
+                                 count_include_pad=self.count_include_pad,
+                                 _out=self._buffer("y", self.output_shape(x.shape), x.dtype))
         self._x = x
         self._y_shape = y.shape
         return y
@@ -93,4 +108,5 @@ class AvgPool2d(_Pool2d):
             return None
         return kernel("avg_pool2d_backward")(dy, self._x.shape, self.kernel_size, self.stride,
                                              self.padding,
-                                             count_include_pad=self.count_include_pad)
+                                             count_include_pad=self.count_include_pad,
+                                             _dx=self._buffer("dx", self._x.shape, dy.dtype))
