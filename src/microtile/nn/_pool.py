@@ -38,6 +38,12 @@ class _Pool2d(Module):
         return (f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding})")
 
+    def _incoming(self, dy):
+        """dy checked against the last forward (RuntimeError when there was none)."""
+        if self._x is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        return as_grad(dy, self._x.dtype, self._y_shape, self)
+
 
 class MaxPool2d(_Pool2d):
     """Maximum over windows, as ``torch.nn.MaxPool2d`` (ceil_mode False).
@@ -64,9 +70,7 @@ class MaxPool2d(_Pool2d):
         return y
 
     def backward(self, dy, *, need_input_grad=True):
-        if self._x is None:
-            raise RuntimeError(f"{self!r}: backward called before forward")
-        dy = as_grad(dy, self._x.dtype, self._y_shape, self)
+        dy = self._incoming(dy)
         if not need_input_grad:
             return None
         return kernel("max_pool2d_backward")(dy, self._x, self.kernel_size, self.stride,
@@ -101,9 +105,7 @@ class AvgPool2d(_Pool2d):
         return y
 
     def backward(self, dy, *, need_input_grad=True):
-        if self._x is None:
-            raise RuntimeError(f"{self!r}: backward called before forward")
-        dy = as_grad(dy, self._x.dtype, self._y_shape, self)
+        dy = self._incoming(dy)
         if not need_input_grad:
             return None
         return kernel("avg_pool2d_backward")(dy, self._x.shape, self.kernel_size, self.stride,
