@@ -400,11 +400,34 @@ def test_nn_is_a_subpackage():
     assert microtile.nn is nn
 
 
+def _step_allocation(model, loss, opt, x, labels):
+    """Peak bytes traced over three training steps, after two that settle the buffers."""
+    import tracemalloc
+
+    def step():
+        opt.zero_grad()
+        out = model.forward(x)
+        loss.forward(out, labels)
+        model.backward(loss.backward(), need_input_grad=False)
+        opt.step()
+    step()
+    step()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for _ in range(3):
+            step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
 @pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdaGrad", "RMSprop"])
 def test_training_step_allocates_no_arrays(opt_name):
     """Once shapes are known a step reuses every buffer: the traced peak stays far below the
     size of a single activation (128 x 256 float32 = 128 KiB)."""
-    import tracemalloc
     rng = np.random.default_rng(14)
     model = nn.Sequential(nn.Linear(300, 256, rng=0), nn.ReLU(), nn.Linear(256, 128, rng=1),
                           nn.Sigmoid(), nn.Linear(128, 10, rng=2))
@@ -413,25 +436,7 @@ def test_training_step_allocates_no_arrays(opt_name):
     loss = nn.CrossEntropyLoss()
     kw = dict(lr=0.01, momentum=0.9) if opt_name == "SGD" else {}
     opt = getattr(nn, opt_name)(model.parameters(), **kw)
-
-    def step():
-        opt.zero_grad()
-        out = model.forward(x)
-        loss.forward(out, labels)
-        model.backward(loss.backward(), need_input_grad=False)
-        opt.step()
-    step()
-    step()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for _ in range(3):
-            step()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak - base < 16 * 1024
+    assert _step_allocation(model, loss, opt, x, labels) < 16 * 1024
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
@@ -439,7 +444,6 @@ def test_cnn_training_step_allocates_no_arrays(pool):
     """Conv2d and the pooling layers reuse their outputs, gradients and dW partials between
     steps of the same shapes: the traced peak stays far below one activation (8 x 16 x 20 x 20
     float32 = 200 KiB) and below the 4 KiB dW partials times the threads plus slack."""
-    import tracemalloc
     rng = np.random.default_rng(15)
     pool_layer = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, rng=0), nn.ReLU(), pool_layer,
@@ -448,22 +452,4 @@ def test_cnn_training_step_allocates_no_arrays(pool):
     labels = rng.integers(0, 10, 8)
     loss = nn.CrossEntropyLoss()
     opt = nn.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad()
-        out = model.forward(x)
-        loss.forward(out, labels)
-        model.backward(loss.backward(), need_input_grad=False)
-        opt.step()
-    step()
-    step()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for _ in range(3):
-            step()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak - base < 16 * 1024
+    assert _step_allocation(model, loss, opt, x, labels) < 16 * 1024

@@ -13,6 +13,7 @@ vectorises them; the activation is chosen outside the loops for the same reason.
 from cython.parallel cimport prange
 from libc.math cimport exp, expf, tanh, tanhf
 
+from microtile._mt_openmp cimport mt_share, mt_share_end
 from microtile._typedefs cimport idx_t, floating
 from microtile._gemm cimport gemm_params
 from microtile._params cimport current_params
@@ -168,12 +169,10 @@ def act_forward(const floating[::1] x, floating[::1] out, int act):
         with nogil:
             _act_run(act, px, po, n)
         return
-    chunk = ((n + nt - 1) // nt + 15) & ~(<idx_t> 15)
+    chunk = mt_share(n, nt)
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
         t0 = t * chunk
-        t1 = t0 + chunk
-        if t1 > n:
-            t1 = n
+        t1 = mt_share_end(t0, chunk, n)
         if t0 < t1:
             _act_run(act, px + t0, po + t0, t1 - t0)
 
@@ -217,12 +216,10 @@ def act_backward(int act, const floating[::1] y, const floating[::1] dy, floatin
         with nogil:
             _dact_run(act, py, pdy, pdz, n)
         return
-    chunk = ((n + nt - 1) // nt + 15) & ~(<idx_t> 15)
+    chunk = mt_share(n, nt)
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
         t0 = t * chunk
-        t1 = t0 + chunk
-        if t1 > n:
-            t1 = n
+        t1 = mt_share_end(t0, chunk, n)
         if t0 < t1:
             _dact_run(act, py + t0, pdy + t0, pdz + t0, t1 - t0)
 

@@ -12,6 +12,7 @@ loops whose loop-invariant branches the compiler unswitches, so they vectorise.
 from cython.parallel cimport prange
 from libc.math cimport sqrt, sqrtf
 
+from microtile._mt_openmp cimport mt_share, mt_share_end
 from microtile._typedefs cimport idx_t, floating
 from microtile._gemm cimport gemm_params
 from microtile._params cimport current_params
@@ -123,12 +124,10 @@ cdef int _run(int op, const hyper_t* h, floating[::1] p, const floating[::1] g, 
         with nogil:
             _chunk(op, h, pp, pg, p1, p2, n)
         return 0
-    chunk = ((n + nt - 1) // nt + 15) & ~(<idx_t> 15)
+    chunk = mt_share(n, nt)
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
         t0 = t * chunk
-        t1 = t0 + chunk
-        if t1 > n:
-            t1 = n
+        t1 = mt_share_end(t0, chunk, n)
         if t0 < t1:
             _chunk(op, h, pp + t0, pg + t0, (p1 + t0) if p1 != NULL else NULL,
                    (p2 + t0) if p2 != NULL else NULL, t1 - t0)
