@@ -86,6 +86,22 @@ def gflops(problem, overrides, min_seconds=0.0):
     return problem.flops / sec / 1e9
 
 
+def objective(parts, min_seconds=0.0):
+    """``(sample, check)`` for a race whose score is the geometric mean over ``parts``, a
+    list of ``(problem, overrides)`` pairs (the candidate's overrides are added to each):
+    for example one GEMM on one thread and on all, so that a blocking which suits only a
+    lone thread (blocks that crowd each other out of a shared cache) or only the team
+    cannot win."""
+    def sample(c):
+        logs = [math.log(gflops(p, {**b, **c}, min_seconds)) for p, b in parts]
+        return math.exp(sum(logs) / len(logs))
+
+    def check_all(c):
+        return max(check(p, {**b, **c}) for p, b in parts)
+
+    return sample, check_all
+
+
 def key(candidate):
     """A hashable name for a candidate dict."""
     return tuple(sorted(candidate.items()))
@@ -94,15 +110,23 @@ def key(candidate):
 class RaceResult:
     """Samples and verdicts of one race."""
 
-    def __init__(self, candidates):
+    def __init__(self, candidates, anchor=None):
         self.candidates = list(candidates)
         self.samples = {key(c): [] for c in self.candidates}
+        # Anchored races: each sample of a candidate over the anchor's beside it.
+        self.anchor = anchor
+        self.ratios = {key(c): [] for c in self.candidates}
         self.error = {}
         self.dropped = set()
 
     def score(self, cand):
-        """Upper quartile of the candidate's GFLOP/s samples (0 when it has none)."""
-        return upper_quartile(self.samples[key(cand)])
+        """GFLOP/s: the upper quartile of the candidate's samples; in an anchored race the
+        anchor's upper quartile times the candidate's median ratio to the anchor (0 when
+        the candidate has no samples)."""
+        if self.anchor is None or key(cand) == key(self.anchor):
+            return upper_quartile(self.samples[key(cand)])
+        r = self.ratios[key(cand)]
+        return upper_quartile(self.samples[key(self.anchor)]) * float(np.median(r)) if r else 0.0
 
     def valid(self):
         return [c for c in self.candidates if self.error.get(key(c), math.inf) <= 1.0]
@@ -120,29 +144,46 @@ class RaceResult:
                  "median": round(float(np.median(self.samples[key(c)])), 3)
                  if self.samples[key(c)] else 0.0,
                  "samples": len(self.samples[key(c)]),
+                 **({"ratio": round(float(np.median(self.ratios[key(c)])), 4)}
+                    if self.anchor is not None and self.ratios[key(c)] else {}),
                  "error_ratio": round(self.error.get(key(c), math.inf), 4),
                  "dropped": key(c) in self.dropped} for c in self.candidates]
 
 
 def race(candidates, sample, check_fn, *, rounds=4, top=3, extra_rounds=2, prune=0.85,
-         deadline=None, seed=0, on_round=None):
+         deadline=None, seed=0, on_round=None, anchor=None):
     """Race candidate dicts.
 
     ``check_fn(c)`` returns the error ratio of c's output (the first, warm-up call);
     ``sample(c)`` returns one GFLOP/s sample.  At least two rounds are always run; later
-    rounds stop at ``deadline`` (a ``time.perf_counter`` value).
+    rounds stop at ``deadline`` (a ``time.perf_counter`` value).  ``anchor``, one of the
+    candidates, makes the race anchored (see the module's docstring) if it computes
+    correctly.
     """
     rng = random.Random(seed)
-    res = RaceResult(candidates)
+    res = RaceResult(candidates, anchor)
     for c in res.candidates:
         res.error[key(c)] = check_fn(c)
     alive = res.valid()
+    if anchor is not None and anchor not in alive:
+        anchor = res.anchor = None      # a wrong anchor cannot be timed: race unanchored
 
     def one_round(group):
-        order = list(group)
+        order = [c for c in group if anchor is None or c != anchor]
         rng.shuffle(order)
+        if anchor is None:
+            for c in order:
+                res.samples[key(c)].append(sample(c))
+            return
+        before = sample(anchor)
+        res.samples[key(anchor)].append(before)
         for c in order:
-            res.samples[key(c)].append(sample(c))
+            s = sample(c)
+            after = sample(anchor)
+            res.samples[key(anchor)].append(after)
+            res.samples[key(c)].append(s)
+            res.ratios[key(c)].append(2.0 * s / (before + after))
+            before = after
 
     for r in range(rounds):
         if r >= 2 and deadline is not None and time.perf_counter() > deadline:
@@ -150,15 +191,25 @@ def race(candidates, sample, check_fn, *, rounds=4, top=3, extra_rounds=2, prune
         one_round(alive)
         if r >= 1 and len(alive) > 1:
             lead = max(res.score(c) for c in alive)
-            slow = [c for c in alive if max(res.samples[key(c)]) < prune * lead]
+            slow = [c for c in alive if c != anchor and _best(res, c) < prune * lead]
             res.dropped.update(key(c) for c in slow)
             alive = [c for c in alive if c not in slow]
         if on_round is not None:
             on_round(r, res)
     finalists = sorted(alive, key=res.score, reverse=True)[:top]
+    if anchor is not None and anchor not in finalists:
+        finalists.append(anchor)
     if len(finalists) > 1:
         for _ in range(extra_rounds):
             if deadline is not None and time.perf_counter() > deadline:
                 break
             one_round(finalists)
     return res
+
+
+def _best(res, c):
+    """The most a candidate has shown: its fastest sample, or in an anchored race the
+    anchor's upper quartile times its best ratio."""
+    if res.anchor is None or key(c) == key(res.anchor):
+        return max(res.samples[key(c)])
+    return upper_quartile(res.samples[key(res.anchor)]) * max(res.ratios[key(c)])

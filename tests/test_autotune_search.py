@@ -70,6 +70,42 @@ def test_race_respects_the_deadline_after_two_rounds():
     assert max(calls.values()) <= 2 + 2                # two rounds, then only the extras
 
 
+def spell_race(speeds, anchor, **kw):
+    """A race whose samples are slowed by 35 % two thirds of the time, in spells of five
+    consecutive calls, as another VM on the host slows this one; otherwise exact."""
+    cands = [{"id": i} for i in range(len(speeds))]
+    n = [0]
+
+    def sample(c):
+        n[0] += 1
+        return speeds[c["id"]] * (0.65 if (n[0] // 5) % 3 else 1.0)
+
+    return measure.race(cands, sample, lambda c: 0.5, prune=0.0, seed=3,
+                        anchor=anchor and cands[anchor - 1], **kw)
+
+
+def test_anchored_race_cancels_spells_of_load():
+    speeds = [100, 103, 97, 90, 101.5]
+    plain = spell_race(speeds, anchor=None, rounds=9, extra_rounds=0)
+    assert plain.winner != {"id": 1}                   # the spells fool an unanchored race
+    res = spell_race(speeds, anchor=1, rounds=9, extra_rounds=0)
+    ranked = [c["id"] for c in res.ranking()]
+    assert ranked == sorted(range(5), key=lambda i: -speeds[i])
+    anchor_score = res.score({"id": 0})
+    for i, v in enumerate(speeds[1:], 1):              # ratios to the anchor, within 1 %
+        assert abs(res.score({"id": i}) / anchor_score - v / 100) < 0.01
+    summary = res.summary()
+    assert "ratio" not in summary[0] and abs(summary[1]["ratio"] - 1.03) < 0.01
+    assert summary[0]["samples"] > summary[1]["samples"]   # timed beside every sample
+
+
+def test_a_wrong_anchor_leaves_the_race_unanchored():
+    cands = [{"id": 0}, {"id": 1}]
+    res = measure.race(cands, lambda c: 10.0 + c["id"], lambda c: 5.0 - 5 * c["id"],
+                       rounds=2, anchor=cands[0])
+    assert res.anchor is None and res.winner == {"id": 1}
+
+
 def test_best_cut():
     # Threads lose below the 4th size and win from there on.
     assert search.best_cut([0.5, 0.7, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 3
@@ -250,3 +286,4 @@ def test_joint_verdict_weighs_one_and_all_threads(monkeypatch):
                                    {"mc": 144, "kc": 512, "nc": 4096}],
                                {"mc": 582, "kc": 168, "nc": 4096})
     assert pick == {"mc": 144, "kc": 512, "nc": 4096}
+
