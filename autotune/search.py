@@ -2,12 +2,14 @@
 
 Order of the steps, each fixing what the next one builds on:
 
-1. mc, kc — single-threaded (they size per-core caches), local search from the analytical
-   model's values on a 1024^3 GEMM: race the centre against its neighbours (each of mc and
-   kc up and down by a factor, and both together the way that keeps the block's footprint),
-   move to a winner that beats the centre by more than the noise, shrink the factor when
-   the centre holds.
-2. nc — a few values around the model's, on a wide GEMM whose n spans several of them.
+1. mc, kc — on a 1024^3 GEMM timed on one thread and on all (the geometric mean: the
+   blocks size per-core caches, but two cores' blocks share the L3): a coarse scan around
+   the analytical model's values, then a local search: race the centre against its
+   neighbours (each of mc and kc up and down by a factor, and both together the way that
+   keeps the block's footprint), move to a winner that beats the centre by more than the
+   noise, shrink the factor when the centre holds.
+2. nc — a ladder of values and the model's, on a wide GEMM whose n spans several of them;
+   then the blocking search's best few with that nc, and the model's point, raced again.
 3. split (ic vs jc) — with the tuned threads, over square, tall, wide and skinny shapes.
 4. thread_mnk — the size below which one thread beats them all.
 5. nopack_mnk and nopack_a_panels — where reading operands in place beats packing them.
@@ -40,13 +42,13 @@ CONTAMINATED_SPEEDUP = 0.9
 SETTINGS = {
     True: {   # --quick
         "factors": (1.41, 1.19), "max_moves": 2, "rounds": 3, "top": 3, "extra": 2,
-        "finalists": 2, "final_rounds": 3, "nc_count": 3, "sweep_rounds": 5,
+        "finalists": 2, "final_rounds": 3, "sweep_rounds": 5,
         "budget": {"blocking": 8.0, "nc": 2.0, "split": 2.0, "threads": 2.0,
                    "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0},
     },
     False: {  # full run
         "factors": (1.41, 1.19, 1.09), "max_moves": 4, "rounds": 7, "top": 3, "extra": 3,
-        "finalists": 4, "final_rounds": 11, "nc_count": 5, "sweep_rounds": 9,
+        "finalists": 4, "final_rounds": 11, "sweep_rounds": 9,
         "budget": {"blocking": 100.0, "nc": 20.0, "split": 15.0, "threads": 12.0,
                    "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0},
     },
@@ -74,6 +76,9 @@ class Tuning:
         self.pinned = {}
         self.last_spread = 0.0
         self.evidence = {}
+        # Whether the blocking objective includes all threads (cleared when other processes
+        # hold the cores: a busy team would only add noise).
+        self.joint = threads > 1
 
     def deadline(self, phase):
         d = time.perf_counter() + self.s["budget"][phase]
@@ -86,16 +91,23 @@ class Tuning:
         return measure.Problem(m, n, k, self.dtype, seed=self.seed if seed is None else seed)
 
     def race(self, problem, candidates, deadline, base=None, min_seconds=0.0, **kw):
-        """Race overrides dicts on one problem; ``base`` overrides are added to each."""
-        base = {**self.pinned, **(base or {})}
+        """Race overrides dicts on one problem; ``base`` overrides are added to each (a
+        list of them: the score is the geometric mean over the list)."""
+        bases = base if isinstance(base, list) else [base or {}]
         opts = {"rounds": self.s["rounds"], "top": self.s["top"],
                 "extra_rounds": self.s["extra"], "deadline": deadline, "seed": self.seed}
         opts.update(kw)
-        return measure.race(
-            candidates,
-            lambda c: measure.gflops(problem, {**base, **c}, min_seconds),
-            lambda c: measure.check(problem, {**base, **c}),
-            **opts)
+        sample, check = measure.objective([(problem, {**self.pinned, **b}) for b in bases],
+                                          min_seconds)
+        return measure.race(candidates, sample, check, **opts)
+
+    def blocking_bases(self, extra=None):
+        """The blocking objective's thread settings: one thread, and all of them when the
+        cores are free (``self.joint``); their geometric mean is the score."""
+        bases = [{"threads": 1, **(extra or {})}]
+        if self.joint and self.threads > 1:
+            bases.append({"threads": self.threads, "thread_mnk": 0, **(extra or {})})
+        return bases
 
 
 def snap(value, step, lo, hi):
@@ -128,31 +140,37 @@ def _fmt(c):
     return " ".join(f"{k}={v}" for k, v in c.items())
 
 
-SCAN = {True: ((0.5, 1.0, 2.0), (1.0, 2.0, 4.0)),
-        False: ((0.25, 0.5, 1.0, 2.0), (1.0, 1.5, 2.0, 3.0, 4.0))}
+# The scan: mc as a count of micro-panels (the few smallest) and as a multiple of the
+# model's, kc as a multiple of the model's.
+SCAN = {True: ((1, 2), (0.5, 1.0), (1.0, 2.0, 4.0)),
+        False: ((1, 2, 4), (0.5, 1.0, 2.0, 4.0), (1.0, 1.5, 2.0, 3.0, 4.0))}
 
 
 def scan_points(model, mr, quick=True):
-    """A coarse log-spaced grid around the model's point: mc from a quarter (full run) or a
-    half to twice the model's, kc from once to four times (the model's kc is a lower bound:
-    it keeps both micro-panels in L1, while a deeper kc saves passes over C, and the kernel
-    streams its operands well enough from L2)."""
+    """A coarse grid around the model's point: mc of one or two micro-panels (four too in a
+    full run) and from half to once the model's (four times in a full run), kc from once to
+    four times the model's.  The model's kc is a lower bound: it keeps both micro-panels in
+    L1, while a deeper kc saves passes over C, and the kernel streams its operands well
+    enough from L2 and even L3.  On Zen3 an mc of one or two micro-panels with a deep kc
+    measured best on one thread and on two, 5-10 % above the model's point (a scan from an
+    eighth of the model's mc, 12 in float64, did not reach mc = 6)."""
     pts = []
-    mcs, kcs = SCAN[bool(quick)]
-    for fm in mcs:
+    panels, mcs, kcs = SCAN[bool(quick)]
+    for mc in [p * mr for p in panels] + [model["mc"] * f for f in mcs]:
         for fk in kcs:
-            c = legal_block(model["mc"] * fm, model["kc"] * fk, mr)
+            c = legal_block(mc, model["kc"] * fk, mr)
             if c not in pts:
                 pts.append(c)
     return pts
 
 
 def search_blocking(t, seeds, nc):
-    """(mc, kc), single-threaded: a coarse scan around the model's point, a local search
-    from the scan's best, and a final re-measurement of the best points met."""
+    """(mc, kc) on the square objective, timed on one thread and on all (their geometric
+    mean; one thread only when the cores are busy): a coarse scan around the model's point,
+    a local search from the scan's best, and a final re-measurement of the best points met."""
     deadline = t.deadline("blocking")
     prob = t.problem(OBJECTIVE_N, OBJECTIVE_N, OBJECTIVE_N)
-    base = {"threads": 1, "nc": nc}
+    base = t.blocking_bases({"nc": nc})
     uniq = []
     for s in seeds:
         c = legal_block(s["mc"], s["kc"], t.mr)
@@ -173,7 +191,8 @@ def search_blocking(t, seeds, nc):
 
     scan = scan_points(uniq[0], t.mr, t.quick)
     scan += [s for s in uniq if s not in scan]
-    res = t.race(prob, scan, deadline, base=base, rounds=3, top=3, extra_rounds=1)
+    res = t.race(prob, scan, deadline, base=base, rounds=3, top=3, extra_rounds=1,
+                 anchor=uniq[0])
     if res.winner is None:
         raise RuntimeError(f"{t.dtype}: no blocking candidate computed a correct result")
     record(res, uniq[0], "scan")
@@ -191,7 +210,7 @@ def search_blocking(t, seeds, nc):
                                 if measure.key(c) not in visited]
             if len(cands) == 1:
                 break
-            res = t.race(prob, cands, deadline, base=base)
+            res = t.race(prob, cands, deadline, base=base, anchor=centre)
             visited.update(measure.key(c) for c in cands)
             record(res, centre, f"x{factor:g}")
             w = res.winner
@@ -210,12 +229,12 @@ def search_blocking(t, seeds, nc):
     ranked = sorted(scores, key=lambda k: float(np.median(scores[k])), reverse=True)
     finals = [centre]
     for k in ranked[: t.s["finalists"]]:
-        c = dict(k)
+        c = {f: dict(k)[f] for f in ("mc", "kc")}
         if c not in finals:
             finals.append(c)
     finals += [s for s in uniq if s not in finals]
     verdict = t.race(prob, finals, None, base=base, rounds=t.s["final_rounds"],
-                     extra_rounds=0, prune=0.0)
+                     extra_rounds=0, prune=0.0, anchor=uniq[0])
     w = verdict.winner
     if w is not None:
         centre = w
@@ -224,7 +243,8 @@ def search_blocking(t, seeds, nc):
     t.say(f"{t.dtype} blocking: {_fmt(centre)} {verdict.score(centre):.1f} GFLOP/s "
           f"(model {verdict.score(uniq[0]):.1f}) after re-measuring {len(finals)} points")
     t.evidence["blocking"] = {
-        "problem": [prob.m, prob.n, prob.k], "threads": 1, "nc": nc, "races": races,
+        "problem": [prob.m, prob.n, prob.k], "threads": [b["threads"] for b in base],
+        "nc": nc, "races": races,
         "final": verdict.summary(), "chosen": centre,
         "finalists": [centre] + [c for c in verdict.ranking() if c != centre][:2]}
     return centre
@@ -248,24 +268,29 @@ def nc_base(block, threads):
     return base
 
 
-def search_nc(t, block, nc_seed, threads=1):
-    """nc among a few values around the model's, on a wide GEMM.
+# The nc values always tried beside the model's: the model's nc moves with the L3 size the
+# latency curve finds, and on a VM that wanders between runs (4-8 MiB here); the ladder keeps a
+# noisy seed from confining the search to a corner.
+NC_LADDER = {True: (512, 1024, 2048),
+             False: (256, 512, 768, 1024, 1536, 2048, 3072, 4096)}
 
-    With several threads each packs its own kc x nc block of B and the L3 holds them all,
-    so where the cores are free this is measured on ``threads`` threads with the rows split
-    between them (each thread then spans all of n)."""
+
+def search_nc(t, block, nc_seed, threads=1):
+    """nc among a ladder of values and the model's, on a wide GEMM.
+
+    The team shares one packed kc x nc block of B, which the L3 holds beside the threads'
+    blocks of A, so where the cores are free this is measured on ``threads`` threads with
+    the rows split between them (each thread then spans all of n)."""
     deadline = t.deadline("nc")
     # Twice the model's cap: the cap is a guess for machines whose L3 is shared with
     # neighbours the OS does not show; here it is measured.
     top = 2 * _blocking.NC_MAX
-    vals = {snap(nc_seed, t.nr, t.nr, top)}
-    for f in (0.5, 0.25, 2.0, 0.75, 1.5)[: t.s["nc_count"] - 1]:
-        vals.add(snap(nc_seed * f, t.nr, t.nr, top))
+    vals = {snap(v, t.nr, t.nr, top) for v in (nc_seed,) + NC_LADDER[bool(t.quick)]}
     cands = [{"nc": v} for v in sorted(vals)]
     m, n, k = nc_shape(block, max(vals), threads, t.mr, t.nr)
     prob = t.problem(m, n, k)
-    res = t.race(prob, cands, deadline, base=nc_base(block, threads))
     seed_c = {"nc": snap(nc_seed, t.nr, t.nr, top)}
+    res = t.race(prob, cands, deadline, base=nc_base(block, threads), anchor=seed_c)
     w = res.winner
     if w is None:
         raise RuntimeError(f"{t.dtype}: no nc computed a correct result")
@@ -277,11 +302,27 @@ def search_nc(t, block, nc_seed, threads=1):
     return chosen["nc"]
 
 
+WIDE = (512, 5120, 1024)
+
+
+def joint_parts(dtype, threads, seed=0):
+    """The objective (mc, kc, nc) are finally judged on, as ``(problem, overrides)`` pairs
+    whose GFLOP/s are combined by geometric mean: the square 1024^3 GEMM on one thread and
+    on ``threads``, and a wide 512 x 5120 x 1024 GEMM (several nc blocks wide, every kc
+    deep) on ``threads``.  ``tools/grid_sweep.py`` sweeps its grid on the same pairs."""
+    sq = measure.Problem(OBJECTIVE_N, OBJECTIVE_N, OBJECTIVE_N, dtype, seed=seed)
+    wide = measure.Problem(*WIDE, dtype, seed=seed)
+    team = {"threads": threads, "thread_mnk": 0}
+    if threads <= 1:
+        return [(sq, {"threads": 1}), (wide, {"threads": 1})]
+    return [(sq, {"threads": 1}), (sq, team), (wide, team)]
+
+
 def search_joint(t, finalists, model):
-    """The last word on (mc, kc, nc): the blocking search's best few, and the model's point,
-    on the square objective timed once on one thread and once on ``t.threads`` threads
-    (their geometric mean), so a blocking that only suits a lone thread (A and B blocks
-    that crowd each other out of a shared L3) cannot win."""
+    """The last word on (mc, kc, nc): the blocking search's best few with the chosen nc, and
+    the model's point, raced on ``joint_parts``: mc and kc were searched on the square
+    GEMM and nc on a wide one, each with the other fixed, and a near tie among the
+    finalists may be decided by how they go together."""
     cands = []
     for c in list(finalists) + [model]:
         c = {"mc": c["mc"], "kc": c["kc"], "nc": c["nc"]}
@@ -289,27 +330,21 @@ def search_joint(t, finalists, model):
             cands.append(c)
     if len(cands) == 1:
         return cands[0]
-    prob = t.problem(OBJECTIVE_N, OBJECTIVE_N, OBJECTIVE_N)
-    one = {**t.pinned, "threads": 1}
-    many = {**t.pinned, "threads": t.threads, "thread_mnk": 0}
-
-    def sample(c):
-        return math.sqrt(measure.gflops(prob, {**one, **c}) * measure.gflops(prob, {**many, **c}))
-
-    def check(c):
-        return max(measure.check(prob, {**one, **c}), measure.check(prob, {**many, **c}))
-
-    res = measure.race(cands, sample, check, rounds=t.s["final_rounds"], top=len(cands),
-                       extra_rounds=0, prune=0.0, deadline=t.deadline("nc"), seed=t.seed)
+    parts = [(p, {**t.pinned, **b})
+             for p, b in joint_parts(t.dtype, t.threads if t.joint else 1, t.seed)]
+    sample, check = measure.objective(parts)
     incumbent = cands[0]
+    res = measure.race(cands, sample, check, rounds=t.s["final_rounds"], top=len(cands),
+                       extra_rounds=0, prune=0.0, deadline=t.deadline("nc"), seed=t.seed,
+                       anchor=incumbent)
     w = res.winner
     if w is None:
         raise RuntimeError(f"{t.dtype}: no blocking computed a correct result")
     pick = incumbent if res.score(w) < res.score(incumbent) * MOVE_MARGIN else w
-    t.say(f"{t.dtype} blocking on 1 and {t.threads} threads: {_fmt(pick)} "
+    t.say(f"{t.dtype} blocking, square and wide: {_fmt(pick)} "
           f"{res.score(pick):.1f} GFLOP/s (geometric mean; "
           + ", ".join(f"{_fmt(c)} {res.score(c):.1f}" for c in cands) + ")")
-    t.evidence["joint"] = {"problem": [prob.m, prob.n, prob.k], "threads": [1, t.threads],
+    t.evidence["joint"] = {"parts": [[[p.m, p.n, p.k], b["threads"]] for p, b in parts],
                            "results": res.summary(), "chosen": pick}
     return pick
 
@@ -518,23 +553,37 @@ def search_nopack_a(t, block, default):
     return value
 
 
-def tune_dtype(t, model, defaults):
+def tune_dtype(t, model, defaults, nc_model=None):
     """Run every step for one dtype; returns the chosen overrides (a ``config_context``
     dict for ``t.dtype``) and fills ``t.evidence``.
 
-    Steps that decide how threads behave are skipped (defaults kept) when other processes
-    hold the cores; nc is then measured on one thread instead of all.
+    ``nc_model(mc, kc)``: the analytical model's nc for the measured mc and kc, which seeds
+    the nc step (default: the model's own nc).  Steps that decide how threads behave are
+    skipped (defaults kept) when other processes hold the cores; nc is then measured on one
+    thread instead of all.
     """
     seeds = [model, defaults]
     chosen = {}
     t.pinned = {k: defaults[k] for k in ("mc", "kc", "nc", "nopack_mnk", "thread_mnk",
                                          "nopack_a_panels", "split") if k in defaults}
-    if t.quiet is not None:      # the blocking search is single-threaded: this core matters
+    if t.quiet is not None and t.threads > 1:
+        single, par = t.quiet(True)
+        t.evidence.setdefault("load", {})["blocking"] = {"single": round(single, 3),
+                                                         "parallel": round(par, 3)}
+        if par < BUSY_EFFICIENCY or single < BUSY_SINGLE:
+            t.joint = False
+            t.say(f"{t.dtype} blocking: other processes hold the CPUs ({t.threads} threads "
+                  f"at {par:.0%} efficiency); timing it on one thread only")
+    elif t.quiet is not None:
         single, _ = t.quiet(False)
         t.evidence.setdefault("load", {})["blocking"] = {"single": round(single, 3)}
     block = search_blocking(t, seeds, model["nc"])
     chosen.update(block)
-    chosen["nc"] = model["nc"]
+    nc_seed = nc_model(block["mc"], block["kc"]) if nc_model else model["nc"]
+    if nc_seed != model["nc"]:
+        t.say(f"{t.dtype} nc: the model gives {nc_seed} for kc={block['kc']} "
+              f"(and {model['nc']} for its own kc={model['kc']})")
+    chosen["nc"] = nc_seed
 
     def cur():
         return {k: chosen[k] for k in ("mc", "kc", "nc")}
@@ -548,7 +597,7 @@ def tune_dtype(t, model, defaults):
     # (name, kind, step): kind "single" runs on one thread, "threaded" needs free cores
     # or is skipped, "either" runs on all threads when the cores are free, else on one.
     steps = [
-        ("nc", "either", lambda n: search_nc(t, block, model["nc"], n)),
+        ("nc", "either", lambda n: search_nc(t, block, nc_seed, n)),
         ("joint", "threaded", lambda n: joint()),
         ("split", "threaded", lambda n: search_split(t, cur())),
         ("thread_mnk", "threaded", lambda n: search_thread_mnk(t, cur(),
@@ -559,7 +608,7 @@ def tune_dtype(t, model, defaults):
     ]
     skipped = []
     for name, kind, step in steps:
-        keep = None if name == "joint" else (model["nc"] if name == "nc" else defaults[name])
+        keep = None if name == "joint" else (nc_seed if name == "nc" else defaults[name])
         if t.out_of_time():
             skipped.append(name)
             if keep is not None:

@@ -2,11 +2,12 @@
 NumPy, and assemble the profile document (the caller writes it)."""
 import time
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 import microtile
 from autotune import probes, profile, report, search
-from microtile import _config, _dispatch
+from microtile import _blocking, _config, _dispatch
 
 DTYPES = ("float32", "float64")
 # Wall-clock limits: searches stop by these (seconds from the start) so that the reference
@@ -56,7 +57,11 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
                 f"nc={defaults['nc']})")
             t = search.Tuning(dt, mr, nr, threads, quick=quick, say=say, hard_deadline=hard,
                               seed=seed, quiet=quiet)
-            chosen[dt] = search.tune_dtype(t, model, defaults)
+            itemsize = np.dtype(dt).itemsize
+            chosen[dt] = search.tune_dtype(
+                t, model, defaults,
+                nc_model=lambda mc, kc, nr=nr, size=itemsize: _blocking.model_nc(
+                    probed["caches"]["model"], mc, kc, nr, size, probed["cpu"]["usable"]))
             evidence[dt] = t.evidence
         options = {}
         conv = getattr(microtile, "conv2d", None)

@@ -121,7 +121,7 @@ def fake_measurements(monkeypatch):
                 "caches": {"notes": []}, "cpu": {"model": "fake", "usable": 1},
                 "isa": {"kernels": {"float32": [6, 16], "float64": [6, 8]}}}
 
-    def tune_dtype(t, model, defaults):
+    def tune_dtype(t, model, defaults, nc_model=None):
         calls.append(t.dtype)
         t.say(f"{t.dtype} searching")
         return {**{k: model[k] for k in ("mc", "kc", "nc")}, "mc": 48, "split": "auto"}

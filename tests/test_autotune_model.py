@@ -243,3 +243,16 @@ def test_without_l3_nc_is_not_bounded_by_a_guess(tmp_path):
     assert model(caches, 4, 8, 4)["nc"] == _blocking.NC_MAX
     # A VM that reports nothing at all keeps the conservative fallback L3.
     assert model(read_machine(tmp_path, "vm"), 4, 8, 4)["nc"] < _blocking.NC_MAX
+
+
+def test_nc_for_a_measured_kc(tmp_path):
+    """A deeper kc leaves room for fewer columns of B in the same L3 ways; the model's own
+    kc gives back the model's nc."""
+    caches = read_machine(tmp_path, "vm")             # the fallback L3 bounds nc
+    m = model(caches, 6, 16, 4, cores=2)
+    assert m["nc"] < _blocking.NC_MAX
+    assert _blocking.model_nc(caches, m["mc"], m["kc"], 16, 4, 2) == m["nc"]
+    deep = _blocking.model_nc(caches, 12, 1024, 16, 4, 2)
+    assert deep % 16 == 0 and 16 <= deep < m["nc"]
+    # In bytes the block stays about the same size: kc * nc within a factor of 1.3.
+    assert 0.75 < (1024 * deep) / (m["kc"] * m["nc"]) < 1.3

@@ -287,3 +287,23 @@ def test_joint_verdict_weighs_one_and_all_threads(monkeypatch):
                                {"mc": 582, "kc": 168, "nc": 4096})
     assert pick == {"mc": 144, "kc": 512, "nc": 4096}
 
+
+def test_joint_verdict_sees_nc_on_the_wide_gemm(monkeypatch):
+    """Two blockings alike on the square GEMM (where any nc >= n is the same) differ on the
+    wide one: the narrow nc repacks A for every block of columns."""
+    def gflops(prob, ov, min_seconds=0):
+        if prob.n == search.WIDE[1] and ov["nc"] < 512:
+            return 60.0
+        return 100.0 + (ov["nc"] < 512)        # a hair faster on the square GEMM
+
+    monkeypatch.setattr(measure, "gflops", gflops)
+    monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
+    monkeypatch.setattr(measure, "Problem", lambda m, n, k, *a, **kw: type(
+        "P", (), {"m": m, "n": n, "k": k})())
+    t = search.Tuning("float64", 6, 8, 2, quick=True)
+    pick = search.search_joint(t, [{"mc": 12, "kc": 768, "nc": 448},
+                                   {"mc": 12, "kc": 512, "nc": 1024}],
+                               {"mc": 96, "kc": 256, "nc": 1024})
+    assert pick == {"mc": 12, "kc": 512, "nc": 1024}
+    assert [p[0] for p in t.evidence["joint"]["parts"]] == [[1024] * 3, [1024] * 3,
+                                                            list(search.WIDE)]

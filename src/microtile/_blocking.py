@@ -54,15 +54,21 @@ def analytical_blocking(caches, mr, nr, itemsize, cores=1):
     mc = ways_a2 * n2 * l2 // (kc * itemsize)
     mc = int(max(mr, min(MC_MAX, mc) // mr * mr))
 
+    return {"mc": mc, "kc": kc, "nc": model_nc(caches, mc, kc, nr, itemsize, cores)}
+
+
+def model_nc(caches, mc, kc, nr, itemsize, cores=1):
+    """The model's nc for given mc and kc: the kc x nc block of B in the L3 ways that A's
+    block leaves, divided among the cores sharing the L3 (the tuner asks again once it has
+    measured its own mc and kc: a deeper kc needs a narrower block)."""
     levels = {c.get("level") for c in caches if c.get("size")}
     if 2 in levels and 3 not in levels:
         # The L2 is the last level (many Arm cores): B's block streams from memory and is
         # reused from L1 a micro-panel at a time, so nothing bounds nc but the buffer.
-        return {"mc": mc, "kc": kc, "nc": NC_MAX // nr * nr}
+        return NC_MAX // nr * nr
     s3, w3, l3, n3, share3 = _geometry(caches, 3)
     ways_a3 = math.ceil(mc * kc * itemsize / (n3 * l3))
     ways_b3 = max(1, w3 - 1 - ways_a3)
     nc = ways_b3 * n3 * l3 // (kc * itemsize)
     nc //= max(1, min(share3, cores))
-    nc = int(max(nr, min(NC_MAX, nc) // nr * nr))
-    return {"mc": mc, "kc": kc, "nc": nc}
+    return int(max(nr, min(NC_MAX, nc) // nr * nr))
