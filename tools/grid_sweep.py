@@ -150,7 +150,9 @@ def confirm(title, parts, grid_points, grid_values, named, key_fields, rounds, s
     grid's best from that; stage 3, held out, times stage 2's best ``keep`` grid points and
     the named points again in fresh rounds, and the named points are judged against the
     stage-2 best's stage-3 figure, a measurement that played no part in choosing it."""
-    order = sorted(range(len(grid_points)), key=lambda i: -grid_values[i])
+    # The grid's best is a grid point: a named point off the grid is judged, not a judge.
+    order = sorted((i for i in range(len(grid_points))
+                    if grid_points[i] not in named.values()), key=lambda i: -grid_values[i])
     pts = [grid_points[i] for i in order[:top]]
     pts += [p for p in named.values() if p not in pts]
     say(f"confirming: {len(pts)} points, {rounds} rounds")
