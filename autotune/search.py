@@ -553,6 +553,16 @@ def search_nopack_a(t, block, default):
     return value
 
 
+def _load(t, step, want_par):
+    """Wait a little for the machine to calm down, record the load ``step`` runs under, and
+    return (busy, single, parallel): busy when a step that wants all threads would share
+    them with other processes."""
+    single, par = t.quiet(want_par)
+    t.evidence.setdefault("load", {})[step] = {"single": round(single, 3),
+                                               "parallel": round(par, 3)}
+    return want_par and (par < BUSY_EFFICIENCY or single < BUSY_SINGLE), single, par
+
+
 def tune_dtype(t, model, defaults, nc_model=None):
     """Run every step for one dtype; returns the chosen overrides (a ``config_context``
     dict for ``t.dtype``) and fills ``t.evidence``.
@@ -566,17 +576,12 @@ def tune_dtype(t, model, defaults, nc_model=None):
     chosen = {}
     t.pinned = {k: defaults[k] for k in ("mc", "kc", "nc", "nopack_mnk", "thread_mnk",
                                          "nopack_a_panels", "split") if k in defaults}
-    if t.quiet is not None and t.threads > 1:
-        single, par = t.quiet(True)
-        t.evidence.setdefault("load", {})["blocking"] = {"single": round(single, 3),
-                                                         "parallel": round(par, 3)}
-        if par < BUSY_EFFICIENCY or single < BUSY_SINGLE:
+    if t.quiet is not None:
+        busy, _, par = _load(t, "blocking", t.threads > 1)
+        if busy:
             t.joint = False
             t.say(f"{t.dtype} blocking: other processes hold the CPUs ({t.threads} threads "
                   f"at {par:.0%} efficiency); timing it on one thread only")
-    elif t.quiet is not None:
-        single, _ = t.quiet(False)
-        t.evidence.setdefault("load", {})["blocking"] = {"single": round(single, 3)}
     block = search_blocking(t, seeds, model["nc"])
     chosen.update(block)
     nc_seed = nc_model(block["mc"], block["kc"]) if nc_model else model["nc"]
@@ -620,11 +625,7 @@ def tune_dtype(t, model, defaults, nc_model=None):
             continue
         nthreads = 1
         if t.quiet is not None:
-            want_par = kind != "single" and t.threads > 1
-            single, par = t.quiet(want_par)
-            t.evidence.setdefault("load", {})[name] = {"single": round(single, 3),
-                                                      "parallel": round(par, 3)}
-            busy = want_par and (par < BUSY_EFFICIENCY or single < BUSY_SINGLE)
+            busy, single, par = _load(t, name, kind != "single" and t.threads > 1)
             if busy and kind == "threaded":
                 t.say(f"{t.dtype} {name}: other processes hold the CPUs ({t.threads} threads "
                       f"at {par:.0%} efficiency, this core at {single:.0%}); keeping "

@@ -109,15 +109,21 @@ def report(title, points, values, named, key_fields):
     for i in order[:8]:
         print(f"    {search._fmt({k: points[i][k] for k in key_fields}):28} "
               f"{values[i]:7.1f} GFLOP/s  {values[i] / values[best]:6.1%}")
-    out = {"grid_best": {"point": points[best], "gflops": values[best]}, "named": {},
-           "grid": [[p, round(v, 3)] for p, v in zip(points, values)]}
+    return {"grid_best": {"point": points[best], "gflops": values[best]},
+            "named": _verdicts(points, values, best, named, key_fields, "the grid's best"),
+            "grid": [[p, round(v, 3)] for p, v in zip(points, values)]}
+
+
+def _verdicts(pts, vals, ref, named, key_fields, against):
+    """Print each named point as a fraction of ``vals[ref]`` and return the verdicts."""
+    out = {}
     for name, p in named.items():
-        i = points.index(p)
-        frac = values[i] / values[best]
-        out["named"][name] = {"point": p, "gflops": values[i], "of_best": frac}
+        i = pts.index(p)
+        frac = vals[i] / vals[ref]
+        out[name] = {"point": p, "gflops": vals[i], "of_best": frac}
         mark = "within 3 %" if frac >= 0.97 else "MORE than 3 % below"
         print(f"  {name:22} {search._fmt({k: p[k] for k in key_fields}):28} "
-              f"{values[i]:7.1f} GFLOP/s  {frac:6.1%} of the grid's best ({mark})")
+              f"{vals[i]:7.1f} GFLOP/s  {frac:6.1%} of {against} ({mark})")
     return out
 
 
@@ -125,20 +131,12 @@ def _judge(title, pts, vals, ref, named, key_fields, label):
     """Print each point of a re-measurement, and each named point as a fraction of
     ``vals[ref]``; return the named points' verdicts."""
     print(f"\n{title} ({label})")
-    out = {}
     for i, p in enumerate(pts):
         if p in named.values():
             continue
         print(f"    grid     {search._fmt({k: p[k] for k in key_fields}):28} "
               f"{vals[i]:7.1f} GFLOP/s  {vals[i] / vals[ref]:6.1%}")
-    for name, p in named.items():
-        i = pts.index(p)
-        frac = vals[i] / vals[ref]
-        out[name] = {"point": p, "gflops": vals[i], "of_best": frac}
-        mark = "within 3 %" if frac >= 0.97 else "MORE than 3 % below"
-        print(f"  {name:22} {search._fmt({k: p[k] for k in key_fields}):28} "
-              f"{vals[i]:7.1f} GFLOP/s  {frac:6.1%} of the best ({mark})")
-    return out
+    return _verdicts(pts, vals, ref, named, key_fields, "the best")
 
 
 def confirm(title, parts, grid_points, grid_values, named, key_fields, rounds, say,
