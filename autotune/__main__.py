@@ -131,7 +131,7 @@ def main(argv=None):
                          sort_keys=True))
     else:
         print(report.summary(doc, path))
-        from microtile import _profile
+        from microtile._config import _profile
         if path != _profile.profile_path():
             print(f"(`import microtile` reads {_profile.profile_path()}; set "
                   f"MICROTILE_PROFILE={path} to use this one)")

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 import microtile
-from microtile import _blocking, _dispatch, _hwinfo
+from microtile._config import _blocking, _hwinfo
+from microtile._kernels import _dispatch
 
 # A point joins the current plateau while its latency stays below this factor of the
 # plateau's level; a rise beyond it starts a transition.
@@ -39,7 +40,7 @@ def os_caches(sysfs_root=None, cpuid=True):
                      else _hwinfo.read_caches(sysfs_root))
     if cpuid:
         try:
-            from microtile import _probe_cpuid as _cpuid
+            from microtile._probes import _cpuid
             sources["cpuid"] = _cpuid.caches()
         except ImportError:
             sources["cpuid"] = []
@@ -85,7 +86,7 @@ def latency_points(sizes, *, line=CHASE_LINE, rounds=2, rng=None, deadline=None,
     Rounds sweep all sizes in turn, so a burst of load from another process spoils one
     round's point, not the minimum; the minimum because load only ever adds latency.
     """
-    from microtile import _probe_latency as _latency
+    from microtile._probes import _latency
     rng = np.random.default_rng(rng)
     best = {} if best is None else best
     for r in range(rounds):
@@ -276,7 +277,7 @@ def isa_info():
 def fma_peak(isa, dtype, threads=1, seconds=0.15, repeats=3):
     """GFLOP/s of microtile's packed micro-kernel on L1-resident panels: the best of
     ``repeats`` runs of about ``seconds`` each (the best, since load only slows it)."""
-    from microtile import _probe_peak as _peak
+    from microtile._probes import _peak
     code = 0 if dtype == "float32" else 1
     isa_id = _dispatch.isa_id(isa)
     mr, nr = _peak.kernel_shape(isa_id, code)

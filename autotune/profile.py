@@ -1,14 +1,14 @@
 """The profile document the tuner writes: where it goes, what it holds, and how two runs at
 once are kept apart.
 
-Reading, checking and the atomic write are ``microtile._profile``'s (the same code that
+Reading, checking and the atomic write are ``microtile._config._profile``'s (the same code that
 ``import microtile`` uses), so the tuner can never write what the library would refuse.
 """
 import contextlib
 import datetime
 import os
 
-from microtile import _profile
+from microtile._config import _profile
 
 
 def resolve_path(cli_path=None):
@@ -19,7 +19,7 @@ def resolve_path(cli_path=None):
 
 
 def build(*, isa, probed, chosen, measured, tuner):
-    """The JSON document, in the schema ``microtile._profile`` reads."""
+    """The JSON document, in the schema ``microtile._config._profile`` reads."""
     doc = {
         "schema_version": _profile.SCHEMA_VERSION,
         "library_version": _profile.library_version(),

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from autotune import measure
-from microtile import _blocking
+from microtile._config import _blocking
 
 OBJECTIVE_N = 1024
 MOVE_MARGIN = 1.01       # a neighbour must beat the centre by 1 % to move the search

@@ -7,7 +7,8 @@ from threadpoolctl import threadpool_limits
 
 import microtile
 from autotune import probes, profile, report, search
-from microtile import _blocking, _config, _dispatch
+from microtile._config import _blocking, _context as _config
+from microtile._kernels import _dispatch
 
 DTYPES = ("float32", "float64")
 # Wall-clock limits: searches stop by these (seconds from the start) so that the reference

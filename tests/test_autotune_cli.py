@@ -8,7 +8,7 @@ import pytest
 import microtile
 from autotune import __main__ as cli
 from autotune import probes, report, search, tuner
-from microtile import _profile
+from microtile._config import _profile
 
 ISA = microtile.get_config()["isa"]
 

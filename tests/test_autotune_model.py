@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from microtile import _blocking, _hwinfo
+from microtile._config import _blocking, _hwinfo
 from autotune import probes
 
 K, M = 1024, 1024 * 1024
@@ -219,7 +219,7 @@ def test_chase_order_is_one_cycle_over_every_line():
 
 
 def test_pointer_chase_runs_and_rejects_bad_orders():
-    from microtile import _probe_latency as _latency
+    from microtile._probes import _latency
     ch = _latency.Chain(16 * K, probes.chase_order(16 * K, 64, np.random.default_rng(0)), 64)
     assert ch.slots == 256
     ch.chase(10_000)
@@ -230,7 +230,7 @@ def test_pointer_chase_runs_and_rejects_bad_orders():
 
 
 def test_cpuid_agrees_with_sysfs_where_both_exist():
-    from microtile import _probe_cpuid as _cpuid
+    from microtile._probes import _cpuid
     ours = {c["level"]: c["size"] for c in _cpuid.caches()}
     os_view = {c["level"]: c["size"] for c in _hwinfo.read_caches() if c["size"]}
     if not ours or not os_view:

@@ -11,7 +11,7 @@ import warnings
 import pytest
 
 import microtile
-from microtile import _profile
+from microtile._config import _profile
 from autotune import profile as tprofile
 from autotune_env import child_env, import_roots
 
@@ -238,7 +238,7 @@ def test_generic_isa_ignores_blocking_tuned_for_avx2(tmp_path, builtin_config):
 WRITER = """
 import sys
 sys.path[:0] = {paths!r}
-from microtile import _profile
+from microtile._config import _profile
 doc = {{"writer": sys.argv[1], "pad": "x" * 200000}}
 for i in range(60):
     doc["i"] = i

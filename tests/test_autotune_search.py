@@ -190,7 +190,7 @@ def test_conv_reference_matches_a_direct_loop():
 def test_conv_chunk_search_refuses_a_wrong_candidate(monkeypatch):
     """The step's plumbing, with a NumPy convolution standing in for microtile.conv2d so that
     one candidate can be made wrong: correct results race, a wrong one is refused."""
-    from microtile import _config
+    from microtile._config import _context as _config
 
     def conv(x, w, padding=0):
         ws = _config.get_option("conv_chunk")

@@ -351,7 +351,7 @@ def test_threaded_phases_are_race_free(threads, dtype):
     # phases: a missing barrier shows as a result that differs from the one-thread result.
     # Each tile is summed in the same order whatever thread computes it, so results must be
     # bitwise equal.
-    from microtile._gemm import _contention_backoff
+    from microtile.linalg._gemm import _contention_backoff
     rng = np.random.default_rng(threads)
     a = rng.standard_normal((301, 517)).astype(dtype)
     b = rng.standard_normal((517, 389)).astype(dtype)

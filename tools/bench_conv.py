@@ -128,7 +128,7 @@ def main(argv=None):
               f"{math.exp(sum(map(math.log, r)) / len(r)):.2f}")
     if not args.no_memory:
         for name in ("resnet_conv1", "resnet_3x3_56", "late_3x3_7"):
-            from microtile import _conv
+            from microtile.conv import _conv
             _conv.release_workspace()   # measure the workspace too, not a kept one
             peak, outb, cap = peak_memory(name, LAYERS[name], 64)
             print(f"peak memory, forward N=64, {name}: {peak / 2**20:.1f} MiB "

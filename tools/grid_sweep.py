@@ -42,7 +42,8 @@ sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                 for p in ("src", "")]
 
 import microtile  # noqa: E402
-from microtile import _config, _dispatch, _hwinfo  # noqa: E402
+from microtile._config import _context as _config, _hwinfo  # noqa: E402
+from microtile._kernels import _dispatch
 from autotune import measure, search  # noqa: E402
 
 BLIS_ZEN3 = {"float32": {"mc": 144, "kc": 256, "nc": 4080},

@@ -4,17 +4,17 @@ Every kernel releases the GIL and is safe to call from several Python threads at
 See ``get_config()`` for the ISA, threads and blocking in use.
 """
 from microtile._version import __version__
-from microtile import _mt_openmp  # noqa: F401  (its file name is what threadpoolctl matches)
-from microtile._config import (config_context, get_config, get_num_threads,
+from microtile._common import _mt_openmp  # noqa: F401  (its file name is what threadpoolctl matches)
+from microtile._config._context import (config_context, get_config, get_num_threads,
                                set_num_threads, _init as _init_config)
-from microtile._dispatch import available_isas
-from microtile._linalg import dot, gemm, gemv, ger, matmul, outer
-from microtile.convolution import conv2d, conv2d_backward, im2col, col2im  # noqa: E402
-from microtile.pooling import max_pool2d, max_pool2d_backward, avg_pool2d, avg_pool2d_backward  # noqa: E402,E501
+from microtile._kernels._dispatch import available_isas
+from microtile.linalg._api import dot, gemm, gemv, ger, matmul, outer
+from microtile.conv.convolution import conv2d, conv2d_backward, im2col, col2im  # noqa: E402
+from microtile.conv.pooling import max_pool2d, max_pool2d_backward, avg_pool2d, avg_pool2d_backward  # noqa: E402,E501
 
 _init_config()
 
-from microtile._threadpool import register as _register_threadpool  # noqa: E402
+from microtile._config._threadpool import register as _register_threadpool  # noqa: E402
 
 _register_threadpool()
 del _register_threadpool, _init_config

@@ -6,8 +6,8 @@ Conv2d then applies it on write-back and the activation just records the shared 
 """
 import numpy as np
 
-from microtile._checks import as_float_array
-from microtile._nn_act import act_backward, act_forward
+from microtile._common._checks import as_float_array
+from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad
 from microtile.nn._module import Module
 

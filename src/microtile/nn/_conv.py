@@ -1,7 +1,7 @@
 """Conv2d: torch's layer on microtile.conv2d / conv2d_backward (NCHW, groups, dilation)."""
 import numpy as np
 
-from microtile._nn_act import ACT_CODES, act_backward, act_forward
+from microtile.nn._act_kernels import ACT_CODES, act_backward, act_forward
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
 from microtile.nn._kernels import kernel

@@ -1,7 +1,7 @@
 """The two dtypes a model may have, and how inputs are brought to a layer's dtype."""
 import numpy as np
 
-from microtile._checks import as_float_array
+from microtile._common._checks import as_float_array
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 

@@ -1,13 +1,13 @@
 """Linear's forward GEMM with bias and activation: fused when the core offers it.
 
-``microtile._linalg.linear_forward(x, weight, bias, activation, out)`` applies the bias and
+``microtile.linalg._api.linear_forward(x, weight, bias, activation, out)`` applies the bias and
 the activation in the GEMM's write-back (no second pass over the output).  Until a build has
 it, the fallback is the GEMM followed by one in-place bias + activation pass.  Everything in
 ``microtile.nn`` goes through ``linear_forward`` below, so the switch is this module alone.
 """
-from microtile import _linalg
-from microtile._linalg import gemm
-from microtile._nn_act import ACT_CODES, bias_act
+from microtile.linalg import _api as _linalg
+from microtile.linalg._api import gemm
+from microtile.nn._act_kernels import ACT_CODES, bias_act
 
 _FUSED = getattr(_linalg, "linear_forward", None)
 

@@ -1,7 +1,7 @@
 """Flatten: collapse dimensions start_dim..end_dim into one (a view when the layout allows)."""
 import numpy as np
 
-from microtile._checks import as_float_array
+from microtile._common._checks import as_float_array
 from microtile.nn._module import Module
 
 

@@ -1,7 +1,7 @@
 """gradcheck: analytic gradients against central finite differences."""
 import numpy as np
 
-from microtile._checks import as_float_array
+from microtile._common._checks import as_float_array
 
 # Defaults per dtype: (eps, rtol, atol).  float64 as torch.autograd.gradcheck; float32 can
 # only be checked loosely (its rounding error divided by eps swamps small differences).

@@ -1,10 +1,10 @@
 """Linear: y = act(x @ weight.T + bias) forward, GEMMs with transpose flags backward."""
 import numpy as np
 
-from microtile._linalg import gemm
-from microtile._nn_act import (ACT_CODES, act_backward, act_backward_colsum,
+from microtile.linalg._api import gemm
+from microtile.nn._act_kernels import (ACT_CODES, act_backward, act_backward_colsum,
                                colsum_work_size)
-from microtile._nn_linear import linear_weight_and_input_grads
+from microtile.nn._linear_kernels import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._epilogue import linear_forward
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform

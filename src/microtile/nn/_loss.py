@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 
-from microtile._checks import as_float_array
-from microtile._nn_loss import check_labels, softmax_xent
+from microtile._common._checks import as_float_array
+from microtile.nn._loss_kernels import check_labels, softmax_xent
 
 _INTP = np.dtype(np.intp)
 

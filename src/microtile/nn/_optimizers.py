@@ -1,12 +1,12 @@
 """Optimizers with torch.optim's update rules, updating parameters in place.
 
-The arithmetic is in ``microtile._optim`` (nogil loops, one call per parameter per step);
+The arithmetic is in ``microtile.nn._optim_kernels`` (nogil loops, one call per parameter per step);
 these classes keep the hyper-parameters and the per-parameter state buffers, which are
 allocated on the first step and reused after.
 """
 import numpy as np
 
-from microtile import _optim
+from microtile.nn import _optim_kernels as _optim
 from microtile.nn._parameter import Parameter
 
 

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from microtile._atomic import atomic_open
+from microtile._common._atomic import atomic_open
 
 
 def save(model, path):

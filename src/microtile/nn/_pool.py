@@ -2,8 +2,8 @@
 import numpy as np
 
 from microtile.nn._dtypes import as_grad
-from microtile._checks import as_float_array
-from microtile._nchw import out_size
+from microtile._common._checks import as_float_array
+from microtile.conv._nchw import out_size
 from microtile.nn._conv import pair
 from microtile.nn._kernels import kernel
 from microtile.nn._module import Module

@@ -1,7 +1,7 @@
 """fit and predict: mini-batch training and batched inference over NumPy arrays."""
 import numpy as np
 
-from microtile._checks import as_float_array
+from microtile._common._checks import as_float_array
 from microtile.nn._init import as_generator
 from microtile.nn._loss import MSELoss
 from microtile.nn._module import Module, check_int

@@ -1,0 +1,150 @@
+"""The per-machine profile the tuner writes and ``import microtile`` reads.
+
+JSON, written atomically (temporary file in the same directory, then ``os.replace``).  At
+import it is only read and checked, never measured: a profile for another machine or an
+incompatible version is "stale", an unreadable or malformed one "invalid"; either warns once
+and the analytical defaults stay in force.  Values out of range are rejected on load, so no
+profile can make a kernel compute a wrong result.
+"""
+import json
+import os
+import warnings
+
+from microtile._config import _hwinfo
+from microtile._common._atomic import atomic_open
+from microtile._version import __version__
+
+SCHEMA_VERSION = 1
+FILENAME = "profile.json"
+
+
+def default_path():
+    """``$XDG_CACHE_HOME/microtile/profile.json`` (``~/.cache`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "microtile", FILENAME)
+
+
+def profile_path():
+    """The path in force: ``MICROTILE_PROFILE`` when set, else the default."""
+    env = os.environ.get("MICROTILE_PROFILE", "").strip()
+    return os.path.abspath(os.path.expanduser(env)) if env else default_path()
+
+
+def library_version():
+    """major.minor: profiles stay valid across patch releases only."""
+    return ".".join(__version__.split(".")[:2])
+
+
+def fingerprint(isa_flags=None):
+    """What identifies this machine for a profile: CPU model, architecture, ISA flags, cache
+    sizes and usable CPUs."""
+    from microtile._kernels import _dispatch
+    feats = _dispatch.cpu_features() if isa_flags is None else isa_flags
+    return {
+        "model": _hwinfo.cpu_model(),
+        "machine": _hwinfo.machine(),
+        "isa": sorted(k for k, v in feats.items() if v),
+        "caches": [[c["level"], c["size"]] for c in _hwinfo.read_caches()],
+        "usable_cpus": _hwinfo.usable_cpus(),
+    }
+
+
+def write_atomic(path, data):
+    """Write ``data`` as JSON to ``path`` so that readers see the old file or the new one,
+    never a torn one."""
+    with atomic_open(path, "w", prefix=".profile-") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# Packing buffers a profile may ask for, per thread: far above any sensible block (a few
+# MiB), far below what would make a GEMM call fail for want of memory.
+MAX_BLOCK_BYTES = 256 << 20
+
+
+def check_chosen(chosen):
+    """Validated per-dtype blocking (and options) from a profile's "chosen" section;
+    ValueError if any value is unusable."""
+    from microtile._config._context import DTYPES, OPTIONS, TUNABLE, _ITEMSIZE, validate
+    if not isinstance(chosen, dict):
+        raise ValueError("'chosen' is not an object")
+    out = {}
+    for dtype in DTYPES:
+        section = chosen.get(dtype, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"'chosen.{dtype}' is not an object")
+        unknown = sorted(set(section) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"'chosen.{dtype}' has unknown keys {unknown}")
+        values = {name: validate(name, section[name]) for name in TUNABLE if name in section}
+        size = _ITEMSIZE[dtype]
+        mc, kc, nc = values.get("mc", 1), values.get("kc", 1), values.get("nc", 1)
+        if mc * kc * size > MAX_BLOCK_BYTES or kc * nc * size > MAX_BLOCK_BYTES:
+            raise ValueError(f"'chosen.{dtype}' blocks need more than "
+                             f"{MAX_BLOCK_BYTES >> 20} MiB of packing buffer")
+        out[dtype] = values
+    options = chosen.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError("'chosen.options' is not an object")
+    out["options"] = {name: validate(name, value) for name, value in options.items()
+                      if name in OPTIONS}
+    if "threads" in chosen:
+        out["threads"] = int(chosen["threads"])
+        if out["threads"] < 1:
+            raise ValueError("threads < 1")
+    return out
+
+
+def read(path):
+    """(status, data): status "loaded", "stale", "invalid" or "missing"."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return "missing", None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return "invalid", f"{type(exc).__name__}: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("schema_version"), int):
+        return "invalid", "no schema_version"
+    if data["schema_version"] != SCHEMA_VERSION:
+        return "stale", (f"schema_version {data['schema_version']} (this library reads "
+                         f"{SCHEMA_VERSION})")
+    if data.get("library_version") != library_version():
+        return "stale", f"written by microtile {data.get('library_version')}"
+    if data.get("fingerprint") != fingerprint():
+        return "stale", "written on another machine (fingerprint differs)"
+    try:
+        data["chosen"] = check_chosen(data.get("chosen"))
+    except (ValueError, TypeError) as exc:
+        return "invalid", f"chosen values rejected: {exc}"
+    return "loaded", data
+
+
+_warned = set()
+
+
+def load_for_import(isa):
+    """(path or None, status, chosen) for the profile in force; warns once when unusable.
+
+    A profile tuned for another kernel set (``MICROTILE_ISA=generic`` on a machine tuned
+    for AVX2, say) is still this machine's, so it loads, but its per-dtype values are left
+    out: they were measured with other kernels.  Options that do not depend on the kernels
+    still apply.
+    """
+    path = profile_path()
+    status, data = read(path)
+    if status == "missing":
+        return None, "missing", {}
+    if status != "loaded":
+        if path not in _warned:
+            _warned.add(path)
+            warnings.warn(f"microtile: profile {path} is {status} ({data}); using built-in "
+                          "defaults. Run `python -m autotune` to re-tune.", RuntimeWarning,
+                          stacklevel=4)
+        return path, status, {}
+    chosen = data["chosen"]
+    if data.get("isa") != isa:
+        chosen = {"options": chosen.get("options", {})}
+    return path, "loaded", chosen

@@ -1,0 +1,102 @@
+# The kernel layer's contract: what each ISA module provides, per dtype, as C function
+# pointers.  `_dispatch` fills one table per dtype at import; drivers call through it.
+#
+# Packed GEMM micro-kernel: C[0:mr, 0:nr] = alpha * Ap @ Bp + beta * C, where Ap holds k
+# columns of mr contiguous elements and Bp k rows of nr contiguous elements.  beta == 0 means
+# C is not read.  C may have any strides.
+# General micro-kernel: the same with A read in place (strides rs_a, cs_a) and B rows rs_b
+# apart (B's columns contiguous), so small problems need not pack.
+from microtile._common._typedefs cimport idx_t, floating
+
+ctypedef void (*sgemm_ukr_t)(idx_t k, const float* a, const float* b, float* c,
+                             idx_t rs_c, idx_t cs_c, float alpha, float beta) noexcept nogil
+ctypedef void (*dgemm_ukr_t)(idx_t k, const double* a, const double* b, double* c,
+                             idx_t rs_c, idx_t cs_c, double alpha, double beta) noexcept nogil
+ctypedef void (*sgemm_gen_t)(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
+                             const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
+                             float alpha, float beta) noexcept nogil
+ctypedef void (*dgemm_gen_t)(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
+                             const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
+                             double alpha, double beta) noexcept nogil
+
+# Level-1/2 kernels on contiguous vectors.
+#   dot:  sum x[i] * y[i]
+#   dot4: out[r] = sum_i a[r * lda + i] * x[i], r = 0..3  (four rows share the loads of x)
+#   axpy: y[i] += alpha * x[i]
+#   axpy4: y[i] += sum_r alpha[r] * a[r * lda + i]       (four columns, one pass over y)
+#   scal: y[i] = alpha * x[i]
+ctypedef float (*sdot_t)(idx_t n, const float* x, const float* y) noexcept nogil
+ctypedef double (*ddot_t)(idx_t n, const double* x, const double* y) noexcept nogil
+ctypedef void (*sdot4_t)(idx_t n, const float* a, idx_t lda, const float* x, float* out) noexcept nogil
+ctypedef void (*ddot4_t)(idx_t n, const double* a, idx_t lda, const double* x, double* out) noexcept nogil
+ctypedef void (*saxpy_t)(idx_t n, float alpha, const float* x, float* y) noexcept nogil
+ctypedef void (*daxpy_t)(idx_t n, double alpha, const double* x, double* y) noexcept nogil
+ctypedef void (*saxpy4_t)(idx_t n, const float* alpha, const float* a, idx_t lda, float* y) noexcept nogil
+ctypedef void (*daxpy4_t)(idx_t n, const double* alpha, const double* a, idx_t lda, double* y) noexcept nogil
+ctypedef void (*sscal_t)(idx_t n, float alpha, const float* x, float* y) noexcept nogil
+ctypedef void (*dscal_t)(idx_t n, double alpha, const double* x, double* y) noexcept nogil
+
+# The largest micro-tile any ISA module may declare (sizes the drivers' stack buffers).
+cdef enum:
+    MAX_MR = 8
+    MAX_NR = 16
+
+ctypedef struct skernels_t:
+    int mr
+    int nr
+    sgemm_ukr_t gemm
+    sgemm_gen_t gemm_gen
+    sdot_t dot
+    sdot4_t dot4
+    saxpy_t axpy
+    saxpy4_t axpy4
+    sscal_t scal
+
+ctypedef struct dkernels_t:
+    int mr
+    int nr
+    dgemm_ukr_t gemm
+    dgemm_gen_t gemm_gen
+    ddot_t dot
+    ddot4_t dot4
+    daxpy_t axpy
+    daxpy4_t axpy4
+    dscal_t scal
+
+# Both dtypes' tables for one ISA.
+ctypedef struct kernel_set_t:
+    skernels_t s
+    dkernels_t d
+
+
+# Typed calls through a kernel set, so fused-type drivers are written once.
+cdef inline int ukr_mr(const kernel_set_t* ks, const floating* tag) noexcept nogil:
+    if floating is float:
+        return ks.s.mr
+    else:
+        return ks.d.mr
+
+
+cdef inline int ukr_nr(const kernel_set_t* ks, const floating* tag) noexcept nogil:
+    if floating is float:
+        return ks.s.nr
+    else:
+        return ks.d.nr
+
+
+cdef inline void ukr_packed(const kernel_set_t* ks, idx_t k, const floating* a,
+                            const floating* b, floating* c, idx_t rs_c, idx_t cs_c,
+                            floating alpha, floating beta) noexcept nogil:
+    if floating is float:
+        ks.s.gemm(k, a, b, c, rs_c, cs_c, alpha, beta)
+    else:
+        ks.d.gemm(k, a, b, c, rs_c, cs_c, alpha, beta)
+
+
+cdef inline void ukr_gen(const kernel_set_t* ks, idx_t k, const floating* a, idx_t rs_a,
+                         idx_t cs_a, const floating* b, idx_t rs_b, floating* c, idx_t rs_c,
+                         idx_t cs_c, floating alpha, floating beta) noexcept nogil:
+    if floating is float:
+        ks.s.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
+    else:
+        ks.d.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)

@@ -1,0 +1,610 @@
+"""Convolution drivers: conv2d forward and backward as im2col + microtile's GEMM, per group.
+
+Per image n and group g the forward pass is  Y[n, g] (Kg x PQ) = W[g] (Kg x CgRS) @ cols (CgRS
+x PQ).  The column matrix of the whole batch is never built: work is cut into chunks whose
+columns fit a per-thread share of the ``conv_workspace`` cap, either
+
+* several whole images side by side (small output planes: one wide GEMM instead of several
+  skinny ones; its result goes to a scratch block and is scattered into Y), or
+* a slice of the output positions of one image (large planes: the GEMM writes Y in place).
+
+A 1x1, stride-1, unpadded convolution whose input plane is one strided run needs no im2col at
+all: the input plane already is the column matrix.  The bias rides along as one more column
+of W against a row of ones in the column matrix, so it costs one step of GEMM depth instead of
+a pass over Y.
+
+Threads: when there are enough chunks, each thread takes whole chunks and runs the GEMM
+serially (``gemm_serial``); otherwise chunks run one after another with the GEMM threaded and
+im2col/col2im split over channels.  Either way at most ``n_threads`` threads run.
+
+Backward: dW = sum over chunks of dY_chunk @ cols_chunk^T, accumulated in one partial per
+thread and reduced at the end; dX = col2im(W^T @ dY_chunk).  A thread owns all chunks of an
+image in the backward pass, so col2im never adds into the same element from two threads.
+"""
+from cython.parallel cimport prange, threadid
+
+import threading
+
+import numpy as np
+cimport numpy as cnp
+
+from microtile._common._typedefs cimport idx_t, floating
+from microtile.linalg._gemm cimport gemm_params, gemm_run, gemm_serial
+from microtile._config._params cimport current_params
+from microtile.conv._im2col cimport conv_geom, im2col_rows, col2im_rows
+
+cnp.import_array()
+
+# Workspaces are kept between calls: a fresh multi-megabyte buffer costs a page fault per
+# 4 KiB on first touch, a few percent of a convolution.  At most _POOL_MAX are kept.
+_pool_lock = threading.Lock()
+_pool = []
+_POOL_MAX = 2
+
+
+cdef cnp.ndarray _ws_get(idx_t n_elems, object dtype):
+    # Best fit (the pool is sorted largest first): the backward pass holds two buffers at
+    # once (columns and dW partials), and the small request must not take the large one.
+    cdef idx_t nbytes = max(n_elems, 1) * dtype.itemsize
+    cdef Py_ssize_t i
+    with _pool_lock:
+        for i in range(len(_pool) - 1, -1, -1):
+            if _pool[i].nbytes >= nbytes:
+                return _pool.pop(i)
+    return np.empty(nbytes, dtype=np.uint8)
+
+
+cdef void _ws_put(cnp.ndarray buf):
+    with _pool_lock:
+        _pool.append(buf)
+        _pool.sort(key=lambda b: -b.nbytes)
+        del _pool[_POOL_MAX:]
+
+
+def release_workspace():
+    """Free the workspaces kept between calls."""
+    with _pool_lock:
+        _pool.clear()
+
+# Output planes at least this wide use the no-im2col path for 1x1 convolutions; narrower
+# ones are batched over images by im2col (one copy) so the GEMM is not skinny.
+DEF DIRECT_MIN_PQ = 256
+
+
+ctypedef struct conv_plan:
+    idx_t N, G, Cg, Kg, C, K
+    idx_t CRS           # GEMM depth of one group (Cg * R * S)
+    idx_t PQ, HW
+    idx_t ldw           # row stride of the weight matrix (CRS, or CRS + 1 with a bias column)
+    idx_t nb            # whole images per chunk (1 when a chunk is a slice of one image)
+    idx_t cpi           # chunks per image (1 when chunks hold whole images)
+    idx_t ncols         # columns of the widest chunk
+    idx_t n_chunks      # chunks per group
+    idx_t ws_tmp        # offset of the Kg x ncols scratch block (the columns come first)
+    idx_t ws_elems      # workspace elements per thread
+    bint direct         # 1x1 path: columns read straight from x
+    bint bias_col       # W carries the bias as column CRS; cols get a row of ones
+    int nt              # threads
+    bint par            # threads over chunks (gemm_serial) rather than inside the GEMM
+    bint dw_trans       # backward accumulates dW^T (CRS x Kg) rather than dW (Kg x CRS)
+    idx_t chunk         # column bytes one thread works on at a time, when the cap allows
+
+
+cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline idx_t _cdiv(idx_t a, idx_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline idx_t _es(cnp.ndarray a, int axis):
+    return cnp.PyArray_STRIDE(a, axis) // cnp.PyArray_ITEMSIZE(a)
+
+
+cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
+                       idx_t per_col_slice, idx_t want):
+    """Choose images per chunk or chunks per image so one chunk's workspace fits the budget
+    (elements per thread), with at least ``want`` chunks per group when images allow."""
+    cdef idx_t nb
+    pl.nb = 1
+    pl.cpi = 1
+    if pl.PQ * per_col_whole <= budget_elems:
+        nb = budget_elems // (pl.PQ * per_col_whole) if per_col_whole > 0 else pl.N
+        nb = _min(nb, _cdiv(pl.N, want))
+        if nb < 1:
+            nb = 1
+        pl.n_chunks = _cdiv(pl.N, nb)
+        pl.nb = _cdiv(pl.N, pl.n_chunks)
+        pl.n_chunks = _cdiv(pl.N, pl.nb)
+        pl.ncols = pl.nb * pl.PQ
+    else:
+        pl.ncols = budget_elems // per_col_slice if per_col_slice > 0 else pl.PQ
+        if pl.ncols < 1:
+            pl.ncols = 1
+        if pl.ncols > pl.PQ:
+            pl.ncols = pl.PQ
+        pl.cpi = _cdiv(pl.PQ, pl.ncols)
+        pl.ncols = _cdiv(pl.PQ, pl.cpi)
+        pl.n_chunks = pl.N * pl.cpi
+
+
+cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
+                idx_t per_col_slice, bint backward, bint prefer_threaded):
+    """Chunking and threading.  Whole chunks per thread (serial GEMMs, the cap shared between
+    threads) when there are enough of them to share out evenly; otherwise chunks one after
+    another, each as large as the whole cap allows, with the GEMM threaded inside."""
+    cdef idx_t units
+    if pl.direct:
+        pl.nb = 1
+        pl.cpi = 1
+        pl.ncols = pl.PQ
+        pl.n_chunks = pl.N
+    if pl.nt > 1 and not prefer_threaded:
+        if not pl.direct:
+            _plan_chunks(pl, max(_min(workspace // pl.nt, pl.chunk) // isz, 1),
+                         per_col_whole, per_col_slice, _cdiv(pl.nt, pl.G))
+        # The backward hands a thread every chunk of an image (col2im stays race-free).
+        units = pl.G * (pl.N if (backward and pl.cpi > 1) else pl.n_chunks)
+        if units >= pl.nt and (units % pl.nt == 0 or units >= 4 * pl.nt):
+            pl.par = True
+            return
+    pl.par = False
+    if not pl.direct:
+        _plan_chunks(pl, max(_min(workspace, pl.chunk * pl.nt) // isz, 1), per_col_whole,
+                     per_col_slice, 1)
+
+
+cdef inline int _gemm(bint threaded, const gemm_params* prm, idx_t m, idx_t n, idx_t k,
+                      const floating* a, idx_t rs_a, idx_t cs_a,
+                      const floating* b, idx_t rs_b, idx_t cs_b,
+                      floating beta, floating* c, idx_t rs_c) noexcept nogil:
+    if threaded:
+        return gemm_run(prm, m, n, k, <floating> 1, a, rs_a, cs_a, b, rs_b, cs_b, beta,
+                        c, rs_c, 1)
+    return gemm_serial(prm, m, n, k, <floating> 1, a, rs_a, cs_a, b, rs_b, cs_b, beta,
+                       c, rs_c, 1)
+
+
+cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, idx_t Cg,
+                        idx_t pq0, idx_t pq1, floating* cols, idx_t ld, idx_t RS,
+                        int nt) noexcept nogil:
+    cdef idx_t c
+    if nt > 1 and Cg > 1:
+        for c in prange(Cg, num_threads=nt, schedule="static"):
+            im2col_rows(g, x, xs[1], xs[2], xs[3], c, c + 1, pq0, pq1, cols + c * RS * ld, ld)
+    else:
+        im2col_rows(g, x, xs[1], xs[2], xs[3], 0, Cg, pq0, pq1, cols, ld)
+
+
+cdef void _col2im_chunk(const conv_geom* g, const floating* cols, idx_t ld, idx_t Cg,
+                        idx_t pq0, idx_t pq1, floating* dx, idx_t RS, int nt) noexcept nogil:
+    # Channels are disjoint planes of dx: splitting over them is race-free.
+    cdef idx_t c
+    if nt > 1 and Cg > 1:
+        for c in prange(Cg, num_threads=nt, schedule="static"):
+            col2im_rows(g, cols + c * RS * ld, ld, c, c + 1, pq0, pq1, dx, g.H * g.W, g.W, 1)
+    else:
+        col2im_rows(g, cols, ld, 0, Cg, pq0, pq1, dx, g.H * g.W, g.W, 1)
+
+
+cdef inline void _chunk(const conv_plan* pl, idx_t ch, idx_t* n0, idx_t* nb, idx_t* pq0,
+                        idx_t* pq1) noexcept nogil:
+    cdef idx_t i
+    if pl.cpi > 1:
+        n0[0] = ch // pl.cpi
+        i = ch - n0[0] * pl.cpi
+        nb[0] = 1
+        pq0[0] = i * pl.ncols
+        pq1[0] = _min(pl.PQ, pq0[0] + pl.ncols)
+    else:
+        n0[0] = ch * pl.nb
+        nb[0] = _min(pl.nb, pl.N - n0[0])
+        pq0[0] = 0
+        pq1[0] = pl.PQ
+
+
+cdef const floating* _columns(const conv_plan* pl, const conv_geom* g, const floating* xg,
+                              const idx_t* xs, idx_t n0, idx_t nb, idx_t pq0, idx_t pq1,
+                              floating* cols, idx_t* rs, idx_t* cs) noexcept nogil:
+    """The chunk's column matrix (CRS + bias_col rows, nb * (pq1 - pq0) columns, strides
+    rs/cs): x itself on the 1x1 path, else im2col into cols (plus the row of ones)."""
+    cdef idx_t wcols = pq1 - pq0, ncur = nb * wcols, i, j
+    if pl.direct:
+        rs[0] = xs[1]
+        cs[0] = xs[3]
+        return xg + n0 * xs[0] + pq0 * xs[3]
+    for i in range(nb):
+        _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, pl.Cg, pq0, pq1, cols + i * wcols, ncur,
+                      g.R * g.S, 1 if pl.par else pl.nt)
+    if pl.bias_col:
+        for j in range(ncur):
+            cols[pl.CRS * ncur + j] = 1
+    rs[0] = ncur
+    cs[0] = 1
+    return cols
+
+
+# ----------------------------------------------------------------------------- forward
+
+cdef int _fwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* prm,
+                    idx_t gi, idx_t ch, const floating* x, const idx_t* xs,
+                    const floating* w, const floating* bias, floating* y,
+                    floating* ws) noexcept nogil:
+    cdef idx_t n0, nb, pq0, pq1, ncur, i, k, j, rs_b, cs_b, rs_c
+    cdef const floating* wg = w + gi * pl.Kg * pl.ldw
+    cdef const floating* b
+    cdef floating* c
+    cdef floating* yrow
+    cdef floating bk
+    cdef int rc
+    _chunk(pl, ch, &n0, &nb, &pq0, &pq1)
+    ncur = nb * (pq1 - pq0)
+    b = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, ws, &rs_b, &cs_b)
+    if nb == 1:
+        c = y + n0 * pl.K * pl.PQ + gi * pl.Kg * pl.PQ + pq0
+        rs_c = pl.PQ
+    else:
+        c = ws + pl.ws_tmp
+        rs_c = ncur
+    rc = _gemm(not pl.par, prm, pl.Kg, ncur, pl.CRS + pl.bias_col, wg, pl.ldw, 1, b, rs_b,
+               cs_b, <floating> 0, c, rs_c)
+    if rc != 0:
+        return rc
+    if bias != NULL and not pl.bias_col:
+        for k in range(pl.Kg):
+            bk = bias[gi * pl.Kg + k]
+            for j in range(ncur):
+                c[k * rs_c + j] += bk
+    if nb > 1:
+        for i in range(nb):
+            for k in range(pl.Kg):
+                yrow = y + (n0 + i) * pl.K * pl.PQ + (gi * pl.Kg + k) * pl.PQ
+                for j in range(pl.PQ):
+                    yrow[j] = c[k * rs_c + i * pl.PQ + j]
+    return 0
+
+
+cdef int _fwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* prm,
+                  const floating* x, const idx_t* xs, const floating* w,
+                  const floating* bias, floating* y, floating* ws) noexcept nogil:
+    cdef idx_t u, units = pl.G * pl.n_chunks
+    cdef int fails = 0, tid
+    if pl.par:
+        for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
+            tid = threadid()
+            fails += _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias,
+                                y, ws + tid * pl.ws_elems) != 0
+    else:
+        for u in range(units):
+            if _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias, y,
+                          ws) != 0:
+                return -1
+    return -1 if fails else 0
+
+
+cdef conv_plan _base_plan(cnp.ndarray x, cnp.ndarray y_or_dy, tuple geom, idx_t groups,
+                          int nt):
+    cdef conv_plan pl
+    H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q = geom
+    pl.N = x.shape[0]
+    pl.C = x.shape[1]
+    pl.K = y_or_dy.shape[1]
+    pl.G = groups
+    pl.Cg = pl.C // groups
+    pl.Kg = pl.K // groups
+    pl.CRS = pl.Cg * R * S
+    pl.PQ = P * Q
+    pl.HW = H * W
+    pl.nt = nt
+    pl.bias_col = False
+    pl.direct = (R == 1 and S == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
+                 and P == H and Q == W and pl.PQ >= DIRECT_MIN_PQ
+                 and (H == 1 or _es(x, 2) == W * _es(x, 3)))
+    return pl
+
+
+cdef conv_geom _geom(tuple gt):
+    cdef conv_geom g
+    g.H, g.W, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.P, g.Q = gt
+    return g
+
+
+cdef int _dtype_code(cnp.ndarray a) except -1:
+    return 0 if a.dtype == np.float32 else 1
+
+
+def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tuple geom,
+                   idx_t groups, bint bias_col, idx_t workspace, idx_t chunk):
+    """y (N, K, P, Q), C-contiguous  <-  conv(x, W) (+ bias).
+
+    x: (N, C, H, W) of y's dtype, any strides.  wm: (K, ldw) C-contiguous weights, with the
+    bias as column CRS when ``bias_col``.  bias: (K,) contiguous or None (used when not
+    ``bias_col``).  workspace: bytes all threads together may use for columns; chunk: the
+    column bytes one thread should work on at a time when the workspace allows more.
+    """
+    cdef gemm_params prm
+    cdef conv_geom g = _geom(geom)
+    cdef int code = _dtype_code(y)
+    cdef conv_plan pl
+    cdef idx_t xs[4]
+    cdef idx_t isz = y.itemsize
+    cdef cnp.ndarray wsbuf
+    cdef void* pb = NULL
+    cdef int rc
+    current_params(code, &prm)
+    pl = _base_plan(x, y, geom, groups, prm.n_threads)
+    pl.chunk = max(chunk, 1)
+    if y.size == 0:
+        return
+    pl.bias_col = bias_col and not pl.direct
+    if bias_col and pl.direct:
+        bias = np.ascontiguousarray(wm[:, pl.CRS])    # the 1x1 path adds it to the output
+    pl.ldw = wm.shape[1]
+    _plan(&pl, workspace, isz, pl.CRS + 1 + pl.Kg, pl.CRS + 1, False, False)
+    if pl.direct:
+        pl.ws_elems = 0
+    else:
+        pl.ws_elems = (pl.CRS + 1) * pl.ncols + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
+    pl.ws_tmp = (pl.CRS + 1) * pl.ncols
+    wsbuf = _ws_get(max(pl.ws_elems, 1) * (pl.nt if pl.par else 1), y.dtype)
+    for i in range(4):
+        xs[i] = _es(x, i)
+    if bias is not None and not pl.bias_col:
+        pb = cnp.PyArray_DATA(<cnp.ndarray> bias)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pw_ = cnp.PyArray_DATA(wm)
+    cdef void* py = cnp.PyArray_DATA(y)
+    cdef void* pws = cnp.PyArray_DATA(wsbuf)
+    if code == 0:
+        with nogil:
+            rc = _fwd_all(&pl, &g, &prm, <const float*> px, xs, <const float*> pw_,
+                          <const float*> pb, <float*> py, <float*> pws)
+    else:
+        with nogil:
+            rc = _fwd_all(&pl, &g, &prm, <const double*> px, xs, <const double*> pw_,
+                          <const double*> pb, <double*> py, <double*> pws)
+    _ws_put(wsbuf)
+    if rc != 0:
+        raise MemoryError("microtile: could not allocate GEMM packing buffers")
+
+
+# ----------------------------------------------------------------------------- backward
+
+cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* prm,
+                    idx_t gi, idx_t ch, const floating* x, const idx_t* xs,
+                    const floating* w, const floating* dy, floating* dx, floating* dwp,
+                    floating* ws, bint need_w, bint need_x) noexcept nogil:
+    cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_a2, cs_a2
+    cdef int rc
+    cdef const floating* wg = w + gi * pl.Kg * pl.ldw
+    cdef const floating* a
+    cdef const floating* a2
+    cdef const floating* src
+    cdef floating* cols = ws
+    cdef floating* tmp = ws + pl.ws_tmp
+    cdef floating* dxg = dx + gi * pl.Cg * pl.HW
+    _chunk(pl, ch, &n0, &nb, &pq0, &pq1)
+    wcols = pq1 - pq0
+    ncur = nb * wcols
+    if nb == 1:
+        a = dy + n0 * pl.K * pl.PQ + gi * pl.Kg * pl.PQ + pq0
+        rs_a = pl.PQ
+    else:
+        for i in range(nb):
+            for k in range(pl.Kg):
+                src = dy + (n0 + i) * pl.K * pl.PQ + (gi * pl.Kg + k) * pl.PQ
+                for j in range(pl.PQ):
+                    tmp[k * ncur + i * pl.PQ + j] = src[j]
+        a = tmp
+        rs_a = ncur
+    if need_w:
+        # With few filters, dW^T (CRS x Kg) += cols (CRS x ncur) @ dY^T: the column matrix
+        # is then the A operand, which the GEMM reads in place when Kg is narrow, so it is
+        # never packed again.  Otherwise dW += dY @ cols^T (no transpose at the end).  With
+        # a row of ones under cols, the last row/column collects db for free.
+        a2 = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, cols, &rs_a2,
+                      &cs_a2)
+        if pl.dw_trans:
+            rc = _gemm(not pl.par, prm, pl.CRS + pl.bias_col, pl.Kg, ncur, a2, rs_a2, cs_a2,
+                       a, 1, rs_a, <floating> 1, dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg,
+                       pl.Kg)
+        else:
+            rc = _gemm(not pl.par, prm, pl.Kg, pl.CRS + pl.bias_col, ncur, a, rs_a, 1,
+                       a2, cs_a2, rs_a2, <floating> 1,
+                       dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg, pl.CRS + pl.bias_col)
+        if rc != 0:
+            return -1
+    if need_x:
+        if pl.direct:
+            if _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, 1, pl.ldw, a, rs_a, 1,
+                     <floating> 0, dxg + n0 * pl.C * pl.HW + pq0, pl.HW) != 0:
+                return -1
+        else:
+            # cols is free again once dW has used it.
+            if _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, 1, pl.ldw, a, rs_a, 1,
+                     <floating> 0, cols, ncur) != 0:
+                return -1
+            for i in range(nb):
+                _col2im_chunk(g, cols + i * wcols, ncur, pl.Cg, pq0, pq1,
+                              dxg + (n0 + i) * pl.C * pl.HW, g.R * g.S, 1 if pl.par else pl.nt)
+    return 0
+
+
+cdef int _bwd_unit(const conv_plan* pl, const conv_geom* g, const gemm_params* prm,
+                   idx_t u, const floating* x, const idx_t* xs, const floating* w,
+                   const floating* dy, floating* dx, floating* dwp, floating* ws,
+                   bint need_w, bint need_x) noexcept nogil:
+    """One group of one image (all its chunks, in order) or one multi-image chunk."""
+    cdef idx_t per_g = pl.N if pl.cpi > 1 else pl.n_chunks
+    cdef idx_t gi = u // per_g, v = u - gi * per_g, i
+    if pl.cpi > 1:
+        for i in range(pl.cpi):
+            if _bwd_chunk(pl, g, prm, gi, v * pl.cpi + i, x, xs, w, dy, dx, dwp, ws,
+                          need_w, need_x) != 0:
+                return -1
+        return 0
+    return _bwd_chunk(pl, g, prm, gi, v, x, xs, w, dy, dx, dwp, ws, need_w, need_x)
+
+
+cdef int _bwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* prm,
+                  const floating* x, const idx_t* xs, const floating* w,
+                  const floating* dy, floating* dx, floating* dwp, floating* ws,
+                  bint need_w, bint need_x) noexcept nogil:
+    cdef idx_t u, units = pl.G * (pl.N if pl.cpi > 1 else pl.n_chunks)
+    cdef idx_t dw_elems = pl.K * (pl.CRS + pl.bias_col)
+    cdef int fails = 0, tid
+    if pl.par:
+        for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
+            tid = threadid()
+            fails += _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp + tid * dw_elems,
+                               ws + tid * pl.ws_elems, need_w, need_x) != 0
+    else:
+        for u in range(units):
+            if _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp, ws, need_w, need_x) != 0:
+                return -1
+    return -1 if fails else 0
+
+
+cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* db,
+                     int nt) noexcept nogil:
+    # Accumulated in double (a float32 sum over N*P*Q terms would lose digits), in four
+    # independent chains so the adds overlap.
+    cdef idx_t k, n, j, j4
+    cdef double a0, a1, a2, a3
+    cdef const floating* row
+    for k in prange(K, num_threads=nt, schedule="static"):
+        a0 = 0
+        a1 = 0
+        a2 = 0
+        a3 = 0
+        j4 = PQ - PQ % 4
+        for n in range(N):
+            row = dy + (n * K + k) * PQ
+            for j in range(0, j4, 4):
+                a0 = a0 + row[j]
+                a1 = a1 + row[j + 1]
+                a2 = a2 + row[j + 2]
+                a3 = a3 + row[j + 3]
+            for j in range(j4, PQ):
+                a0 = a0 + row[j]
+        db[k] = <floating> ((a0 + a1) + (a2 + a3))
+
+
+def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, idx_t groups,
+                    bint need_w, bint need_x, bint need_b, idx_t workspace, idx_t chunk,
+                    object dx_out=None, object dw_out=None, object db_out=None):
+    """Gradients of a conv2d.  dy (N, K, P, Q) C-contiguous, x (N, C, H, W) any strides,
+    wm (K, CRS) C-contiguous, all of one dtype.  Returns (dx or None, dw (K, CRS) or None,
+    db or None).  ``dx_out`` / ``dw_out`` / ``db_out``, when given, are C-contiguous arrays
+    of those shapes and dy's dtype that receive the results (a training loop reuses them)."""
+    cdef gemm_params prm
+    cdef conv_geom g = _geom(geom)
+    cdef int code = _dtype_code(dy)
+    cdef conv_plan pl
+    cdef idx_t xs[4]
+    cdef idx_t isz = dy.itemsize, per_col
+    cdef cnp.ndarray wsbuf, dwpbuf, dwp, dx = None, db = None
+    cdef int rc = 0, nt_parts, i
+    cdef idx_t rows
+    current_params(code, &prm)
+    pl = _base_plan(x, dy, geom, groups, prm.n_threads)
+    pl.chunk = max(chunk, 1)
+    pl.ldw = wm.shape[1]
+    dt = dy.dtype
+    if need_x:
+        # col2im adds into dx, so a reused one is cleared first.
+        if dx_out is None:
+            dx = np.zeros((x.shape[0], x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
+        else:
+            dx = dx_out
+            dx.fill(0)
+    if pl.N == 0 or pl.PQ == 0 or pl.K == 0 or pl.CRS == 0 or not (need_w or need_x):
+        if need_b:
+            db = np.zeros(pl.K, dtype=dt) if db_out is None else db_out
+            db.fill(0)
+            if dy.size:
+                _bias_grad_any(dy, db, &pl)
+        dw = None
+        if need_w:
+            dw = np.zeros((pl.K, pl.CRS), dtype=dt) if dw_out is None else dw_out
+            dw.fill(0)
+        return dx, dw, db
+    # db rides in the dW GEMM (a row of ones under the columns) whenever that GEMM runs on
+    # im2col columns; otherwise it is a sum of its own.
+    pl.bias_col = need_b and need_w and not pl.direct
+    pl.dw_trans = pl.Kg <= prm.nopack_a_panels * 16
+    per_col = pl.CRS + pl.bias_col
+    # Per-thread dW partials cost a reduction of nt * K * CRS elements: when that is large
+    # next to the columns (many filters, small planes), thread inside the GEMMs instead.
+    _plan(&pl, workspace, isz, per_col + pl.Kg, per_col, True,
+          need_w and pl.nt * pl.K * 8 > pl.N * pl.PQ)
+    if pl.direct:
+        pl.ws_elems = 0
+        pl.ws_tmp = 0
+    else:
+        pl.ws_tmp = per_col * pl.ncols
+        pl.ws_elems = pl.ws_tmp + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
+    nt_parts = pl.nt if pl.par else 1
+    rows = pl.CRS + pl.bias_col
+    wsbuf = _ws_get(max(pl.ws_elems, 1) * nt_parts, dt)
+    # Per-thread partial dW (or dW^T), one block per group, reduced below; kept between
+    # calls like the workspace, so it is cleared here rather than freshly allocated.
+    cdef idx_t dwp_elems = nt_parts * pl.G * rows * pl.Kg if need_w else 1
+    dwpbuf = _ws_get(dwp_elems, dt)
+    dwp = dwpbuf[:dwp_elems * isz].view(dt)
+    dwp.fill(0)
+    if need_w:
+        dwp = dwp.reshape((nt_parts, pl.G, rows, pl.Kg) if pl.dw_trans
+                          else (nt_parts, pl.G, pl.Kg, rows))
+    for i in range(4):
+        xs[i] = _es(x, i)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pw_ = cnp.PyArray_DATA(wm)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* pdx = cnp.PyArray_DATA(dx) if dx is not None else NULL
+    cdef void* pdw = cnp.PyArray_DATA(dwp)
+    cdef void* pws = cnp.PyArray_DATA(wsbuf)
+    if code == 0:
+        with nogil:
+            rc = _bwd_all(&pl, &g, &prm, <const float*> px, xs, <const float*> pw_,
+                          <const float*> pdy, <float*> pdx, <float*> pdw, <float*> pws,
+                          need_w, need_x)
+    else:
+        with nogil:
+            rc = _bwd_all(&pl, &g, &prm, <const double*> px, xs, <const double*> pw_,
+                          <const double*> pdy, <double*> pdx, <double*> pdw, <double*> pws,
+                          need_w, need_x)
+    _ws_put(wsbuf)
+    if rc != 0:
+        _ws_put(dwpbuf)
+        raise MemoryError("microtile: could not allocate GEMM packing buffers")
+    dw = None
+    if need_w:
+        # Reduced into the first partial (no temporary), then copied out of the blocks.
+        tot = dwp[0]
+        for i in range(1, nt_parts):
+            np.add(tot, dwp[i], out=tot)
+        if pl.dw_trans:
+            tot = tot.transpose(0, 2, 1)
+        dw = np.empty((pl.K, pl.CRS), dtype=dt) if dw_out is None else dw_out
+        np.copyto(dw.reshape(pl.G, pl.Kg, pl.CRS), tot[:, :, :pl.CRS])
+        if pl.bias_col:
+            db = np.empty(pl.K, dtype=dt) if db_out is None else db_out
+            np.copyto(db.reshape(pl.G, pl.Kg), tot[:, :, pl.CRS])
+    _ws_put(dwpbuf)
+    if need_b and not pl.bias_col:
+        db = np.empty(pl.K, dtype=dt) if db_out is None else db_out
+        _bias_grad_any(dy, db, &pl)
+    return dx, dw, db
+
+
+cdef void _bias_grad_any(cnp.ndarray dy, cnp.ndarray db, const conv_plan* pl):
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* pdb = cnp.PyArray_DATA(db)
+    if dy.dtype == np.float32:
+        with nogil:
+            _bias_grad(<const float*> pdy, pl.N, pl.K, pl.PQ, <float*> pdb, pl.nt)
+    else:
+        with nogil:
+            _bias_grad(<const double*> pdy, pl.N, pl.K, pl.PQ, <double*> pdb, pl.nt)

@@ -1,0 +1,196 @@
+"""im2col and col2im: copying convolution windows into GEMM columns and adding them back.
+
+The kernels work on a range of channels and a range of output positions of one image, so the
+convolution driver can fill workspace-sized chunks and parallelise over images or channels.
+Per row, the valid output columns of each kernel offset are computed once (no per-element
+bounds test), and unit-stride rows are copied with memcpy.
+"""
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+
+import numpy as np
+cimport numpy as cnp
+
+from microtile._common._typedefs cimport idx_t, floating
+
+cnp.import_array()
+
+
+cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline idx_t _max(idx_t a, idx_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline void _valid_range(idx_t off, idx_t stride, idx_t size, idx_t n_out,
+                              idx_t* lo, idx_t* hi) noexcept nogil:
+    """Output indices o in [lo, hi) with 0 <= o * stride + off < size."""
+    cdef idx_t a = 0, b
+    if off < 0:
+        a = (-off + stride - 1) // stride
+    if size - 1 - off < 0:
+        b = 0
+    else:
+        b = (size - 1 - off) // stride + 1
+    a = _min(a, n_out)
+    b = _min(b, n_out)
+    if b < a:
+        b = a
+    lo[0] = a
+    hi[0] = b
+
+
+cdef void im2col_rows(const conv_geom* g, const floating* x, idx_t xs_c, idx_t xs_h,
+                      idx_t xs_w, idx_t c0, idx_t c1, idx_t pq0, idx_t pq1,
+                      floating* cols, idx_t ld) noexcept nogil:
+    cdef idx_t c, r, s, pq, p, q, qend, ih, off_w, qa, qb, lo, hi, i, step, j
+    cdef floating* dst
+    cdef const floating* src
+    for c in range(c0, c1):
+        for r in range(g.R):
+            for s in range(g.S):
+                dst = cols + (((c - c0) * g.R + r) * g.S + s) * ld
+                off_w = s * g.dw - g.pw
+                _valid_range(off_w, g.sw, g.W, g.Q, &qa, &qb)
+                step = g.sw * xs_w
+                pq = pq0
+                j = 0
+                while pq < pq1:
+                    p = pq // g.Q
+                    q = pq - p * g.Q
+                    qend = _min(g.Q, q + (pq1 - pq))
+                    ih = p * g.sh - g.ph + r * g.dh
+                    if ih < 0 or ih >= g.H:
+                        memset(dst + j, 0, (qend - q) * sizeof(floating))
+                    else:
+                        lo = _max(q, qa)
+                        hi = _min(qend, qb)
+                        if hi < lo:
+                            lo = qend
+                            hi = qend
+                        if lo > q:
+                            memset(dst + j, 0, (lo - q) * sizeof(floating))
+                        src = x + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
+                        if step == 1:
+                            memcpy(dst + j + (lo - q), src, (hi - lo) * sizeof(floating))
+                        elif step == 2:
+                            # A constant stride lets the compiler vectorize with shuffles.
+                            for i in range(hi - lo):
+                                dst[j + (lo - q) + i] = src[2 * i]
+                        else:
+                            for i in range(hi - lo):
+                                dst[j + (lo - q) + i] = src[i * step]
+                        if qend > hi:
+                            memset(dst + j + (hi - q), 0, (qend - hi) * sizeof(floating))
+                    j += qend - q
+                    pq += qend - q
+
+
+cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t c0, idx_t c1,
+                      idx_t pq0, idx_t pq1, floating* dx, idx_t xs_c, idx_t xs_h,
+                      idx_t xs_w) noexcept nogil:
+    cdef idx_t c, r, s, pq, p, q, qend, ih, off_w, qa, qb, lo, hi, i, step, j
+    cdef const floating* src
+    cdef floating* dst
+    for c in range(c0, c1):
+        for r in range(g.R):
+            for s in range(g.S):
+                src = cols + (((c - c0) * g.R + r) * g.S + s) * ld
+                off_w = s * g.dw - g.pw
+                _valid_range(off_w, g.sw, g.W, g.Q, &qa, &qb)
+                step = g.sw * xs_w
+                pq = pq0
+                j = 0
+                while pq < pq1:
+                    p = pq // g.Q
+                    q = pq - p * g.Q
+                    qend = _min(g.Q, q + (pq1 - pq))
+                    ih = p * g.sh - g.ph + r * g.dh
+                    if 0 <= ih < g.H:
+                        lo = _max(q, qa)
+                        hi = _min(qend, qb)
+                        if lo < hi:
+                            dst = dx + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
+                            # Constant strides let the compiler vectorize the common cases.
+                            if step == 1:
+                                for i in range(hi - lo):
+                                    dst[i] += src[j + (lo - q) + i]
+                            elif step == 2:
+                                for i in range(hi - lo):
+                                    dst[2 * i] += src[j + (lo - q) + i]
+                            else:
+                                for i in range(hi - lo):
+                                    dst[i * step] += src[j + (lo - q) + i]
+                    j += qend - q
+                    pq += qend - q
+
+
+cdef inline idx_t _es(cnp.ndarray a, int axis):
+    return cnp.PyArray_STRIDE(a, axis) // cnp.PyArray_ITEMSIZE(a)
+
+
+cdef void _im2col_all(const conv_geom* g, const floating* x, idx_t xs_n, idx_t xs_c,
+                      idx_t xs_h, idx_t xs_w, idx_t N, idx_t C, floating* cols,
+                      int nt) noexcept nogil:
+    cdef idx_t u, n, c, PQ = g.P * g.Q, RS = g.R * g.S
+    for u in prange(N * C, num_threads=nt, schedule="static"):
+        n = u // C
+        c = u - n * C
+        im2col_rows(g, x + n * xs_n, xs_c, xs_h, xs_w, c, c + 1, 0, PQ,
+                    cols + (n * C + c) * RS * PQ, PQ)
+
+
+cdef void _col2im_all(const conv_geom* g, const floating* cols, idx_t cs_n, idx_t cs_r,
+                      idx_t N, idx_t C, floating* dx, int nt) noexcept nogil:
+    # One (image, channel) plane per iteration: planes are disjoint, so no two threads ever
+    # add into the same element.
+    cdef idx_t u, n, c, PQ = g.P * g.Q, RS = g.R * g.S, HW = g.H * g.W
+    for u in prange(N * C, num_threads=nt, schedule="static"):
+        n = u // C
+        c = u - n * C
+        col2im_rows(g, cols + n * cs_n + c * RS * cs_r, cs_r, c, c + 1, 0, PQ,
+                    dx + n * C * HW, HW, g.W, 1)
+
+
+cdef conv_geom _geom(tuple gt):
+    cdef conv_geom g
+    g.H, g.W, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.P, g.Q = gt
+    return g
+
+
+def im2col_into(cnp.ndarray x, cnp.ndarray cols, tuple geom, int nt):
+    """cols (N, C*R*S, P*Q), C-contiguous, of x's dtype  <-  windows of x (N, C, H, W)."""
+    cdef conv_geom g = _geom(geom)
+    cdef idx_t N = x.shape[0], C = x.shape[1]
+    cdef idx_t s0 = _es(x, 0), s1 = _es(x, 1), s2 = _es(x, 2), s3 = _es(x, 3)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pc = cnp.PyArray_DATA(cols)
+    if cols.size == 0:
+        return
+    if x.dtype == np.float32:
+        with nogil:
+            _im2col_all(&g, <const float*> px, s0, s1, s2, s3, N, C, <float*> pc, nt)
+    else:
+        with nogil:
+            _im2col_all(&g, <const double*> px, s0, s1, s2, s3, N, C, <double*> pc, nt)
+
+
+def col2im_into(cnp.ndarray cols, cnp.ndarray dx, tuple geom, int nt):
+    """dx (N, C, H, W), C-contiguous and zeroed, += cols (N, C*R*S, P*Q) of dx's dtype."""
+    cdef conv_geom g = _geom(geom)
+    cdef idx_t N = dx.shape[0], C = dx.shape[1]
+    cdef idx_t s0 = _es(cols, 0), s1 = _es(cols, 1)
+    cdef void* pc = cnp.PyArray_DATA(cols)
+    cdef void* px = cnp.PyArray_DATA(dx)
+    if dx.size == 0 or cols.size == 0:
+        return
+    if _es(cols, 2) != 1:
+        raise ValueError("col2im_into: columns must be contiguous")
+    if dx.dtype == np.float32:
+        with nogil:
+            _col2im_all(&g, <const float*> pc, s0, s1, N, C, <float*> px, nt)
+    else:
+        with nogil:
+            _col2im_all(&g, <const double*> pc, s0, s1, N, C, <double*> px, nt)

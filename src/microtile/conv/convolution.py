@@ -1,0 +1,276 @@
+"""Public 2-D convolution functions (NCHW, PyTorch's semantics): argument rules and layouts.
+
+The arithmetic lives in ``_conv`` (GEMM drivers) and ``_im2col`` (the lowering kernels).
+"""
+import operator
+
+import numpy as np
+
+from microtile.conv import _conv, _im2col
+from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
+from microtile._config._context import get_num_threads, get_option
+from microtile.conv._nchw import as_nchw, reuse_out, conv_padding, out_size, pair
+
+__all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
+
+
+def _sizes():
+    # The workspace cap (all threads together) and the column bytes one thread works on at a
+    # time.  Measured on a Zen3 (512 KiB L2, float32 ResNet/VGG layers): 1-2 MiB chunks beat
+    # both L2-sized ones (more GEMM calls, weights re-packed) and 8 MiB ones (columns fall out
+    # of cache between im2col and the GEMM) by 10-40%; the tuner may set it per machine.
+    return get_option("conv_workspace"), get_option("conv_chunk")
+
+
+def _groups(groups, what):
+    if isinstance(groups, (bool, np.bool_)):
+        raise TypeError(f"{what}: groups must be an int, got {groups!r}")
+    try:
+        groups = operator.index(groups)
+    except TypeError:
+        raise TypeError(f"{what}: groups must be an int, got {groups!r}") from None
+    if groups < 1:
+        raise ValueError(f"{what}: groups must be positive, got {groups}")
+    return groups
+
+
+def _setup(what, X, Wt, stride, padding, dilation, groups):
+    """Validate shapes and arguments; return (x as 4-D, unbatched, geometry, groups, K, P, Q)."""
+    X4, unbatched = as_nchw(X, "x", what)
+    if Wt.ndim != 4:
+        raise ValueError(f"{what}: w must be 4-D (K, C // groups, R, S), got shape {Wt.shape}")
+    groups = _groups(groups, what)
+    N, C, H, W = X4.shape
+    K, Cg, R, S = Wt.shape
+    if C % groups:
+        raise ValueError(f"{what}: x has {C} channels, which groups={groups} does not divide")
+    if K % groups:
+        raise ValueError(f"{what}: w has {K} output channels (shape {Wt.shape}), which "
+                         f"groups={groups} does not divide")
+    if Cg * groups != C:
+        raise ValueError(f"{what}: w of shape {Wt.shape} with groups={groups} expects "
+                         f"{Cg * groups} input channels, but x of shape {X.shape} has {C}")
+    if R < 1 or S < 1:
+        raise ValueError(f"{what}: kernel size must be positive, w has shape {Wt.shape}")
+    sh, sw = pair(stride, "stride")
+    dh, dw = pair(dilation, "dilation")
+    (pt, pb), (pl, pr) = conv_padding(padding, (R, S), (sh, sw), (dh, dw))
+    P = out_size(H, R, pt, pb, sh, dh, what, "height")
+    Q = out_size(W, S, pl, pr, sw, dw, what, "width")
+    geom = (H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q)
+    return X4, unbatched, geom, groups, K, P, Q
+
+
+def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """2-D convolution (cross-correlation), as ``torch.nn.functional.conv2d``.
+
+    Parameters
+    ----------
+    x : array_like, (N, C, H, W) or (C, H, W), float32 or float64
+        Input, any memory layout.
+    w : array_like, (K, C // groups, R, S)
+        Filters.
+    bias : array_like, (K,), optional
+        Added to every output position of its channel.
+    stride, dilation : int or (int, int)
+        Positive.
+    padding : int, (int, int), "valid" or "same"
+        Zero padding on both sides; "same" (stride 1 only) keeps H and W, putting an odd
+        extra row or column at the bottom or right, as PyTorch does.
+    groups : int
+        Channels are split into this many independent groups; must divide C and K.
+    out : ndarray, optional
+        (N, K, P, Q) array of the result dtype to write to; may not overlap an input.
+
+    Returns
+    -------
+    ndarray
+        (N, K, P, Q) (or (K, P, Q) for an unbatched input); float64 if any input is float64.
+
+    Raises
+    ------
+    TypeError
+        For a dtype other than float32/float64 or a non-integer argument.
+    ValueError
+        For wrong ranks, a channel/group mismatch, non-positive stride or dilation, negative
+        padding, a kernel larger than the padded input, or a bad ``out``.
+
+    Notes
+    -----
+    im2col + GEMM per group, in chunks whose columns fit ``conv_workspace`` bytes (see
+    ``config_context``), so memory does not grow with the batch beyond the output.
+    """
+    X = as_float_array(x, "x")
+    Wt = as_float_array(w, "w")
+    B = None if bias is None else as_float_array(bias, "bias")
+    X4, unbatched, geom, groups, K, P, Q = _setup("conv2d", X, Wt, stride, padding, dilation,
+                                                  groups)
+    if B is not None and B.shape != (K,):
+        raise ValueError(f"conv2d: bias must have shape ({K},) to match w of shape {Wt.shape}, "
+                         f"got {B.shape}")
+    dt = result_dtype((X, Wt, B))
+    N = X4.shape[0]
+    shape4 = (N, K, P, Q)
+    shape = shape4[1:] if unbatched else shape4
+    O = None
+    if out is not None:
+        O = check_out(out, shape, dt)
+        for name, arr in (("x", X), ("w", Wt), ("bias", B)):
+            if arr is not None and overlaps(O, arr):
+                raise ValueError(f"conv2d: out overlaps {name}")
+    X4 = as_dtype(X4, dt)
+    crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
+    # The bias rides in the GEMM as one more weight column when copying the weights costs
+    # little next to the output; otherwise it is added to the output (no weight copy).
+    bias_col = B is not None and 4 * crs <= N * P * Q
+    Bc = None
+    if bias_col:
+        Wm = np.empty((K, crs + 1), dtype=dt)
+        Wm[:, :crs] = Wt.reshape(K, crs)
+        Wm[:, crs] = B
+    else:
+        Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+        if B is not None:
+            Bc = np.ascontiguousarray(B, dtype=dt)
+    in_place = O is not None and O.flags.c_contiguous
+    Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
+    _conv.conv2d_forward(X4, Wm, Bc, Y, geom, groups, bias_col, *_sizes())
+    if O is not None:
+        if not in_place:
+            O[...] = Y.reshape(shape)
+        return O
+    return Y[0] if unbatched else Y
+
+
+def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
+                    need_input_grad=True, need_bias_grad=True, _dx=None, _dw=None, _db=None):
+    """Gradients of ``sum(dy * conv2d(x, w, b, ...))`` with respect to x, w and b.
+
+    Parameters
+    ----------
+    dy : array_like, (N, K, P, Q)
+        Gradient of the loss with respect to the convolution's output.
+    x, w, stride, padding, dilation, groups
+        As given to ``conv2d``.
+    need_input_grad, need_bias_grad : bool
+        Skip the work for ``dx`` / ``db`` when False.
+
+    Returns
+    -------
+    (dx, dw, db) : tuple
+        ``dx`` shaped like x (None unless ``need_input_grad``), ``dw`` shaped like w, ``db``
+        of shape (K,) (None unless ``need_bias_grad``).  float64 if any input is float64.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As ``conv2d``; ValueError too when dy's shape is not the convolution's output shape.
+    """
+    DY = as_float_array(dy, "dy")
+    X = as_float_array(x, "x")
+    Wt = as_float_array(w, "w")
+    X4, unbatched, geom, groups, K, P, Q = _setup("conv2d_backward", X, Wt, stride, padding,
+                                                  dilation, groups)
+    N = X4.shape[0]
+    want = (K, P, Q) if unbatched else (N, K, P, Q)
+    if DY.shape != want:
+        raise ValueError(f"conv2d_backward: dy has shape {DY.shape}, but the convolution of x "
+                         f"{X.shape} with w {Wt.shape} has output shape {want}")
+    dt = result_dtype((DY, X, Wt))
+    DY4 = np.ascontiguousarray(as_dtype(DY, dt)).reshape((N, K, P, Q))
+    X4 = as_dtype(X4, dt)
+    crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
+    Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+    what = "conv2d_backward"
+    dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
+    dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
+    db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
+    dx, dwm, db = _conv.conv2d_backward(DY4, X4, Wm, geom, groups, True,
+                                        bool(need_input_grad), bool(need_bias_grad),
+                                        *_sizes(), dx_out,
+                                        None if dw_out is None else dw_out.reshape(K, crs),
+                                        db_out)
+    dw = dwm.reshape(Wt.shape)
+    if dx is not None and unbatched:
+        dx = dx[0]
+    return dx, dw, db
+
+
+def _unfold_args(kernel_size, stride, padding, dilation):
+    R, S = pair(kernel_size, "kernel_size")
+    sh, sw = pair(stride, "stride")
+    dh, dw = pair(dilation, "dilation")
+    if isinstance(padding, str):
+        raise TypeError(f"padding must be an int or a pair of ints, got {padding!r}")
+    ph, pw = pair(padding, "padding", minimum=0)
+    return R, S, sh, sw, dh, dw, ph, pw
+
+
+def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
+    """Sliding windows of x as columns, as ``torch.nn.functional.unfold``.
+
+    Parameters
+    ----------
+    x : array_like, (N, C, H, W) or (C, H, W)
+    kernel_size, stride, dilation : int or (int, int), positive
+    padding : int or (int, int), non-negative
+
+    Returns
+    -------
+    ndarray
+        (N, C*R*S, P*Q) (or (C*R*S, P*Q) unbatched); row (c, r, s) holds, for every output
+        position, the input element under kernel tap (r, s) of channel c (zero in padding).
+    """
+    X = as_float_array(x, "x")
+    R, S, sh, sw, dh, dw, ph, pw = _unfold_args(kernel_size, stride, padding, dilation)
+    X4, unbatched = as_nchw(X, "x", "im2col")
+    N, C, H, W = X4.shape
+    P = out_size(H, R, ph, ph, sh, dh, "im2col", "height")
+    Q = out_size(W, S, pw, pw, sw, dw, "im2col", "width")
+    cols = np.empty((N, C * R * S, P * Q), dtype=X.dtype)
+    _im2col.im2col_into(X4, cols, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q),
+                        get_num_threads())
+    return cols[0] if unbatched else cols
+
+
+def col2im(cols, output_size, kernel_size, *, stride=1, padding=0, dilation=1):
+    """Sum columns back into an image, as ``torch.nn.functional.fold`` (im2col's adjoint).
+
+    Parameters
+    ----------
+    cols : array_like, (N, C*R*S, L) or (C*R*S, L)
+        L must be the number of window positions P*Q for ``output_size``.
+    output_size : int or (int, int)
+        (H, W) of the image.
+    kernel_size, stride, padding, dilation
+        As for ``im2col``.
+
+    Returns
+    -------
+    ndarray
+        (N, C, H, W) (or (C, H, W)): every column element added at its input position, so
+        overlapping windows are summed.
+    """
+    Cm = as_float_array(cols, "cols")
+    R, S, sh, sw, dh, dw, ph, pw = _unfold_args(kernel_size, stride, padding, dilation)
+    H, W = pair(output_size, "output_size", minimum=0)
+    if Cm.ndim == 2:
+        Cm3, unbatched = Cm[None], True
+    elif Cm.ndim == 3:
+        Cm3, unbatched = Cm, False
+    else:
+        raise ValueError(f"col2im: cols must be 3-D (N, C*R*S, L) or 2-D, got shape {Cm.shape}")
+    N, CRS, L = Cm3.shape
+    if CRS % (R * S):
+        raise ValueError(f"col2im: cols has {CRS} rows, not a multiple of the kernel's "
+                         f"{R}x{S} = {R * S} taps")
+    C = CRS // (R * S)
+    P = out_size(H, R, ph, ph, sh, dh, "col2im", "height")
+    Q = out_size(W, S, pw, pw, sw, dw, "col2im", "width")
+    if L != P * Q:
+        raise ValueError(f"col2im: cols has {L} columns, but output_size {(H, W)} with kernel "
+                         f"{(R, S)} gives {P}x{Q} = {P * Q} window positions")
+    out = np.zeros((N, C, H, W), dtype=Cm.dtype)
+    src = Cm3 if Cm3.strides[2] == Cm3.itemsize else np.ascontiguousarray(Cm3)
+    _im2col.col2im_into(src, out, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q), get_num_threads())
+    return out[0] if unbatched else out

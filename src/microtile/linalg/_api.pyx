@@ -1,0 +1,610 @@
+"""Public linear-algebra entry points: validate with the GIL, then run the nogil drivers."""
+import numpy as np
+cimport numpy as cnp
+
+from cython.parallel cimport prange
+
+from microtile._common._typedefs cimport idx_t, floating
+from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_serial, gemm_epilogue,
+                              ACT_NONE, ACT_RELU, ACT_SIGMOID, ACT_TANH)
+from microtile.linalg._level2 cimport dot_run, gemv_run, ger_run, outer_run
+from microtile._kernels._ukernel cimport kernel_set_t
+from microtile._kernels._dispatch cimport kernel_set
+from microtile._config._params cimport current_params
+from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out, overlaps)
+
+cnp.import_array()
+
+cdef object F32 = np.dtype(np.float32)
+cdef object F64 = np.dtype(np.float64)
+
+
+cdef inline idx_t estride(cnp.ndarray x, int axis):
+    """Stride of ``axis`` in elements (aligned arrays have whole-element strides)."""
+    return cnp.PyArray_STRIDE(x, axis) // cnp.PyArray_ITEMSIZE(x)
+
+
+cdef inline bint same_view(cnp.ndarray x, cnp.ndarray y):
+    cdef object ox = x, oy = y
+    return (x is y or (cnp.PyArray_DATA(x) == cnp.PyArray_DATA(y) and ox.shape == oy.shape
+                       and ox.strides == oy.strides and x.dtype == y.dtype))
+
+
+cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, double beta,
+                  cnp.ndarray O) except -1:
+    """O = alpha * op(A) @ op(B) + beta * O for 2-D arrays of O's dtype (O written in place)."""
+    cdef idx_t m = O.shape[0], n = O.shape[1]
+    cdef idx_t k = A.shape[0] if ta else A.shape[1]
+    cdef idx_t rs_a = estride(A, 1 if ta else 0), cs_a = estride(A, 0 if ta else 1)
+    cdef idx_t rs_b = estride(B, 1 if tb else 0), cs_b = estride(B, 0 if tb else 1)
+    cdef idx_t rs_c = estride(O, 0), cs_c = estride(O, 1)
+    cdef gemm_params prm
+    cdef int rc
+    cdef void* pa = cnp.PyArray_DATA(A)
+    cdef void* pb = cnp.PyArray_DATA(B)
+    cdef void* pc = cnp.PyArray_DATA(O)
+    cdef float af = <float> alpha, bf = <float> beta
+    if O.dtype is F32:
+        current_params(0, &prm)
+        with nogil:
+            rc = gemm_run(&prm, m, n, k, af, <const float*> pa, rs_a, cs_a,
+                          <const float*> pb, rs_b, cs_b, bf, <float*> pc, rs_c, cs_c)
+    else:
+        current_params(1, &prm)
+        with nogil:
+            rc = gemm_run(&prm, m, n, k, alpha, <const double*> pa, rs_a, cs_a,
+                          <const double*> pb, rs_b, cs_b, beta, <double*> pc, rs_c, cs_c)
+    if rc != 0:
+        raise MemoryError("microtile: could not allocate GEMM packing buffers")
+    return 0
+
+
+cdef inline bint _weak(object v):
+    return type(v) is float or type(v) is int
+
+
+cdef cnp.ndarray _accumulator(str func, object out, tuple shape, object dt, tuple inputs,
+                              cnp.ndarray c, str c_name, double beta):
+    """The array C = alpha * product + beta * c is written to: ``out`` (validated; it may be
+    ``c`` itself for an in-place update, but may not otherwise overlap an input) or a new one,
+    holding a copy of ``c`` when beta != 0."""
+    cdef cnp.ndarray O
+    cdef bint in_place = False
+    if out is None:
+        O = np.empty(shape, dtype=dt)
+    else:
+        O = check_out(out, shape, dt)
+        for x in inputs:
+            if overlaps(O, x):
+                raise ValueError(f"{func}: out overlaps an input")
+        if c is not None and overlaps(O, c):
+            if not same_view(O, c):
+                raise ValueError(f"{func}: out overlaps {c_name} without being {c_name}")
+            in_place = True
+    if beta != 0 and not in_place:
+        np.copyto(O, c, casting="unsafe")
+    return O
+
+
+def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out=None):
+    """General matrix multiply: ``alpha * op(a) @ op(b) + beta * c``.
+
+    Parameters
+    ----------
+    a, b : array_like, 2-D, float32 or float64
+        ``op(a)`` is (m, k) and ``op(b)`` is (k, n); any memory layout.
+    alpha, beta : float
+        Scale factors.  With ``beta == 0``, ``c`` is not read (NaN in it does not leak).
+    c : array_like, optional
+        Broadcastable to (m, n); required when ``beta != 0``.
+    trans_a, trans_b : bool
+        Use ``a.T`` / ``b.T`` (no copy is made).
+    out : ndarray, optional
+        (m, n) array of the result dtype to write to.  May be ``c`` itself (in-place update);
+        may not otherwise overlap an input.
+
+    Returns
+    -------
+    ndarray
+        (m, n), float64 if any input is float64, else float32.
+
+    Raises
+    ------
+    TypeError
+        For a dtype other than float32/float64 (or a wrong ``out`` dtype).
+    ValueError
+        For mismatched shapes, a missing ``c``, a read-only or overlapping ``out``.
+    """
+    cdef cnp.ndarray A = as_float_array(a, "a")
+    cdef cnp.ndarray B = as_float_array(b, "b")
+    cdef cnp.ndarray C = None
+    cdef cnp.ndarray O
+    cdef double alpha_f = float(alpha), beta_f = float(beta)
+    cdef bint ta = bool(trans_a), tb = bool(trans_b)
+    if A.ndim != 2 or B.ndim != 2:
+        raise ValueError(f"gemm: a and b must be 2-D, got shapes {np.shape(A)} and {np.shape(B)}")
+    if c is not None:
+        # A Python number is a weak scalar, as in NumPy: it takes the operands' dtype.
+        C = as_float_array(np.asarray(c, dtype=result_dtype((A, B))) if _weak(c) else c, "c")
+    elif beta_f != 0:
+        raise ValueError("gemm: c is required when beta != 0")
+    m, k = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
+    k2, n = (B.shape[1], B.shape[0]) if tb else (B.shape[0], B.shape[1])
+    if k != k2:
+        raise ValueError(f"gemm: op(a) has shape {(m, k)} and op(b) has shape {(k2, n)}: "
+                         f"inner dimensions {k} and {k2} differ")
+    dt = result_dtype((A, B, C))
+    shape = (m, n)
+    if C is not None and np.shape(C) != shape:
+        try:
+            C = np.broadcast_to(C, shape)
+        except ValueError:
+            raise ValueError(f"gemm: c has shape {np.shape(C)}, which does not broadcast to the "
+                             f"result's shape {shape}") from None
+    O = _accumulator("gemm", out, shape, dt, (A, B), C, "c", beta_f)
+    A = as_dtype(A, dt)
+    B = as_dtype(B, dt)
+    run_gemm(A, ta, B, tb, alpha_f, beta_f, O)
+    return O
+
+
+cdef inline int _code(cnp.ndarray x):
+    return 0 if x.dtype is F32 else 1
+
+
+cdef const kernel_set_t* _kernels(int code, gemm_params* prm) except NULL:
+    current_params(code, prm)
+    return kernel_set(prm.isa)
+
+
+cdef cnp.ndarray _vector(object x, str name, str func):
+    cdef cnp.ndarray v = as_float_array(x, name)
+    if v.ndim != 1:
+        raise ValueError(f"{func}: {name} must be 1-D, got shape {np.shape(v)}")
+    return v
+
+
+def dot(x, y):
+    """Inner product of two 1-D vectors of equal length.
+
+    Parameters
+    ----------
+    x, y : array_like, 1-D, float32 or float64
+        Any stride, negative included.
+
+    Returns
+    -------
+    float
+        Computed in float64 if either input is float64, else in float32.
+    """
+    cdef cnp.ndarray X = _vector(x, "x", "dot"), Y = _vector(y, "y", "dot")
+    cdef gemm_params prm
+    cdef const kernel_set_t* ks
+    cdef idx_t n = X.shape[0], ix, iy
+    cdef float rs
+    cdef double rd
+    if Y.shape[0] != n:
+        raise ValueError(f"dot: x has shape {np.shape(X)} and y has shape {np.shape(Y)}; "
+                         "lengths differ")
+    dt = result_dtype((X, Y))
+    X = as_dtype(X, dt)
+    Y = as_dtype(Y, dt)
+    ix = estride(X, 0)
+    iy = estride(Y, 0)
+    ks = _kernels(_code(X), &prm)
+    if dt is F32:
+        with nogil:
+            rs = dot_run(ks, n, <const float*> cnp.PyArray_DATA(X), ix,
+                         <const float*> cnp.PyArray_DATA(Y), iy)
+        return float(rs)
+    with nogil:
+        rd = dot_run(ks, n, <const double*> cnp.PyArray_DATA(X), ix,
+                     <const double*> cnp.PyArray_DATA(Y), iy)
+    return float(rd)
+
+
+def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
+    """Matrix-vector product: ``alpha * op(a) @ x + beta * y``.
+
+    Parameters
+    ----------
+    a : array_like, 2-D
+        ``op(a)`` is (m, n): ``a.T`` when ``trans``.
+    x : array_like, 1-D, length n
+    alpha, beta : float
+        With ``beta == 0``, ``y`` is not read.
+    y : array_like, 1-D, length m, optional
+        Required when ``beta != 0``.
+    trans : bool
+    out : ndarray, optional
+        (m,) array of the result dtype; may be ``y`` itself.
+
+    Returns
+    -------
+    ndarray, shape (m,)
+    """
+    cdef cnp.ndarray A = as_float_array(a, "a"), X = _vector(x, "x", "gemv")
+    cdef cnp.ndarray Y = None, O
+    cdef double alpha_f = float(alpha), beta_f = float(beta)
+    cdef bint ta = bool(trans)
+    cdef gemm_params prm
+    cdef const kernel_set_t* ks
+    cdef idx_t m, n, rs_a, cs_a, incx, incy
+    cdef int rc
+    cdef void* pa
+    cdef void* px
+    cdef void* po
+    cdef float af = <float> alpha_f, bf = <float> beta_f
+    if A.ndim != 2:
+        raise ValueError(f"gemv: a must be 2-D, got shape {np.shape(A)}")
+    m, n = (A.shape[1], A.shape[0]) if ta else (A.shape[0], A.shape[1])
+    if X.shape[0] != n:
+        raise ValueError(f"gemv: op(a) has shape {(m, n)} and x has shape {np.shape(X)}; "
+                         f"expected x of length {n}")
+    if y is not None:
+        if _weak(y):
+            y = np.full(m, y, dtype=result_dtype((A, X)))
+        Y = _vector(y, "y", "gemv")
+        if Y.shape[0] != m:
+            raise ValueError(f"gemv: y has shape {np.shape(Y)}; expected ({m},)")
+    elif beta_f != 0:
+        raise ValueError("gemv: y is required when beta != 0")
+    dt = result_dtype((A, X, Y))
+    O = _accumulator("gemv", out, (m,), dt, (A, X), Y, "y", beta_f)
+    A = as_dtype(A, dt)
+    X = as_dtype(X, dt)
+    rs_a = estride(A, 1 if ta else 0)
+    cs_a = estride(A, 0 if ta else 1)
+    incx = estride(X, 0)
+    incy = estride(O, 0)
+    pa = cnp.PyArray_DATA(A)
+    px = cnp.PyArray_DATA(X)
+    po = cnp.PyArray_DATA(O)
+    ks = _kernels(_code(O), &prm)
+    if dt is F32:
+        with nogil:
+            rc = gemv_run(ks, prm.n_threads, m, n, af, <const float*> pa, rs_a, cs_a,
+                          <const float*> px, incx, bf, <float*> po, incy)
+    else:
+        with nogil:
+            rc = gemv_run(ks, prm.n_threads, m, n, alpha_f, <const double*> pa, rs_a, cs_a,
+                          <const double*> px, incx, beta_f, <double*> po, incy)
+    if rc != 0:
+        raise MemoryError("microtile: out of memory in gemv")
+    return O
+
+
+def outer(x, y, out=None):
+    """Outer product ``x[:, None] * y[None, :]`` (inputs are flattened, as in numpy.outer).
+
+    Parameters
+    ----------
+    x : array_like, length m
+    y : array_like, length n
+    out : ndarray, optional
+        (m, n) array of the result dtype.
+
+    Returns
+    -------
+    ndarray, shape (m, n)
+    """
+    cdef cnp.ndarray X = as_float_array(x, "x"), Y = as_float_array(y, "y"), O
+    cdef gemm_params prm
+    cdef const kernel_set_t* ks
+    cdef idx_t m, n, ix, iy, rs, cs
+    cdef int rc
+    X = X.reshape(-1) if X.ndim != 1 else X
+    Y = Y.reshape(-1) if Y.ndim != 1 else Y
+    m = X.shape[0]
+    n = Y.shape[0]
+    dt = result_dtype((X, Y))
+    if out is None:
+        O = np.empty((m, n), dtype=dt)
+    else:
+        O = check_out(out, (m, n), dt)
+        if overlaps(O, X) or overlaps(O, Y):
+            raise ValueError("outer: out overlaps x or y")
+    X = as_dtype(X, dt)
+    Y = as_dtype(Y, dt)
+    ix, iy, rs, cs = estride(X, 0), estride(Y, 0), estride(O, 0), estride(O, 1)
+    ks = _kernels(_code(O), &prm)
+    if dt is F32:
+        with nogil:
+            rc = outer_run(ks, prm.n_threads, m, n, <const float*> cnp.PyArray_DATA(X), ix,
+                           <const float*> cnp.PyArray_DATA(Y), iy,
+                           <float*> cnp.PyArray_DATA(O), rs, cs)
+    else:
+        with nogil:
+            rc = outer_run(ks, prm.n_threads, m, n, <const double*> cnp.PyArray_DATA(X), ix,
+                           <const double*> cnp.PyArray_DATA(Y), iy,
+                           <double*> cnp.PyArray_DATA(O), rs, cs)
+    if rc != 0:
+        raise MemoryError("microtile: out of memory in outer")
+    return O
+
+
+def ger(a, x, y, alpha=1.0):
+    """Rank-1 update in place: ``a += alpha * outer(x, y)``.
+
+    Parameters
+    ----------
+    a : ndarray, 2-D (m, n), float32 or float64, writeable
+        Updated in place; its dtype is kept (x and y are cast to it).
+    x : array_like, 1-D, length m
+    y : array_like, 1-D, length n
+    alpha : float
+
+    Returns
+    -------
+    ndarray
+        ``a`` itself.
+    """
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"ger: a must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(a).__name__}")
+    cdef cnp.ndarray A = <cnp.ndarray> a
+    if A.dtype not in (F32, F64):
+        raise TypeError(f"ger: unsupported dtype {A.dtype}; microtile computes in float32 "
+                        "and float64")
+    if A.ndim != 2:
+        raise ValueError(f"ger: a must be 2-D, got shape {np.shape(A)}")
+    check_out(A, np.shape(A), A.dtype, "a")
+    cdef cnp.ndarray X = _vector(x, "x", "ger"), Y = _vector(y, "y", "ger")
+    cdef idx_t m = A.shape[0], n = A.shape[1], ix, iy, rs, cs
+    cdef double alpha_f = float(alpha)
+    cdef float af = <float> alpha_f
+    cdef gemm_params prm
+    cdef const kernel_set_t* ks
+    cdef int rc
+    if X.shape[0] != m or Y.shape[0] != n:
+        raise ValueError(f"ger: a has shape {np.shape(A)}, x {np.shape(X)} and y "
+                         f"{np.shape(Y)}; expected x of length {m} and y of length {n}")
+    dt = A.dtype
+    # x or y may be views of a: read them as they were before the update.
+    X = X.copy() if overlaps(A, X) else as_dtype(X, dt)
+    Y = Y.copy() if overlaps(A, Y) else as_dtype(Y, dt)
+    X = as_dtype(X, dt)
+    Y = as_dtype(Y, dt)
+    ix, iy, rs, cs = estride(X, 0), estride(Y, 0), estride(A, 0), estride(A, 1)
+    ks = _kernels(_code(A), &prm)
+    if dt is F32:
+        with nogil:
+            rc = ger_run(ks, prm.n_threads, m, n, af, <const float*> cnp.PyArray_DATA(X), ix,
+                         <const float*> cnp.PyArray_DATA(Y), iy,
+                         <float*> cnp.PyArray_DATA(A), rs, cs)
+    else:
+        with nogil:
+            rc = ger_run(ks, prm.n_threads, m, n, alpha_f, <const double*> cnp.PyArray_DATA(X),
+                         ix, <const double*> cnp.PyArray_DATA(Y), iy,
+                         <double*> cnp.PyArray_DATA(A), rs, cs)
+    if rc != 0:
+        raise MemoryError("microtile: out of memory in ger")
+    return a
+
+
+cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k,
+                  floating* base_a, const idx_t* off_a, idx_t rs_a, idx_t cs_a,
+                  floating* base_b, const idx_t* off_b, idx_t rs_b, idx_t cs_b,
+                  floating* base_c, const idx_t* off_c, idx_t rs_c, idx_t cs_c) noexcept nogil:
+    """A stack of products.  Large matrices are threaded inside each product; a stack of
+    small ones is spread across threads, one whole product per thread at a time."""
+    cdef idx_t i
+    cdef int nt = prm.n_threads, fails = 0
+    cdef double work = <double> m * <double> n * <double> k
+    if work >= prm.thread_mnk or nt <= 1 or work * count < prm.thread_mnk:
+        for i in range(count):
+            if gemm_run(prm, m, n, k, <floating> 1, base_a + off_a[i], rs_a, cs_a,
+                        base_b + off_b[i], rs_b, cs_b, <floating> 0, base_c + off_c[i],
+                        rs_c, cs_c) != 0:
+                return -1
+        return 0
+    if nt > count:
+        nt = <int> count
+    for i in prange(count, num_threads=nt, schedule="static"):
+        fails += gemm_serial(prm, m, n, k, <floating> 1, base_a + off_a[i], rs_a, cs_a,
+                             base_b + off_b[i], rs_b, cs_b, <floating> 0, base_c + off_c[i],
+                             rs_c, cs_c) != 0
+    return -1 if fails else 0
+
+
+cdef cnp.ndarray _batch_offsets(cnp.ndarray x, tuple batch):
+    """Element offsets of each matrix of ``x`` broadcast over ``batch``, in C order."""
+    cdef object bx = np.broadcast_to(x, batch + np.shape(x)[-2:])
+    cdef Py_ssize_t item = x.dtype.itemsize
+    cdef Py_ssize_t count = 1
+    for d in batch:
+        count *= d
+    offsets = np.zeros(count, dtype=np.intp)
+    if count and batch:
+        for d, idx in enumerate(np.unravel_index(np.arange(count), batch)):
+            offsets += idx * (bx.strides[d] // item)
+    return offsets
+
+
+def matmul(a, b, out=None):
+    """Matrix product with ``numpy.matmul`` semantics.
+
+    1-D operands are promoted to a row (``a``) or column (``b``) and the added dimension is
+    removed from the result; N-D operands are stacks of matrices in the last two dimensions,
+    with the batch dimensions broadcast.
+
+    Parameters
+    ----------
+    a, b : array_like, float32 or float64, at least 1-D
+    out : ndarray, optional
+        Array of the result's shape and dtype.
+
+    Returns
+    -------
+    ndarray or scalar
+        A NumPy scalar when both operands are 1-D.
+    """
+    cdef cnp.ndarray A = as_float_array(a, "a"), B = as_float_array(b, "b"), O, Of
+    cdef cnp.ndarray A2, B2, offa, offb, offo
+    cdef gemm_params prm
+    cdef idx_t count, m, n, k
+    cdef int rc
+    if A.ndim == 0 or B.ndim == 0:
+        raise ValueError(f"matmul: operands must be at least 1-D, got shapes {np.shape(A)} "
+                         f"and {np.shape(B)}")
+    if A.ndim == 2 and B.ndim == 2:
+        # The common case, without the stack machinery.
+        if A.shape[1] != B.shape[0]:
+            raise ValueError(f"matmul: a has shape {np.shape(A)} and b has shape "
+                             f"{np.shape(B)}: core dimensions {A.shape[1]} and {B.shape[0]} "
+                             "differ")
+        return gemm(A, B, out=out)
+    dt = result_dtype((A, B))
+    a_vec = A.ndim == 1
+    b_vec = B.ndim == 1
+    A2 = A[None, :] if a_vec else A
+    B2 = B[:, None] if b_vec else B
+    m, k = np.shape(A2)[-2:]
+    k2, n = np.shape(B2)[-2:]
+    if k != k2:
+        raise ValueError(f"matmul: a has shape {np.shape(A)} and b has shape {np.shape(B)}: "
+                         f"core dimensions {k} and {k2} differ")
+    try:
+        batch = tuple(np.broadcast_shapes(np.shape(A2)[:-2], np.shape(B2)[:-2]))
+    except ValueError:
+        raise ValueError(f"matmul: batch dimensions of a {np.shape(A)} and b {np.shape(B)} "
+                         "do not broadcast") from None
+    shape = batch + (() if a_vec else (m,)) + (() if b_vec else (n,))
+    if out is None:
+        O = np.empty(shape, dtype=dt)
+    else:
+        O = check_out(out, shape, dt)
+        if overlaps(O, A) or overlaps(O, B):
+            raise ValueError("matmul: out overlaps an input")
+    A2 = as_dtype(A2, dt)
+    B2 = as_dtype(B2, dt)
+    Of = O
+    if a_vec:
+        Of = np.expand_dims(Of, -2 if not b_vec else len(batch))
+    if b_vec:
+        Of = np.expand_dims(Of, -1)
+    if not batch:
+        run_gemm(A2, False, B2, False, 1.0, 0.0, Of)
+    else:
+        count = 1
+        for d in batch:
+            count *= d
+        if count:
+            offa = _batch_offsets(A2, batch)
+            offb = _batch_offsets(B2, batch)
+            offo = _batch_offsets(Of, batch)
+            rc = _run_batched(A2, B2, Of, count, m, n, k, offa, offb, offo)
+            if rc != 0:
+                raise MemoryError("microtile: out of memory in matmul")
+    if out is None and O.ndim == 0:
+        return O[()]
+    return O
+
+
+cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, idx_t m,
+                      idx_t n, idx_t k, cnp.ndarray offa, cnp.ndarray offb,
+                      cnp.ndarray offo) except? -1:
+    cdef int nd = O.ndim
+    cdef idx_t rs_a = estride(A, A.ndim - 2), cs_a = estride(A, A.ndim - 1)
+    cdef idx_t rs_b = estride(B, B.ndim - 2), cs_b = estride(B, B.ndim - 1)
+    cdef idx_t rs_c = estride(O, nd - 2), cs_c = estride(O, nd - 1)
+    cdef const idx_t* pa = <const idx_t*> cnp.PyArray_DATA(offa)
+    cdef const idx_t* pb = <const idx_t*> cnp.PyArray_DATA(offb)
+    cdef const idx_t* pc = <const idx_t*> cnp.PyArray_DATA(offo)
+    cdef gemm_params prm
+    cdef int rc
+    if O.dtype is F32:
+        current_params(0, &prm)
+        with nogil:
+            rc = _batched(&prm, count, m, n, k, <float*> cnp.PyArray_DATA(A), pa, rs_a, cs_a,
+                          <float*> cnp.PyArray_DATA(B), pb, rs_b, cs_b,
+                          <float*> cnp.PyArray_DATA(O), pc, rs_c, cs_c)
+    else:
+        current_params(1, &prm)
+        with nogil:
+            rc = _batched(&prm, count, m, n, k, <double*> cnp.PyArray_DATA(A), pa, rs_a, cs_a,
+                          <double*> cnp.PyArray_DATA(B), pb, rs_b, cs_b,
+                          <double*> cnp.PyArray_DATA(O), pc, rs_c, cs_c)
+    return rc
+
+
+_ACTIVATIONS = {None: ACT_NONE, "none": ACT_NONE, "identity": ACT_NONE, "relu": ACT_RELU,
+                "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH}
+
+
+def linear_forward(x, weight, bias=None, activation=None, out=None):
+    """``act(x @ weight.T + bias)`` in one GEMM, bias and activation applied in its
+    write-back (private; used by ``microtile.nn.Linear``).
+
+    Parameters
+    ----------
+    x : array_like, (batch, in_features)
+    weight : array_like, (out_features, in_features)
+    bias : array_like, (out_features,), optional
+    activation : {None, "relu", "sigmoid", "tanh"}
+    out : ndarray, optional
+        (batch, out_features) of the result dtype.
+
+    Returns
+    -------
+    ndarray, (batch, out_features)
+    """
+    cdef cnp.ndarray X = as_float_array(x, "x"), W = as_float_array(weight, "weight")
+    cdef cnp.ndarray Bv = None, O
+    cdef gemm_epilogue ep
+    cdef gemm_params prm
+    cdef int rc
+    cdef idx_t m, n, k
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of None, 'relu', 'sigmoid', 'tanh'; "
+                         f"got {activation!r}")
+    if X.ndim != 2 or W.ndim != 2:
+        raise ValueError(f"linear_forward: x and weight must be 2-D, got shapes {np.shape(X)} "
+                         f"and {np.shape(W)}")
+    m, k = X.shape[0], X.shape[1]
+    n = W.shape[0]
+    if W.shape[1] != k:
+        raise ValueError(f"linear_forward: x has shape {np.shape(X)} and weight "
+                         f"{np.shape(W)}; in_features differ")
+    if bias is not None:
+        Bv = _vector(bias, "bias", "linear_forward")
+        if Bv.shape[0] != n:
+            raise ValueError(f"linear_forward: bias has shape {np.shape(Bv)}; expected ({n},)")
+    dt = result_dtype((X, W, Bv))
+    if out is None:
+        O = np.empty((m, n), dtype=dt)
+    else:
+        O = check_out(out, (m, n), dt)
+        if overlaps(O, X) or overlaps(O, W) or (Bv is not None and overlaps(O, Bv)):
+            raise ValueError("linear_forward: out overlaps an input")
+    X = as_dtype(X, dt)
+    W = as_dtype(W, dt)
+    ep.bias = NULL
+    ep.bias_inc = 0
+    ep.bias_axis = 1
+    ep.act = _ACTIVATIONS[activation]
+    if Bv is not None:
+        Bv = as_dtype(Bv, dt)
+        ep.bias = cnp.PyArray_DATA(Bv)
+        ep.bias_inc = estride(Bv, 0)
+    cdef idx_t rs_a = estride(X, 0), cs_a = estride(X, 1)
+    cdef idx_t rs_b = estride(W, 1), cs_b = estride(W, 0)
+    cdef idx_t rs_c = estride(O, 0), cs_c = estride(O, 1)
+    cdef void* px = cnp.PyArray_DATA(X)
+    cdef void* pw = cnp.PyArray_DATA(W)
+    cdef void* po = cnp.PyArray_DATA(O)
+    if dt is F32:
+        current_params(0, &prm)
+        with nogil:
+            rc = gemm_run_ep(&prm, m, n, k, <float> 1, <const float*> px, rs_a, cs_a,
+                             <const float*> pw, rs_b, cs_b, <float> 0, <float*> po, rs_c, cs_c,
+                             &ep)
+    else:
+        current_params(1, &prm)
+        with nogil:
+            rc = gemm_run_ep(&prm, m, n, k, <double> 1, <const double*> px, rs_a, cs_a,
+                             <const double*> pw, rs_b, cs_b, <double> 0, <double*> po, rs_c,
+                             cs_c, &ep)
+    if rc != 0:
+        raise MemoryError("microtile: out of memory in linear_forward")
+    return O

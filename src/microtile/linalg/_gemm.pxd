@@ -1,0 +1,55 @@
+from microtile._common._typedefs cimport idx_t, floating
+
+# Blocking and threading of one GEMM call; filled by the config layer from the tuned profile
+# or the analytical model (see ``_config``).
+ctypedef struct gemm_params:
+    int isa             # kernel set id (``_dispatch.isa_id``)
+    int n_threads       # threads to use at most
+    idx_t mc            # rows of A per packed block (L2)
+    idx_t kc            # depth of a packed block (L1: a kc x nr panel of B)
+    idx_t nc            # columns of B per packed block (L3)
+    double nopack_mnk   # m*n*k at or below which operands are read in place where layouts allow
+    double thread_mnk   # m*n*k below which a call stays on one thread
+    int nopack_a_panels # n <= this many nr-panels: A is read in place rather than packed
+    int split           # 0 auto, 1 rows (ic loop), 2 columns (jc/jr loops)
+
+# What the write-back does to C after the product, while each tile is still in L1:
+# C = act(C + bias).  bias: NULL for none, else indexed by C's row (bias_axis 0) or column
+# (bias_axis 1), bias_inc elements apart, of the GEMM's dtype.
+cdef enum:
+    ACT_NONE = 0
+    ACT_RELU = 1
+    ACT_SIGMOID = 2
+    ACT_TANH = 3
+
+ctypedef struct gemm_epilogue:
+    const void* bias
+    idx_t bias_inc
+    int bias_axis
+    int act
+
+# C = alpha * A @ B + beta * C with A (m x k), B (k x n), C (m x n) at any strides (in
+# elements).  beta == 0: C is not read; alpha == 0: A and B are not read.  Threads as the
+# params allow.  Returns 0, or -1 when scratch memory could not be had (C is then undefined).
+cdef int gemm_run(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                  const floating* a, idx_t rs_a, idx_t cs_a,
+                  const floating* b, idx_t rs_b, idx_t cs_b,
+                  floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil
+
+# The same on the calling thread only: for callers that parallelise at a coarser level.
+cdef int gemm_serial(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                     const floating* a, idx_t rs_a, idx_t cs_a,
+                     const floating* b, idx_t rs_b, idx_t cs_b,
+                     floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil
+
+# gemm_run / gemm_serial followed by the epilogue ``ep`` (NULL: none).
+cdef int gemm_run_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                     const floating* a, idx_t rs_a, idx_t cs_a,
+                     const floating* b, idx_t rs_b, idx_t cs_b,
+                     floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                     const gemm_epilogue* ep) noexcept nogil
+cdef int gemm_serial_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                        const floating* a, idx_t rs_a, idx_t cs_a,
+                        const floating* b, idx_t rs_b, idx_t cs_b,
+                        floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                        const gemm_epilogue* ep) noexcept nogil

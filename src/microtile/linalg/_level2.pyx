@@ -1,0 +1,258 @@
+"""Level-1/2 drivers: dot, gemv, ger, outer on the vector kernels of the ISA in force.
+
+These are memory-bound, so the drivers' job is to stream each matrix element once, with
+unit stride: rows-contiguous matrices use fused four-row dot products that share the loads
+of x, columns-contiguous ones fused four-column axpys that share the loads and stores of y.
+Strided vectors are gathered into per-thread scratch first.  Threads split the rows.
+"""
+from cython.parallel cimport prange
+
+from microtile._common._typedefs cimport idx_t, floating
+from microtile._kernels._ukernel cimport kernel_set_t
+from microtile._common._scratch cimport scratch_get, SCRATCH_EXTRA, SCRATCH_EXTRA2
+
+# Below this many matrix elements a second thread costs more than it brings.
+cdef idx_t THREAD_MIN_ELEMS = 1 << 16
+
+
+cdef inline floating _kdot(const kernel_set_t* ks, idx_t n, const floating* x,
+                           const floating* y) noexcept nogil:
+    if floating is float:
+        return ks.s.dot(n, x, y)
+    else:
+        return ks.d.dot(n, x, y)
+
+
+cdef inline void _kdot4(const kernel_set_t* ks, idx_t n, const floating* a, idx_t lda,
+                        const floating* x, floating* out) noexcept nogil:
+    if floating is float:
+        ks.s.dot4(n, a, lda, x, out)
+    else:
+        ks.d.dot4(n, a, lda, x, out)
+
+
+cdef inline void _kaxpy(const kernel_set_t* ks, idx_t n, floating alpha, const floating* x,
+                        floating* y) noexcept nogil:
+    if floating is float:
+        ks.s.axpy(n, alpha, x, y)
+    else:
+        ks.d.axpy(n, alpha, x, y)
+
+
+cdef inline void _kaxpy4(const kernel_set_t* ks, idx_t n, const floating* alpha,
+                         const floating* a, idx_t lda, floating* y) noexcept nogil:
+    if floating is float:
+        ks.s.axpy4(n, alpha, a, lda, y)
+    else:
+        ks.d.axpy4(n, alpha, a, lda, y)
+
+
+cdef inline void _kscal(const kernel_set_t* ks, idx_t n, floating alpha, const floating* x,
+                        floating* y) noexcept nogil:
+    if floating is float:
+        ks.s.scal(n, alpha, x, y)
+    else:
+        ks.d.scal(n, alpha, x, y)
+
+
+cdef inline const floating* _contig(const floating* x, idx_t n, idx_t inc, int slot,
+                                    bint* failed) noexcept nogil:
+    """x itself when unit-stride, else a gathered copy in this thread's scratch ``slot``."""
+    cdef floating* buf
+    cdef idx_t i
+    if inc == 1 or n <= 1:
+        return x
+    buf = <floating*> scratch_get(slot, n * sizeof(floating))
+    if buf == NULL:
+        failed[0] = True
+        return NULL
+    for i in range(n):
+        buf[i] = x[i * inc]
+    return buf
+
+
+cdef inline int _nthreads(int n_threads, idx_t m, idx_t n) noexcept nogil:
+    if n_threads <= 1 or m * n < THREAD_MIN_ELEMS or m < 8:
+        return 1
+    return n_threads if n_threads < m // 4 else <int> (m // 4)
+
+
+cdef floating dot_run(const kernel_set_t* ks, idx_t n, const floating* x, idx_t incx,
+                      const floating* y, idx_t incy) noexcept nogil:
+    cdef floating s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef idx_t i = 0
+    if n <= 0:
+        return 0
+    if incx == 1 and incy == 1:
+        return _kdot(ks, n, x, y)
+    while i + 4 <= n:
+        s0 += x[i * incx] * y[i * incy]
+        s1 += x[(i + 1) * incx] * y[(i + 1) * incy]
+        s2 += x[(i + 2) * incx] * y[(i + 2) * incy]
+        s3 += x[(i + 3) * incx] * y[(i + 3) * incy]
+        i += 4
+    while i < n:
+        s0 += x[i * incx] * y[i * incy]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef inline void _store_y(floating* y, idx_t incy, floating alpha, floating t,
+                          floating beta) noexcept nogil:
+    if beta == 0:
+        y[0] = alpha * t
+    else:
+        y[0] = alpha * t + beta * y[0]
+
+
+cdef int _gemv_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floating alpha,
+                    const floating* a, idx_t rs_a, idx_t cs_a, const floating* x,
+                    floating beta, floating* y, idx_t incy) noexcept nogil:
+    """Rows r0..r1 of y = alpha * A x + beta * y; x contiguous."""
+    cdef floating t[4]
+    cdef floating* row = NULL
+    cdef idx_t i = r0, j
+    cdef int r
+    if cs_a == 1:
+        while i + 4 <= r1:
+            _kdot4(ks, n, a + i * rs_a, rs_a, x, t)
+            for r in range(4):
+                _store_y(y + (i + r) * incy, incy, alpha, t[r], beta)
+            i += 4
+        while i < r1:
+            _store_y(y + i * incy, incy, alpha, _kdot(ks, n, a + i * rs_a, x), beta)
+            i += 1
+        return 0
+    # Neither rows nor columns contiguous: gather each row once.
+    row = <floating*> scratch_get(SCRATCH_EXTRA2, n * sizeof(floating))
+    if row == NULL:
+        return -1
+    for i in range(r0, r1):
+        for j in range(n):
+            row[j] = a[i * rs_a + j * cs_a]
+        _store_y(y + i * incy, incy, alpha, _kdot(ks, n, row, x), beta)
+    return 0
+
+
+cdef int _gemv_cols(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floating alpha,
+                    const floating* a, idx_t cs_a, const floating* x, floating beta,
+                    floating* y, idx_t incy) noexcept nogil:
+    """Rows r0..r1 of y = alpha * A x + beta * y for A with contiguous columns."""
+    cdef idx_t mm = r1 - r0, i, j = 0
+    cdef floating* t = <floating*> scratch_get(SCRATCH_EXTRA2, mm * sizeof(floating))
+    if t == NULL:
+        return -1
+    for i in range(mm):
+        t[i] = 0
+    while j + 4 <= n:
+        _kaxpy4(ks, mm, x + j, a + r0 + j * cs_a, cs_a, t)
+        j += 4
+    while j < n:
+        _kaxpy(ks, mm, x[j], a + r0 + j * cs_a, t)
+        j += 1
+    for i in range(mm):
+        _store_y(y + (r0 + i) * incy, incy, alpha, t[i], beta)
+    return 0
+
+
+cdef int gemv_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floating alpha,
+                  const floating* a, idx_t rs_a, idx_t cs_a, const floating* x, idx_t incx,
+                  floating beta, floating* y, idx_t incy) noexcept nogil:
+    cdef bint failed = False
+    cdef const floating* xc
+    cdef idx_t i, per, r0, r1
+    cdef int nt, tid, fails = 0
+    cdef bint by_cols
+    if m <= 0:
+        return 0
+    if n <= 0 or alpha == 0:
+        for i in range(m):
+            if beta == 0:
+                y[i * incy] = 0
+            else:
+                y[i * incy] = beta * y[i * incy]
+        return 0
+    xc = _contig(x, n, incx, SCRATCH_EXTRA, &failed)
+    if failed:
+        return -1
+    by_cols = cs_a != 1 and rs_a == 1
+    nt = _nthreads(n_threads, m, n)
+    if nt <= 1:
+        if by_cols:
+            return _gemv_cols(ks, 0, m, n, alpha, a, cs_a, xc, beta, y, incy)
+        return _gemv_rows(ks, 0, m, n, alpha, a, rs_a, cs_a, xc, beta, y, incy)
+    # Row blocks in multiples of 8 keep the four-row kernels and cache lines whole.
+    per = ((m + nt - 1) // nt + 7) // 8 * 8
+    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        r0 = tid * per
+        r1 = r0 + per if r0 + per < m else m
+        if r0 < r1:
+            if by_cols:
+                fails += _gemv_cols(ks, r0, r1, n, alpha, a, cs_a, xc, beta, y, incy) != 0
+            else:
+                fails += _gemv_rows(ks, r0, r1, n, alpha, a, rs_a, cs_a, xc, beta, y,
+                                    incy) != 0
+    return -1 if fails else 0
+
+
+cdef int _rank1_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floating alpha,
+                     const floating* x, idx_t incx, const floating* y, floating* a,
+                     idx_t rs_a, bint assign) noexcept nogil:
+    """Rows r0..r1 of A (+)= alpha * x y^T for A with contiguous rows; y contiguous."""
+    cdef idx_t i
+    for i in range(r0, r1):
+        if assign:
+            _kscal(ks, n, alpha * x[i * incx], y, a + i * rs_a)
+        else:
+            _kaxpy(ks, n, alpha * x[i * incx], y, a + i * rs_a)
+    return 0
+
+
+cdef int _rank1(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floating alpha,
+                const floating* x, idx_t incx, const floating* y, idx_t incy,
+                floating* a, idx_t rs_a, idx_t cs_a, bint assign) noexcept nogil:
+    """A (+)= alpha * x y^T: the shared body of ger (assign False) and outer (True)."""
+    cdef bint failed = False
+    cdef const floating* yc
+    cdef idx_t i, j, per, r0, r1
+    cdef int nt, tid
+    if m <= 0 or n <= 0:
+        return 0
+    if cs_a != 1 and rs_a == 1:
+        # Columns contiguous: the transposed update A^T (+)= alpha * y x^T has contiguous rows.
+        return _rank1(ks, n_threads, n, m, alpha, y, incy, x, incx, a, cs_a, rs_a, assign)
+    if cs_a != 1:
+        for i in range(m):
+            for j in range(n):
+                if assign:
+                    a[i * rs_a + j * cs_a] = alpha * x[i * incx] * y[j * incy]
+                else:
+                    a[i * rs_a + j * cs_a] += alpha * x[i * incx] * y[j * incy]
+        return 0
+    yc = _contig(y, n, incy, SCRATCH_EXTRA, &failed)
+    if failed:
+        return -1
+    nt = _nthreads(n_threads, m, n)
+    if nt <= 1:
+        return _rank1_rows(ks, 0, m, n, alpha, x, incx, yc, a, rs_a, assign)
+    per = (m + nt - 1) // nt
+    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        r0 = tid * per
+        r1 = r0 + per if r0 + per < m else m
+        if r0 < r1:
+            _rank1_rows(ks, r0, r1, n, alpha, x, incx, yc, a, rs_a, assign)
+    return 0
+
+
+cdef int ger_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floating alpha,
+                 const floating* x, idx_t incx, const floating* y, idx_t incy,
+                 floating* a, idx_t rs_a, idx_t cs_a) noexcept nogil:
+    if alpha == 0:
+        return 0
+    return _rank1(ks, n_threads, m, n, alpha, x, incx, y, incy, a, rs_a, cs_a, False)
+
+
+cdef int outer_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n,
+                   const floating* x, idx_t incx, const floating* y, idx_t incy,
+                   floating* a, idx_t rs_a, idx_t cs_a) noexcept nogil:
+    return _rank1(ks, n_threads, m, n, <floating> 1, x, incx, y, incy, a, rs_a, cs_a, True)
