@@ -84,11 +84,8 @@ def main(argv=None):
     dtype = np.dtype(args.dtype)
     train("MLP 64-128-64-10", mlp(dtype, rng), Xtr, ytr, Xte, yte, args.epochs,
           args.batch_size, args.seed)
-    if hasattr(microtile, "conv2d"):
-        train("CNN conv16-pool-conv32-pool-fc", cnn(dtype, rng), Xtr[:, None], ytr,
-              Xte[:, None], yte, args.epochs, args.batch_size, args.seed)
-    else:
-        print("CNN: skipped (microtile.conv2d is not in this build)")
+    train("CNN conv16-pool-conv32-pool-fc", cnn(dtype, rng), Xtr[:, None], ytr,
+          Xte[:, None], yte, args.epochs, args.batch_size, args.seed)
     return 0
 
 

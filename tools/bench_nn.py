@@ -25,7 +25,10 @@ MLPS = [((784, 1024, 1024, 10), 256), ((784, 256, 256, 10), 64),
 CNN = dict(batch=64, channels=1, size=28, filters=16, classes=10)
 
 
-def mlp_pair(sizes, torch, seed=0):
+def mlp_pair(sizes, torch, seed=0, fused=True):
+    """A microtile MLP and the same torch one.  ``fused=False`` puts each Linear in a
+    Sequential of its own, so the ReLU after it runs as a separate pass instead of in the
+    GEMM's write-back."""
     layers, tlayers = [], []
     for i in range(len(sizes) - 1):
         lin = nn.Linear(sizes[i], sizes[i + 1], rng=seed + i)
@@ -33,7 +36,7 @@ def mlp_pair(sizes, torch, seed=0):
         with torch.no_grad():
             tl.weight.copy_(torch.from_numpy(lin.weight.data))
             tl.bias.copy_(torch.from_numpy(lin.bias.data))
-        layers.append(lin)
+        layers.append(lin if fused else nn.Sequential(lin))
         tlayers.append(tl)
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -104,13 +107,11 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.15, help="seconds per timed round")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=["mlp", "cnn"], default=None)
-    ap.add_argument("--epilogue", choices=["auto", "separate"], default="auto",
-                    help="Linear forward: the core's fused GEMM epilogue when the build has it "
-                         "(auto), or GEMM then one bias+activation pass (separate)")
+    ap.add_argument("--epilogue", choices=["fused", "separate"], default="fused",
+                    help="Linear forward: the activation applied in the GEMM's write-back "
+                         "(fused, what Sequential does), or as a layer of its own, a second "
+                         "pass over the output (separate)")
     args = ap.parse_args(argv)
-    if args.epilogue == "separate":
-        from microtile.nn import _epilogue
-        _epilogue._FUSED = None
     try:
         import torch
     except ImportError:
@@ -123,18 +124,15 @@ def main(argv=None):
     cases = []
     if args.only in (None, "mlp"):
         for sizes, batch in MLPS:
-            cases.append(("-".join(map(str, sizes)), batch, lambda s=sizes: mlp_pair(s, torch),
+            cases.append(("-".join(map(str, sizes)), batch,
+                          lambda s=sizes: mlp_pair(s, torch, fused=args.epilogue == "fused"),
                           (batch, sizes[0]), sizes[-1]))
     if args.only in (None, "cnn"):
-        if hasattr(microtile, "conv2d"):
-            b = CNN["batch"]
-            cases.append((f"cnn c{CNN['channels']} {CNN['size']}x{CNN['size']} "
-                          f"conv3x3x{CNN['filters']}+relu+pool2+fc", b,
-                          lambda: cnn_pair(torch),
-                          (b, CNN["channels"], CNN["size"], CNN["size"]), CNN["classes"]))
-        else:
-            print("bench_nn: microtile.conv2d not in this build; CNN step skipped",
-                  file=sys.stderr)
+        b = CNN["batch"]
+        cases.append((f"cnn c{CNN['channels']} {CNN['size']}x{CNN['size']} "
+                      f"conv3x3x{CNN['filters']}+relu+pool2+fc", b,
+                      lambda: cnn_pair(torch),
+                      (b, CNN["channels"], CNN["size"], CNN["size"]), CNN["classes"]))
     for name, batch, make, xshape, classes in cases:
         model, tmodel = make()
         x = rng.standard_normal(xshape).astype(np.float32)
@@ -146,10 +144,9 @@ def main(argv=None):
     if args.json:
         print(json.dumps(dict(threads=args.threads, rows=rows), indent=2))
         return 0
-    from microtile.nn import _epilogue
     print(f"training step, float32, {args.threads} threads, medians of {args.rounds} "
           f"interleaved rounds (torch {torch.__version__}, microtile {microtile.__version__}, "
-          f"Linear epilogue {'fused' if _epilogue._FUSED is not None else 'separate pass'})")
+          f"Linear epilogue {args.epilogue})")
     print(f"{'model':44s} {'batch':>5s} {'microtile ms':>12s} {'torch ms':>9s} {'speedup':>8s}")
     for r in rows:
         print(f"{r['model']:44s} {r['batch']:5d} {r['microtile_ms']:12.3f} {r['torch_ms']:9.3f} "

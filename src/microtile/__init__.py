@@ -6,11 +6,11 @@ See ``get_config()`` for the ISA, threads and blocking in use.
 from microtile._version import __version__
 from microtile._common import _mt_openmp  # noqa: F401  (its file name is what threadpoolctl matches)
 from microtile._config._context import (config_context, get_config, get_num_threads,
-                               set_num_threads, _init as _init_config)
+                                        set_num_threads, _init as _init_config)
 from microtile._kernels._dispatch import available_isas
-from microtile.linalg._api import dot, gemm, gemv, ger, matmul, outer
-from microtile.conv.convolution import conv2d, conv2d_backward, im2col, col2im  # noqa: E402
-from microtile.conv.pooling import max_pool2d, max_pool2d_backward, avg_pool2d, avg_pool2d_backward  # noqa: E402,E501
+from microtile.linalg import dot, gemm, gemv, ger, matmul, outer
+from microtile.conv import (avg_pool2d, avg_pool2d_backward, col2im, conv2d, conv2d_backward,
+                            im2col, max_pool2d, max_pool2d_backward)
 
 _init_config()
 

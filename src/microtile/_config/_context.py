@@ -12,33 +12,8 @@ import warnings
 from microtile._config import _blocking, _hwinfo, _params, _profile
 from microtile._kernels import _dispatch
 from microtile._version import __version__
-
-DTYPES = ("float32", "float64")
-_ITEMSIZE = {"float32": 4, "float64": 8}
-SPLITS = {"auto": 0, "ic": 1, "rows": 1, "jc": 2, "columns": 2}
-_SPLIT_NAMES = {0: "auto", 1: "ic", 2: "jc"}
-
-# Per-dtype tunables and what each may be.  nopack_mnk / thread_mnk compare with m*n*k.
-_LIMITS = {
-    "mc": (1, 1 << 16),
-    "kc": (1, 1 << 16),
-    "nc": (1, 1 << 20),
-    "nopack_mnk": (0, 1 << 40),
-    "thread_mnk": (0, 1 << 50),
-    "nopack_a_panels": (0, 1 << 10),
-}
-TUNABLE = tuple(_LIMITS) + ("split",)
-
-# Options that are not per dtype and not read by the GEMM driver: name -> (default, lo, hi).
-# conv_workspace: bytes of im2col workspace a convolution may use in all (its cap);
-# conv_chunk: column bytes one thread lowers and multiplies at a time within that cap
-# (1-2 MiB measured best on a Zen3 with 512 KiB L2; the tuner may set it per machine).
-OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),
-           "conv_chunk": (2 << 20, 16 << 10, 1 << 32)}
-
-# Measured on a Zen3 (2 cores): below ~64^3 packing costs more than it saves, below ~96^3
-# a second thread costs more than it saves.  The tuner re-measures both.
-_DEFAULT_EXTRA = {"nopack_mnk": 64 ** 3, "thread_mnk": 96 ** 3, "nopack_a_panels": 4, "split": 0}
+from microtile._config._schema import (DEFAULT_THRESHOLDS, DTYPES, ITEMSIZE, MAX_THREADS,
+                                       OPTIONS, SPLIT_NAMES, check_int, validate)
 
 _state = {
     "isa": None,
@@ -49,32 +24,6 @@ _state = {
     "base": {},          # dtype -> values in force (defaults, then profile)
     "options": {name: spec[0] for name, spec in OPTIONS.items()},
 }
-
-
-def _check_int(name, value, lo, hi):
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value.__index__()) if not isinstance(value, int) else value
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def validate(name, value):
-    """The checked value of one tunable; ValueError when it is not allowed."""
-    if name == "split":
-        if isinstance(value, str) and value in SPLITS:
-            return SPLITS[value]
-        if value in (0, 1, 2) and not isinstance(value, bool):
-            return int(value)
-        raise ValueError(f"split must be one of {sorted(set(SPLITS))}, got {value!r}")
-    if name in ("nopack_mnk", "thread_mnk") and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if name in OPTIONS:
-        return _check_int(name, value, *OPTIONS[name][1:])
-    if name not in _LIMITS:
-        raise ValueError(f"unknown parameter {name!r}; tunable are {TUNABLE + ('threads', 'isa')}")
-    return _check_int(name, value, *_LIMITS[name])
 
 
 def _threads_from_env():
@@ -101,8 +50,8 @@ def _init():
     cores = _hwinfo.usable_cpus()
     for code, dtype in enumerate(DTYPES):
         mr, nr = _dispatch.kernel_shape(isa, code)
-        values = _blocking.analytical_blocking(caches, mr, nr, _ITEMSIZE[dtype], cores)
-        values.update(_DEFAULT_EXTRA)
+        values = _blocking.analytical_blocking(caches, mr, nr, ITEMSIZE[dtype], cores)
+        values.update(DEFAULT_THRESHOLDS)
         _state["defaults"][dtype] = dict(values)
         _state["base"][dtype] = dict(values)
     path, status, chosen = _profile.load_for_import(isa)
@@ -148,7 +97,7 @@ def set_num_threads(n):
     n : int
         At least 1.  ``threadpoolctl.threadpool_limits`` calls this too.
     """
-    n = _check_int("threads", n, 1, 1 << 12)
+    n = check_int("threads", n, 1, MAX_THREADS)
     _state["threads"] = n
     _params.set_threads(n)
 
@@ -179,7 +128,7 @@ def get_config():
         out[dtype] = {"mr": mr, "nr": nr, "mc": eff["mc"], "kc": eff["kc"], "nc": eff["nc"],
                       "nopack_mnk": int(eff["nopack_mnk"]), "thread_mnk": int(eff["thread_mnk"]),
                       "nopack_a_panels": eff["nopack_a_panels"],
-                      "split": _SPLIT_NAMES[eff["split"]]}
+                      "split": SPLIT_NAMES[eff["split"]]}
     return out
 
 
@@ -225,7 +174,7 @@ def config_context(**overrides):
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     new = {}
     if "threads" in overrides:
-        new["threads"] = _check_int("threads", overrides.pop("threads"), 1, 1 << 12)
+        new["threads"] = check_int("threads", overrides.pop("threads"), 1, MAX_THREADS)
     if "isa" in overrides:
         new["isa"] = _dispatch.isa_id(overrides.pop("isa"))
     options = {name: validate(name, overrides.pop(name)) for name in list(overrides)

@@ -1,13 +1,12 @@
 """The tunable parameters as C structs, read by every kernel wrapper before it drops the GIL.
 
-``_config`` owns the rules (validation, defaults, profile); this module only holds the values
+``_context`` owns the rules (validation, defaults, profile); this module only holds the values
 in a form that costs nothing to read: one struct copy per call, plus a ContextVar look-up for
 ``config_context`` overrides (which are per thread and per async task, like a NumPy errstate).
 """
 import contextvars
 import os
 
-from microtile.linalg._gemm cimport gemm_params
 
 # Overrides set by config_context: None, or {"threads": int, "isa": int,
 # 0: {field: value}, 1: {field: value}} with dtype codes as keys.
@@ -32,25 +31,12 @@ def forked():
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-FIELDS = ("mc", "kc", "nc", "nopack_mnk", "thread_mnk", "nopack_a_panels", "split")
-
-
 cdef void _apply(gemm_params* p, dict values) except *:
-    for name, value in values.items():
-        if name == "mc":
-            p.mc = value
-        elif name == "kc":
-            p.kc = value
-        elif name == "nc":
-            p.nc = value
-        elif name == "nopack_mnk":
-            p.nopack_mnk = value
-        elif name == "thread_mnk":
-            p.thread_mnk = value
-        elif name == "nopack_a_panels":
-            p.nopack_a_panels = value
-        elif name == "split":
-            p.split = value
+    # Through the struct's dict form, so the field names are written only in the struct and
+    # in _schema (config_context overrides take this path; plain calls copy the struct).
+    cdef dict fields = p[0]
+    fields.update(values)
+    p[0] = fields
 
 
 def set_base(int code, dict values):
@@ -89,9 +75,8 @@ cdef int current_params(int dtype_code, gemm_params* out) except -1:
 
 
 def effective(int code):
-    """The values in effect for dtype ``code`` on this thread, as a dict."""
+    """The values in effect for dtype ``code`` on this thread, as a dict (the struct's
+    fields, ``isa`` and ``n_threads`` included)."""
     cdef gemm_params p
     current_params(code, &p)
-    return {"isa": p.isa, "threads": p.n_threads, "mc": p.mc, "kc": p.kc, "nc": p.nc,
-            "nopack_mnk": p.nopack_mnk, "thread_mnk": p.thread_mnk,
-            "nopack_a_panels": p.nopack_a_panels, "split": p.split}
+    return p

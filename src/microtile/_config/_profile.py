@@ -11,6 +11,7 @@ import os
 import warnings
 
 from microtile._config import _hwinfo
+from microtile._config._schema import DTYPES, ITEMSIZE, OPTIONS, TUNABLE, validate
 from microtile._common._atomic import atomic_open
 from microtile._version import __version__
 
@@ -67,7 +68,6 @@ MAX_BLOCK_BYTES = 256 << 20
 def check_chosen(chosen):
     """Validated per-dtype blocking (and options) from a profile's "chosen" section;
     ValueError if any value is unusable."""
-    from microtile._config._context import DTYPES, OPTIONS, TUNABLE, _ITEMSIZE, validate
     if not isinstance(chosen, dict):
         raise ValueError("'chosen' is not an object")
     out = {}
@@ -79,7 +79,7 @@ def check_chosen(chosen):
         if unknown:
             raise ValueError(f"'chosen.{dtype}' has unknown keys {unknown}")
         values = {name: validate(name, section[name]) for name in TUNABLE if name in section}
-        size = _ITEMSIZE[dtype]
+        size = ITEMSIZE[dtype]
         mc, kc, nc = values.get("mc", 1), values.get("kc", 1), values.get("nc", 1)
         if mc * kc * size > MAX_BLOCK_BYTES or kc * nc * size > MAX_BLOCK_BYTES:
             raise ValueError(f"'chosen.{dtype}' blocks need more than "

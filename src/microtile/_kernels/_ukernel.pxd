@@ -6,6 +6,8 @@
 # C is not read.  C may have any strides.
 # General micro-kernel: the same with A read in place (strides rs_a, cs_a) and B rows rs_b
 # apart (B's columns contiguous), so small problems need not pack.
+from libc.string cimport memcpy
+
 from microtile._common._typedefs cimport idx_t, floating
 
 ctypedef void (*sgemm_ukr_t)(idx_t k, const float* a, const float* b, float* c,
@@ -100,3 +102,44 @@ cdef inline void ukr_gen(const kernel_set_t* ks, idx_t k, const floating* a, idx
         ks.s.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
     else:
         ks.d.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
+
+
+# Panel copies at the micro-tile widths the kernel modules declare (mr 4 or 6; nr 4, 8 or
+# 16), for packing.  A copy of a constant size compiles to a few vector moves where one of a
+# run-time size calls memcpy; the width is loop-invariant in the packing loops, so the
+# compiler hoists the test out of them.  These are the only mr/nr literals outside the
+# kernel modules' tables.
+cdef inline void panel_copy(floating* dst, const floating* src, int width) noexcept nogil:
+    """dst[0:width] = src[0:width]."""
+    if width == 16:
+        memcpy(dst, src, 16 * sizeof(floating))
+    elif width == 8:
+        memcpy(dst, src, 8 * sizeof(floating))
+    elif width == 6:
+        memcpy(dst, src, 6 * sizeof(floating))
+    elif width == 4:
+        memcpy(dst, src, 4 * sizeof(floating))
+    else:
+        memcpy(dst, src, width * sizeof(floating))
+
+
+cdef inline void panel_gather(floating* dst, const floating* src, idx_t stride,
+                              int width) noexcept nogil:
+    """dst[i] = src[i * stride] for i < width: one column of an A micro-panel whose rows
+    are read in lockstep (``width`` sequential streams, contiguous writes)."""
+    cdef int i
+    if width == 6:
+        dst[0] = src[0]
+        dst[1] = src[stride]
+        dst[2] = src[2 * stride]
+        dst[3] = src[3 * stride]
+        dst[4] = src[4 * stride]
+        dst[5] = src[5 * stride]
+    elif width == 4:
+        dst[0] = src[0]
+        dst[1] = src[stride]
+        dst[2] = src[2 * stride]
+        dst[3] = src[3 * stride]
+    else:
+        for i in range(width):
+            dst[i] = src[i * stride]

@@ -29,8 +29,11 @@ import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport ceil_div, elem_stride, imin
 from microtile.linalg._gemm cimport gemm_params, gemm_run, gemm_serial
 from microtile._config._params cimport current_params
+from microtile._kernels._dispatch cimport kernel_set
+from microtile._kernels._ukernel cimport kernel_set_t
 from microtile.conv._im2col cimport conv_geom, im2col_rows, col2im_rows
 
 cnp.import_array()
@@ -68,7 +71,8 @@ def release_workspace():
 
 # Output planes at least this wide use the no-im2col path for 1x1 convolutions; narrower
 # ones are batched over images by im2col (one copy) so the GEMM is not skinny.
-DEF DIRECT_MIN_PQ = 256
+cdef enum:
+    DIRECT_MIN_PQ = 256
 
 
 ctypedef struct conv_plan:
@@ -90,18 +94,6 @@ ctypedef struct conv_plan:
     idx_t chunk         # column bytes one thread works on at a time, when the cap allows
 
 
-cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
-    return a if a < b else b
-
-
-cdef inline idx_t _cdiv(idx_t a, idx_t b) noexcept nogil:
-    return (a + b - 1) // b
-
-
-cdef inline idx_t _es(cnp.ndarray a, int axis):
-    return cnp.PyArray_STRIDE(a, axis) // cnp.PyArray_ITEMSIZE(a)
-
-
 cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
                        idx_t per_col_slice, idx_t want):
     """Choose images per chunk or chunks per image so one chunk's workspace fits the budget
@@ -111,12 +103,12 @@ cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
     pl.cpi = 1
     if pl.PQ * per_col_whole <= budget_elems:
         nb = budget_elems // (pl.PQ * per_col_whole) if per_col_whole > 0 else pl.N
-        nb = _min(nb, _cdiv(pl.N, want))
+        nb = imin(nb, ceil_div(pl.N, want))
         if nb < 1:
             nb = 1
-        pl.n_chunks = _cdiv(pl.N, nb)
-        pl.nb = _cdiv(pl.N, pl.n_chunks)
-        pl.n_chunks = _cdiv(pl.N, pl.nb)
+        pl.n_chunks = ceil_div(pl.N, nb)
+        pl.nb = ceil_div(pl.N, pl.n_chunks)
+        pl.n_chunks = ceil_div(pl.N, pl.nb)
         pl.ncols = pl.nb * pl.PQ
     else:
         pl.ncols = budget_elems // per_col_slice if per_col_slice > 0 else pl.PQ
@@ -124,8 +116,8 @@ cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
             pl.ncols = 1
         if pl.ncols > pl.PQ:
             pl.ncols = pl.PQ
-        pl.cpi = _cdiv(pl.PQ, pl.ncols)
-        pl.ncols = _cdiv(pl.PQ, pl.cpi)
+        pl.cpi = ceil_div(pl.PQ, pl.ncols)
+        pl.ncols = ceil_div(pl.PQ, pl.cpi)
         pl.n_chunks = pl.N * pl.cpi
 
 
@@ -142,8 +134,8 @@ cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
         pl.n_chunks = pl.N
     if pl.nt > 1 and not prefer_threaded:
         if not pl.direct:
-            _plan_chunks(pl, max(_min(workspace // pl.nt, pl.chunk) // isz, 1),
-                         per_col_whole, per_col_slice, _cdiv(pl.nt, pl.G))
+            _plan_chunks(pl, max(imin(workspace // pl.nt, pl.chunk) // isz, 1),
+                         per_col_whole, per_col_slice, ceil_div(pl.nt, pl.G))
         # The backward hands a thread every chunk of an image (col2im stays race-free).
         units = pl.G * (pl.N if (backward and pl.cpi > 1) else pl.n_chunks)
         if units >= pl.nt and (units % pl.nt == 0 or units >= 4 * pl.nt):
@@ -151,7 +143,7 @@ cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
             return
     pl.par = False
     if not pl.direct:
-        _plan_chunks(pl, max(_min(workspace, pl.chunk * pl.nt) // isz, 1), per_col_whole,
+        _plan_chunks(pl, max(imin(workspace, pl.chunk * pl.nt) // isz, 1), per_col_whole,
                      per_col_slice, 1)
 
 
@@ -196,10 +188,10 @@ cdef inline void _chunk(const conv_plan* pl, idx_t ch, idx_t* n0, idx_t* nb, idx
         i = ch - n0[0] * pl.cpi
         nb[0] = 1
         pq0[0] = i * pl.ncols
-        pq1[0] = _min(pl.PQ, pq0[0] + pl.ncols)
+        pq1[0] = imin(pl.PQ, pq0[0] + pl.ncols)
     else:
         n0[0] = ch * pl.nb
-        nb[0] = _min(pl.nb, pl.N - n0[0])
+        nb[0] = imin(pl.nb, pl.N - n0[0])
         pq0[0] = 0
         pq1[0] = pl.PQ
 
@@ -300,7 +292,7 @@ cdef conv_plan _base_plan(cnp.ndarray x, cnp.ndarray y_or_dy, tuple geom, idx_t 
     pl.bias_col = False
     pl.direct = (R == 1 and S == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
                  and P == H and Q == W and pl.PQ >= DIRECT_MIN_PQ
-                 and (H == 1 or _es(x, 2) == W * _es(x, 3)))
+                 and (H == 1 or elem_stride(x, 2) == W * elem_stride(x, 3)))
     return pl
 
 
@@ -349,7 +341,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     pl.ws_tmp = (pl.CRS + 1) * pl.ncols
     wsbuf = _ws_get(max(pl.ws_elems, 1) * (pl.nt if pl.par else 1), y.dtype)
     for i in range(4):
-        xs[i] = _es(x, i)
+        xs[i] = elem_stride(x, i)
     if bias is not None and not pl.bias_col:
         pb = cnp.PyArray_DATA(<cnp.ndarray> bias)
     cdef void* px = cnp.PyArray_DATA(x)
@@ -504,6 +496,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     cdef conv_plan pl
     cdef idx_t xs[4]
     cdef idx_t isz = dy.itemsize, per_col
+    cdef const kernel_set_t* ks
     cdef cnp.ndarray wsbuf, dwpbuf, dwp, dx = None, db = None
     cdef int rc = 0, nt_parts, i
     cdef idx_t rows
@@ -533,7 +526,9 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     # db rides in the dW GEMM (a row of ones under the columns) whenever that GEMM runs on
     # im2col columns; otherwise it is a sum of its own.
     pl.bias_col = need_b and need_w and not pl.direct
-    pl.dw_trans = pl.Kg <= prm.nopack_a_panels * 16
+    # The same test as the GEMM driver's A-in-place rule, in the kernel's own nr.
+    ks = kernel_set(prm.isa)
+    pl.dw_trans = pl.Kg <= prm.nopack_a_panels * (ks.s.nr if code == 0 else ks.d.nr)
     per_col = pl.CRS + pl.bias_col
     # Per-thread dW partials cost a reduction of nt * K * CRS elements: when that is large
     # next to the columns (many filters, small planes), thread inside the GEMMs instead.
@@ -558,7 +553,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
         dwp = dwp.reshape((nt_parts, pl.G, rows, pl.Kg) if pl.dw_trans
                           else (nt_parts, pl.G, pl.Kg, rows))
     for i in range(4):
-        xs[i] = _es(x, i)
+        xs[i] = elem_stride(x, i)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pw_ = cnp.PyArray_DATA(wm)
     cdef void* pdy = cnp.PyArray_DATA(dy)

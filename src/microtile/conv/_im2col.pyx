@@ -12,16 +12,9 @@ import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport elem_stride, imax, imin
 
 cnp.import_array()
-
-
-cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
-    return a if a < b else b
-
-
-cdef inline idx_t _max(idx_t a, idx_t b) noexcept nogil:
-    return a if a > b else b
 
 
 cdef inline void _valid_range(idx_t off, idx_t stride, idx_t size, idx_t n_out,
@@ -34,8 +27,8 @@ cdef inline void _valid_range(idx_t off, idx_t stride, idx_t size, idx_t n_out,
         b = 0
     else:
         b = (size - 1 - off) // stride + 1
-    a = _min(a, n_out)
-    b = _min(b, n_out)
+    a = imin(a, n_out)
+    b = imin(b, n_out)
     if b < a:
         b = a
     lo[0] = a
@@ -60,13 +53,13 @@ cdef void im2col_rows(const conv_geom* g, const floating* x, idx_t xs_c, idx_t x
                 while pq < pq1:
                     p = pq // g.Q
                     q = pq - p * g.Q
-                    qend = _min(g.Q, q + (pq1 - pq))
+                    qend = imin(g.Q, q + (pq1 - pq))
                     ih = p * g.sh - g.ph + r * g.dh
                     if ih < 0 or ih >= g.H:
                         memset(dst + j, 0, (qend - q) * sizeof(floating))
                     else:
-                        lo = _max(q, qa)
-                        hi = _min(qend, qb)
+                        lo = imax(q, qa)
+                        hi = imin(qend, qb)
                         if hi < lo:
                             lo = qend
                             hi = qend
@@ -106,11 +99,11 @@ cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t 
                 while pq < pq1:
                     p = pq // g.Q
                     q = pq - p * g.Q
-                    qend = _min(g.Q, q + (pq1 - pq))
+                    qend = imin(g.Q, q + (pq1 - pq))
                     ih = p * g.sh - g.ph + r * g.dh
                     if 0 <= ih < g.H:
-                        lo = _max(q, qa)
-                        hi = _min(qend, qb)
+                        lo = imax(q, qa)
+                        hi = imin(qend, qb)
                         if lo < hi:
                             dst = dx + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
                             # Constant strides let the compiler vectorize the common cases.
@@ -125,10 +118,6 @@ cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t 
                                     dst[i * step] += src[j + (lo - q) + i]
                     j += qend - q
                     pq += qend - q
-
-
-cdef inline idx_t _es(cnp.ndarray a, int axis):
-    return cnp.PyArray_STRIDE(a, axis) // cnp.PyArray_ITEMSIZE(a)
 
 
 cdef void _im2col_all(const conv_geom* g, const floating* x, idx_t xs_n, idx_t xs_c,
@@ -164,7 +153,7 @@ def im2col_into(cnp.ndarray x, cnp.ndarray cols, tuple geom, int nt):
     """cols (N, C*R*S, P*Q), C-contiguous, of x's dtype  <-  windows of x (N, C, H, W)."""
     cdef conv_geom g = _geom(geom)
     cdef idx_t N = x.shape[0], C = x.shape[1]
-    cdef idx_t s0 = _es(x, 0), s1 = _es(x, 1), s2 = _es(x, 2), s3 = _es(x, 3)
+    cdef idx_t s0 = elem_stride(x, 0), s1 = elem_stride(x, 1), s2 = elem_stride(x, 2), s3 = elem_stride(x, 3)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pc = cnp.PyArray_DATA(cols)
     if cols.size == 0:
@@ -181,12 +170,12 @@ def col2im_into(cnp.ndarray cols, cnp.ndarray dx, tuple geom, int nt):
     """dx (N, C, H, W), C-contiguous and zeroed, += cols (N, C*R*S, P*Q) of dx's dtype."""
     cdef conv_geom g = _geom(geom)
     cdef idx_t N = dx.shape[0], C = dx.shape[1]
-    cdef idx_t s0 = _es(cols, 0), s1 = _es(cols, 1)
+    cdef idx_t s0 = elem_stride(cols, 0), s1 = elem_stride(cols, 1)
     cdef void* pc = cnp.PyArray_DATA(cols)
     cdef void* px = cnp.PyArray_DATA(dx)
     if dx.size == 0 or cols.size == 0:
         return
-    if _es(cols, 2) != 1:
+    if elem_stride(cols, 2) != 1:
         raise ValueError("col2im_into: columns must be contiguous")
     if dx.dtype == np.float32:
         with nogil:

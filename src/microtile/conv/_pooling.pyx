@@ -17,6 +17,7 @@ import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport elem_stride, imax, imin
 
 cnp.import_array()
 
@@ -25,20 +26,12 @@ ctypedef struct pool_geom:
     idx_t H, W, kh, kw, sh, sw, ph, pw, P, Q
 
 
-cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
-    return a if a < b else b
-
-
-cdef inline idx_t _max(idx_t a, idx_t b) noexcept nogil:
-    return a if a > b else b
-
-
 cdef inline void _clip(idx_t i, idx_t stride, idx_t pad, idx_t k, idx_t size, idx_t* lo,
                        idx_t* hi) noexcept nogil:
     """[lo, hi): the real elements under window i along one axis."""
     cdef idx_t start = i * stride - pad
-    lo[0] = _max(start, 0)
-    hi[0] = _min(start + k, size)
+    lo[0] = imax(start, 0)
+    hi[0] = imin(start + k, size)
 
 
 cdef inline idx_t _count(const pool_geom* g, bint include_pad, idx_t h0, idx_t h1, idx_t w0,
@@ -117,12 +110,12 @@ cdef void _avg_plane_backward(const pool_geom* g, const floating* dy, floating* 
     cdef floating share
     for p in range(g.P):
         hs = p * g.sh - g.ph
-        h1 = _min(hs + g.kh, g.H)
-        h0 = _max(hs, 0)
+        h1 = imin(hs + g.kh, g.H)
+        h0 = imax(hs, 0)
         for q in range(g.Q):
             ws = q * g.sw - g.pw
-            w1 = _min(ws + g.kw, g.W)
-            w0 = _max(ws, 0)
+            w1 = imin(ws + g.kw, g.W)
+            w0 = imax(ws, 0)
             if include_pad:
                 share = dy[p * g.Q + q] / (g.kh * g.kw)
             else:
@@ -184,7 +177,7 @@ cdef pool_geom _geom(tuple gt):
 cdef inline void _strides(cnp.ndarray a, idx_t* out):
     cdef int i
     for i in range(4):
-        out[i] = cnp.PyArray_STRIDE(a, i) // cnp.PyArray_ITEMSIZE(a)
+        out[i] = elem_stride(a, i)
 
 
 def max_pool_into(cnp.ndarray x, cnp.ndarray y, object indices, tuple geom, int nt):

@@ -5,10 +5,12 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport elem_stride
 from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_serial, gemm_epilogue,
                               ACT_NONE, ACT_RELU, ACT_SIGMOID, ACT_TANH)
 from microtile.linalg._level2 cimport dot_run, gemv_run, ger_run, outer_run
 from microtile._kernels._ukernel cimport kernel_set_t
+from microtile._config._schema import ACTIVATIONS
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._config._params cimport current_params
 from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out, overlaps)
@@ -17,11 +19,6 @@ cnp.import_array()
 
 cdef object F32 = np.dtype(np.float32)
 cdef object F64 = np.dtype(np.float64)
-
-
-cdef inline idx_t estride(cnp.ndarray x, int axis):
-    """Stride of ``axis`` in elements (aligned arrays have whole-element strides)."""
-    return cnp.PyArray_STRIDE(x, axis) // cnp.PyArray_ITEMSIZE(x)
 
 
 cdef inline bint same_view(cnp.ndarray x, cnp.ndarray y):
@@ -35,9 +32,9 @@ cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, 
     """O = alpha * op(A) @ op(B) + beta * O for 2-D arrays of O's dtype (O written in place)."""
     cdef idx_t m = O.shape[0], n = O.shape[1]
     cdef idx_t k = A.shape[0] if ta else A.shape[1]
-    cdef idx_t rs_a = estride(A, 1 if ta else 0), cs_a = estride(A, 0 if ta else 1)
-    cdef idx_t rs_b = estride(B, 1 if tb else 0), cs_b = estride(B, 0 if tb else 1)
-    cdef idx_t rs_c = estride(O, 0), cs_c = estride(O, 1)
+    cdef idx_t rs_a = elem_stride(A, 1 if ta else 0), cs_a = elem_stride(A, 0 if ta else 1)
+    cdef idx_t rs_b = elem_stride(B, 1 if tb else 0), cs_b = elem_stride(B, 0 if tb else 1)
+    cdef idx_t rs_c = elem_stride(O, 0), cs_c = elem_stride(O, 1)
     cdef gemm_params prm
     cdef int rc
     cdef void* pa = cnp.PyArray_DATA(A)
@@ -189,8 +186,8 @@ def dot(x, y):
     dt = result_dtype((X, Y))
     X = as_dtype(X, dt)
     Y = as_dtype(Y, dt)
-    ix = estride(X, 0)
-    iy = estride(Y, 0)
+    ix = elem_stride(X, 0)
+    iy = elem_stride(Y, 0)
     ks = _kernels(_code(X), &prm)
     if dt is F32:
         with nogil:
@@ -253,10 +250,10 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
     O = _accumulator("gemv", out, (m,), dt, (A, X), Y, "y", beta_f)
     A = as_dtype(A, dt)
     X = as_dtype(X, dt)
-    rs_a = estride(A, 1 if ta else 0)
-    cs_a = estride(A, 0 if ta else 1)
-    incx = estride(X, 0)
-    incy = estride(O, 0)
+    rs_a = elem_stride(A, 1 if ta else 0)
+    cs_a = elem_stride(A, 0 if ta else 1)
+    incx = elem_stride(X, 0)
+    incy = elem_stride(O, 0)
     pa = cnp.PyArray_DATA(A)
     px = cnp.PyArray_DATA(X)
     po = cnp.PyArray_DATA(O)
@@ -306,7 +303,7 @@ def outer(x, y, out=None):
             raise ValueError("outer: out overlaps x or y")
     X = as_dtype(X, dt)
     Y = as_dtype(Y, dt)
-    ix, iy, rs, cs = estride(X, 0), estride(Y, 0), estride(O, 0), estride(O, 1)
+    ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(O, 0), elem_stride(O, 1)
     ks = _kernels(_code(O), &prm)
     if dt is F32:
         with nogil:
@@ -365,7 +362,7 @@ def ger(a, x, y, alpha=1.0):
     Y = Y.copy() if overlaps(A, Y) else as_dtype(Y, dt)
     X = as_dtype(X, dt)
     Y = as_dtype(Y, dt)
-    ix, iy, rs, cs = estride(X, 0), estride(Y, 0), estride(A, 0), estride(A, 1)
+    ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(A, 0), elem_stride(A, 1)
     ks = _kernels(_code(A), &prm)
     if dt is F32:
         with nogil:
@@ -505,9 +502,9 @@ cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, 
                       idx_t n, idx_t k, cnp.ndarray offa, cnp.ndarray offb,
                       cnp.ndarray offo) except? -1:
     cdef int nd = O.ndim
-    cdef idx_t rs_a = estride(A, A.ndim - 2), cs_a = estride(A, A.ndim - 1)
-    cdef idx_t rs_b = estride(B, B.ndim - 2), cs_b = estride(B, B.ndim - 1)
-    cdef idx_t rs_c = estride(O, nd - 2), cs_c = estride(O, nd - 1)
+    cdef idx_t rs_a = elem_stride(A, A.ndim - 2), cs_a = elem_stride(A, A.ndim - 1)
+    cdef idx_t rs_b = elem_stride(B, B.ndim - 2), cs_b = elem_stride(B, B.ndim - 1)
+    cdef idx_t rs_c = elem_stride(O, nd - 2), cs_c = elem_stride(O, nd - 1)
     cdef const idx_t* pa = <const idx_t*> cnp.PyArray_DATA(offa)
     cdef const idx_t* pb = <const idx_t*> cnp.PyArray_DATA(offb)
     cdef const idx_t* pc = <const idx_t*> cnp.PyArray_DATA(offo)
@@ -528,8 +525,10 @@ cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, 
     return rc
 
 
-_ACTIVATIONS = {None: ACT_NONE, "none": ACT_NONE, "identity": ACT_NONE, "relu": ACT_RELU,
-                "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH}
+# The epilogue's C enum and the schema's codes are one list written twice (C needs its own).
+assert (ACTIVATIONS["none"], ACTIVATIONS["relu"], ACTIVATIONS["sigmoid"],
+        ACTIVATIONS["tanh"]) == (ACT_NONE, ACT_RELU, ACT_SIGMOID, ACT_TANH)
+_ACTIVATIONS = ACTIVATIONS
 
 
 def linear_forward(x, weight, bias=None, activation=None, out=None):
@@ -586,10 +585,10 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
     if Bv is not None:
         Bv = as_dtype(Bv, dt)
         ep.bias = cnp.PyArray_DATA(Bv)
-        ep.bias_inc = estride(Bv, 0)
-    cdef idx_t rs_a = estride(X, 0), cs_a = estride(X, 1)
-    cdef idx_t rs_b = estride(W, 1), cs_b = estride(W, 0)
-    cdef idx_t rs_c = estride(O, 0), cs_c = estride(O, 1)
+        ep.bias_inc = elem_stride(Bv, 0)
+    cdef idx_t rs_a = elem_stride(X, 0), cs_a = elem_stride(X, 1)
+    cdef idx_t rs_b = elem_stride(W, 1), cs_b = elem_stride(W, 0)
+    cdef idx_t rs_c = elem_stride(O, 0), cs_c = elem_stride(O, 1)
     cdef void* px = cnp.PyArray_DATA(X)
     cdef void* pw = cnp.PyArray_DATA(W)
     cdef void* po = cnp.PyArray_DATA(O)

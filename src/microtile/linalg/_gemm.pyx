@@ -25,6 +25,7 @@ from libc.stdlib cimport calloc, free
 from libc.math cimport ceil, exp, tanh
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport ceil_div, imin
 from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr, ukr_packed,
                                  ukr_gen)
 from microtile._kernels._dispatch cimport kernel_set
@@ -47,22 +48,14 @@ cdef extern from *:
     double mt_now() nogil
 
 # Threaded calls longer than LATE_SECONDS whose team was idle over half the time back off to
-# one thread for BACKOFF_SECONDS, doubling up to BACKOFF_MAX (see _note_contention).  Read and written without a lock: a race
-# only changes which of two nearly simultaneous calls backs off.
+# one thread for BACKOFF_SECONDS, doubling up to BACKOFF_MAX (see _note_contention).  Read
+# and written without a lock: a race only changes which of two nearly simultaneous calls
+# backs off.
 cdef double LATE_SECONDS = 200e-6
 cdef double BACKOFF_SECONDS = 0.05
 cdef double BACKOFF_MAX = 2.0
 cdef double _backoff = 0.05
 cdef double _solo_until = 0
-cdef double _last_seen[2]
-
-
-cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
-    return a if a < b else b
-
-
-cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
-    return (a + b - 1) // b
 
 
 cdef inline floating _act(floating v, int act) noexcept nogil:
@@ -168,7 +161,7 @@ cdef void _macro(const kernel_set_t* ks, idx_t mc, idx_t nc, idx_t kc, floating 
     cdef floating* cp
     for jr_i in range((nc + nr - 1) // nr):
         jr = jr_i * nr
-        nrr = _min(nr, nc - jr)
+        nrr = imin(nr, nc - jr)
         if b_packed:
             bp = b + jr * kc
             brs = nr
@@ -181,7 +174,7 @@ cdef void _macro(const kernel_set_t* ks, idx_t mc, idx_t nc, idx_t kc, floating 
             brs = nr
         for ir_i in range((mc + mr - 1) // mr):
             ir = ir_i * mr
-            mrr = _min(mr, mc - ir)
+            mrr = imin(mr, mc - ir)
             if a_packed:
                 ap = a + ir * kc
                 ars = 1
@@ -251,24 +244,24 @@ cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, id
     n_pc = (k + prm.kc // 2) // prm.kc
     if n_pc < 1:
         n_pc = 1
-    pl.kc = _ceil_div(k, n_pc)
-    pl.nc = _ceil_div(_min(prm.nc, n), nr) * nr
-    pl.mc = _ceil_div(_min(prm.mc, m), mr) * mr
+    pl.kc = ceil_div(k, n_pc)
+    pl.nc = ceil_div(imin(prm.nc, n), nr) * nr
+    pl.mc = ceil_div(imin(prm.mc, m), mr) * mr
     pl.item_rows = pl.mc
     pl.n_jr = 1
     if nt > 1:
         # Three items per thread or more, handed out dynamically, so a thread that loses its
         # core for a while (another library's spinning workers, a noisy neighbour) does less.
-        micro_rows = _ceil_div(m, mr)
+        micro_rows = ceil_div(m, mr)
         want = 3 * nt
-        rows = _ceil_div(micro_rows, want) * mr
+        rows = ceil_div(micro_rows, want) * mr
         if rows < pl.item_rows:
             pl.item_rows = rows if rows >= mr else mr
-        if prm.split == 2 or (prm.split == 0 and _ceil_div(m, pl.item_rows) < want):
-            pl.n_jr = _min(_ceil_div(want, _ceil_div(m, pl.item_rows)), _ceil_div(pl.nc, nr))
+        if prm.split == 2 or (prm.split == 0 and ceil_div(m, pl.item_rows) < want):
+            pl.n_jr = imin(ceil_div(want, ceil_div(m, pl.item_rows)), ceil_div(pl.nc, nr))
             if pl.n_jr < 1:
                 pl.n_jr = 1
-    pl.n_ic = _ceil_div(m, pl.item_rows)
+    pl.n_ic = ceil_div(m, pl.item_rows)
 
 
 cdef int _item(const kernel_set_t* ks, const _plan* pl, idx_t it, idx_t m, idx_t nc_cur,
@@ -282,17 +275,17 @@ cdef int _item(const kernel_set_t* ks, const _plan* pl, idx_t it, idx_t m, idx_t
     cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
     cdef idx_t ic = (it // pl.n_jr) * pl.item_rows
     cdef idx_t chunk = it % pl.n_jr
-    cdef idx_t panels = _ceil_div(nc_cur, nr)
-    cdef idx_t per = _ceil_div(panels, pl.n_jr)
+    cdef idx_t panels = ceil_div(nc_cur, nr)
+    cdef idx_t per = ceil_div(panels, pl.n_jr)
     cdef idx_t jr0 = chunk * per * nr, jr1, mc_cur
     cdef floating* bufA = NULL
     cdef floating* edgeA = NULL
     cdef floating* edgeB = NULL
     cdef const floating* a_blk = a + ic * rs_a + pc * cs_a
-    jr1 = _min(nc_cur, jr0 + per * nr)
+    jr1 = imin(nc_cur, jr0 + per * nr)
     if ic >= m or jr0 >= jr1:
         return 0
-    mc_cur = _min(pl.item_rows, m - ic)
+    mc_cur = imin(pl.item_rows, m - ic)
     if pl.a_packed:
         bufA = <floating*> scratch_get(SCRATCH_PACK_A, pl.mc * pl.kc * sizeof(floating))
         if bufA == NULL:
@@ -323,9 +316,10 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                     floating beta, floating* c, idx_t rs_c, idx_t cs_c,
                     const gemm_epilogue* ep) noexcept nogil:
     """The five loops.  One parallel region per call: for each (jc, pc) step the team packs
-    B's block into the calling thread's buffer (a worksharing loop, whose implicit barrier is
-    the one between the phases), then takes the ic/jr work items dynamically.  With nt == 1
-    no region is opened."""
+    B's block into one shared buffer (a static worksharing loop, which Cython emits without
+    its implicit barrier, so ``mt_barrier`` ends the phase), then takes the ic/jr work items
+    dynamically, and a second barrier keeps B's buffer until every item is done.  With
+    nt == 1 no region is opened."""
     cdef const kernel_set_t* ks = kernel_set(prm.isa)
     cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
     cdef _plan pl
@@ -356,7 +350,7 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
         return _gemm_core(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
                           cs_c, rs_c, ep)
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
-                   or _ceil_div(m, mr) * _ceil_div(n, nr) < 2 * nt or mt_now() < _solo_until):
+                   or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt or mt_now() < _solo_until):
         nt = 1
     _make_plan(prm, nt, mr, nr, m, n, k, cs_b, &pl)
     if pl.b_packed:
@@ -365,12 +359,12 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
             return -1
     n_items = pl.n_ic * pl.n_jr
     if nt == 1:
-        for jc_i in range(_ceil_div(n, pl.nc)):
+        for jc_i in range(ceil_div(n, pl.nc)):
             jc = jc_i * pl.nc
-            nc_cur = _min(pl.nc, n - jc)
-            for pc_i in range(_ceil_div(k, pl.kc)):
+            nc_cur = imin(pl.nc, n - jc)
+            for pc_i in range(ceil_div(k, pl.kc)):
                 pc = pc_i * pl.kc
-                kc_cur = _min(pl.kc, k - pc)
+                kc_cur = imin(pl.kc, k - pc)
                 beta_p = beta if pc == 0 else 1
                 ep_p = ep if pc + kc_cur >= k else NULL
                 if pl.b_packed:
@@ -389,19 +383,19 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
     with parallel(num_threads=nt):
         tid = mt_thread_num()
         entered[tid] = mt_now()
-        for jc_i in range(_ceil_div(n, pl.nc)):
+        for jc_i in range(ceil_div(n, pl.nc)):
             jc = jc_i * pl.nc
-            nc_cur = _min(pl.nc, n - jc)
-            panels = _ceil_div(nc_cur, nr)
-            for pc_i in range(_ceil_div(k, pl.kc)):
+            nc_cur = imin(pl.nc, n - jc)
+            panels = ceil_div(nc_cur, nr)
+            for pc_i in range(ceil_div(k, pl.kc)):
                 pc = pc_i * pl.kc
-                kc_cur = _min(pl.kc, k - pc)
+                kc_cur = imin(pl.kc, k - pc)
                 beta_p = beta if pc == 0 else 1
                 ep_p = ep if pc + kc_cur >= k else NULL
                 t_work = mt_now()
                 if pl.b_packed:
                     for p in prange(panels, schedule="static"):
-                        pack_b(kc_cur, _min(nr, nc_cur - p * nr),
+                        pack_b(kc_cur, imin(nr, nc_cur - p * nr),
                                b + pc * rs_b + (jc + p * nr) * cs_b, rs_b, cs_b, nr,
                                bufB + p * nr * kc_cur)
                     entered[2 * nt + tid] += mt_now() - t_work
@@ -430,19 +424,13 @@ cdef void _note_contention(const double* entered, int nt, double elapsed) noexce
     run at one core's speed meanwhile and leaves the other core to whoever took it.  The
     back-off doubles while the contention lasts (up to BACKOFF_MAX) and resets on a clean call."""
     global _solo_until, _backoff
-    cdef double first = entered[0], last = entered[0], busy = 0
+    cdef double busy = 0
     cdef int t, members = 0
     for t in range(nt):
         if entered[t] == 0:
             continue  # the runtime gave a smaller team
         members += 1
         busy += entered[2 * nt + t]
-        if entered[t] > last:
-            last = entered[t]
-        if entered[t] < first:
-            first = entered[t]
-    _last_seen[0] = last - first
-    _last_seen[1] = busy / (members * elapsed) if elapsed > 0 else 1
     # Lateness alone is no sign: a worker woken from sleep here often takes 0.5-4 ms to come
     # in, but the others work meanwhile (the items are handed out dynamically).  What counts
     # is the team's idle share: over half means one thread would have done as well.
@@ -499,14 +487,3 @@ def _contention_backoff(late_seconds=None, backoff_seconds=None):
         _backoff = backoff_seconds
         _solo_until = 0
     return old
-
-
-def _backing_off():
-    """Seconds left of the current one-thread back-off (0 when none)."""
-    cdef double left = _solo_until - mt_now()
-    return left if left > 0 else 0.0
-
-
-def _last_team():
-    """(lateness in s, busy fraction) of the last threaded call (diagnostics)."""
-    return (_last_seen[0], _last_seen[1])

@@ -7,6 +7,7 @@ own loops because they are the common ones and the compiler vectorizes them.
 from libc.string cimport memcpy, memset
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._kernels._ukernel cimport panel_copy, panel_gather
 
 # Panels packed together, row by row (see pack_b).
 cdef enum:
@@ -22,21 +23,12 @@ cdef void pack_a(idx_t mc, idx_t kc, const floating* a, idx_t rs_a, idx_t cs_a, 
         ip = ip_i * mr
         rows = mc - ip if mc - ip < mr else mr
         src = a + ip * rs_a
-        if rows == mr and rs_a == 1 and mr == 6:
+        if rows == mr and rs_a == 1:
             for p in range(kc):
-                memcpy(dst + p * 6, src + p * cs_a, 6 * sizeof(floating))
-        elif rows == mr and rs_a == 1:
+                panel_copy(dst + p * mr, src + p * cs_a, mr)
+        elif rows == mr:
             for p in range(kc):
-                memcpy(dst + p * mr, src + p * cs_a, mr * sizeof(floating))
-        elif rows == mr and mr == 6:
-            # Six rows read in lockstep: six sequential streams, contiguous writes.
-            for p in range(kc):
-                dst[p * 6 + 0] = src[p * cs_a]
-                dst[p * 6 + 1] = src[rs_a + p * cs_a]
-                dst[p * 6 + 2] = src[2 * rs_a + p * cs_a]
-                dst[p * 6 + 3] = src[3 * rs_a + p * cs_a]
-                dst[p * 6 + 4] = src[4 * rs_a + p * cs_a]
-                dst[p * 6 + 5] = src[5 * rs_a + p * cs_a]
+                panel_gather(dst + p * mr, src + p * cs_a, rs_a, mr)
         else:
             for p in range(kc):
                 for i in range(rows):
@@ -52,7 +44,7 @@ cdef void pack_b(idx_t kc, idx_t nc, const floating* b, idx_t rs_b, idx_t cs_b, 
     cdef int j
     cdef const floating* src
     full = nc // nr
-    if cs_b == 1 and (nr == 16 or nr == 8):
+    if cs_b == 1:
         # Rows contiguous: a group of panels at a time, row by row, so each row's read is a
         # few consecutive cache lines the prefetcher follows, and each panel is written
         # sequentially.  Panel by panel instead reads one line per row at a large stride,
@@ -61,14 +53,8 @@ cdef void pack_b(idx_t kc, idx_t nc, const floating* b, idx_t rs_b, idx_t cs_b, 
             g_end = (g + 1) * _GROUP if (g + 1) * _GROUP < full else full
             for p in range(kc):
                 src = b + p * rs_b
-                # Constant-size memcpy: inlined as vector moves (a plain loop is not
-                # vectorized because dst and src might alias).
-                if nr == 16:
-                    for jp in range(g * _GROUP, g_end):
-                        memcpy(dst + jp * kc * 16 + p * 16, src + jp * 16, 16 * sizeof(floating))
-                else:
-                    for jp in range(g * _GROUP, g_end):
-                        memcpy(dst + jp * kc * 8 + p * 8, src + jp * 8, 8 * sizeof(floating))
+                for jp in range(g * _GROUP, g_end):
+                    panel_copy(dst + jp * kc * nr + p * nr, src + jp * nr, nr)
         if full * nr < nc:
             _pack_b_panels(kc, nc - full * nr, b + full * nr, rs_b, cs_b, nr, dst + full * nr * kc)
         return
@@ -87,7 +73,7 @@ cdef void _pack_b_panels(idx_t kc, idx_t nc, const floating* b, idx_t rs_b, idx_
         if cs_b == 1:
             if cols == nr:
                 for p in range(kc):
-                    memcpy(dst + p * nr, src + p * rs_b, nr * sizeof(floating))
+                    panel_copy(dst + p * nr, src + p * rs_b, nr)
             else:
                 for p in range(kc):
                     memcpy(dst + p * nr, src + p * rs_b, cols * sizeof(floating))

@@ -18,7 +18,6 @@ from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
 
-ACT_CODES = {None: 0, "identity": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
 
 # Below this many elements a second thread costs more than it saves (a pass over ~256 KiB).
 cdef idx_t PAR_MIN = 1 << 15
@@ -70,22 +69,6 @@ cdef void _act_run(int act, const floating* x, floating* y, idx_t n) noexcept no
             y[i] = x[i]
 
 
-cdef void _bias_act_row(int act, floating* y, const floating* b, idx_t n) noexcept nogil:
-    cdef idx_t j
-    cdef floating v
-    if b == NULL:
-        _act_run(act, y, y, n)
-        return
-    if act == 1:
-        for j in range(n):
-            v = y[j] + b[j]
-            y[j] = 0 if v < 0 else v
-    else:
-        for j in range(n):
-            y[j] = y[j] + b[j]
-        _act_run(act, y, y, n)
-
-
 cdef void _dact_run(int act, const floating* y, const floating* dy, floating* dz,
                     idx_t n) noexcept nogil:
     """dz[i] = dy[i] * act'(x[i]) written through the output y[i] = act(x[i])."""
@@ -115,8 +98,9 @@ cdef void _dact_run(int act, const floating* y, const floating* dy, floating* dz
 # Column sums: rows in blocks of ROW_BLOCK, columns in strips of at most STRIP; each block's
 # strip is summed in the data's precision (vectorised adds, no conversions) and then added to
 # float64 sums, so a float32 bias gradient over a large batch keeps its digits.
-DEF STRIP = 512
-DEF ROW_BLOCK = 32
+cdef enum:
+    STRIP = 512
+    ROW_BLOCK = 32
 
 
 cdef void _dact_colsum_rows(int act, const floating* y, const floating* dy, floating* dz,
@@ -175,29 +159,6 @@ def act_forward(const floating[::1] x, floating[::1] out, int act):
         t1 = mt_share_end(t0, chunk, n)
         if t0 < t1:
             _act_run(act, px + t0, po + t0, t1 - t0)
-
-
-def bias_act(floating[:, ::1] y, const floating[::1] b, int act):
-    """In place: y[i, j] = act(y[i, j] + b[j]) (``b`` None: act only)."""
-    cdef idx_t rows = y.shape[0], cols = y.shape[1], i
-    cdef int nt
-    cdef const floating* pb = NULL
-    if b is not None:
-        if b.shape[0] != cols:
-            raise ValueError(f"bias_act: bias has {b.shape[0]} elements, rows have {cols}")
-        if cols:
-            pb = &b[0]
-    if rows == 0 or cols == 0:
-        return
-    cdef floating* py = &y[0, 0]
-    nt = _threads_for(rows * cols)
-    if nt == 1:
-        with nogil:
-            for i in range(rows):
-                _bias_act_row(act, py + i * cols, pb, cols)
-        return
-    for i in prange(rows, num_threads=nt, schedule="static", nogil=True):
-        _bias_act_row(act, py + i * cols, pb, cols)
 
 
 def act_backward(int act, const floating[::1] y, const floating[::1] dy, floating[::1] dz):

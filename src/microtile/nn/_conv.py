@@ -1,10 +1,11 @@
 """Conv2d: torch's layer on microtile.conv2d / conv2d_backward (NCHW, groups, dilation)."""
 import numpy as np
 
-from microtile.nn._act_kernels import ACT_CODES, act_backward, act_forward
+from microtile._config._schema import ACTIVATIONS
+from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
-from microtile.nn._kernels import kernel
+from microtile.conv.convolution import conv2d, conv2d_backward
 from microtile.nn._module import Module, check_int
 from microtile.nn._parameter import Parameter
 
@@ -117,8 +118,8 @@ class Conv2d(Module):
         shape = self.output_shape(x.shape)
         y = self._buffer("y", shape, dt)
         bias = self.bias.data if self.bias is not None else None
-        kernel("conv2d")(x, self.weight.data, bias, out=y, **self._kw())
-        code = ACT_CODES[activation]
+        conv2d(x, self.weight.data, bias, out=y, **self._kw())
+        code = ACTIVATIONS[activation]
         if code:
             flat = y.reshape(-1)
             act_forward(flat, flat, code)
@@ -141,7 +142,7 @@ class Conv2d(Module):
         # dx, dW and db land in buffers kept between steps (the kernel zeroes what it adds
         # into), so a training step of known shapes allocates no arrays.
         w = self.weight.data
-        dx, dw, db = kernel("conv2d_backward")(
+        dx, dw, db = conv2d_backward(
             dz, x, w, need_input_grad=bool(need_input_grad),
             need_bias_grad=self.bias is not None, **self._kw(),
             _dx=self._buffer("dx", x.shape, y.dtype) if need_input_grad else None,

@@ -1,12 +1,12 @@
 """Linear: y = act(x @ weight.T + bias) forward, GEMMs with transpose flags backward."""
 import numpy as np
 
-from microtile.linalg._api import gemm
-from microtile.nn._act_kernels import (ACT_CODES, act_backward, act_backward_colsum,
+from microtile.linalg._api import gemm, linear_forward
+from microtile._config._schema import ACTIVATIONS
+from microtile.nn._act_kernels import (act_backward, act_backward_colsum,
                                colsum_work_size)
 from microtile.nn._linear_kernels import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
-from microtile.nn._epilogue import linear_forward
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
 from microtile.nn._module import Module, check_int
 from microtile.nn._parameter import Parameter
@@ -71,10 +71,10 @@ class Linear(Module):
         x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
         y2 = self._buffer("y", (x2.shape[0], self.out_features), dt)
         bias = self.bias.data if self.bias is not None else None
-        linear_forward(x2, self.weight.data, bias, activation, y2)
+        linear_forward(x2, self.weight.data, bias=bias, activation=activation, out=y2)
         self._x2 = x2
         self._y2 = y2
-        self._act = ACT_CODES[activation]
+        self._act = ACTIVATIONS[activation]
         self._in_shape = x.shape
         if x.ndim == 2:
             return y2

@@ -12,6 +12,7 @@ import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport elem_stride, imin
 from microtile.linalg._gemm cimport gemm_params, gemm_serial
 from microtile._config._params cimport current_params
 
@@ -19,14 +20,6 @@ cnp.import_array()
 
 cdef object F32 = np.dtype(np.float32)
 cdef object F64 = np.dtype(np.float64)
-
-
-cdef inline idx_t _estride(cnp.ndarray a, int axis):
-    return cnp.PyArray_STRIDE(a, axis) // cnp.PyArray_ITEMSIZE(a)
-
-
-cdef inline idx_t _min(idx_t a, idx_t b) noexcept nogil:
-    return a if a < b else b
 
 
 cdef int _pair(const gemm_params* prm, int nt, idx_t batch, idx_t n_in, idx_t n_out,
@@ -41,14 +34,14 @@ cdef int _pair(const gemm_params* prm, int nt, idx_t batch, idx_t n_in, idx_t n_
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
         if t < nw:
             r0 = t * per_w
-            r1 = _min(n_out, r0 + per_w)
+            r1 = imin(n_out, r0 + per_w)
             if r0 < r1:
                 # A = dzᵀ: row i of A is column i of dz (row stride 1, column stride n_out).
                 fails += gemm_serial(prm, r1 - r0, n_in, batch, <floating> 1, dz + r0, 1, n_out,
                                      x, rs_x, cs_x, beta_w, gw + r0 * n_in, n_in, 1) != 0
         else:
             r0 = (t - nw) * per_x
-            r1 = _min(batch, r0 + per_x)
+            r1 = imin(batch, r0 + per_x)
             if r0 < r1:
                 fails += gemm_serial(prm, r1 - r0, n_in, n_out, <floating> 1, dz + r0 * n_out,
                                      n_out, 1, w, n_in, 1, <floating> 0, dx + r0 * n_in,
@@ -88,7 +81,7 @@ def linear_weight_and_input_grads(cnp.ndarray dz, cnp.ndarray x, cnp.ndarray w,
     if prm.n_threads < 2 or batch == 0 or n_in == 0 or n_out == 0:
         return False
     cdef int nt = prm.n_threads
-    cdef idx_t rs_x = _estride(x, 0), cs_x = _estride(x, 1)
+    cdef idx_t rs_x = elem_stride(x, 0), cs_x = elem_stride(x, 1)
     cdef void* pdz = cnp.PyArray_DATA(dz)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pw = cnp.PyArray_DATA(w)

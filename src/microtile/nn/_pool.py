@@ -5,7 +5,8 @@ from microtile.nn._dtypes import as_grad
 from microtile._common._checks import as_float_array
 from microtile.conv._nchw import out_size
 from microtile.nn._conv import pair
-from microtile.nn._kernels import kernel
+from microtile.conv.pooling import (avg_pool2d, avg_pool2d_backward, max_pool2d,
+                                    max_pool2d_backward)
 from microtile.nn._module import Module
 
 
@@ -60,7 +61,7 @@ class MaxPool2d(_Pool2d):
     def forward(self, x):
         x = self._check(x)
         shape = self.output_shape(x.shape)
-        y, idx = kernel("max_pool2d")(x, self.kernel_size, self.stride, self.padding,
+        y, idx = max_pool2d(x, self.kernel_size, self.stride, self.padding,
                                       return_indices=True,
                                       _out=self._buffer("y", shape, x.dtype),
                                       _indices=self._buffer("idx", shape, np.int64))
@@ -73,7 +74,7 @@ class MaxPool2d(_Pool2d):
         dy = self._incoming(dy)
         if not need_input_grad:
             return None
-        return kernel("max_pool2d_backward")(dy, self._x, self.kernel_size, self.stride,
+        return max_pool2d_backward(dy, self._x, self.kernel_size, self.stride,
                                              self.padding, indices=self._idx,
                                              _dx=self._buffer("dx", self._x.shape, dy.dtype))
 
@@ -97,7 +98,7 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x):
         x = self._check(x)
-        y = kernel("avg_pool2d")(x, self.kernel_size, self.stride, self.padding,
+        y = avg_pool2d(x, self.kernel_size, self.stride, self.padding,
                                  count_include_pad=self.count_include_pad,
                                  _out=self._buffer("y", self.output_shape(x.shape), x.dtype))
         self._x = x
@@ -108,7 +109,7 @@ class AvgPool2d(_Pool2d):
         dy = self._incoming(dy)
         if not need_input_grad:
             return None
-        return kernel("avg_pool2d_backward")(dy, self._x.shape, self.kernel_size, self.stride,
+        return avg_pool2d_backward(dy, self._x.shape, self.kernel_size, self.stride,
                                              self.padding,
                                              count_include_pad=self.count_include_pad,
                                              _dx=self._buffer("dx", self._x.shape, dy.dtype))
