@@ -8,7 +8,6 @@ spinning workers for a while.
     python tools/bench_gemm.py [--threads 1 2] [--sizes 64 256 1024 2048] [--gap 0.3]
 """
 import argparse
-import numpy as np
 
 import microtile as mt
 from microtile._bench import gemm_beside_numpy

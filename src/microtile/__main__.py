@@ -2,8 +2,6 @@
 import argparse
 import sys
 
-import numpy as np
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m microtile",

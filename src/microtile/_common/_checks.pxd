@@ -1,4 +1,4 @@
-# Input rules shared by every public function (API.md, "Rules that hold for every function").
+# Input rules shared by every public function (docs/API.md, "Rules that hold for every function").
 cimport numpy as cnp
 
 cpdef cnp.ndarray as_float_array(object x, str name)

@@ -1,6 +1,6 @@
 """Validation shared by every public function: dtypes, ``out`` arrays, overlap.
 
-Rules (API.md): float32 and float64 only, other dtypes raise TypeError naming the dtype;
+Rules (docs/API.md): float32 and float64 only, other dtypes raise TypeError naming the dtype;
 mixed float32/float64 compute in float64; any layout is accepted (misaligned or byte-swapped
 data is copied first); ``out`` must have the exact shape (ValueError), dtype (TypeError) and
 be writeable (ValueError).

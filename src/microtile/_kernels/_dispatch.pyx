@@ -73,12 +73,12 @@ def default_isa():
     return best
 
 
-from microtile._kernels import _generic as _kernels_generic
-_load(0, _kernels_generic)
+from microtile._kernels import _generic
+_load(0, _generic)
 if (mt_cpu_features() & 1) and os.environ.get("MICROTILE_ISA", "").strip().lower() not in ("generic", "portable"):
     try:
-        from microtile._kernels import _avx2 as _kernels_avx2
+        from microtile._kernels import _avx2
     except ImportError:  # built on a non-x86 machine: the module does not exist
         pass
     else:
-        _load(1, _kernels_avx2)
+        _load(1, _avx2)

@@ -3,8 +3,7 @@ import numpy as np
 
 from microtile.linalg._api import gemm, linear_forward
 from microtile._config._schema import ACTIVATIONS
-from microtile.nn._act_kernels import (act_backward, act_backward_colsum,
-                               colsum_work_size)
+from microtile.nn._act_kernels import act_backward, act_backward_colsum, colsum_work_size
 from microtile.nn._linear_kernels import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform

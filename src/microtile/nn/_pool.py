@@ -62,9 +62,9 @@ class MaxPool2d(_Pool2d):
         x = self._check(x)
         shape = self.output_shape(x.shape)
         y, idx = max_pool2d(x, self.kernel_size, self.stride, self.padding,
-                                      return_indices=True,
-                                      _out=self._buffer("y", shape, x.dtype),
-                                      _indices=self._buffer("idx", shape, np.int64))
+                            return_indices=True,
+                            _out=self._buffer("y", shape, x.dtype),
+                            _indices=self._buffer("idx", shape, np.int64))
         self._x = x
         self._idx = idx
         self._y_shape = y.shape
@@ -75,8 +75,8 @@ class MaxPool2d(_Pool2d):
         if not need_input_grad:
             return None
         return max_pool2d_backward(dy, self._x, self.kernel_size, self.stride,
-                                             self.padding, indices=self._idx,
-                                             _dx=self._buffer("dx", self._x.shape, dy.dtype))
+                                   self.padding, indices=self._idx,
+                                   _dx=self._buffer("dx", self._x.shape, dy.dtype))
 
 
 class AvgPool2d(_Pool2d):
@@ -99,8 +99,8 @@ class AvgPool2d(_Pool2d):
     def forward(self, x):
         x = self._check(x)
         y = avg_pool2d(x, self.kernel_size, self.stride, self.padding,
-                                 count_include_pad=self.count_include_pad,
-                                 _out=self._buffer("y", self.output_shape(x.shape), x.dtype))
+                       count_include_pad=self.count_include_pad,
+                       _out=self._buffer("y", self.output_shape(x.shape), x.dtype))
         self._x = x
         self._y_shape = y.shape
         return y
@@ -110,6 +110,5 @@ class AvgPool2d(_Pool2d):
         if not need_input_grad:
             return None
         return avg_pool2d_backward(dy, self._x.shape, self.kernel_size, self.stride,
-                                             self.padding,
-                                             count_include_pad=self.count_include_pad,
-                                             _dx=self._buffer("dx", self._x.shape, dy.dtype))
+                                   self.padding, count_include_pad=self.count_include_pad,
+                                   _dx=self._buffer("dx", self._x.shape, dy.dtype))
