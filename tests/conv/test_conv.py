@@ -32,15 +32,23 @@ def _windows(xp, r, s, P, Q, st, dil):
     return xp[:, :, h0:h0 + st[0] * (P - 1) + 1:st[0], w0:w0 + st[1] * (Q - 1) + 1:st[1]]
 
 
-def ref_conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """Direct loops over kernel taps and groups, in float64."""
+def _padded(x, w, stride, padding, dilation):
+    """x and w in float64, the stride and dilation pairs, the pads (top, bottom, left, right)
+    and x zero-padded by them."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
     st, dil = _pair(stride), _pair(dilation)
+    pads = _pads(padding, w.shape[2], w.shape[3], dil)
+    pt, pb, pl, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    return x, w, st, dil, pads, xp
+
+
+def ref_conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Direct loops over kernel taps and groups, in float64."""
+    x, w, st, dil, (pt, pb, pl, pr), xp = _padded(x, w, stride, padding, dilation)
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
-    pt, pb, pl, pr = _pads(padding, R, S, dil)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     P = (H + pt + pb - dil[0] * (R - 1) - 1) // st[0] + 1
     Q = (W + pl + pr - dil[1] * (S - 1) - 1) // st[1] + 1
     Kg = K // groups
@@ -59,13 +67,9 @@ def ref_conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
 def ref_conv_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1):
     dy = np.asarray(dy, np.float64)
-    x = np.asarray(x, np.float64)
-    w = np.asarray(w, np.float64)
-    st, dil = _pair(stride), _pair(dilation)
+    x, w, st, dil, (pt, pb, pl, pr), xp = _padded(x, w, stride, padding, dilation)
     N, C, H, W = x.shape
     K, Cg, R, S = w.shape
-    pt, pb, pl, pr = _pads(padding, R, S, dil)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     dxp = np.zeros_like(xp)
     P, Q = dy.shape[2:]
     Kg = K // groups

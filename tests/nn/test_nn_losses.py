@@ -61,18 +61,24 @@ def test_cross_entropy_nan_propagates():
     assert math.isnan(loss.forward(np.array([[np.nan, 0.0]]), np.array([1])))
 
 
+def assert_matches_torch(torch, loss, torch_loss, x, target, grad_rtol, grad_atol=0.0):
+    """``loss`` on (x, target) against torch's ``torch_loss``: the value to rtol 1e-13, the
+    gradient with respect to x to the given tolerances."""
+    value = loss.forward(x, target)
+    tx = torch.from_numpy(x).requires_grad_()
+    tl = torch_loss(tx, torch.from_numpy(target))
+    tl.backward()
+    np.testing.assert_allclose(value, tl.item(), rtol=1e-13)
+    np.testing.assert_allclose(loss.backward(), tx.grad.numpy(), rtol=grad_rtol, atol=grad_atol)
+
+
 def test_cross_entropy_against_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     x = rng.standard_normal((33, 7)) * 4
     labels = rng.integers(0, 7, 33)
-    loss = nn.CrossEntropyLoss()
-    value = loss.forward(x, labels)
-    tx = torch.from_numpy(x).requires_grad_()
-    tl = torch.nn.CrossEntropyLoss()(tx, torch.from_numpy(labels))
-    tl.backward()
-    np.testing.assert_allclose(value, tl.item(), rtol=1e-13)
-    np.testing.assert_allclose(loss.backward(), tx.grad.numpy(), rtol=1e-12, atol=1e-16)
+    assert_matches_torch(torch, nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(), x, labels,
+                         grad_rtol=1e-12, grad_atol=1e-16)
 
 
 def test_cross_entropy_any_label_dtype_and_layout():
@@ -131,13 +137,7 @@ def test_mse_against_torch():
     rng = np.random.default_rng(5)
     p = rng.standard_normal((9, 4))
     t = rng.standard_normal((9, 4))
-    loss = nn.MSELoss()
-    value = loss.forward(p, t)
-    tp = torch.from_numpy(p).requires_grad_()
-    tl = torch.nn.MSELoss()(tp, torch.from_numpy(t))
-    tl.backward()
-    np.testing.assert_allclose(value, tl.item(), rtol=1e-13)
-    np.testing.assert_allclose(loss.backward(), tp.grad.numpy(), rtol=1e-13)
+    assert_matches_torch(torch, nn.MSELoss(), torch.nn.MSELoss(), p, t, grad_rtol=1e-13)
 
 
 def test_mse_errors_and_inputs_untouched():

@@ -1,11 +1,11 @@
-"""Every error rule of API.md, for every linear-algebra function, and the promise that
+"""Every error rule of docs/API.md, for every linear-algebra function, and the promise that
 inputs are never modified (except ``a`` in ``ger``)."""
 import numpy as np
 import pytest
 
 import microtile
 
-from conftest import assert_gemm, rand, with_layout
+from _helpers import assert_gemm, rand, with_layout
 
 # A valid call of each function: the shapes of its array arguments and how to call it.
 # ``x`` maps argument names to arrays.
@@ -326,7 +326,7 @@ def test_gemv_out_overlaps_input(rng):
         microtile.gemv(a, a[2], out=a[2])
     with pytest.raises(ValueError):
         microtile.gemv(a, x, out=a[:, 0])
-    # Like gemm's c, y may be out itself (gemv's docstring says so, which API.md allows),
+    # Like gemm's c, y may be out itself (gemv's docstring says so, which docs/API.md allows),
     # but out may not overlap y otherwise.
     buf = rand(rng, 6, np.float64)
     for y_view, out in [(buf[:5], buf[1:]), (buf[:5], buf[:5][::-1])]:

@@ -1,4 +1,4 @@
-"""gemm against a float64 NumPy reference with a k*eps error bound (see conftest.py), over
+"""gemm against a float64 NumPy reference with a k*eps error bound (see _helpers.py), over
 shapes 0..300, both dtypes, transposes, alpha/beta, every layout, every blocking and
 threading path, and both kernel sets."""
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 import microtile
 from microtile import config_context, gemm
 
-from conftest import (EDGE_SIZES, FLOATS, LAYOUTS, OUT_LAYOUTS, PRIMES, assert_close,
+from _helpers import (EDGE_SIZES, FLOATS, LAYOUTS, OUT_LAYOUTS, PRIMES, assert_close,
                       assert_gemm, assert_outside_untouched, gemm_reference, make_out, rand,
                       result_dtype, run_python, with_layout)
 

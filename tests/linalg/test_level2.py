@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 import microtile
 from microtile import config_context
 
-from conftest import (EDGE_SIZES, FLOATS, LAYOUTS, OUT_LAYOUTS, PRIMES, VEC_LAYOUTS,
+from _helpers import (EDGE_SIZES, FLOATS, LAYOUTS, OUT_LAYOUTS, PRIMES, VEC_LAYOUTS,
                       assert_close, assert_gemm, assert_outside_untouched, make_out, rand,
                       result_dtype, vec_layout, with_layout)
 

@@ -15,7 +15,8 @@ from microtile._config import _profile
 from autotune import profile as tprofile
 from autotune_env import child_env, import_roots
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root (this file is tests/autotune/<name>.py).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ISA = microtile.get_config()["isa"]
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 import microtile
 from microtile import config_context
 
-from conftest import (FLOATS, SENTINEL, assert_close, gemm_reference, rand,
+from _helpers import (FLOATS, SENTINEL, assert_close, gemm_reference, rand,
                       result_dtype, with_layout)
 
 ISAS = microtile.available_isas()

@@ -8,7 +8,7 @@ import pytest
 import microtile
 from microtile import config_context, get_config
 
-from conftest import run_python
+from _helpers import run_python
 
 BLOCKING = ("mr", "nr", "mc", "kc", "nc")
 STATUSES = ("loaded", "missing", "stale", "invalid")

@@ -11,7 +11,7 @@ import pytest
 import microtile
 from microtile import config_context
 
-from conftest import FLOATS, assert_gemm, rand, run_python
+from _helpers import FLOATS, assert_gemm, rand, run_python
 
 N_PY_THREADS = 16
 

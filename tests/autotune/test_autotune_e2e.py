@@ -12,7 +12,8 @@ import pytest
 
 from autotune_env import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root (this file is tests/autotune/<name>.py).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(os.environ.get("MICROTILE_SKIP_TUNER_E2E", "") not in ("", "0"),
                                 reason="MICROTILE_SKIP_TUNER_E2E is set")
