@@ -104,6 +104,46 @@ cdef inline void ukr_gen(const kernel_set_t* ks, idx_t k, const floating* a, idx
         ks.d.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
 
 
+cdef inline floating ukr_dot(const kernel_set_t* ks, idx_t n, const floating* x,
+                            const floating* y) noexcept nogil:
+    if floating is float:
+        return ks.s.dot(n, x, y)
+    else:
+        return ks.d.dot(n, x, y)
+
+
+cdef inline void ukr_dot4(const kernel_set_t* ks, idx_t n, const floating* a, idx_t lda,
+                         const floating* x, floating* out) noexcept nogil:
+    if floating is float:
+        ks.s.dot4(n, a, lda, x, out)
+    else:
+        ks.d.dot4(n, a, lda, x, out)
+
+
+cdef inline void ukr_axpy(const kernel_set_t* ks, idx_t n, floating alpha, const floating* x,
+                         floating* y) noexcept nogil:
+    if floating is float:
+        ks.s.axpy(n, alpha, x, y)
+    else:
+        ks.d.axpy(n, alpha, x, y)
+
+
+cdef inline void ukr_axpy4(const kernel_set_t* ks, idx_t n, const floating* alpha,
+                          const floating* a, idx_t lda, floating* y) noexcept nogil:
+    if floating is float:
+        ks.s.axpy4(n, alpha, a, lda, y)
+    else:
+        ks.d.axpy4(n, alpha, a, lda, y)
+
+
+cdef inline void ukr_scal(const kernel_set_t* ks, idx_t n, floating alpha, const floating* x,
+                         floating* y) noexcept nogil:
+    if floating is float:
+        ks.s.scal(n, alpha, x, y)
+    else:
+        ks.d.scal(n, alpha, x, y)
+
+
 # Panel copies at the micro-tile widths the kernel modules declare (mr 4 or 6; nr 4, 8 or
 # 16), for packing.  A copy of a constant size compiles to a few vector moves where one of a
 # run-time size calls memcpy; the width is loop-invariant in the packing loops, so the

@@ -3,25 +3,34 @@ that live in L1, so the time is the FMA units' and nothing else's.  Tuned GEMM r
 then shown as a fraction of this figure.
 """
 import numpy as np
+cimport numpy as cnp
 from cython.parallel cimport prange
 
-from microtile._common._typedefs cimport idx_t
-from microtile._kernels._ukernel cimport kernel_set_t
+from microtile._common._typedefs cimport idx_t, floating
+from microtile._kernels._ukernel cimport kernel_set_t, ukr_nr, ukr_packed
 from microtile._kernels._dispatch cimport kernel_set
 
+cnp.import_array()
 
-cdef void _spin_s(const kernel_set_t* ks, idx_t k, const float* a, const float* b, float* c,
-                  idx_t reps) noexcept nogil:
+
+cdef void _spin(const kernel_set_t* ks, idx_t k, const floating* a, const floating* b,
+                floating* c, idx_t reps) noexcept nogil:
     cdef idx_t r
+    cdef int nr = ukr_nr(ks, a)
     for r in range(reps):
-        ks.s.gemm(k, a, b, c, ks.s.nr, 1, 1.0, 1.0)
+        ukr_packed(ks, k, a, b, c, nr, 1, 1.0, 1.0)
 
 
-cdef void _spin_d(const kernel_set_t* ks, idx_t k, const double* a, const double* b,
-                  double* c, idx_t reps) noexcept nogil:
-    cdef idx_t r
-    for r in range(reps):
-        ks.d.gemm(k, a, b, c, ks.d.nr, 1, 1.0, 1.0)
+cdef void _spin_team(const kernel_set_t* ks, idx_t k, const floating* a, idx_t lda,
+                     const floating* b, idx_t ldb, floating* c, idx_t ldc, idx_t reps,
+                     int threads) noexcept nogil:
+    """_spin on each of ``threads`` threads, thread t on row t of a, b and c."""
+    cdef int t
+    if threads == 1:
+        _spin(ks, k, a, b, c, reps)
+        return
+    for t in prange(threads, num_threads=threads, schedule="static", chunksize=1):
+        _spin(ks, k, a + t * lda, b + t * ldb, c + t * ldc, reps)
 
 
 def kernel_shape(int isa, int dtype_code):
@@ -50,26 +59,18 @@ def run(int isa, int dtype_code, Py_ssize_t k, Py_ssize_t reps, int threads=1):
     a = np.full((threads, mr * k + pad), 1e-6, dtype=dt)
     b = np.full((threads, nr * k + pad), 1e-6, dtype=dt)
     c = np.zeros((threads, mr * nr + pad), dtype=dt)
-    cdef float[:, ::1] sa, sb, sc
-    cdef double[:, ::1] da, db, dc
+    cdef idx_t la = a.shape[1], lb = b.shape[1], lc = c.shape[1]
+    cdef cnp.ndarray aa = a, bb = b, cc = c
     if dtype_code == 0:
-        sa, sb, sc = a, b, c
-        if threads == 1:
-            with nogil:
-                _spin_s(ks, kk, &sa[0, 0], &sb[0, 0], &sc[0, 0], rr)
-        else:
-            for t in prange(threads, nogil=True, num_threads=threads, schedule="static",
-                            chunksize=1):
-                _spin_s(ks, kk, &sa[t, 0], &sb[t, 0], &sc[t, 0], rr)
+        with nogil:
+            _spin_team(ks, kk, <const float*> cnp.PyArray_DATA(aa), la,
+                       <const float*> cnp.PyArray_DATA(bb), lb,
+                       <float*> cnp.PyArray_DATA(cc), lc, rr, threads)
     else:
-        da, db, dc = a, b, c
-        if threads == 1:
-            with nogil:
-                _spin_d(ks, kk, &da[0, 0], &db[0, 0], &dc[0, 0], rr)
-        else:
-            for t in prange(threads, nogil=True, num_threads=threads, schedule="static",
-                            chunksize=1):
-                _spin_d(ks, kk, &da[t, 0], &db[t, 0], &dc[t, 0], rr)
+        with nogil:
+            _spin_team(ks, kk, <const double*> cnp.PyArray_DATA(aa), la,
+                       <const double*> cnp.PyArray_DATA(bb), lb,
+                       <double*> cnp.PyArray_DATA(cc), lc, rr, threads)
     if not np.isfinite(c).all():
         raise FloatingPointError("peak loop produced non-finite values")
     return 2.0 * mr * nr * k * reps * threads

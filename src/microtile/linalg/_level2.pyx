@@ -8,51 +8,12 @@ Strided vectors are gathered into per-thread scratch first.  Threads split the r
 from cython.parallel cimport prange
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._kernels._ukernel cimport kernel_set_t
+from microtile._kernels._ukernel cimport (kernel_set_t, ukr_axpy, ukr_axpy4, ukr_dot, ukr_dot4,
+                                          ukr_scal)
 from microtile._common._scratch cimport scratch_get, SCRATCH_EXTRA, SCRATCH_EXTRA2
 
 # Below this many matrix elements a second thread costs more than it brings.
 cdef idx_t THREAD_MIN_ELEMS = 1 << 16
-
-
-cdef inline floating _kdot(const kernel_set_t* ks, idx_t n, const floating* x,
-                           const floating* y) noexcept nogil:
-    if floating is float:
-        return ks.s.dot(n, x, y)
-    else:
-        return ks.d.dot(n, x, y)
-
-
-cdef inline void _kdot4(const kernel_set_t* ks, idx_t n, const floating* a, idx_t lda,
-                        const floating* x, floating* out) noexcept nogil:
-    if floating is float:
-        ks.s.dot4(n, a, lda, x, out)
-    else:
-        ks.d.dot4(n, a, lda, x, out)
-
-
-cdef inline void _kaxpy(const kernel_set_t* ks, idx_t n, floating alpha, const floating* x,
-                        floating* y) noexcept nogil:
-    if floating is float:
-        ks.s.axpy(n, alpha, x, y)
-    else:
-        ks.d.axpy(n, alpha, x, y)
-
-
-cdef inline void _kaxpy4(const kernel_set_t* ks, idx_t n, const floating* alpha,
-                         const floating* a, idx_t lda, floating* y) noexcept nogil:
-    if floating is float:
-        ks.s.axpy4(n, alpha, a, lda, y)
-    else:
-        ks.d.axpy4(n, alpha, a, lda, y)
-
-
-cdef inline void _kscal(const kernel_set_t* ks, idx_t n, floating alpha, const floating* x,
-                        floating* y) noexcept nogil:
-    if floating is float:
-        ks.s.scal(n, alpha, x, y)
-    else:
-        ks.d.scal(n, alpha, x, y)
 
 
 cdef inline const floating* _contig(const floating* x, idx_t n, idx_t inc, int slot,
@@ -84,7 +45,7 @@ cdef floating dot_run(const kernel_set_t* ks, idx_t n, const floating* x, idx_t 
     if n <= 0:
         return 0
     if incx == 1 and incy == 1:
-        return _kdot(ks, n, x, y)
+        return ukr_dot(ks, n, x, y)
     while i + 4 <= n:
         s0 += x[i * incx] * y[i * incy]
         s1 += x[(i + 1) * incx] * y[(i + 1) * incy]
@@ -115,12 +76,12 @@ cdef int _gemv_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floatin
     cdef int r
     if cs_a == 1:
         while i + 4 <= r1:
-            _kdot4(ks, n, a + i * rs_a, rs_a, x, t)
+            ukr_dot4(ks, n, a + i * rs_a, rs_a, x, t)
             for r in range(4):
                 _store_y(y + (i + r) * incy, incy, alpha, t[r], beta)
             i += 4
         while i < r1:
-            _store_y(y + i * incy, incy, alpha, _kdot(ks, n, a + i * rs_a, x), beta)
+            _store_y(y + i * incy, incy, alpha, ukr_dot(ks, n, a + i * rs_a, x), beta)
             i += 1
         return 0
     # Neither rows nor columns contiguous: gather each row once.
@@ -130,7 +91,7 @@ cdef int _gemv_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floatin
     for i in range(r0, r1):
         for j in range(n):
             row[j] = a[i * rs_a + j * cs_a]
-        _store_y(y + i * incy, incy, alpha, _kdot(ks, n, row, x), beta)
+        _store_y(y + i * incy, incy, alpha, ukr_dot(ks, n, row, x), beta)
     return 0
 
 
@@ -145,10 +106,10 @@ cdef int _gemv_cols(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floatin
     for i in range(mm):
         t[i] = 0
     while j + 4 <= n:
-        _kaxpy4(ks, mm, x + j, a + r0 + j * cs_a, cs_a, t)
+        ukr_axpy4(ks, mm, x + j, a + r0 + j * cs_a, cs_a, t)
         j += 4
     while j < n:
-        _kaxpy(ks, mm, x[j], a + r0 + j * cs_a, t)
+        ukr_axpy(ks, mm, x[j], a + r0 + j * cs_a, t)
         j += 1
     for i in range(mm):
         _store_y(y + (r0 + i) * incy, incy, alpha, t[i], beta)
@@ -202,9 +163,9 @@ cdef int _rank1_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floati
     cdef idx_t i
     for i in range(r0, r1):
         if assign:
-            _kscal(ks, n, alpha * x[i * incx], y, a + i * rs_a)
+            ukr_scal(ks, n, alpha * x[i * incx], y, a + i * rs_a)
         else:
-            _kaxpy(ks, n, alpha * x[i * incx], y, a + i * rs_a)
+            ukr_axpy(ks, n, alpha * x[i * incx], y, a + i * rs_a)
     return 0
 
 
