@@ -23,6 +23,7 @@ def _positive_int(text):
 
 
 def parser():
+    from microtile._config._schema import DTYPES
     p = argparse.ArgumentParser(
         prog="python -m autotune",
         description="Measure this machine and choose microtile's blocking and threading "
@@ -32,7 +33,7 @@ def parser():
                    help="a shorter search (under a minute on 2 cores)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="thread count to tune for (default: the usable CPUs)")
-    p.add_argument("--dtype", choices=("float32", "float64", "all"), default="all",
+    p.add_argument("--dtype", choices=DTYPES + ("all",), default="all",
                    help="tune one dtype only; the other keeps its profile values")
     p.add_argument("--profile", metavar="PATH",
                    help="profile file to write or show (default: $MICROTILE_PROFILE, else "

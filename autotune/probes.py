@@ -15,6 +15,7 @@ import numpy as np
 
 import microtile
 from microtile._config import _blocking, _hwinfo
+from microtile._config._schema import DTYPES, ITEMSIZE
 from microtile._kernels import _dispatch
 
 # A point joins the current plateau while its latency stays below this factor of the
@@ -270,7 +271,7 @@ def isa_info():
         "available": list(_dispatch.available_isas()),
         "in_use": isa,
         "kernels": {dt: list(_dispatch.kernel_shape(isa, code))
-                    for code, dt in enumerate(("float32", "float64"))},
+                    for code, dt in enumerate(DTYPES)},
     }
 
 
@@ -278,10 +279,10 @@ def fma_peak(isa, dtype, threads=1, seconds=0.15, repeats=3):
     """GFLOP/s of microtile's packed micro-kernel on L1-resident panels: the best of
     ``repeats`` runs of about ``seconds`` each (the best, since load only slows it)."""
     from microtile._probes import _peak
-    code = 0 if dtype == "float32" else 1
+    code = DTYPES.index(dtype)
     isa_id = _dispatch.isa_id(isa)
     mr, nr = _peak.kernel_shape(isa_id, code)
-    itemsize = 4 if code == 0 else 8
+    itemsize = ITEMSIZE[dtype]
     # A's and B's panels together take at most half of a 32 KiB L1.
     k = max(16, min(256, 16384 // ((mr + nr) * itemsize)))
     reps = 64
@@ -304,14 +305,13 @@ def fma_peak(isa, dtype, threads=1, seconds=0.15, repeats=3):
 def model_blocking(caches, isa, cores):
     """The analytical model's mc/kc/nc per dtype for a cache list (see ``_blocking``)."""
     out = {}
-    for code, (dt, size) in enumerate((("float32", 4), ("float64", 8))):
+    for code, dt in enumerate(DTYPES):
         mr, nr = _dispatch.kernel_shape(isa, code)
-        out[dt] = _blocking.analytical_blocking(caches, mr, nr, size, cores)
+        out[dt] = _blocking.analytical_blocking(caches, mr, nr, ITEMSIZE[dt], cores)
     return out
 
 
-def probe(*, quick=False, threads=None, dtypes=("float32", "float64"), progress=None,
-          rng=None):
+def probe(*, quick=False, threads=None, dtypes=DTYPES, progress=None, rng=None):
     """Everything the search needs to know about this machine, as a JSON-able dict."""
     say = progress or (lambda msg: None)
     cpu = cpu_info()

@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 
 import microtile
 from autotune import measure
+from microtile._config._schema import DTYPES
 
 REFERENCE = {
     True: [(256, 256, 256), (1024, 1024, 1024), (3136, 64, 576)],
@@ -85,10 +86,6 @@ def reference_table(chosen, dtypes, threads, quick, peak=None, say=None):
     return rows
 
 
-PARAM_COLUMNS = ("mr", "nr", "mc", "kc", "nc", "thread_mnk", "nopack_mnk", "nopack_a_panels",
-                 "split")
-
-
 def _cube(v):
     """m*n*k thresholds read best as the cube they equal."""
     if not isinstance(v, (int, float)) or v <= 0:
@@ -103,7 +100,7 @@ def params_table(doc):
     model = doc.get("probed", {}).get("model_blocking", {})
     lines = [f"{'':10}{'kernel':>8}{'mc':>7}{'kc':>7}{'nc':>7}{'threads from':>14}"
              f"{'no-pack to':>12}{'A in place':>12}{'split':>7}"]
-    for dt in ("float32", "float64"):
+    for dt in DTYPES:
         c = chosen.get(dt)
         if not c:
             continue

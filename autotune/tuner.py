@@ -2,22 +2,21 @@
 NumPy, and assemble the profile document (the caller writes it)."""
 import time
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 import microtile
-from autotune import probes, profile, report, search
+from autotune import conv_search, plan, probes, profile, report, tuning
 from microtile._config import _blocking, _context as _config
+from microtile._config._schema import DTYPES, ITEMSIZE, SPLIT_NAMES
 from microtile._kernels import _dispatch
 
-DTYPES = ("float32", "float64")
 # Wall-clock limits: searches stop by these (seconds from the start) so that the reference
 # table and the write still fit in the promise (60 s for --quick, 10 minutes in full).
 HARD_LIMIT = {True: 44.0, False: 520.0}
 
 
 def _split_name(value):
-    return {0: "auto", 1: "ic", 2: "jc"}.get(value, value)
+    return SPLIT_NAMES.get(value, value)
 
 
 def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0):
@@ -56,21 +55,20 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
             say(f"{dt}: {mr}x{nr} kernel; model mc={model['mc']} kc={model['kc']} "
                 f"nc={model['nc']} (OS-only model mc={defaults['mc']} kc={defaults['kc']} "
                 f"nc={defaults['nc']})")
-            t = search.Tuning(dt, mr, nr, threads, quick=quick, say=say, hard_deadline=hard,
+            t = tuning.Tuning(dt, mr, nr, threads, quick=quick, say=say, hard_deadline=hard,
                               seed=seed, quiet=quiet)
-            itemsize = np.dtype(dt).itemsize
-            chosen[dt] = search.tune_dtype(
+            itemsize = ITEMSIZE[dt]
+            chosen[dt] = plan.tune_dtype(
                 t, model, defaults,
                 nc_model=lambda mc, kc, nr=nr, size=itemsize: _blocking.model_nc(
                     probed["caches"]["model"], mc, kc, nr, size, probed["cpu"]["usable"]))
             evidence[dt] = t.evidence
         options = {}
-        conv = getattr(microtile, "conv2d", None)
-        if conv is not None and "float32" in dtypes and time.perf_counter() < hard:
-            t = search.Tuning("float32", 1, 1, threads, quick=quick, say=say,
+        if "float32" in dtypes and time.perf_counter() < hard:
+            t = tuning.Tuning("float32", 1, 1, threads, quick=quick, say=say,
                               hard_deadline=hard, seed=seed, quiet=quiet)
-            options["conv_chunk"] = search.search_conv_chunk(
-                t, conv, _config.get_option("conv_chunk"))
+            options["conv_chunk"] = conv_search.search_conv_chunk(
+                t, microtile.conv2d, _config.get_option("conv_chunk"))
             evidence["options"] = t.evidence
     if path is not None:
         previous = profile.previous_chosen(path, isa)

@@ -1,9 +1,9 @@
 """Exhaustive grid over microtile's blocking (mc, kc, nc) on this machine: how close do the
 tuner's choices come to the grid's best?  (Not run in CI: a few minutes of timing.)
 
-The default objective is the tuner's final one (``autotune.search.joint_parts``): the
-geometric mean of the square 1024^3 GEMM on one thread and on all usable CPUs and of a wide
-512 x 5120 x 1024 GEMM on all of them, over the product grid GRID3 of (mc, kc, nc).
+The default objective is the tuner's final one (``autotune.blocking_search.joint_parts``):
+the geometric mean of the square 1024^3 GEMM on one thread and on all usable CPUs and of a
+wide 512 x 5120 x 1024 GEMM on all of them, over the product grid GRID3 of (mc, kc, nc).
 ``--mode 2d`` instead follows the tuner's steps: (mc, kc) on the square GEMM with nc fixed
 (GRID; one thread and all, or ``--objective single``), then nc on the wide GEMM of the nc
 step at the best (mc, kc).  Beware: the 2-D plane judges a point at an nc not its own, and a
@@ -30,12 +30,10 @@ and 8 for float64 on the 2-core VM.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p)
@@ -44,7 +42,8 @@ sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 import microtile  # noqa: E402
 from microtile._config import _context as _config, _hwinfo  # noqa: E402
 from microtile._kernels import _dispatch
-from autotune import measure, search  # noqa: E402
+from autotune import blocking_search, measure  # noqa: E402
+from autotune.tuning import fmt  # noqa: E402
 
 BLIS_ZEN3 = {"float32": {"mc": 144, "kc": 256, "nc": 4080},
              "float64": {"mc": 72, "kc": 256, "nc": 4080}}
@@ -108,7 +107,7 @@ def report(title, points, values, named, key_fields):
     order = sorted(range(len(points)), key=lambda i: -values[i])
     print("  grid top 8:")
     for i in order[:8]:
-        print(f"    {search._fmt({k: points[i][k] for k in key_fields}):28} "
+        print(f"    {fmt({k: points[i][k] for k in key_fields}):28} "
               f"{values[i]:7.1f} GFLOP/s  {values[i] / values[best]:6.1%}")
     return {"grid_best": {"point": points[best], "gflops": values[best]},
             "named": _verdicts(points, values, best, named, key_fields, "the grid's best"),
@@ -123,7 +122,7 @@ def _verdicts(pts, vals, ref, named, key_fields, against):
         frac = vals[i] / vals[ref]
         out[name] = {"point": p, "gflops": vals[i], "of_best": frac}
         mark = "within 3 %" if frac >= 0.97 else "MORE than 3 % below"
-        print(f"  {name:22} {search._fmt({k: p[k] for k in key_fields}):28} "
+        print(f"  {name:22} {fmt({k: p[k] for k in key_fields}):28} "
               f"{vals[i]:7.1f} GFLOP/s  {frac:6.1%} of {against} ({mark})")
     return out
 
@@ -135,7 +134,7 @@ def _judge(title, pts, vals, ref, named, key_fields, label):
     for i, p in enumerate(pts):
         if p in named.values():
             continue
-        print(f"    grid     {search._fmt({k: p[k] for k in key_fields}):28} "
+        print(f"    grid     {fmt({k: p[k] for k in key_fields}):28} "
               f"{vals[i]:7.1f} GFLOP/s  {vals[i] / vals[ref]:6.1%}")
     return _verdicts(pts, vals, ref, named, key_fields, "the best")
 
@@ -167,7 +166,7 @@ def confirm(title, parts, grid_points, grid_values, named, key_fields, rounds, s
     vals3 = measure_points(parts, held, rounds, seed=2, say=say)
     stage3 = _judge(title, held, vals3, 0, named, key_fields,
                     f"held out: the re-measurement's best {keep} grid points and the named "
-                    f"points timed again; judged against {search._fmt(held[0])}")
+                    f"points timed again; judged against {fmt(held[0])}")
     return {"best": {"point": held[0], "gflops": vals3[0], "stage2_gflops": vals[grid_idx[0]]},
             "named": stage3, "stage2": stage2}
 
@@ -176,7 +175,8 @@ def sweep_2d(dtype, named, mr, nr, rounds, say, joint=True):
     g = GRID[dtype]
     nc_fix = _config.defaults(dtype)["nc"]
     threads = _hwinfo.usable_cpus()
-    prob = measure.Problem(search.OBJECTIVE_N, search.OBJECTIVE_N, search.OBJECTIVE_N, dtype)
+    n = blocking_search.OBJECTIVE_N
+    prob = measure.Problem(n, n, n, dtype)
     pts = [{"mc": m, "kc": k} for m in g["mc"] for k in g["kc"]]
     for p in named.values():
         q = {"mc": p["mc"], "kc": p["kc"]}
@@ -198,12 +198,12 @@ def sweep_2d(dtype, named, mr, nr, rounds, say, joint=True):
                                   4 * rounds, say)
     best = res_mk["confirmed"]["best"]["point"]
     ncs = sorted(set(g["nc"]) | {p["nc"] for p in named.values()})
-    prob2 = measure.Problem(*search.nc_shape(best, max(ncs), threads, mr, nr), dtype)
+    prob2 = measure.Problem(*blocking_search.nc_shape(best, max(ncs), threads, mr, nr), dtype)
     pts2 = [{"nc": v} for v in ncs]
     say(f"{dtype}: nc sweep of {len(pts2)} values on {prob2}, {threads} threads, at "
         f"mc={best['mc']} kc={best['kc']}")
     named_nc = {n_: {"nc": p["nc"]} for n_, p in named.items()}
-    base2 = search.nc_base(best, threads)
+    base2 = blocking_search.nc_base(best, threads)
     # Two threads feel every spell of load on either core, and the nc grid is small:
     # three times the rounds.
     vals2 = measure_points([(prob2, base2)], pts2, 3 * rounds, say=say,
@@ -216,10 +216,11 @@ def sweep_2d(dtype, named, mr, nr, rounds, say, joint=True):
 
 
 def sweep_3d(dtype, named, mr, nr, rounds, say):
-    """Every (mc, kc, nc) of GRID3 on the tuner's final objective (``search.joint_parts``)."""
+    """Every (mc, kc, nc) of GRID3 on the tuner's final objective
+    (``blocking_search.joint_parts``)."""
     g = GRID3[dtype]
     threads = _hwinfo.usable_cpus()
-    parts = search.joint_parts(dtype, threads)
+    parts = blocking_search.joint_parts(dtype, threads)
     pts = [{"mc": m, "kc": k, "nc": c} for m in g["mc"] for k in g["kc"] for c in g["nc"]]
     pts += [p for p in named.values() if p not in pts]
     how = ", ".join(f"{p} on {b['threads']} thread(s)" for p, b in parts)

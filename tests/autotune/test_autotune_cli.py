@@ -7,7 +7,7 @@ import pytest
 
 import microtile
 from autotune import __main__ as cli
-from autotune import probes, report, search, tuner
+from autotune import plan, probes, report, tuner
 from microtile._config import _profile
 
 ISA = microtile.get_config()["isa"]
@@ -132,7 +132,7 @@ def fake_measurements(monkeypatch):
                 for dt in dtypes]
 
     monkeypatch.setattr(probes, "probe", probe)
-    monkeypatch.setattr(search, "tune_dtype", tune_dtype)
+    monkeypatch.setattr(plan, "tune_dtype", tune_dtype)
     monkeypatch.setattr(report, "reference_table", reference_table)
     return calls
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import microtile
-from autotune import measure, probes, search
+from autotune import (blocking_search, conv_search, measure, plan, probes, thresholds,
+                      tuning)
 
 ISA = microtile.get_config()["isa"]
 
@@ -108,23 +109,23 @@ def test_a_wrong_anchor_leaves_the_race_unanchored():
 
 def test_best_cut():
     # Threads lose below the 4th size and win from there on.
-    assert search.best_cut([0.5, 0.7, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 3
+    assert tuning.best_cut([0.5, 0.7, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 3
     # One noisy point does not move the threshold.
-    assert search.best_cut([0.5, 0.7, 1.05, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 4
-    assert search.best_cut([2.0, 1.5, 1.2, 0.9, 0.8], favour_low=True) == 3
-    assert search.best_cut([0.8, 0.9], favour_low=True) == 0            # never
-    assert search.best_cut([1.2, 1.3], favour_low=False) == 0           # always
+    assert tuning.best_cut([0.5, 0.7, 1.05, 0.9, 1.3, 1.6, 1.8], favour_low=False) == 4
+    assert tuning.best_cut([2.0, 1.5, 1.2, 0.9, 0.8], favour_low=True) == 3
+    assert tuning.best_cut([0.8, 0.9], favour_low=True) == 0            # never
+    assert tuning.best_cut([1.2, 1.3], favour_low=False) == 0           # always
 
 
 def test_neighbours_are_legal_and_distinct():
     centre = {"mc": 96, "kc": 256}
-    ns = search.neighbours(centre, 1.5, 6)
+    ns = blocking_search.neighbours(centre, 1.5, 6)
     assert len(ns) == 6
     for c in ns:
-        assert c["mc"] % 6 == 0 and c["kc"] % search.KC_STEP == 0 and c != centre
+        assert c["mc"] % 6 == 0 and c["kc"] % blocking_search.KC_STEP == 0 and c != centre
     assert {"mc": 144, "kc": 256} in ns and {"mc": 96, "kc": 384} in ns
     assert {"mc": 144, "kc": 168} in ns                # same footprint, other shape
-    tiny = search.neighbours({"mc": 6, "kc": 16}, 1.1, 6)
+    tiny = blocking_search.neighbours({"mc": 6, "kc": 16}, 1.1, 6)
     assert all(c != {"mc": 6, "kc": 16} for c in tiny)
 
 
@@ -138,8 +139,8 @@ def test_blocking_search_moves_towards_a_better_point(monkeypatch):
     monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
     monkeypatch.setattr(measure, "Problem", lambda *a, **k: type(
         "P", (), {"m": 1, "n": 1, "k": 1})())
-    t = search.Tuning("float32", 6, 16, 1, quick=False)
-    best = search.search_blocking(t, [{"mc": 582, "kc": 168}], 4096)
+    t = tuning.Tuning("float32", 6, 16, 1, quick=False)
+    best = blocking_search.search_blocking(t, [{"mc": 582, "kc": 168}], 4096)
     assert speed(best) > 0.97 * 100
     assert t.evidence["blocking"]["chosen"] == best
 
@@ -153,16 +154,16 @@ def test_thresholds_from_sweeps(monkeypatch):
         return 50.0 * (0.6 if n <= 48 else 1.6)
 
     monkeypatch.setattr(measure, "gflops", gflops)
-    t = search.Tuning("float64", 6, 8, 2, quick=True)
-    value = search.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto")
+    t = tuning.Tuning("float64", 6, 8, 2, quick=True)
+    value = thresholds.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto")
     assert 48 ** 3 < value < 64 ** 3
 
 
 def test_sweep_refuses_wrong_results(monkeypatch):
     monkeypatch.setattr(measure, "check", lambda prob, ov: 5.0)
-    t = search.Tuning("float32", 6, 16, 1, quick=True)
+    t = tuning.Tuning("float32", 6, 16, 1, quick=True)
     with pytest.raises(RuntimeError, match="wrong result"):
-        search.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3)
+        thresholds.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3)
 
 
 def test_fma_peak_and_parallel_efficiency_run():
@@ -176,7 +177,7 @@ def test_conv_reference_matches_a_direct_loop():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 2, 5, 4))
     w = rng.standard_normal((3, 2, 3, 3))
-    ref, bound = search.conv_reference(x, w, 1)
+    ref, bound = conv_search.conv_reference(x, w, 1)
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     direct = np.zeros((1, 3, 5, 4))
     for k in range(3):
@@ -194,13 +195,13 @@ def test_conv_chunk_search_refuses_a_wrong_candidate(monkeypatch):
 
     def conv(x, w, padding=0):
         ws = _config.get_option("conv_chunk")
-        y = search.conv_reference(x, w, padding)[0].astype(np.float32)
+        y = conv_search.conv_reference(x, w, padding)[0].astype(np.float32)
         if ws == 1 << 20:
             y[0, 0, 0, 0] += 1.0                       # a broken chunking path
         return y
 
-    t = search.Tuning("float32", 1, 1, 1, quick=True)
-    value = search.search_conv_chunk(t, conv, 2 << 20, shape=(1, 2, 6, 6, 3, 3))
+    t = tuning.Tuning("float32", 1, 1, 1, quick=True)
+    value = conv_search.search_conv_chunk(t, conv, 2 << 20, shape=(1, 2, 6, 6, 3, 3))
     assert value != 1 << 20
     rows = {r["candidate"]["conv_chunk"]: r for r in t.evidence["conv_chunk"]["results"]}
     assert rows[1 << 20]["error_ratio"] > 1 and rows[2 << 20]["error_ratio"] <= 1
@@ -208,8 +209,9 @@ def test_conv_chunk_search_refuses_a_wrong_candidate(monkeypatch):
 
 def test_conv_chunk_search_with_the_real_conv2d():
     import microtile
-    t = search.Tuning("float32", 1, 1, 1, quick=True)
-    value = search.search_conv_chunk(t, microtile.conv2d, 2 << 20, shape=(2, 4, 9, 9, 5, 3))
+    t = tuning.Tuning("float32", 1, 1, 1, quick=True)
+    value = conv_search.search_conv_chunk(t, microtile.conv2d, 2 << 20,
+                                          shape=(2, 4, 9, 9, 5, 3))
     assert value in {r["candidate"]["conv_chunk"] for r in t.evidence["conv_chunk"]["results"]}
     assert all(r["error_ratio"] <= 1 for r in t.evidence["conv_chunk"]["results"])
 
@@ -222,9 +224,9 @@ def test_thread_sweep_under_load_keeps_the_default(monkeypatch):
 
     monkeypatch.setattr(measure, "gflops", gflops)
     checks = []
-    t = search.Tuning("float64", 6, 8, 2, quick=True,
+    t = tuning.Tuning("float64", 6, 8, 2, quick=True,
                       quiet=lambda par: checks.append(par) or (1.0, 1.0))
-    assert search.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto") is None
+    assert thresholds.search_thread_mnk(t, {"mc": 72, "kc": 256, "nc": 1024}, "auto") is None
     assert t.evidence["thread_mnk"]["contaminated"]
     assert checks                                      # it waited for the cores once
 
@@ -235,18 +237,18 @@ def test_busy_cores_skip_thread_decisions(monkeypatch):
         t.evidence["blocking"] = {"finalists": [{"mc": 96, "kc": 256}]}
         return {"mc": 96, "kc": 256}
 
-    monkeypatch.setattr(search, "search_blocking", blocking)
+    monkeypatch.setattr(blocking_search, "search_blocking", blocking)
     ncs = []
-    monkeypatch.setattr(search, "search_nc", lambda t, block, nc, n: ncs.append(n) or nc)
-    monkeypatch.setattr(search, "search_joint", lambda *a: called.append(3))
-    monkeypatch.setattr(search, "search_nopack", lambda t, block, d: d)
-    monkeypatch.setattr(search, "search_nopack_a", lambda t, block, d: d)
-    monkeypatch.setattr(search, "search_split", lambda t, block: called.append(1) or "jc")
-    monkeypatch.setattr(search, "search_thread_mnk", lambda *a: called.append(2) or 1)
-    t = search.Tuning("float32", 6, 16, 2, quick=True, quiet=lambda par: (0.95, 0.3))
+    monkeypatch.setattr(blocking_search, "search_nc", lambda t, block, nc, n: ncs.append(n) or nc)
+    monkeypatch.setattr(blocking_search, "search_joint", lambda *a: called.append(3))
+    monkeypatch.setattr(thresholds, "search_nopack", lambda t, block, d: d)
+    monkeypatch.setattr(thresholds, "search_nopack_a", lambda t, block, d: d)
+    monkeypatch.setattr(thresholds, "search_split", lambda t, block: called.append(1) or "jc")
+    monkeypatch.setattr(thresholds, "search_thread_mnk", lambda *a: called.append(2) or 1)
+    t = tuning.Tuning("float32", 6, 16, 2, quick=True, quiet=lambda par: (0.95, 0.3))
     defaults = {"mc": 582, "kc": 168, "nc": 4096, "nopack_mnk": 64 ** 3,
                 "thread_mnk": 96 ** 3, "nopack_a_panels": 4, "split": 0}
-    chosen = search.tune_dtype(t, dict(defaults), defaults)
+    chosen = plan.tune_dtype(t, dict(defaults), defaults)
     assert called == []
     assert chosen["split"] == "auto" and chosen["thread_mnk"] == 96 ** 3
     assert t.evidence["busy"] == ["joint", "split", "thread_mnk"]
@@ -257,16 +259,16 @@ def test_noisy_sweep_keeps_the_default(monkeypatch):
     rng = np.random.default_rng(0)
     monkeypatch.setattr(measure, "gflops",
                         lambda prob, ov, min_seconds=0: 50.0 * rng.choice([0.3, 1.0, 3.0]))
-    t = search.Tuning("float32", 6, 16, 1, quick=True)
-    assert search.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3) is None
+    t = tuning.Tuning("float32", 6, 16, 1, quick=True)
+    assert thresholds.search_nopack(t, {"mc": 96, "kc": 256, "nc": 1024}, 64 ** 3) is None
     assert t.evidence["nopack_mnk"]["noisy"]
 
 
 def test_split_thread_counts():
-    assert search.split_thread_counts(1) == []
-    assert search.split_thread_counts(2) == [2]
-    assert search.split_thread_counts(6) == [2, 4, 6]
-    assert search.split_thread_counts(64) == [2, 4, 8, 16, 32, 64]
+    assert thresholds.split_thread_counts(1) == []
+    assert thresholds.split_thread_counts(2) == [2]
+    assert thresholds.split_thread_counts(6) == [2, 4, 6]
+    assert thresholds.split_thread_counts(64) == [2, 4, 8, 16, 32, 64]
 
 
 def test_joint_verdict_weighs_one_and_all_threads(monkeypatch):
@@ -281,10 +283,10 @@ def test_joint_verdict_weighs_one_and_all_threads(monkeypatch):
     monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
     monkeypatch.setattr(measure, "Problem", lambda *a, **k: type(
         "P", (), {"m": 1, "n": 1, "k": 1})())
-    t = search.Tuning("float32", 6, 16, 2, quick=True)
-    pick = search.search_joint(t, [{"mc": 480, "kc": 1024, "nc": 4096},
-                                   {"mc": 144, "kc": 512, "nc": 4096}],
-                               {"mc": 582, "kc": 168, "nc": 4096})
+    t = tuning.Tuning("float32", 6, 16, 2, quick=True)
+    pick = blocking_search.search_joint(t, [{"mc": 480, "kc": 1024, "nc": 4096},
+                                            {"mc": 144, "kc": 512, "nc": 4096}],
+                                        {"mc": 582, "kc": 168, "nc": 4096})
     assert pick == {"mc": 144, "kc": 512, "nc": 4096}
 
 
@@ -292,7 +294,7 @@ def test_joint_verdict_sees_nc_on_the_wide_gemm(monkeypatch):
     """Two blockings alike on the square GEMM (where any nc >= n is the same) differ on the
     wide one: the narrow nc repacks A for every block of columns."""
     def gflops(prob, ov, min_seconds=0):
-        if prob.n == search.WIDE[1] and ov["nc"] < 512:
+        if prob.n == blocking_search.WIDE[1] and ov["nc"] < 512:
             return 60.0
         return 100.0 + (ov["nc"] < 512)        # a hair faster on the square GEMM
 
@@ -300,10 +302,10 @@ def test_joint_verdict_sees_nc_on_the_wide_gemm(monkeypatch):
     monkeypatch.setattr(measure, "check", lambda prob, ov: 0.1)
     monkeypatch.setattr(measure, "Problem", lambda m, n, k, *a, **kw: type(
         "P", (), {"m": m, "n": n, "k": k})())
-    t = search.Tuning("float64", 6, 8, 2, quick=True)
-    pick = search.search_joint(t, [{"mc": 12, "kc": 768, "nc": 448},
-                                   {"mc": 12, "kc": 512, "nc": 1024}],
-                               {"mc": 96, "kc": 256, "nc": 1024})
+    t = tuning.Tuning("float64", 6, 8, 2, quick=True)
+    pick = blocking_search.search_joint(t, [{"mc": 12, "kc": 768, "nc": 448},
+                                            {"mc": 12, "kc": 512, "nc": 1024}],
+                                        {"mc": 96, "kc": 256, "nc": 1024})
     assert pick == {"mc": 12, "kc": 512, "nc": 1024}
     assert [p[0] for p in t.evidence["joint"]["parts"]] == [[1024] * 3, [1024] * 3,
-                                                            list(search.WIDE)]
+                                                            list(blocking_search.WIDE)]
