@@ -138,51 +138,53 @@ cdef void _dact_colsum_rows(int act, const floating* y, const floating* dy, floa
                 acc[s0 + j] += part[j]
 
 
+cdef void _act_part(int act, const floating* x, const floating* dy, floating* out,
+                    idx_t n) noexcept nogil:
+    """out = act(x) when dy is NULL; else out = dy * act'(.) computed from the output x."""
+    if dy == NULL:
+        _act_run(act, x, out, n)
+    else:
+        _dact_run(act, x, dy, out, n)
+
+
+cdef void _act_split(int act, const floating* x, const floating* dy, floating* out, idx_t n,
+                     int nt) noexcept nogil:
+    """_act_part over n elements on nt threads, each a contiguous share."""
+    cdef idx_t chunk, t0, t1
+    cdef int t
+    if nt == 1:
+        _act_part(act, x, dy, out, n)
+        return
+    chunk = mt_share(n, nt)
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        t0 = t * chunk
+        t1 = mt_share_end(t0, chunk, n)
+        if t0 < t1:
+            _act_part(act, x + t0, NULL if dy == NULL else dy + t0, out + t0, t1 - t0)
+
+
 def act_forward(const floating[::1] x, floating[::1] out, int act):
     """out = act(x) element-wise over flat C-contiguous arrays (out may be x)."""
-    cdef idx_t n = x.shape[0], chunk, t0, t1
-    cdef int nt, t
+    cdef idx_t n = x.shape[0]
     if out.shape[0] != n:
         raise ValueError(f"act_forward: sizes {n} and {out.shape[0]} differ")
     if n == 0:
         return
-    nt = _threads_for(n)
-    cdef const floating* px = &x[0]
-    cdef floating* po = &out[0]
-    if nt == 1:
-        with nogil:
-            _act_run(act, px, po, n)
-        return
-    chunk = mt_share(n, nt)
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        t0 = t * chunk
-        t1 = mt_share_end(t0, chunk, n)
-        if t0 < t1:
-            _act_run(act, px + t0, po + t0, t1 - t0)
+    cdef int nt = _threads_for(n)
+    with nogil:
+        _act_split(act, &x[0], <const floating*> NULL, &out[0], n, nt)
 
 
 def act_backward(int act, const floating[::1] y, const floating[::1] dy, floating[::1] dz):
     """dz = dy * act'(x), with act'(x) computed from the output y; flat C-contiguous arrays."""
-    cdef idx_t n = y.shape[0], chunk, t0, t1
-    cdef int nt, t
+    cdef idx_t n = y.shape[0]
     if dy.shape[0] != n or dz.shape[0] != n:
         raise ValueError(f"act_backward: sizes {n}, {dy.shape[0]}, {dz.shape[0]} differ")
     if n == 0:
         return
-    cdef const floating* py = &y[0]
-    cdef const floating* pdy = &dy[0]
-    cdef floating* pdz = &dz[0]
-    nt = _threads_for(n)
-    if nt == 1:
-        with nogil:
-            _dact_run(act, py, pdy, pdz, n)
-        return
-    chunk = mt_share(n, nt)
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        t0 = t * chunk
-        t1 = mt_share_end(t0, chunk, n)
-        if t0 < t1:
-            _dact_run(act, py + t0, pdy + t0, pdz + t0, t1 - t0)
+    cdef int nt = _threads_for(n)
+    with nogil:
+        _act_split(act, &y[0], &dy[0], &dz[0], n, nt)
 
 
 def act_backward_colsum(int act, const floating[:, ::1] y, const floating[:, ::1] dy,
