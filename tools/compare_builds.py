@@ -24,8 +24,8 @@ import microtile as mt
 from threadpoolctl import threadpool_limits
 
 QUICK = bool(int(sys.argv[1]))
-SAMPLES = 3 if QUICK else 5
-MIN_TIME = 0.1 if QUICK else 0.25
+SAMPLES = 3
+MIN_TIME = 0.1 if QUICK else 0.2
 
 
 def best_rate(fn, work):

@@ -1,23 +1,33 @@
-"""Level 1/2 and batched matmul."""
+"""Level 1/2 (one thread) and batched matmul."""
 import numpy as np
 
 import microtile as mt
 
-from .common import Threads, random
+from .common import DTYPES, Benchmark, check, random
+
+ALPHA = 1e-9  # ger's scale: the repeated in-place updates leave a all but unchanged
 
 
-class Level2:
-    params = ([256, 2048], ["float32", "float64"])
+class Level2(Benchmark):
+    params = ([256, 2048], DTYPES)
     param_names = ["n", "dtype"]
 
     def setup(self, n, dtype):
         self.a = random((n, n), dtype, 1)
         self.x = random(n, dtype, 2)
         self.y = random(n, dtype, 3)
-        self.threads = Threads(1).__enter__()
+        self.limit_threads(1)
+        self.check_once(n, dtype)
 
-    def teardown(self, n, dtype):
-        self.threads.__exit__()
+    def check(self, n, dtype):
+        ops = (self.a, self.x)
+        check("gemv", mt.gemv(*ops), lambda a, x: a @ x, ops, n, dtype)
+        check("gemv trans", mt.gemv(*ops, trans=True), lambda a, x: a.T @ x, ops, n, dtype)
+        check("dot", mt.dot(self.x, self.y), np.dot, (self.x, self.y), n, dtype)
+        ops = (self.a.copy(), self.x, self.y)
+        # ALPHA rounded to dtype, ALPHA * x, * y, + a: four roundings
+        check("ger", mt.ger(self.a, self.x, self.y, alpha=ALPHA),
+              lambda a, x, y: a + ALPHA * np.outer(x, y), ops, 4, dtype)
 
     def time_gemv(self, n, dtype):
         mt.gemv(self.a, self.x)
@@ -29,20 +39,27 @@ class Level2:
         mt.dot(self.x, self.y)
 
     def time_ger(self, n, dtype):
-        mt.ger(self.a, self.x, self.y, alpha=1e-9)
+        mt.ger(self.a, self.x, self.y, alpha=ALPHA)
 
 
-class BatchedMatmul:
-    params = ([(512, 8), (64, 32), (8, 128)], ["float32"])
-    param_names = ["batch_n", "dtype"]
+class BatchedMatmul(Benchmark):
+    """Stacks of small square products, beside numpy.matmul (default thread counts)."""
 
-    def setup(self, batch_n, dtype):
-        batch, n = batch_n
+    params = (["512x8", "64x32", "8x128"], ["float32"])
+    param_names = ["batch_x_n", "dtype"]
+
+    def setup(self, batch_x_n, dtype):
+        batch, n = map(int, batch_x_n.split("x"))
         self.a = random((batch, n, n), dtype, 1)
         self.b = random((batch, n, n), dtype, 2)
+        self.check_once(batch_x_n, dtype)
 
-    def time_matmul(self, batch_n, dtype):
+    def check(self, batch_x_n, dtype):
+        ops = (self.a, self.b)
+        check("matmul", mt.matmul(*ops), np.matmul, ops, self.a.shape[-1], dtype)
+
+    def time_matmul(self, batch_x_n, dtype):
         mt.matmul(self.a, self.b)
 
-    def time_numpy_matmul(self, batch_n, dtype):
+    def time_numpy_matmul(self, batch_x_n, dtype):
         np.matmul(self.a, self.b)

@@ -1,89 +1,58 @@
-"""GEMM: square, transposed and skinny shapes; microtile and NumPy side by side."""
+"""GEMM C = op(A) @ op(B) into a preallocated C, microtile and NumPy side by side."""
 import numpy as np
 
 import microtile as mt
 
-from .common import Threads, gflops, random
+from .common import DTYPES, THREADS, Benchmark, check, gflops, random
 
 
-class _Gemm:
-    """Operands for an m x n x k product, allocated in setup, with both libraries held to the
-    benchmark's thread count."""
-
-    def _setup(self, m, n, k, dtype, threads):
-        self.m, self.n, self.k = m, n, k
-        self.a = random((m, k), dtype, 1)
-        self.b = random((k, n), dtype, 2)
-        self.out = np.empty((m, n), dtype)
-        self.threads = Threads(threads).__enter__()
-
-    def teardown(self, *params):
-        self.threads.__exit__()
-
-    def _ours(self):
-        return gflops(lambda: mt.gemm(self.a, self.b, out=self.out),
-                      2.0 * self.m * self.n * self.k)
-
-
-class GemmSquare(_Gemm):
-    params = ([64, 256, 1024, 2048], ["float32", "float64"], [1, 2])
-    param_names = ["n", "dtype", "threads"]
+class _Gemm(Benchmark):
+    param_names = ["mxnxk", "dtype", "threads"]
+    trans = False  # A and B stored transposed (k x m, n x k), passed with trans_a/trans_b
     timeout = 120
 
-    def setup(self, n, dtype, threads):
-        self._setup(n, n, n, dtype, threads)
+    def setup(self, mxnxk, dtype, threads):
+        m, n, k = map(int, mxnxk.split("x"))
+        self.flops = 2.0 * m * n * k
+        self.a = random((k, m) if self.trans else (m, k), dtype, 1)
+        self.b = random((n, k) if self.trans else (k, n), dtype, 2)
+        self.a_op, self.b_op = (self.a.T, self.b.T) if self.trans else (self.a, self.b)
+        self.out = np.empty((m, n), dtype)
+        self.limit_threads(threads)
+        self.check_once(mxnxk, dtype, threads)
 
-    def time_gemm(self, n, dtype, threads):
-        mt.gemm(self.a, self.b, out=self.out)
+    def check(self, mxnxk, dtype, threads):
+        self.time_gemm(mxnxk, dtype, threads)
+        check("gemm", self.out, np.matmul, (self.a_op, self.b_op), self.a_op.shape[1], dtype)
 
-    def time_numpy_matmul(self, n, dtype, threads):
-        np.matmul(self.a, self.b, out=self.out)
+    def time_gemm(self, mxnxk, dtype, threads):
+        mt.gemm(self.a, self.b, trans_a=self.trans, trans_b=self.trans, out=self.out)
 
-    def track_gflops(self, n, dtype, threads):
-        return self._ours()
+    def track_gflops(self, mxnxk, dtype, threads):
+        return gflops(lambda: self.time_gemm(mxnxk, dtype, threads), self.flops)
 
     track_gflops.unit = "GFLOP/s"
 
-    def track_ratio_to_numpy(self, n, dtype, threads):
-        theirs = gflops(lambda: np.matmul(self.a, self.b, out=self.out), 2.0 * n ** 3)
-        return self._ours() / theirs
+
+class Gemm(_Gemm):
+    """Small and large squares, and skinny shapes from neural networks (an MLP layer, a
+    wide-batch projection, an im2col convolution); beside numpy.matmul."""
+
+    params = (["64x64x64", "1024x1024x1024", "256x4096x784", "4096x256x64", "3136x64x576"],
+              DTYPES, THREADS)
+
+    def time_numpy_matmul(self, mxnxk, dtype, threads):
+        np.matmul(self.a_op, self.b_op, out=self.out)
+
+    def track_ratio_to_numpy(self, mxnxk, dtype, threads):
+        theirs = gflops(lambda: self.time_numpy_matmul(mxnxk, dtype, threads), self.flops)
+        return self.track_gflops(mxnxk, dtype, threads) / theirs
 
     track_ratio_to_numpy.unit = "ratio"
 
 
 class GemmTransposed(_Gemm):
-    params = ([256, 1024], ["float32", "float64"], [1, 2])
-    param_names = ["n", "dtype", "threads"]
+    """trans_a and trans_b both set: the packing routines read the other way."""
 
-    def setup(self, n, dtype, threads):
-        self._setup(n, n, n, dtype, threads)
-
-    def time_gemm_tt(self, n, dtype, threads):
-        mt.gemm(self.a, self.b, trans_a=True, trans_b=True, out=self.out)
-
-    def track_gflops_tt(self, n, dtype, threads):
-        return gflops(lambda: mt.gemm(self.a, self.b, trans_a=True, trans_b=True,
-                                      out=self.out), 2.0 * n ** 3)
-
-    track_gflops_tt.unit = "GFLOP/s"
-
-
-class GemmSkinny(_Gemm):
-    # Shapes from neural networks: an MLP layer, a wide-batch projection, and an im2col conv.
-    params = (["256x4096x784", "4096x256x64", "3136x64x576"], ["float32", "float64"], [1, 2])
-    param_names = ["mnk", "dtype", "threads"]
-
-    def setup(self, mnk, dtype, threads):
-        m, n, k = map(int, mnk.split("x"))
-        self._setup(m, n, k, dtype, threads)
-
-    def time_gemm(self, mnk, dtype, threads):
-        mt.gemm(self.a, self.b, out=self.out)
-
-    def time_numpy_matmul(self, mnk, dtype, threads):
-        np.matmul(self.a, self.b, out=self.out)
-
-    def track_gflops(self, mnk, dtype, threads):
-        return self._ours()
-
-    track_gflops.unit = "GFLOP/s"
+    params = (["256x256x256", "1024x1024x1024"], DTYPES, THREADS)
+    trans = True

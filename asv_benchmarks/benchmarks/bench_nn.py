@@ -1,11 +1,11 @@
-"""microtile.nn: one training step (zero_grad, forward, cross-entropy, backward, SGD with
-momentum) of the issue's MLPs in float32, and the optimizer updates on their own."""
+"""microtile.nn in float32: a training step (zero_grad, forward, cross-entropy, backward, SGD
+with momentum) of MLPs and of a small CNN, their forward pass, and optimizer updates alone."""
 import numpy as np
 
-import microtile as mt
 from microtile import nn
 
-from .common import Threads, random
+from .common import (THREADS, Benchmark, check, compare, conv2d_ref, gamma, max_pool_ref,
+                     random, seconds_per_call)
 
 MLPS = {
     "784-1024-1024-10@256": ((784, 1024, 1024, 10), 256),
@@ -23,95 +23,146 @@ def make_mlp(sizes, dtype):
     return nn.Sequential(*layers)
 
 
-class TrainStep:
-    params = (list(MLPS), ["float32"], [1, 2])
-    param_names = ["model", "dtype", "threads"]
+def reference(model):
+    """``fn(x, *weights)``, the Sequential ``model`` in NumPy (weights in the order of
+    ``model.parameters()``), and the most roundings on any term's path through it."""
+    steps, depth = [], 0
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            steps.append((2, lambda h, w, b: h @ w.T + b))
+            depth += layer.in_features + 1
+        elif isinstance(layer, nn.Conv2d):
+            steps.append((2, lambda h, w, b, s=layer.stride[0], p=layer.padding[0]:
+                          conv2d_ref(h, w, b, s, p)))
+            depth += layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] + 1
+        elif isinstance(layer, nn.MaxPool2d):
+            steps.append((0, lambda h, k=layer.kernel_size[0], s=layer.stride[0],
+                          p=layer.padding[0]: max_pool_ref(h, k, s, p)))
+        elif isinstance(layer, nn.ReLU):
+            steps.append((0, lambda h: np.maximum(h, 0.0)))
+        elif isinstance(layer, nn.Flatten):
+            steps.append((0, lambda h: h.reshape(len(h), -1)))
+        else:
+            raise TypeError(f"no NumPy reference for {layer!r}")
+
+    def fn(x, *weights):
+        rest = iter(weights)
+        for count, step in steps:
+            x = step(x, *(next(rest) for _ in range(count)))
+        return x
+
+    return fn, depth
+
+
+def check_cross_entropy(what, got, logits, bound, labels, dtype):
+    """Compare a mean cross-entropy computed in ``dtype`` from logits that are within
+    ``bound`` of the float64 ``logits``."""
+    n, c = logits.shape
+    rows = np.arange(n)
+    m = logits.max(axis=1)
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+    zy = logits[rows, labels]
+    # lse and z_y each move by at most the largest error in the row's logits; computing them
+    # rounds at most c + 8 times a row (shift, exp, c-term sum, log, add back, subtract z_y),
+    # each relative to the logits' size or (in the log) to 1; the mean over n rows and
+    # fit's loss * n / n, n + 2 times.
+    row = (bound.max(axis=1) + bound[rows, labels] + gamma(c + 8, dtype)
+           * (np.abs(lse) + np.abs(zy) + 2 * np.abs(logits).max(axis=1) + 1))
+    ref = lse - zy
+    compare(what, got, ref.mean(), row.mean() + gamma(n + 2, dtype) * np.abs(ref).mean())
+
+
+class _Training(Benchmark):
+    """``time_train_step`` is ``nn.fit`` over one batch: one optimizer step on it."""
+
     timeout = 120
 
-    def setup(self, model, dtype, threads):
-        sizes, batch = MLPS[model]
-        self.model = make_mlp(sizes, dtype)
-        self.x = random((batch, sizes[0]), dtype, 1)
-        self.labels = np.random.default_rng(2).integers(0, sizes[-1], batch)
-        self.loss = nn.CrossEntropyLoss()
-        self.opt = nn.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.batch = batch
-        self.threads = Threads(threads).__enter__()
-        self.step()  # buffers and optimizer state exist from here on
+    def _setup(self, model, x, classes, threads, params):
+        self.model, self.x = model, x
+        self.labels = np.random.default_rng(2).integers(0, classes, len(x)).astype(np.intp)
+        opt = nn.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.fit_args = (model, nn.CrossEntropyLoss(), opt, x, self.labels)
+        self.fit_kwargs = dict(batch_size=len(x), shuffle=False, progress=False)
+        self.limit_threads(threads)
+        self.check_once(*params)
+        self.time_train_step(*params)  # buffers and optimizer state exist from here on
 
-    def teardown(self, model, dtype, threads):
-        self.threads.__exit__()
+    def check(self, *params):
+        dtype = self.x.dtype
+        fn, depth = reference(self.model)
+        weights = [p.data for p in self.model.parameters()]
+        logits, bound = check("forward", self.model.forward(self.x), fn, (self.x, *weights),
+                              depth, dtype)
+        history = nn.fit(*self.fit_args, **self.fit_kwargs)
+        check_cross_entropy("fit loss", history["loss"][0], logits, bound, self.labels, dtype)
 
-    def step(self):
-        self.opt.zero_grad()
-        out = self.model.forward(self.x)
-        self.loss.forward(out, self.labels)
-        self.model.backward(self.loss.backward(), need_input_grad=False)
-        self.opt.step()
+    def time_train_step(self, *params):
+        nn.fit(*self.fit_args, **self.fit_kwargs)
 
-    def time_train_step(self, model, dtype, threads):
-        self.step()
-
-    def time_forward(self, model, dtype, threads):
+    def time_forward(self, *params):
         self.model.forward(self.x)
 
-    def track_samples_per_second(self, model, dtype, threads):
-        import time
-        reps = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(3):
-                self.step()
-            reps.append((time.perf_counter() - t0) / 3)
-        return self.batch / float(np.median(reps))
+    def track_samples_per_second(self, *params):
+        return len(self.x) / seconds_per_call(lambda: self.time_train_step(*params))
 
     track_samples_per_second.unit = "samples/s"
 
 
-class OptimizerStep:
-    params = (["SGD", "Adam", "AdaGrad", "RMSprop"], [1 << 16, 1 << 20], [1, 2])
+class TrainStep(_Training):
+    params = (list(MLPS), ["float32"], THREADS)
+    param_names = ["model", "dtype", "threads"]
+
+    def setup(self, model, dtype, threads):
+        sizes, batch = MLPS[model]
+        self._setup(make_mlp(sizes, dtype), random((batch, sizes[0]), dtype, 1), sizes[-1],
+                    threads, (model, dtype, threads))
+
+
+class TrainStepCNN(_Training):
+    """conv 3x3 + ReLU + 2x2 max-pool + linear on 28x28 single-channel images, batch 64."""
+
+    params = (["float32"], [2])
+    param_names = ["dtype", "threads"]
+
+    def setup(self, dtype, threads):
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, dtype=dtype, rng=0),
+                              nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(16 * 14 * 14, 10, dtype=dtype, rng=1))
+        self._setup(model, random((64, 1, 28, 28), dtype, 1), 10, threads, (dtype, threads))
+
+
+# name: (keyword arguments, the first step's displacement of p in float64 from the gradient)
+OPTIMIZERS = {
+    "SGD": (dict(lr=0.01, momentum=0.9), lambda g: 0.01 * g),
+    "Adam": (dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8),
+             lambda g: 1e-3 * g / (np.abs(g) + 1e-8)),
+    "AdaGrad": (dict(lr=1e-2, eps=1e-10), lambda g: 1e-2 * g / (np.abs(g) + 1e-10)),
+    "RMSprop": (dict(lr=1e-2, alpha=0.99, eps=1e-8),
+                lambda g: 1e-2 * g / (np.sqrt(0.01) * np.abs(g) + 1e-8)),
+}
+
+
+class OptimizerStep(Benchmark):
+    params = (list(OPTIMIZERS), [1 << 16, 1 << 20], THREADS)
     param_names = ["optimizer", "size", "threads"]
 
     def setup(self, optimizer, size, threads):
         self.p = nn.Parameter(random(size, "float32", 1))
         self.p.grad = random(size, "float32", 2)
-        kwargs = dict(lr=0.01, momentum=0.9) if optimizer == "SGD" else {}
+        kwargs, self.first_step = OPTIMIZERS[optimizer]
         self.opt = getattr(nn, optimizer)([self.p], **kwargs)
-        self.threads = Threads(threads).__enter__()
-        self.opt.step()
+        self.limit_threads(threads)
+        self.check_once(optimizer, size, threads)
+        self.time_step(optimizer, size, threads)  # optimizer state exists from here on
 
-    def teardown(self, optimizer, size, threads):
-        self.threads.__exit__()
+    def check(self, optimizer, size, threads):
+        p0, g = self.p.data.astype(np.float64), self.p.grad.astype(np.float64)
+        self.time_step(optimizer, size, threads)
+        d = self.first_step(g)
+        # the displacement: at most 20 roundings, no cancellation among them; then p - d
+        bound = sum(gamma(20, dt) * np.abs(d) + gamma(1, dt) * np.abs(p0 - d)
+                    for dt in ("float32", "float64"))
+        compare(f"{optimizer} step", self.p.data, p0 - d, bound)
 
     def time_step(self, optimizer, size, threads):
-        self.opt.step()
-
-
-class TrainStepCNN:
-    """conv 3x3 + ReLU + 2x2 max-pool + linear on 28x28 single-channel images, batch 64."""
-    params = (["float32"], [2])
-    param_names = ["dtype", "threads"]
-    timeout = 120
-
-    def setup(self, dtype, threads):
-        if not hasattr(mt, "conv2d"):
-            raise NotImplementedError("microtile.conv2d is not in this build")
-        self.model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, dtype=dtype, rng=0),
-                                   nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                                   nn.Linear(16 * 14 * 14, 10, dtype=dtype, rng=1))
-        self.x = random((64, 1, 28, 28), dtype, 1)
-        self.labels = np.random.default_rng(2).integers(0, 10, 64)
-        self.loss = nn.CrossEntropyLoss()
-        self.opt = nn.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.threads = Threads(threads).__enter__()
-        self.time_train_step(dtype, threads)
-
-    def teardown(self, dtype, threads):
-        self.threads.__exit__()
-
-    def time_train_step(self, dtype, threads):
-        self.opt.zero_grad()
-        out = self.model.forward(self.x)
-        self.loss.forward(out, self.labels)
-        self.model.backward(self.loss.backward(), need_input_grad=False)
         self.opt.step()
