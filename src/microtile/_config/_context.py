@@ -189,7 +189,7 @@ def config_context(**overrides):
         new["options"] = {**merged.get("options", {}), **new["options"]}
     merged.update(new)
     for code, name in enumerate(DTYPES):
-        if dtype is None or dtype == name:
+        if blocking and (dtype is None or dtype == name):
             merged.setdefault(code, {}).update(blocking)
     token = _params.override.set(merged)
     try:

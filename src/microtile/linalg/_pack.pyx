@@ -7,7 +7,7 @@ own loops because they are the common ones and the compiler vectorizes them.
 from libc.string cimport memcpy, memset
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._kernels._ukernel cimport panel_copy, panel_gather
+from microtile._kernels._ukernel cimport copy_panels, gather_panel
 
 # Panels packed together, row by row (see pack_b).
 cdef enum:
@@ -24,11 +24,9 @@ cdef void pack_a(idx_t mc, idx_t kc, const floating* a, idx_t rs_a, idx_t cs_a, 
         rows = mc - ip if mc - ip < mr else mr
         src = a + ip * rs_a
         if rows == mr and rs_a == 1:
-            for p in range(kc):
-                panel_copy(dst + p * mr, src + p * cs_a, mr)
+            copy_panels(dst, src, cs_a, kc, 0, 1, mr)
         elif rows == mr:
-            for p in range(kc):
-                panel_gather(dst + p * mr, src + p * cs_a, rs_a, mr)
+            gather_panel(dst, src, rs_a, cs_a, kc, mr)
         else:
             for p in range(kc):
                 for i in range(rows):
@@ -40,9 +38,7 @@ cdef void pack_a(idx_t mc, idx_t kc, const floating* a, idx_t rs_a, idx_t cs_a, 
 
 cdef void pack_b(idx_t kc, idx_t nc, const floating* b, idx_t rs_b, idx_t cs_b, int nr,
                  floating* dst) noexcept nogil:
-    cdef idx_t jp, jp_i, p, cols, g, g_end, full
-    cdef int j
-    cdef const floating* src
+    cdef idx_t g, g_end, full
     full = nc // nr
     if cs_b == 1:
         # Rows contiguous: a group of panels at a time, row by row, so each row's read is a
@@ -51,10 +47,7 @@ cdef void pack_b(idx_t kc, idx_t nc, const floating* b, idx_t rs_b, idx_t cs_b, 
         # latency-bound (a tenth of a 256 x 4096 x 784 product).
         for g in range(0, (full + _GROUP - 1) // _GROUP):
             g_end = (g + 1) * _GROUP if (g + 1) * _GROUP < full else full
-            for p in range(kc):
-                src = b + p * rs_b
-                for jp in range(g * _GROUP, g_end):
-                    panel_copy(dst + jp * kc * nr + p * nr, src + jp * nr, nr)
+            copy_panels(dst, b, rs_b, kc, g * _GROUP, g_end, nr)
         if full * nr < nc:
             _pack_b_panels(kc, nc - full * nr, b + full * nr, rs_b, cs_b, nr, dst + full * nr * kc)
         return
@@ -72,8 +65,7 @@ cdef void _pack_b_panels(idx_t kc, idx_t nc, const floating* b, idx_t rs_b, idx_
         src = b + jp * cs_b
         if cs_b == 1:
             if cols == nr:
-                for p in range(kc):
-                    panel_copy(dst + p * nr, src + p * rs_b, nr)
+                copy_panels(dst, src, rs_b, kc, 0, 1, nr)
             else:
                 for p in range(kc):
                     memcpy(dst + p * nr, src + p * rs_b, cols * sizeof(floating))
