@@ -50,22 +50,19 @@ def write(path, doc):
 
 
 def show(path):
-    """(status, reason or None, document or None) of the profile at ``path``."""
+    """(status, reason or None, document or None) of the profile at ``path``.
+
+    The raw document is read with the library's bounded reader, so ``--show`` on a FIFO or
+    a device returns at once, as ``import microtile`` does."""
     status, data = _profile.read(path)
-    if status == "loaded":
-        import json
-        with open(path) as f:   # the raw document (read() normalises the chosen values)
-            return status, None, json.load(f)
     if status == "missing":
         return status, None, None
-    raw = None
     try:
-        import json
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-        pass
-    return status, data, raw
+        raw = _profile.read_json(path)
+    except (OSError, ValueError):
+        raw = None
+    # read() normalises the chosen values; the raw document is what the file says.
+    return status, (None if status == "loaded" else data), raw
 
 
 def reset(path):

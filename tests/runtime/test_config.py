@@ -1,5 +1,7 @@
 """get_config, config_context (override, restore, nest, per thread, validation) and the
 profile status at import."""
+import json
+import os
 import threading
 
 import numpy as np
@@ -236,3 +238,181 @@ def test_unknown_isa_env_does_not_break_import(value):
                      env={"MICROTILE_ISA": value})
     isa, available = res
     assert isa in available
+
+
+# --- profiles that must not hang, exhaust memory or raise at import --------------------------
+# The reported cases each import in a child with a timeout (a hang fails the test through
+# TimeoutExpired instead of hanging the suite); the whole matrix of bad values goes through
+# the same reader in this process.
+
+def _loadable_doc(**chosen):
+    """A profile this machine and version would load, with ``chosen`` as its chosen section."""
+    from microtile._config import _profile
+    return {"schema_version": _profile.SCHEMA_VERSION,
+            "library_version": _profile.library_version(),
+            "fingerprint": _profile.fingerprint(),
+            "isa": get_config()["isa"],
+            "chosen": chosen}
+
+
+_PLACEHOLDER = 123456789
+
+
+def _doc_with(where, literal):
+    """A loadable profile's JSON text with ``literal`` (JSON source) at ``where`` (a key of
+    "chosen", or "section.key")."""
+    section, _, key = where.rpartition(".")
+    chosen = {"float64": {"mc": 24}}
+    if section:
+        chosen.setdefault(section, {})[key] = _PLACEHOLDER
+    else:
+        chosen[key] = _PLACEHOLDER
+    text = json.dumps(_loadable_doc(**chosen))
+    assert text.count(str(_PLACEHOLDER)) == 1
+    return text.replace(str(_PLACEHOLDER), literal)
+
+
+@pytest.fixture(scope="module")
+def builtin_import(tmp_path_factory):
+    """What a child imports with no profile at all (the built-in blocking)."""
+    return run_python(_STATUS_CODE, env={"XDG_CACHE_HOME": tmp_path_factory.mktemp("none")},
+                      timeout=60)
+
+
+def _import_with_profile(tmp_path, path):
+    return run_python(_STATUS_CODE, env={"XDG_CACHE_HOME": tmp_path / "none",
+                                         "MICROTILE_PROFILE": path}, timeout=60)
+
+
+def _assert_invalid_once(res, builtin, path):
+    assert res["status"] == "invalid", res
+    assert res["profile"] == str(path)
+    assert res["ok"], "gemm gave a wrong result with an invalid profile"
+    assert res["mc"] == builtin["mc"], "an invalid profile changed the blocking"
+    related = [w for w in res["warnings"] if "profile" in w.lower()]
+    assert len(related) == 1, res["warnings"]
+
+
+_HUGE = "1" + "0" * 400          # a JSON integer far beyond any C type
+_VERY_HUGE = "9" * 5000          # beyond Python's int-from-string digit limit
+
+
+def _write_case(tmp_path, case):
+    """The profile path for one reported case (made on demand)."""
+    from microtile._config import _profile
+    if case == "fifo":
+        path = tmp_path / "fifo.json"
+        os.mkfifo(path)
+        return path
+    if case.startswith("/dev/"):
+        if not os.path.exists(case):
+            pytest.skip(f"no {case}")
+        return case
+    path = tmp_path / "p.json"
+    if case == "nested-1000":
+        text = json.dumps(_loadable_doc(float64={"mc": 24}))
+        text = text[:-1] + ', "deep": ' + "[" * 1000 + "]" * 1000 + "}"
+    elif case == "too-large":
+        doc = _loadable_doc(float64={"mc": 24})
+        doc["pad"] = "x" * _profile.MAX_PROFILE_BYTES     # valid JSON, but no profile
+        text = json.dumps(doc)
+    else:
+        where, literal = {"threads-inf": ("threads", "Infinity"),
+                          "mc-inf": ("float64.mc", "Infinity"),
+                          "mc-float": ("float64.mc", "96.5"),
+                          "mc-string": ("float64.mc", '"96"'),
+                          "mc-huge": ("float64.mc", _HUGE),
+                          "threads-huge": ("threads", _VERY_HUGE)}[case]
+        text = _doc_with(where, literal)
+    path.write_text(text)
+    return path
+
+
+def test_loadable_doc_loads(tmp_path, builtin_import):
+    """The control for the tests below: without the bad value, the same profile loads."""
+    path = tmp_path / "p.json"
+    path.write_text(_doc_with("threads", "1"))
+    res = _import_with_profile(tmp_path, path)
+    assert res["status"] == "loaded" and res["mc"] == 24 != builtin_import["mc"]
+    assert not [w for w in res["warnings"] if "profile" in w.lower()]
+
+
+@pytest.mark.parametrize("case", ["fifo", "/dev/zero", "nested-1000", "too-large",
+                                  "threads-inf", "mc-inf", "mc-float", "mc-string", "mc-huge",
+                                  "threads-huge"])
+def test_reported_profiles_import_as_invalid(tmp_path, builtin_import, case):
+    """A FIFO blocked import forever, /dev/zero read without end, deep nesting raised
+    RecursionError and Infinity for "threads" OverflowError: each is now "invalid", with
+    one warning, and the built-in blocking."""
+    path = _write_case(tmp_path, case)
+    _assert_invalid_once(_import_with_profile(tmp_path, path), builtin_import, path)
+
+
+@pytest.mark.parametrize("where", ["float64.mc", "threads", "options.conv_chunk",
+                                   "float64.thread_mnk"])
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "96.5", "1e300", '"96"',
+                                     "true", "null", "[96]", "{}", "-5", _HUGE, _VERY_HUGE],
+                         ids=["inf", "-inf", "nan", "float", "1e300", "string", "bool", "null",
+                              "list", "object", "negative", "huge", "very-huge"])
+def test_profile_bad_integer_is_invalid_not_an_error(tmp_path, where, literal):
+    """Every JSON value that is not an integer in range, where an integer belongs."""
+    from microtile._config import _profile
+    path = tmp_path / "p.json"
+    path.write_text(_doc_with(where, literal))
+    status, reason = _profile.read(str(path))
+    assert status == "invalid", reason
+    assert len(reason) < 400, "the reason quoted in the warning is bounded"
+    good = {"threads": "1", "options.conv_chunk": str(1 << 20)}.get(where, "64")
+    path.write_text(_doc_with(where, good))
+    assert _profile.read(str(path))[0] == "loaded"       # only the bad value was wrong
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, "[" * 100_000 + "]" * 100_000,
+                                     '{"schema_version": 1, "a": ' + "{\"a\": " * 50_000],
+                         ids=["open", "closed", "objects"])
+def test_profile_nested_very_deeply_is_invalid(tmp_path, content):
+    from microtile._config import _profile
+    path = tmp_path / "deep.json"
+    path.write_text(content)
+    assert _profile.read(str(path))[0] == "invalid"
+
+
+@pytest.mark.parametrize("version, status", [("true", "invalid"), ("1.0", "invalid"),
+                                             ('"1"', "invalid"), ("Infinity", "invalid"),
+                                             (_HUGE, "stale"), ("2", "stale")])
+def test_profile_odd_schema_version(tmp_path, version, status):
+    """schema_version must be an integer: True (== 1 in Python) is not one; a huge one is
+    a future schema (stale)."""
+    from microtile._config import _profile
+    text = json.dumps(_loadable_doc(float64={"mc": 24}))
+    path = tmp_path / "p.json"
+    path.write_text(text.replace('"schema_version": 1', f'"schema_version": {version}'))
+    assert _profile.read(str(path))[0] == status
+
+
+def test_profile_reader_refuses_a_fifo_without_opening_it(tmp_path):
+    """In process too: a FIFO is refused (the open would block until a writer came)."""
+    from microtile._config import _profile
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    done = []
+    t = threading.Thread(target=lambda: done.append(_profile.read(str(path))), daemon=True)
+    t.start()
+    t.join(30)
+    assert done and done[0][0] == "invalid", "reading a FIFO blocked"
+
+
+def test_autotune_show_does_not_block_on_a_fifo(tmp_path):
+    """``python -m autotune --show`` reads the raw document with the same bounded reader."""
+    import autotune
+    path = tmp_path / "fifo.json"
+    os.mkfifo(path)
+    code = ("import json, contextlib, io; from autotune import __main__ as cli; "
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf): rc = cli.main(['--show', '--json', "
+            f"'--profile', {str(path)!r}])\n"
+            "print(json.dumps([rc, json.loads(buf.getvalue())['status']]))")
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
+             for m in (microtile, autotune)]
+    rc, status = run_python(code, env={"PYTHONPATH": os.pathsep.join(roots)}, timeout=60)
+    assert (rc, status) == (0, "invalid")

@@ -5,18 +5,29 @@ import it is only read and checked, never measured: a profile for another machin
 incompatible version is "stale", an unreadable or malformed one "invalid"; either warns once
 and the analytical defaults stay in force.  Values out of range are rejected on load, so no
 profile can make a kernel compute a wrong result.
+
+Whatever ``MICROTILE_PROFILE`` names, import must neither hang nor fail: only a regular file
+is read (a FIFO would block the open and the first read forever, ``/dev/zero`` never ends), at
+most ``MAX_PROFILE_BYTES`` of it, and any problem reading, parsing or checking it (deep
+nesting, numbers that do not fit, wrong types) makes the profile "invalid", never an error.
 """
 import json
 import os
+import stat
 import warnings
 
 from microtile._config import _hwinfo
-from microtile._config._schema import DTYPES, ITEMSIZE, OPTIONS, TUNABLE, validate
+from microtile._config._schema import (DTYPES, ITEMSIZE, MAX_THREADS, OPTIONS, TUNABLE,
+                                       check_int, validate)
 from microtile._common._atomic import atomic_open
 from microtile._version import __version__
 
 SCHEMA_VERSION = 1
 FILENAME = "profile.json"
+# A tuner's profile is ~20 KiB; anything past this is not one, and is not read further.
+MAX_PROFILE_BYTES = 1 << 20
+# Reasons quoted in the warning are cut here (a rejected value may be thousands of digits).
+_MAX_REASON = 300
 
 
 def default_path():
@@ -91,22 +102,88 @@ def check_chosen(chosen):
     out["options"] = {name: validate(name, value) for name, value in options.items()
                       if name in OPTIONS}
     if "threads" in chosen:
-        out["threads"] = int(chosen["threads"])
-        if out["threads"] < 1:
-            raise ValueError("threads < 1")
+        out["threads"] = check_int("threads", chosen["threads"], 1, MAX_THREADS)
     return out
 
 
-def read(path):
-    """(status, data): status "loaded", "stale", "invalid" or "missing"."""
+class ProfileError(ValueError):
+    """The file at a profile path cannot be a profile (not a regular file, too large, not
+    UTF-8 JSON)."""
+
+
+def read_bytes(path, limit=MAX_PROFILE_BYTES):
+    """The contents of the regular file at ``path``, at most ``limit`` bytes.
+
+    FileNotFoundError when nothing is there; ProfileError when it is not a regular file or
+    is larger than ``limit``; other OSErrors as the OS reports them.  A FIFO, socket or
+    device is refused on its ``stat`` without being opened, and the open itself is
+    non-blocking, so a path swapped for a FIFO in between cannot block either.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProfileError("not a regular file")
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, flags)
     try:
-        with open(path) as f:
-            data = json.load(f)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProfileError("not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ProfileError(f"larger than {limit >> 10} KiB")
+    return b"".join(chunks)
+
+
+def read_json(path):
+    """The JSON document at ``path`` (any JSON value); FileNotFoundError when absent,
+    ProfileError (a ValueError) for anything else that stops it being read."""
+    try:
+        text = read_bytes(path).decode("utf-8")
+        return json.loads(text)
+    except (FileNotFoundError, ProfileError):
+        raise
+    except OSError as exc:
+        raise ProfileError(f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors; RecursionError is json's
+        # answer to deep nesting.
+        raise ProfileError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _short(text):
+    text = str(text)
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
+
+
+def read(path):
+    """(status, data): status "loaded", "stale", "invalid" or "missing"; ``data`` is the
+    checked document when loaded, else the reason (None when missing).  Never raises for
+    anything in the file."""
+    try:
+        return _read(path)
+    except RecursionError:
+        return "invalid", "nested too deeply"
+    except Exception as exc:  # noqa: BLE001 - any problem with the file makes it invalid
+        return "invalid", _short(f"{type(exc).__name__}: {exc}")
+
+
+def _read(path):
+    try:
+        data = read_json(path)
     except FileNotFoundError:
         return "missing", None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return "invalid", f"{type(exc).__name__}: {exc}"
-    if not isinstance(data, dict) or not isinstance(data.get("schema_version"), int):
+    except ProfileError as exc:
+        return "invalid", _short(exc)
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
         return "invalid", "no schema_version"
     if data["schema_version"] != SCHEMA_VERSION:
         return "stale", (f"schema_version {data['schema_version']} (this library reads "
@@ -118,7 +195,7 @@ def read(path):
     try:
         data["chosen"] = check_chosen(data.get("chosen"))
     except (ValueError, TypeError) as exc:
-        return "invalid", f"chosen values rejected: {exc}"
+        return "invalid", _short(f"chosen values rejected: {exc}")
     return "loaded", data
 
 
@@ -133,8 +210,12 @@ def load_for_import(isa):
     out: they were measured with other kernels.  Options that do not depend on the kernels
     still apply.
     """
-    path = profile_path()
-    status, data = read(path)
+    try:
+        path = profile_path()
+    except Exception as exc:  # noqa: BLE001 - e.g. a path the OS cannot represent
+        path, status, data = os.environ.get("MICROTILE_PROFILE"), "invalid", _short(exc)
+    else:
+        status, data = read(path)
     if status == "missing":
         return None, "missing", {}
     if status != "loaded":
@@ -145,6 +226,6 @@ def load_for_import(isa):
                           stacklevel=4)
         return path, status, {}
     chosen = data["chosen"]
-    if data.get("isa") != isa:
+    if not isinstance(data.get("isa"), str) or data["isa"] != isa:
         chosen = {"options": chosen.get("options", {})}
     return path, "loaded", chosen
