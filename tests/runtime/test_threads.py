@@ -4,6 +4,7 @@ import math
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_16_threads_mixed_while_thread_count_changes():
         if i < 0:
             n = 0
             while not stop.is_set():
-                microtile.set_num_threads(1 + n % 2)
+                microtile.set_num_threads(1 + n % 2, force=True)
                 n += 1
                 time.sleep(0.001)
             return
@@ -124,7 +125,7 @@ def test_16_threads_mixed_while_thread_count_changes():
         _run_in_threads(work, extra=True)
     finally:
         stop.set()
-        microtile.set_num_threads(saved)
+        microtile.set_num_threads(saved, force=True)
 
 
 def _counter_rate_during(action, counter):
@@ -174,12 +175,14 @@ def test_gemm_releases_the_gil():
 
 def test_get_set_num_threads():
     saved = microtile.get_num_threads()
+    usable = _usable_cpus()
     try:
-        for n in (1, 2, 3, saved):
-            microtile.set_num_threads(n)
+        for n in sorted({1, usable, saved}):
+            microtile.set_num_threads(n, force=True)
             assert microtile.get_num_threads() == n
             assert microtile.get_config()["threads"] == n
-        microtile.set_num_threads(3)
+        microtile.set_num_threads(usable + 1, force=True)
+        assert microtile.get_num_threads() == usable + 1
         # More threads than cores or tiles still gives correct results.
         rng = np.random.default_rng(1)
         a, b = rand(rng, (300, 200), np.float64), rand(rng, (200, 250), np.float64)
@@ -188,11 +191,45 @@ def test_get_set_num_threads():
         with config_context(thread_mnk=0):
             assert_gemm(microtile.gemm(a, b), a, b)
     finally:
-        microtile.set_num_threads(saved)
+        microtile.set_num_threads(saved, force=True)
     assert microtile.get_num_threads() == saved
 
 
-@pytest.mark.parametrize("bad", [0, -1])
+@pytest.mark.parametrize("n", ["usable+1", 4096, 5000, 99999, 10 ** 30])
+def test_set_num_threads_above_usable_warns_and_caps(n):
+    """More threads than usable CPUs only wait for each other (4,096 made conv2d_backward
+    1,000x slower): capped at the usable CPUs with a RuntimeWarning, never a ValueError."""
+    usable = _usable_cpus()
+    n = usable + 1 if n == "usable+1" else n
+    saved = microtile.get_num_threads()
+    try:
+        with pytest.warns(RuntimeWarning, match="force"):
+            microtile.set_num_threads(n)
+        assert microtile.get_num_threads() == usable == microtile.get_config()["threads"]
+    finally:
+        microtile.set_num_threads(saved, force=True)
+
+
+def test_set_num_threads_force():
+    usable = _usable_cpus()
+    saved = microtile.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            microtile.set_num_threads(usable + 3, force=True)
+        assert microtile.get_num_threads() == usable + 3 == microtile.get_config()["threads"]
+        with pytest.raises(ValueError, match="4096"):
+            microtile.set_num_threads(5000, force=True)
+        assert microtile.get_num_threads() == usable + 3
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            microtile.set_num_threads(usable)         # at the limit: no warning
+        assert microtile.get_num_threads() == usable
+    finally:
+        microtile.set_num_threads(saved, force=True)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", None, True])
 def test_set_num_threads_rejects_non_positive(bad):
     saved = microtile.get_num_threads()
     with pytest.raises(ValueError):
@@ -203,12 +240,15 @@ def test_set_num_threads_rejects_non_positive(bad):
 def test_config_context_threads_wins_over_set_num_threads():
     saved = microtile.get_num_threads()
     try:
-        microtile.set_num_threads(2)
+        microtile.set_num_threads(2, force=True)
         with config_context(threads=1):
             assert microtile.get_num_threads() == 1
         assert microtile.get_num_threads() == 2
+        # A block is an explicit experiment: its count is taken as given, not capped.
+        with config_context(threads=_usable_cpus() + 2):
+            assert microtile.get_num_threads() == _usable_cpus() + 2
     finally:
-        microtile.set_num_threads(saved)
+        microtile.set_num_threads(saved, force=True)
 
 
 def _usable_cpus():
@@ -235,36 +275,90 @@ def _usable_cpus():
     return n
 
 
-_THREADS_CODE = ("import json, microtile; print(json.dumps({'threads': microtile.get_num_threads(),"
-                 " 'config': microtile.get_config()['threads']}))")
+_THREADS_CODE = r"""
+import json, os, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import microtile
+    import numpy as np
+    from microtile import nn
+    tasks = len(os.listdir("/proc/self/task"))
+    x = np.linspace(-1, 1, 1 << 17).astype(np.float32)
+    ok = bool((nn.ReLU()(x) == np.maximum(x, 0)).all())     # a parallel region on every thread
+    started = len(os.listdir("/proc/self/task")) - tasks
+print(json.dumps({"threads": microtile.get_num_threads(),
+                  "config": microtile.get_config()["threads"], "ok": ok, "started": started,
+                  "warnings": [str(w.message) for w in caught
+                               if issubclass(w.category, RuntimeWarning)]}))
+"""
+FORCE = {"MICROTILE_FORCE_THREADS": "1"}
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({"MICROTILE_NUM_THREADS": "3"}, 3),
-    ({"OMP_NUM_THREADS": "5"}, 5),
+    ({"MICROTILE_NUM_THREADS": "1"}, 1),
+    ({"OMP_NUM_THREADS": "1"}, 1),
     ({"MICROTILE_NUM_THREADS": "1", "OMP_NUM_THREADS": "4"}, 1),
-    ({"MICROTILE_NUM_THREADS": "7", "OMP_NUM_THREADS": "1"}, 7),
+    ({"OMP_NUM_THREADS": "1,3"}, 1),
+    ({"MICROTILE_NUM_THREADS": "3", **FORCE}, 3),
+    ({"OMP_NUM_THREADS": "5", **FORCE}, 5),
+    ({"MICROTILE_NUM_THREADS": "7", "OMP_NUM_THREADS": "1", **FORCE}, 7),
     ({}, None),
-], ids=["microtile", "omp", "microtile-beats-omp", "microtile-beats-omp-2", "cpu-count"])
+], ids=["microtile", "omp", "microtile-beats-omp", "omp-nested", "microtile-forced",
+        "omp-forced", "microtile-beats-omp-forced", "cpu-count"])
 def test_thread_count_at_import(env, expected):
     res = run_python(_THREADS_CODE, env=env)
     expected = _usable_cpus() if expected is None else expected
     assert res["threads"] == expected == res["config"]
+    assert res["ok"] and not res["warnings"], res
+
+
+@pytest.mark.parametrize("var, value", [
+    ("OMP_NUM_THREADS", "5000"), ("MICROTILE_NUM_THREADS", "99999"),
+    ("MICROTILE_NUM_THREADS", "4096"), ("MICROTILE_NUM_THREADS", "usable+1"),
+    ("OMP_NUM_THREADS", "9" * 40)])
+def test_thread_env_above_usable_is_capped_with_a_warning(var, value):
+    """OMP_NUM_THREADS=5000 made import raise ValueError; MICROTILE_NUM_THREADS=4096 started
+    4,097 threads.  Now: the usable CPUs, one RuntimeWarning naming the variable, and no
+    more threads started than that."""
+    usable = _usable_cpus()
+    value = str(usable + 1) if value == "usable+1" else value
+    res = run_python(_THREADS_CODE, env={var: value})
+    assert res["threads"] == usable == res["config"], res
+    assert res["ok"]
+    assert res["started"] <= usable - 1, f"{res['started']} threads started"
+    assert len(res["warnings"]) == 1 and var in res["warnings"][0], res["warnings"]
+
+
+def test_thread_env_forced_above_max_is_clamped_not_an_error():
+    res = run_python(_THREADS_CODE, env={"MICROTILE_NUM_THREADS": "99999", **FORCE})
+    assert res["threads"] == 4096 == res["config"]
+    assert len(res["warnings"]) == 1 and "4096" in res["warnings"][0]
+
+
+def test_force_env_applies_to_set_num_threads():
+    code = ("import json, warnings, microtile; warnings.simplefilter('error'); "
+            "microtile.set_num_threads(microtile.get_num_threads() + 5); "
+            "print(json.dumps(microtile.get_num_threads()))")
+    assert run_python(code, env={"MICROTILE_NUM_THREADS": "1", **FORCE}) == 6
 
 
 def test_thread_count_follows_affinity():
-    """A process pinned to one CPU defaults to one thread."""
+    """A process pinned to one CPU defaults to one thread, and caps a larger request."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs")
     cpu = min(os.sched_getaffinity(0))
     res = run_python(_THREADS_CODE, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     assert res["threads"] == 1
+    res = run_python(_THREADS_CODE, env={"MICROTILE_NUM_THREADS": "2"},
+                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert res["threads"] == 1 and len(res["warnings"]) == 1
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-3", ""])
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "", "1e3", "2.5"])
 def test_bad_thread_env_does_not_break_import(value):
     res = run_python(_THREADS_CODE, env={"MICROTILE_NUM_THREADS": value})
-    assert res["threads"] >= 1
+    assert res["threads"] == _usable_cpus()
+    assert len(res["warnings"]) == (1 if value else 0), res["warnings"]
 
 
 def _microtile_pools(info):
@@ -275,7 +369,7 @@ def test_threadpoolctl_lists_and_limits():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     saved = microtile.get_num_threads()
     try:
-        microtile.set_num_threads(2)
+        microtile.set_num_threads(2, force=True)
         pools = _microtile_pools(threadpoolctl.threadpool_info())
         assert len(pools) == 1, threadpoolctl.threadpool_info()
         assert pools[0]["num_threads"] == 2
@@ -291,7 +385,35 @@ def test_threadpoolctl_lists_and_limits():
             assert microtile.get_num_threads() == 1
         assert microtile.get_num_threads() == 2
     finally:
-        microtile.set_num_threads(saved)
+        microtile.set_num_threads(saved, force=True)
+
+
+_LIMITS_CODE = r"""
+import json, warnings, threadpoolctl, microtile
+warnings.simplefilter("error")              # a limit is not a request: no warning
+usable = microtile.get_num_threads()
+out = {"usable": usable}
+with threadpoolctl.threadpool_limits(usable + 7, user_api="microtile"):
+    out["above"] = microtile.get_num_threads()
+out["after_above"] = microtile.get_num_threads()
+microtile.set_num_threads(usable + 2, force=True)
+with threadpoolctl.threadpool_limits(1):
+    out["inside"] = microtile.get_num_threads()
+out["restored"] = microtile.get_num_threads()
+print(json.dumps(out))
+"""
+
+
+def test_threadpoolctl_limit_above_usable_caps_quietly_and_restores_a_forced_count():
+    """threadpool_limits(n) is an upper limit: above the usable CPUs it means all of them,
+    and leaving a block restores a count that was forced above them."""
+    pytest.importorskip("threadpoolctl")
+    res = run_python(_LIMITS_CODE)
+    usable = res["usable"]
+    assert usable == _usable_cpus()
+    assert res["above"] == usable == res["after_above"]
+    assert res["inside"] == 1
+    assert res["restored"] == usable + 2
 
 
 def test_threadpoolctl_in_fresh_process():
@@ -299,14 +421,14 @@ def test_threadpoolctl_in_fresh_process():
     code = ("import json, threadpoolctl, microtile; "
             "print(json.dumps([e for e in threadpoolctl.threadpool_info() "
             "if e.get('user_api') == 'microtile']))")
-    pools = run_python(code, env={"MICROTILE_NUM_THREADS": "2"})
+    pools = run_python(code, env={"MICROTILE_NUM_THREADS": "2", **FORCE})
     assert len(pools) == 1 and pools[0]["num_threads"] == 2
 
 
 _FORK_CODE = r"""
 import json, os, signal, time
 import numpy as np, microtile
-microtile.set_num_threads(2)
+microtile.set_num_threads(2, force=True)
 rng = np.random.default_rng(0)
 a = rng.standard_normal((400, 400))
 s = rng.standard_normal((64, 20, 20))

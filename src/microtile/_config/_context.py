@@ -18,6 +18,8 @@ from microtile._config._schema import (DEFAULT_THRESHOLDS, DTYPES, ITEMSIZE, MAX
 _state = {
     "isa": None,
     "threads": 1,
+    "force_threads": False,   # MICROTILE_FORCE_THREADS: every count is taken as given
+    "forced_max": 0,          # the largest count set above the usable CPUs with force
     "profile": None,
     "profile_status": "missing",
     "defaults": {},      # dtype -> analytical + built-in values
@@ -26,20 +28,34 @@ _state = {
 }
 
 
+# Environment variables that set the thread count at import, in order of precedence.
+THREAD_ENV = ("MICROTILE_NUM_THREADS", "OMP_NUM_THREADS")
+# Set to 1 to take every thread count as given, even above the usable CPUs.
+FORCE_ENV = "MICROTILE_FORCE_THREADS"
+
+
 def _threads_from_env():
-    for var in ("MICROTILE_NUM_THREADS", "OMP_NUM_THREADS"):
+    """(count, variable) from the first thread variable that holds a positive integer, else
+    (usable CPUs, None).  Unusable values warn and are skipped; a count is never rejected
+    here for being large (``set_num_threads`` caps it)."""
+    for var in THREAD_ENV:
         text = os.environ.get(var, "").strip()
         if not text:
             continue
         try:
+            # OMP_NUM_THREADS may list one count per nesting level ("4,2"): the first is ours.
             n = int(text.split(",")[0])
-            if n >= 1:
-                return n
         except ValueError:
-            pass
-        warnings.warn(f"{var}={text!r} is not a positive integer; ignored", RuntimeWarning,
-                      stacklevel=3)
-    return _hwinfo.usable_cpus()
+            n = 0
+        if n >= 1:
+            return n, var
+        warnings.warn(f"{var}={text[:40]!r} is not a positive integer; ignored",
+                      RuntimeWarning, stacklevel=4)
+    return _hwinfo.usable_cpus(), None
+
+
+def _force_from_env():
+    return os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _init():
@@ -63,7 +79,10 @@ def _init():
                                   if k in OPTIONS})
     for code, dtype in enumerate(DTYPES):
         _params.set_base(code, _state["base"][dtype])
-    set_num_threads(_threads_from_env())
+    _state["force_threads"] = _force_from_env()
+    n, var = _threads_from_env()
+    _set_threads(n, force=_state["force_threads"], source=var and f"{var}={n}",
+                 stacklevel=4)
 
 
 def get_option(name):
@@ -89,17 +108,82 @@ def get_num_threads():
     return _params.get_threads()
 
 
-def set_num_threads(n):
+def set_num_threads(n, *, force=False):
     """Set the number of threads microtile's kernels use at most.
+
+    More threads than this process may run on at once (its CPU affinity, capped by a cgroup
+    CPU quota) only make every parallel region wait for threads that have no CPU: such a
+    count is capped at the usable CPUs, with a ``RuntimeWarning``, unless ``force`` is true
+    or the environment variable ``MICROTILE_FORCE_THREADS=1`` was set at import.
+    ``get_num_threads()`` returns the count in force after the cap.
 
     Parameters
     ----------
     n : int
-        At least 1.  ``threadpoolctl.threadpool_limits`` calls this too.
+        At least 1.  The environment variables ``MICROTILE_NUM_THREADS`` (then
+        ``OMP_NUM_THREADS``) set it at import, under the same cap.
+    force : bool, optional
+        Use ``n`` threads even if that is more than the usable CPUs (up to 4096): for
+        experiments with oversubscription.
+
+    Raises
+    ------
+    ValueError
+        When ``n`` is not an integer, is below 1, or is above 4096 with ``force``.
+
+    Notes
+    -----
+    ``threadpoolctl.threadpool_limits(n)`` calls this as a limit: above the usable CPUs it
+    means all of them (or the count last forced), without a warning.
+    ``config_context(threads=n)`` overrides the count for one block and is not capped.
     """
-    n = check_int("threads", n, 1, MAX_THREADS)
+    _set_threads(n, force=bool(force) or _state["force_threads"], source=None, stacklevel=3)
+
+
+def _set_threads(n, *, force, source, stacklevel, quiet=False):
+    """The thread count in force becomes ``n``, capped at the usable CPUs unless ``force``.
+
+    ``source`` names where an import-time count came from ("MICROTILE_NUM_THREADS=5000"):
+    such a count is never an error, so one above MAX_THREADS is clamped rather than
+    refused.  ``quiet`` caps without a warning (threadpoolctl's limits)."""
+    if source is None:
+        if isinstance(n, bool) or not hasattr(n, "__index__"):
+            raise ValueError(f"set_num_threads: n must be an integer, got {n!r}")
+        n = n.__index__()
+        if n < 1:
+            raise ValueError(f"set_num_threads: n must be at least 1, got {n}")
+        if force and n > MAX_THREADS:
+            raise ValueError(f"set_num_threads: n must be at most {MAX_THREADS} (with force), "
+                             f"got {n}")
+    usable = _hwinfo.usable_cpus()
+    what = source or f"set_num_threads({n})"
+    if force:
+        if n > MAX_THREADS:
+            warnings.warn(f"{what}: more than {MAX_THREADS} threads; using {MAX_THREADS}",
+                          RuntimeWarning, stacklevel=stacklevel)
+            n = MAX_THREADS
+        if n > usable:
+            _state["forced_max"] = max(_state["forced_max"], n)
+    else:
+        cap = max(usable, _state["forced_max"]) if quiet else usable
+        if n > cap:
+            if not quiet:
+                warnings.warn(
+                    f"{what} asks for more threads than the {usable} CPU(s) this process may "
+                    f"use (affinity and cgroup quota); using {usable}. Threads beyond the CPUs "
+                    f"only wait for each other: pass force=True to set_num_threads, or set "
+                    f"{FORCE_ENV}=1, to use them anyway.", RuntimeWarning, stacklevel=stacklevel)
+            n = cap
     _state["threads"] = n
     _params.set_threads(n)
+
+
+def _limit_threads(n):
+    """threadpoolctl's ``set_num_threads``: ``n`` as an upper limit, quietly capped at the
+    usable CPUs (or at a count forced earlier, so that leaving a ``threadpool_limits``
+    block restores it)."""
+    _set_threads(min(max(1, int(n)), MAX_THREADS), force=_state["force_threads"], source=None,
+                 stacklevel=3, quiet=True)
 
 
 def get_config():
@@ -151,7 +235,9 @@ def config_context(**overrides):
     dtype : {"float32", "float64"}, optional
         Apply the blocking overrides to this dtype only (default: both).
     threads : int, optional
-        Thread count for calls inside the block.
+        Thread count for calls inside the block, 1 to 4096, taken as given (not capped at
+        the usable CPUs as ``set_num_threads`` does): a block is an explicit experiment,
+        which may oversubscribe on purpose.
     isa : str, optional
         Kernel set, one of ``microtile.available_isas()``.
     mc, kc, nc, nopack_mnk, thread_mnk, nopack_a_panels, split : optional

@@ -17,8 +17,10 @@ class MicrotileController(threadpoolctl.LibController):
         return get_num_threads()
 
     def set_num_threads(self, num_threads):
-        from microtile._config._context import set_num_threads
-        set_num_threads(max(1, int(num_threads)))
+        # A limit, not a request: above the usable CPUs it means all of them (see
+        # ``_context._limit_threads``), so no warning, and a forced count is restored.
+        from microtile._config._context import _limit_threads
+        _limit_threads(num_threads)
 
     def get_version(self):
         from microtile._version import __version__
