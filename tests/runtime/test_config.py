@@ -169,6 +169,35 @@ def test_config_context_invalid_values(kwargs):
     assert get_config() == before
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.dtype("float32"), "float32", "f4",
+                                   np.float64, np.dtype("float64"), "float64", float],
+                         ids=lambda d: repr(d))
+def test_config_context_dtype_spellings(dtype):
+    """config_context(dtype=np.float32) raised: a dtype, a scalar type and a name all name
+    the same dtype, as everywhere in NumPy."""
+    name = np.dtype(dtype).name
+    other = "float64" if name == "float32" else "float32"
+    before = get_config()
+    with config_context(dtype=dtype, mc=37, kc=41):
+        cfg = get_config()
+        assert (cfg[name]["mc"], cfg[name]["kc"]) == (37, 41)
+        assert cfg[other] == before[other]
+    assert get_config() == before
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, "int64", np.dtype("complex64"),
+                                   "nonsense", 3, 1.5, object(), [np.float32],
+                                   np.zeros(2, np.float32), bool, ""],
+                         ids=lambda d: type(d).__name__ + ":" + repr(d)[:20])
+def test_config_context_bad_dtype_names_the_value(dtype):
+    before = get_config()
+    with pytest.raises(ValueError, match="dtype") as info:
+        with config_context(dtype=dtype, mc=37):
+            pass
+    assert repr(dtype)[:10] in str(info.value)
+    assert get_config() == before
+
+
 def test_config_context_accepts_numpy_integers():
     with config_context(mc=np.int64(30), kc=np.int32(40)):
         assert get_config()["float64"]["mc"] == 30

@@ -9,6 +9,8 @@ import contextlib
 import os
 import warnings
 
+import numpy as np
+
 from microtile._config import _blocking, _hwinfo, _params, _profile
 from microtile._kernels import _dispatch
 from microtile._version import __version__
@@ -226,14 +228,28 @@ def defaults(dtype):
     return dict(_state["defaults"][dtype])
 
 
+def _dtype_name(value):
+    """"float32" or "float64" for anything NumPy reads as that dtype (a name, a dtype, a
+    scalar type such as ``np.float32``); ValueError naming ``value`` otherwise."""
+    try:
+        name = np.dtype(value).name
+    except Exception:  # noqa: BLE001 - NumPy raises TypeError, ValueError, ... for non-dtypes
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} (a name, a NumPy dtype or scalar "
+                         f"type), got {value!r}")
+    return name
+
+
 @contextlib.contextmanager
 def config_context(**overrides):
     """Temporarily override tunable parameters on this thread.
 
     Parameters
     ----------
-    dtype : {"float32", "float64"}, optional
-        Apply the blocking overrides to this dtype only (default: both).
+    dtype : {"float32", "float64"}, numpy dtype or scalar type, optional
+        Apply the blocking overrides to this dtype only (default: both): ``"float32"``,
+        ``np.float32`` and ``np.dtype("float32")`` are the same.
     threads : int, optional
         Thread count for calls inside the block, 1 to 4096, taken as given (not capped at
         the usable CPUs as ``set_num_threads`` does): a block is an explicit experiment,
@@ -255,9 +271,7 @@ def config_context(**overrides):
     """
     dtype = overrides.pop("dtype", None)
     if dtype is not None:
-        dtype = str(getattr(dtype, "name", dtype))
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        dtype = _dtype_name(dtype)
     new = {}
     if "threads" in overrides:
         new["threads"] = check_int("threads", overrides.pop("threads"), 1, MAX_THREADS)
