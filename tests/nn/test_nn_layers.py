@@ -115,6 +115,45 @@ def test_gradcheck_leaves_input_and_grads_alone():
     assert np.all(layer.weight.grad == 5.0)
 
 
+@pytest.mark.parametrize("kw", [dict(eps=0.0), dict(eps=-1e-6), dict(eps=np.nan),
+                                dict(eps=np.inf), dict(rtol=-1e-3), dict(rtol=np.nan),
+                                dict(rtol=np.inf), dict(atol=-1e-5), dict(atol=np.nan),
+                                dict(atol=-np.inf)],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("what", ["layer", "function", "loss"])
+def test_gradcheck_rejects_bad_settings_by_name(kw, what):
+    """eps=0.0 raised ZeroDivisionError; negative or NaN values were taken as given."""
+    rng = np.random.default_rng(16)
+    x = rand(rng, 3, 4)
+    x0 = x.copy()
+    args = {"layer": (nn.Linear(4, 2, dtype=F64, rng=0), {}),
+            "function": (lambda v: (v * v, lambda dy: 2 * dy * v), {}),
+            "loss": (nn.MSELoss(), {"target": rand(rng, 3, 4)})}[what]
+    (name, value), = kw.items()
+    with pytest.raises(ValueError, match=f"gradcheck: {name} must be"):
+        nn.gradcheck(args[0], x, **kw, **args[1])
+    np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("kw", [dict(eps="1e-6"), dict(rtol=[1e-3]), dict(atol=1j)])
+def test_gradcheck_rejects_non_numbers(kw):
+    (name, _), = kw.items()
+    with pytest.raises(TypeError, match=f"gradcheck: {name} must be a real number"):
+        nn.gradcheck(nn.Linear(4, 2, dtype=F64, rng=0), np.ones((2, 4)), **kw)
+
+
+def test_gradcheck_zero_tolerances_are_allowed():
+    """rtol = atol = 0 asks for exact agreement: a clean AssertionError (no division by
+    zero, no warning) where they differ; rtol = 0 alone works with an atol."""
+    x = np.array([[0.5, -2.0], [4.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="input x"):
+            nn.gradcheck(lambda v: (3.0 * v, lambda dy: 3.0 * dy * (1 + 1e-9)), x, rtol=0,
+                         atol=0)
+        assert nn.gradcheck(lambda v: (3.0 * v, lambda dy: 3.0 * dy), x, rtol=0, atol=1e-7)
+
+
 # --- fused and unfused paths agree -------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -1,4 +1,7 @@
 """gradcheck: analytic gradients against central finite differences."""
+import math
+import numbers
+
 import numpy as np
 
 from microtile._common._checks import as_float_array
@@ -85,6 +88,20 @@ def _numeric(value, arr, eps):
     return out.reshape(arr.shape)
 
 
+def _setting(name, value, default, *, zero_ok):
+    """``value`` (or ``default`` when None) as a finite float, > 0 or, with ``zero_ok``,
+    >= 0; TypeError or ValueError naming ``name`` otherwise."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"gradcheck: {name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        raise ValueError(f"gradcheck: {name} must be a finite number "
+                         f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return v
+
+
 def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
     """Compare analytic gradients with central finite differences.
 
@@ -101,10 +118,11 @@ def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
     x : array_like, float32 or float64
         The point to check at (not modified).  float64 is what makes the check tight.
     eps : float, optional
-        Finite-difference step (1e-6 for float64, 1e-3 for float32).
+        Finite-difference step (1e-6 for float64, 1e-3 for float32); finite and > 0.
     rtol, atol : float, optional
         An element passes when ``|analytic - numeric| <= atol + rtol * |numeric|``
-        (float64: 1e-3 and 1e-5; float32: 1e-2 and 1e-2).
+        (float64: 1e-3 and 1e-5; float32: 1e-2 and 1e-2); finite and >= 0 (both 0 asks
+        for exact agreement).
     target : array_like, optional
         The target, when ``fn_or_layer`` is a loss.
 
@@ -116,12 +134,15 @@ def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
     ------
     AssertionError
         Naming the worst element (input or parameter, index, both values) when any differs.
+    ValueError
+        When ``eps`` is not > 0 or ``rtol``/``atol`` not >= 0 (or any is NaN or infinite);
+        TypeError when one is not a real number.
     """
     x = np.array(as_float_array(x, "x"), copy=True)
     d_eps, d_rtol, d_atol = _DEFAULTS[x.dtype]
-    eps = d_eps if eps is None else float(eps)
-    rtol = d_rtol if rtol is None else float(rtol)
-    atol = d_atol if atol is None else float(atol)
+    eps = _setting("eps", eps, d_eps, zero_ok=False)
+    rtol = _setting("rtol", rtol, d_rtol, zero_ok=True)
+    atol = _setting("atol", atol, d_atol, zero_ok=True)
     value, analytic, named = _as_scalar_objective(fn_or_layer, target)
     saved = [(p, p._grad.copy(), p._grad_is_zero) for _, p in named]
     try:
@@ -142,8 +163,11 @@ def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
             continue
         tol = atol + rtol * np.abs(n)
         diff = np.abs(a - n)
-        # NaN anywhere counts as the worst possible mismatch.
-        ratio = np.where(np.isnan(diff), np.inf, diff / tol)
+        # NaN anywhere counts as the worst possible mismatch; with a zero tolerance (rtol =
+        # atol = 0, or rtol = 0 where numeric is 0) only an exact match passes.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(np.isnan(diff), np.inf,
+                             np.where(diff == 0, 0.0, diff / tol))
         i = int(np.argmax(ratio))
         if worst is None or ratio.flat[i] > worst[0]:
             worst = (ratio.flat[i], what, np.unravel_index(i, a.shape), a.flat[i], n.flat[i],
