@@ -1,4 +1,8 @@
 """state_dict / load_state_dict and save / load."""
+import os
+import threading
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -81,3 +85,94 @@ def test_parameter_assignment_checks_shape():
         p.data = np.ones(6)
     with pytest.raises(TypeError):
         nn.Parameter(np.zeros(3, int))
+
+
+def _corrupt(path, how):
+    """Damage the archive ``save`` wrote at ``path`` in one of several ways."""
+    data = path.read_bytes()
+    if how == "truncated-half":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "truncated-tail":
+        path.write_bytes(data[:-30])           # the zip's central directory cut short
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif how == "flipped":
+        # Every byte of the first member's array data inverted: the CRC no longer matches.
+        with zipfile.ZipFile(path) as z:
+            info = z.infolist()[0]
+        start = info.header_offset + 30 + len(info.filename) + 128
+        raw = bytearray(data)
+        raw[start:start + 16] = bytes(b ^ 0xFF for b in raw[start:start + 16])
+        path.write_bytes(bytes(raw))
+    elif how == "text":
+        path.write_text("0.weight = [[1, 2]]\n")
+    elif how == "npy":
+        np.save(path.open("wb"), np.zeros((7, 5), np.float32))   # one array, not a dict
+    elif how == "pickled":
+        np.savez(path.open("wb"), **{"0.weight": np.array([object()] * 35).reshape(7, 5)})
+    elif how == "strings":
+        state = {k: np.full(v.shape, "x") for k, v in model().state_dict().items()}
+        np.savez(path.open("wb"), **state)
+    elif how == "bad-header":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("0.weight.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': 12}       \n")
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated-half", "truncated-tail", "empty", "garbage",
+                                 "flipped", "text", "npy", "pickled", "strings",
+                                 "bad-header"])
+def test_load_corrupt_file_is_a_value_error_naming_the_path(tmp_path, how):
+    """A truncated or corrupt file raised zipfile.BadZipFile (or EOFError, zlib.error,
+    TypeError, ...): now a ValueError naming the path, and the model is unchanged."""
+    path = tmp_path / "m.npz"
+    nn.save(model(seed=3), path)
+    _corrupt(path, how)
+    m = model()
+    before = m.state_dict()
+    with pytest.raises(ValueError, match="m.npz") as info:
+        nn.load(m, path)
+    assert type(info.value) is ValueError
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_load_fifo_does_not_block(tmp_path):
+    """A FIFO would block the open until a writer came: refused without opening.  (Run in
+    a thread, so that a regression fails here instead of hanging the suite.)"""
+    path = tmp_path / "m.npz"
+    os.mkfifo(path)
+    outcome = []
+
+    def attempt():
+        try:
+            nn.load(model(), path)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        # Release the blocked open with a writer that goes away at once, then fail.
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(30)
+        pytest.fail("nn.load blocked on a FIFO")
+    assert isinstance(outcome[0], ValueError) and "regular file" in str(outcome[0])
+
+
+def test_load_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        nn.load(model(), tmp_path / "absent.npz")
+
+
+def test_load_wrong_model_names_the_path(tmp_path):
+    path = tmp_path / "other.npz"
+    nn.save(nn.Sequential(nn.Linear(5, 8, rng=0)), path)
+    with pytest.raises(ValueError, match=r"other\.npz.*missing keys"):
+        nn.load(model(), path)

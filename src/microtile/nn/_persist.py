@@ -1,5 +1,6 @@
 """save / load: a model's state dict to and from a NumPy ``.npz`` file."""
 import os
+import stat
 
 import numpy as np
 
@@ -26,7 +27,9 @@ def load(model, path):
     """Load parameters saved by ``save`` into ``model``.
 
     A missing or unexpected key or a wrong shape raises ``ValueError`` and leaves the model
-    unchanged (see ``Module.load_state_dict``).
+    unchanged (see ``Module.load_state_dict``).  So does a file that is not such an archive
+    (corrupt, truncated, another format, a FIFO or device): the ``ValueError`` names the
+    path and what was wrong, and nothing is loaded.
 
     Parameters
     ----------
@@ -36,8 +39,49 @@ def load(model, path):
     Returns
     -------
     model
+
+    Raises
+    ------
+    ValueError
+        The file is not a state dict ``save`` wrote, or does not fit ``model``.
+    OSError
+        The file cannot be opened (FileNotFoundError, PermissionError, ...).
     """
-    with np.load(os.fspath(path), allow_pickle=False) as archive:
-        state = {key: archive[key] for key in archive.files}
-    model.load_state_dict(state)
+    name = os.fspath(path)
+    state = _read_state(name)
+    try:
+        model.load_state_dict(state)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"load: {name!r} does not fit the model: {exc}") from exc
     return model
+
+
+def _read_state(name):
+    """Every array of the ``.npz`` at ``name``, read completely before the model is touched.
+
+    Whatever a damaged file makes NumPy or zipfile raise (BadZipFile, EOFError, zlib.error,
+    a pickled-object refusal, ...) becomes one ValueError naming the path."""
+    # A FIFO would block the open, a device never end; neither can be an archive.
+    if not stat.S_ISREG(os.stat(name).st_mode):
+        raise ValueError(f"load: {name!r} is not a regular file")
+    try:
+        archive = np.load(name, allow_pickle=False)
+    except OSError as exc:
+        if exc.errno is not None:       # the OS refused (permissions, ...): not the content
+            raise
+        raise _unreadable(name, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise _unreadable(name, exc) from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"load: {name!r} holds a single array, not a state dict written by "
+                         f"microtile.nn.save")
+    try:
+        with archive:
+            return {key: np.asarray(archive[key]) for key in archive.files}
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise _unreadable(name, exc) from exc
+
+
+def _unreadable(name, exc):
+    return ValueError(f"load: {name!r} is not a readable state dict written by "
+                      f"microtile.nn.save ({type(exc).__name__}: {exc})")
