@@ -11,8 +11,17 @@ update rules, so a model moves between the two with the same numbers::
     labels = nn.predict(model, X_test).argmax(axis=1)
 
 Arrays returned by a layer's ``forward``/``backward`` (and a loss's ``backward``) are that
-layer's reusable buffers, overwritten by its next call with the same shapes: this is what
-keeps a training step free of allocations.  Copy what you want to keep; ``predict`` does.
+layer's reusable buffers, overwritten by its next call with the same shapes in the same
+thread: this is what keeps a training step free of allocations.  Copy what you want to keep;
+``predict`` does.
+
+Threads: a model (every layer, ``Sequential``, and the losses) may be called from several
+threads at once.  Buffers and what ``forward`` saves for ``backward`` are kept per thread, so
+each thread gets its own results and its ``backward`` follows its own last ``forward``;
+``backward`` calls in several threads add their gradients into the shared ``.grad`` (under a
+lock per parameter).  The weights are shared too: an optimizer step while another thread
+runs the model changes the weights under it, so train in one thread at a time (serve
+``predict`` from as many as you like).
 """
 from microtile.nn._activation import ReLU, Sigmoid, Tanh
 from microtile.nn._conv import Conv2d

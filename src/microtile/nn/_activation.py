@@ -9,15 +9,14 @@ import numpy as np
 from microtile._common._checks import as_float_array
 from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad
-from microtile.nn._module import Module
+from microtile.nn._module import Module, per_thread
 
 
 class _Activation(Module):
     _code = 0
     _act_name = None
-
-    def __init__(self):
-        self._y = None
+    # The output, kept per thread for backward (see ``Module``).
+    _y = per_thread()
 
     def forward(self, x):
         """Apply the activation element-wise; same shape and dtype as ``x``."""

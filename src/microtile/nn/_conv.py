@@ -6,7 +6,7 @@ from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
 from microtile.conv.convolution import conv2d, conv2d_backward
-from microtile.nn._module import Module, check_int
+from microtile.nn._module import Module, check_int, per_thread
 from microtile.nn._parameter import Parameter
 
 
@@ -40,6 +40,10 @@ class Conv2d(Module):
 
     _param_names = ("weight", "bias")
     _fusable = True
+    # What forward saves for backward, per thread (see ``Module``).
+    _x = per_thread()
+    _y = per_thread()
+    _act = per_thread()
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, *, dtype=np.float32, rng=None):
@@ -70,9 +74,6 @@ class Conv2d(Module):
             gen, (self.out_channels, self.in_channels // self.groups, r, s), fan_in, dt))
         self.bias = (Parameter(bias_uniform(gen, (self.out_channels,), fan_in, dt))
                      if bias else None)
-        self._x = None
-        self._y = None
-        self._act = 0
 
     def _padding_hw(self):
         """Padding before and after along each axis (torch's split for 'same')."""

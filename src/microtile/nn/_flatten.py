@@ -2,7 +2,7 @@
 import numpy as np
 
 from microtile._common._checks import as_float_array
-from microtile.nn._module import Module
+from microtile.nn._module import Module, per_thread
 
 
 class Flatten(Module):
@@ -14,11 +14,13 @@ class Flatten(Module):
         First and last dimension to merge (negative counts from the end).
     """
 
+    # The shapes of the last forward, per thread (see ``Module``).
+    _in_shape = per_thread()
+    _out_shape = per_thread()
+
     def __init__(self, start_dim=1, end_dim=-1):
         self.start_dim = int(start_dim)
         self.end_dim = int(end_dim)
-        self._in_shape = None
-        self._out_shape = None
 
     def forward(self, x):
         x = as_float_array(x, "x")

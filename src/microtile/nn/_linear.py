@@ -7,8 +7,8 @@ from microtile.nn._act_kernels import act_backward, act_backward_colsum, colsum_
 from microtile.nn._linear_kernels import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
-from microtile.nn._module import Module, check_int
-from microtile.nn._parameter import Parameter
+from microtile.nn._module import Module, check_int, per_thread
+from microtile.nn._parameter import Parameter, locked
 
 _F64 = np.dtype(np.float64)
 
@@ -42,6 +42,11 @@ class Linear(Module):
 
     _param_names = ("weight", "bias")
     _fusable = True
+    # What forward saves for backward, per thread (see ``Module``).
+    _x2 = per_thread()
+    _y2 = per_thread()
+    _act = per_thread()
+    _in_shape = per_thread()
 
     def __init__(self, in_features, out_features, bias=True, *, dtype=np.float32, rng=None):
         self.in_features = check_int(in_features, "in_features", "Linear")
@@ -52,10 +57,6 @@ class Linear(Module):
                                                 self.in_features, dt))
         self.bias = (Parameter(bias_uniform(gen, (self.out_features,), self.in_features, dt))
                      if bias else None)
-        self._x2 = None
-        self._y2 = None
-        self._act = 0
-        self._in_shape = None
 
     def forward(self, x):
         """``x @ weight.T + bias`` for ``x`` of shape (..., in_features)."""
@@ -94,23 +95,27 @@ class Linear(Module):
         dy2 = dy if dy.ndim == 2 else dy.reshape(y2.shape)
         act = self._act
         dz = self._buffer("dz", y2.shape, dt) if act else dy2
-        if self.bias is not None:
-            gb, acc = self.bias._grad_for_update()
-            work = self._buffer("colsum", (colsum_work_size(self.out_features),), _F64)
-            act_backward_colsum(act, y2, dy2, dz if act else None, gb, work, acc)
-        elif act:
-            act_backward(act, y2.reshape(-1), dy2.reshape(-1), dz.reshape(-1))
-        gw, acc = self.weight._grad_for_update()
         dx = self._buffer("dx", x2.shape, dt) if need_input_grad else None
-        if (dx is None or x2.shape[0] * self.in_features * self.out_features < PAIR_MIN_MACS
-                or not dz.flags.c_contiguous or not x2.flags.aligned
-                or not linear_weight_and_input_grads(dz, x2, self.weight.data, gw, dx, acc)):
-            if acc:
-                gemm(dz, x2, trans_a=True, beta=1.0, c=gw, out=gw)
-            else:
-                gemm(dz, x2, trans_a=True, out=gw)
-            if dx is not None:
-                gemm(dz, self.weight.data, out=dx)
+        # The gradients are shared by every thread: written under their locks.
+        with locked(self.weight, self.bias):
+            if self.bias is not None:
+                gb, acc = self.bias._grad_for_update()
+                work = self._buffer("colsum", (colsum_work_size(self.out_features),), _F64)
+                act_backward_colsum(act, y2, dy2, dz if act else None, gb, work, acc)
+            elif act:
+                act_backward(act, y2.reshape(-1), dy2.reshape(-1), dz.reshape(-1))
+            gw, acc = self.weight._grad_for_update()
+            if (dx is None
+                    or x2.shape[0] * self.in_features * self.out_features < PAIR_MIN_MACS
+                    or not dz.flags.c_contiguous or not x2.flags.aligned
+                    or not linear_weight_and_input_grads(dz, x2, self.weight.data, gw, dx,
+                                                         acc)):
+                if acc:
+                    gemm(dz, x2, trans_a=True, beta=1.0, c=gw, out=gw)
+                else:
+                    gemm(dz, x2, trans_a=True, out=gw)
+                if dx is not None:
+                    gemm(dz, self.weight.data, out=dx)
         if dx is None:
             return None
         return dx if len(self._in_shape) == 2 else dx.reshape(self._in_shape)

@@ -5,14 +5,15 @@ import numpy as np
 
 from microtile._common._checks import as_float_array
 from microtile.nn._loss_kernels import check_labels, softmax_xent
+from microtile.nn._module import ThreadState, per_thread
 
 _INTP = np.dtype(np.intp)
 
 
-class _Loss:
-    def __init__(self):
-        self._grad = None
-        self._bufs = {}
+class _Loss(ThreadState):
+    """A loss keeps the gradient of its last ``forward`` for ``backward``, per thread: one
+    loss object may serve several threads at once (see ``Module``)."""
+    _grad = per_thread()
 
     def __call__(self, pred, target):
         return self.forward(pred, target)
@@ -25,12 +26,6 @@ class _Loss:
         if self._grad is None:
             raise RuntimeError(f"{type(self).__name__}: backward called before forward")
         return self._grad
-
-    def _buffer(self, key, shape, dtype):
-        a = self._bufs.get(key)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._bufs[key] = np.empty(shape, dtype)
-        return a
 
     def __repr__(self):
         return f"{type(self).__name__}()"

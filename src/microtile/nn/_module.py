@@ -1,4 +1,12 @@
-"""Module: what every layer shares (parameters, state dicts, reusable work buffers)."""
+"""Module: what every layer shares (parameters, state dicts, reusable work buffers).
+
+Threads: what a layer keeps between calls (its work buffers, and what ``forward`` saves for
+``backward``) is kept per thread, so one model may run ``forward`` (and ``predict``) in any
+number of threads at once, each thread seeing only its own buffers.  Gradients are shared:
+``backward`` accumulates into ``Parameter.grad`` under the parameter's lock.
+"""
+import threading
+
 import numpy as np
 
 from microtile.nn._parameter import Parameter
@@ -8,12 +16,82 @@ from microtile.nn._parameter import Parameter
 _BUFFER_SHAPES = 4
 
 
-class Module:
+class per_thread:
+    """A layer attribute with one value per thread (None in a thread that never set it).
+
+    Declared on the class (``_y = per_thread()``), it reads and writes the instance's
+    ``threading.local``, so the code that saves a forward's output for the backward pass
+    stays ``self._y = y`` and another thread's forward cannot overwrite it.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return getattr(obj._thread_state(), self.name, None)
+
+    def __set__(self, obj, value):
+        setattr(obj._thread_state(), self.name, value)
+
+
+class ThreadState:
+    """Per-thread state and reusable buffers (the part of a layer or loss that a call
+    overwrites).  A thread's buffers go when the thread ends; copies and pickles of the
+    object start without any."""
+
+    def _thread_state(self):
+        d = self.__dict__
+        local = d.get("_tls")
+        if local is None:
+            # setdefault is atomic under the GIL: two threads racing here get one object.
+            local = d.setdefault("_tls", threading.local())
+        return local
+
+    def _buffer(self, key, shape, dtype):
+        """A reusable array of ``shape`` and ``dtype`` for ``key`` in this thread (contents
+        undefined)."""
+        local = self._thread_state()
+        try:
+            bufs = local.bufs
+        except AttributeError:
+            bufs = local.bufs = {}
+        lst = bufs.get(key)
+        if lst is None:
+            lst = bufs[key] = []
+        for i, a in enumerate(lst):
+            if a.shape == shape and a.dtype == dtype:
+                if i:
+                    lst.insert(0, lst.pop(i))
+                return a
+        a = np.empty(shape, dtype)
+        lst.insert(0, a)
+        del lst[_BUFFER_SHAPES:]
+        return a
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_tls", None)     # a threading.local neither pickles nor copies
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class Module(ThreadState):
     """Base class of the layers: ``y = m(x)``, ``dx = m.backward(dy)``, ``m.parameters()``.
 
     Arrays a module returns from ``forward`` and ``backward`` are its own work buffers: they
-    are reused by the next call with the same shapes (that is what keeps a training step free
-    of allocations), so copy a result you want to keep across calls.
+    are reused by the next call with the same shapes in the same thread (that is what keeps
+    a training step free of allocations), so copy a result you want to keep across calls.
+
+    Threads: one module may run ``forward`` in several threads at once; each thread has its
+    own buffers and its own saved state, so its results and its ``backward`` are those of
+    its own last ``forward``.  ``backward`` in several threads accumulates every thread's
+    gradient into the shared ``Parameter.grad`` (under a lock per parameter).  An optimizer
+    step changes the weights under any ``forward`` running at the time: train a model in
+    one thread at a time.
     """
 
     # Names of the Parameter attributes, in state-dict order (None entries are skipped).
@@ -102,26 +180,6 @@ class Module:
         # Everything checked: only now is anything written.
         for (_, p), v in zip(named, values):
             np.copyto(p.data, v, casting="unsafe")
-
-    # -- work buffers ---------------------------------------------------------------------
-    def _buffer(self, key, shape, dtype):
-        """A reusable array of ``shape`` and ``dtype`` for ``key`` (contents undefined)."""
-        try:
-            bufs = self.__dict__["_bufs"]
-        except KeyError:
-            bufs = self.__dict__["_bufs"] = {}
-        lst = bufs.get(key)
-        if lst is None:
-            lst = bufs[key] = []
-        for i, a in enumerate(lst):
-            if a.shape == shape and a.dtype == dtype:
-                if i:
-                    lst.insert(0, lst.pop(i))
-                return a
-        a = np.empty(shape, dtype)
-        lst.insert(0, a)
-        del lst[_BUFFER_SHAPES:]
-        return a
 
 
 def check_int(value, name, owner, minimum=0):

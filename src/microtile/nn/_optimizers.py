@@ -48,11 +48,12 @@ class Optimizer:
         """Update every parameter in place from its gradient."""
         self.step_count += 1
         for i, p in enumerate(self.params):
-            if p._grad_is_zero:
-                # No backward since zero_grad: the update sees a zero gradient.
-                p._grad.fill(0)
-                p._grad_is_zero = False
-            self._update(i, p)
+            with p._lock:       # not while a backward pass in another thread adds to grad
+                if p._grad_is_zero:
+                    # No backward since zero_grad: the update sees a zero gradient.
+                    p._grad.fill(0)
+                    p._grad_is_zero = False
+                self._update(i, p)
 
     def _state_buffers(self, i, p, names):
         st = self.state[i]

@@ -1,4 +1,7 @@
 """Parameter: a trainable array and the gradient that backward passes accumulate into it."""
+import contextlib
+import threading
+
 import numpy as np
 
 from microtile.nn._dtypes import float_dtype
@@ -15,13 +18,16 @@ class Parameter:
     backward pass then writes it instead of adding to it (as torch's ``set_to_none`` saves
     the clearing pass).  Reading ``.grad`` in between gives zeros, as it should.
 
+    Gradient updates hold the parameter's lock (see ``locked``), so backward passes running
+    in several threads at once add up instead of overwriting each other.
+
     Parameters
     ----------
     data : array_like
         Initial value; float32 or float64 (other dtypes raise TypeError).  Copied.
     """
 
-    __slots__ = ("_data", "_grad", "_grad_is_zero", "_flat_data", "_flat_grad")
+    __slots__ = ("_data", "_grad", "_grad_is_zero", "_flat_data", "_flat_grad", "_lock")
 
     def __init__(self, data):
         arr = np.asarray(data)
@@ -32,6 +38,16 @@ class Parameter:
         # Flat views made once: the optimizers' kernels take 1-D arrays.
         self._flat_data = self._data.reshape(-1)
         self._flat_grad = self._grad.reshape(-1)
+        # Reentrant: a custom layer may update a parameter inside another's update.
+        self._lock = threading.RLock()
+
+    def __getstate__(self):
+        return {"data": self._data, "grad": self._grad, "grad_is_zero": self._grad_is_zero}
+
+    def __setstate__(self, state):
+        self.__init__(state["data"])
+        self._grad[...] = state["grad"]
+        self._grad_is_zero = state["grad_is_zero"]
 
     @property
     def data(self):
@@ -45,15 +61,17 @@ class Parameter:
     @property
     def grad(self):
         """The accumulated gradient, same shape and dtype as ``data``."""
-        if self._grad_is_zero:
-            self._grad.fill(0)
-            self._grad_is_zero = False
+        with self._lock:
+            if self._grad_is_zero:
+                self._grad.fill(0)
+                self._grad_is_zero = False
         return self._grad
 
     @grad.setter
     def grad(self, value):
-        self._copy_in(self._grad, value, "grad")
-        self._grad_is_zero = False
+        with self._lock:
+            self._copy_in(self._grad, value, "grad")
+            self._grad_is_zero = False
 
     @property
     def shape(self):
@@ -73,18 +91,20 @@ class Parameter:
 
     def _grad_for_update(self):
         """``(grad, accumulate)`` for a backward pass: when ``accumulate`` is False the caller
-        must overwrite every element (the gradient is logically zero)."""
+        must overwrite every element (the gradient is logically zero).  Call it, and write
+        the gradient, inside ``locked(param)``."""
         accumulate = not self._grad_is_zero
         self._grad_is_zero = False
         return self._grad, accumulate
 
     def _add_to_grad(self, value):
         """grad += value (or grad = value when the gradient is logically zero)."""
-        g, accumulate = self._grad_for_update()
-        if accumulate:
-            np.add(g, value, out=g)
-        else:
-            np.copyto(g, value)
+        with self._lock:
+            g, accumulate = self._grad_for_update()
+            if accumulate:
+                np.add(g, value, out=g)
+            else:
+                np.copyto(g, value)
 
     def _copy_in(self, target, value, what):
         value = np.asarray(value)
@@ -97,3 +117,19 @@ class Parameter:
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+
+
+@contextlib.contextmanager
+def locked(*params):
+    """Hold the locks of ``params`` (None entries skipped) while a backward pass reads the
+    zero flags and writes the gradients.  Taken in one global order (by id), so two layers
+    that share parameters can never wait on each other."""
+    unique = {id(p): p for p in params if p is not None}
+    locks = [unique[key]._lock for key in sorted(unique)]
+    for lock in locks:
+        lock.acquire()
+    try:
+        yield
+    finally:
+        for lock in reversed(locks):
+            lock.release()

@@ -7,10 +7,15 @@ from microtile.conv._nchw import out_size
 from microtile.nn._conv import pair
 from microtile.conv.pooling import (avg_pool2d, avg_pool2d_backward, max_pool2d,
                                     max_pool2d_backward)
-from microtile.nn._module import Module
+from microtile.nn._module import Module, per_thread
 
 
 class _Pool2d(Module):
+    # What forward saves for backward, per thread (see ``Module``).
+    _x = per_thread()
+    _idx = per_thread()
+    _y_shape = per_thread()
+
     def __init__(self, kernel_size, stride=None, padding=0):
         owner = type(self).__name__
         self.kernel_size = pair(kernel_size, "kernel_size", owner, 1)
@@ -19,8 +24,6 @@ class _Pool2d(Module):
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"{owner}: padding {self.padding} must be at most half the kernel "
                              f"size {self.kernel_size}")
-        self._x = None
-        self._y_shape = None
 
     def _check(self, x):
         x = as_float_array(x, "x")

@@ -1,6 +1,6 @@
 """Sequential: layers applied in order, with an activation folded into the layer before it."""
 from microtile.nn._activation import _Activation
-from microtile.nn._module import Module
+from microtile.nn._module import Module, per_thread
 
 
 class Sequential(Module):
@@ -17,6 +17,9 @@ class Sequential(Module):
         Objects with ``forward``/``backward`` (and optionally ``parameters``).
     """
 
+    # The last forward's steps (which layers ran fused), per thread (see ``Module``).
+    _plan = per_thread()
+
     def __init__(self, *layers):
         for i, layer in enumerate(layers):
             if not (callable(getattr(layer, "forward", None))
@@ -24,7 +27,6 @@ class Sequential(Module):
                 raise TypeError(f"Sequential: argument {i} ({type(layer).__name__}) is not a "
                                 f"layer (it needs forward and backward)")
         self.layers = tuple(layers)
-        self._plan = None
 
     def __len__(self):
         return len(self.layers)
