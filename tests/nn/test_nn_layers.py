@@ -288,6 +288,85 @@ def test_activation_backward_against_numpy(act, deriv):
     np.testing.assert_allclose(layer.backward(dy), dy * deriv(x), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [7, 3 * 12_001], ids=["small", "threaded"])
+def test_relu_nan_and_inf_follow_torch(dtype, n):
+    """torch: relu(NaN) = NaN, and its backward keeps dy wherever the input is not <= 0, so
+    at NaN too (ours gave 0 there).  Exact: both are selects."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(17)
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0])
+    x = np.resize(specials, n)
+    x[8:] = rng.standard_normal(n - 8) if n > 8 else x[8:]
+    x[rng.integers(0, n, n // 10)] = np.nan
+    x = x.astype(dtype).reshape(-1, 1) if n == 7 else x.astype(dtype).reshape(3, -1)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    layer = nn.ReLU()
+    y = layer(x)
+    dx = layer.backward(dy)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(tx)
+    ty.backward(torch.tensor(dy))
+    assert np.array_equal(y, ty.detach().numpy(), equal_nan=True)
+    assert np.array_equal(dx, tx.grad.numpy(), equal_nan=True), (
+        "backward differs from torch where x is "
+        f"{np.unique(x[dx != tx.grad.numpy()]).tolist()}")
+    assert np.isnan(x).any() and (dx[np.isnan(x)] == dy[np.isnan(x)]).all()
+
+
+def _torch_twin(torch, layer):
+    """The torch module with ``layer``'s weights (float64)."""
+    if isinstance(layer, nn.Linear):
+        t = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    else:
+        t = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                            padding=layer.padding, bias=layer.bias is not None)
+    t = t.double()
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(layer.weight.data))
+        if layer.bias is not None:
+            t.bias.copy_(torch.from_numpy(layer.bias.data))
+    return t
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "linear-threaded", "conv"])
+def test_fused_relu_at_nan_follows_torch(kind, bias):
+    """Linear + ReLU and Conv2d + ReLU inside a Sequential run fused (the activation applied
+    on write-back, its derivative in the backward's first pass): at NaN they must give what
+    torch gives, forward (NaN) and backward (dy passed through), for the input gradient and
+    the weight and bias gradients alike."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(18)
+    if kind == "conv":
+        layer = nn.Conv2d(3, 4, 3, padding=1, bias=bias, dtype=F64, rng=1)
+        x = rng.standard_normal((2, 3, 6, 5))
+        x[0, 1, 2, 3] = np.nan
+    else:
+        n, k, m = (5, 6, 4) if kind == "linear" else (300, 40, 130)   # 39,000 outputs
+        layer = nn.Linear(k, m, bias=bias, dtype=F64, rng=1)
+        x = rng.standard_normal((n, k))
+        x[1, 2] = np.nan
+        x[3, :] = np.nan
+    model = nn.Sequential(layer, nn.ReLU())
+    y = model(x)
+    assert model._plan[0][2], "the ReLU did not run fused"
+    dy = rng.standard_normal(y.shape)
+    dx = model.backward(dy)
+    t = _torch_twin(torch, layer)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(t(tx))
+    ty.backward(torch.from_numpy(dy))
+    k = x.shape[-1] if kind != "conv" else 3 * 9
+    tol = dict(rtol=4 * (k + 2) * np.finfo(F64).eps, atol=1e-13)
+    assert np.isnan(y).any()
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)      # NaN where torch's is
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol)
+    np.testing.assert_allclose(layer.weight.grad, t.weight.grad.numpy(), **tol)
+    if bias:
+        np.testing.assert_allclose(layer.bias.grad, t.bias.grad.numpy(), **tol)
+
+
 def test_activation_on_non_contiguous_input():
     rng = np.random.default_rng(11)
     x = rand(rng, 9, 8)[::-2, 1::3]

@@ -1,9 +1,9 @@
 """Element-wise kernels of the neural-network layers: activations, their derivatives, bias.
 
 Activation codes: 0 identity, 1 ReLU, 2 sigmoid, 3 tanh.  Every derivative is written in
-terms of the activation's *output* y (ReLU: y > 0, sigmoid: y(1 - y), tanh: 1 - y^2), so a
-layer that applied the activation in its own write-back (a fused Linear + ReLU) needs to keep
-only the output for its backward pass.
+terms of the activation's *output* y (ReLU: 0 where y <= 0, else 1, so 1 at NaN as in
+torch; sigmoid: y(1 - y); tanh: 1 - y^2), so a layer that applied the activation in its own
+write-back (a fused Linear + ReLU) needs to keep only the output for its backward pass.
 
 These are private helpers of ``microtile.nn``: the callers own the buffers (C-contiguous, one
 dtype), so the wrappers only check what the memoryview types do not.  Loops are split into
@@ -77,11 +77,13 @@ cdef void _dact_run(int act, const floating* y, const floating* dy, floating* dz
     cdef floating g
     if act == 1:
         for i in range(n):
-            # Both loads unconditional, so the select compiles to a mask, not a branch that
-            # mispredicts on every other element (and NaN in dy stays out where y <= 0).
+            # torch's threshold_backward: the gradient is cut only where y <= 0, so at a NaN
+            # input (y = relu(NaN) = NaN) dy passes through, and NaN in dy stays out where
+            # y <= 0.  Both loads unconditional, so the select compiles to a mask, not a
+            # branch that mispredicts on every other element.
             g = dy[i]
             v = y[i]
-            dz[i] = g if v > 0 else 0
+            dz[i] = 0 if v <= 0 else g
     elif act == 2:
         for i in range(n):
             v = y[i]

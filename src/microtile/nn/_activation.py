@@ -52,7 +52,8 @@ class _Activation(Module):
 
 
 class ReLU(_Activation):
-    """max(x, 0) element-wise (NaN stays NaN, as in torch)."""
+    """max(x, 0) element-wise, as torch.relu: NaN stays NaN, and backward passes the
+    gradient through wherever the input is not <= 0 (so at NaN too)."""
     _code = 1
     _act_name = "relu"
 
