@@ -79,8 +79,47 @@ def _reset(path, as_json):
     return EXIT_OK
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+class _Interrupts:
+    """SIGINT and SIGTERM stop the run with KeyboardInterrupt, until the profile is written.
+
+    Both handlers are installed whatever the process inherited: a shell that starts a job in
+    the background without job control (``sh -c 'python -m autotune &'``, many CI runners)
+    sets SIGINT to "ignore", and Python then never raises KeyboardInterrupt, so a Ctrl-C or
+    ``kill -INT`` let the run finish and write its profile (exit 0).  From the moment the
+    write starts the run cannot be called interrupted any more (the new profile may already
+    be in place), so a signal then is only noted, and reported when the run ends.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM")
+                    if hasattr(signal, name))
+
+    def __init__(self):
+        self.committing = False
+        self.pending = None
+        self.saved = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self.saved[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):   # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.committing:
+            self.pending = signal.Signals(signum).name
+            return
+        raise KeyboardInterrupt
+
+    def commit(self):
+        """From now on a signal no longer interrupts the run (the write has begun)."""
+        self.committing = True
 
 
 def main(argv=None):
@@ -109,33 +148,32 @@ def main(argv=None):
     from autotune import progress, report, tuner
     say = progress.Progress()
     dtypes = tuner.DTYPES if args.dtype == "all" else (args.dtype,)
-    try:
-        old = signal.signal(signal.SIGTERM, _on_sigterm)
-    except (ValueError, OSError):    # not the main thread
-        old = None
-    try:
-        with profile.run_lock(path, say):
-            say(f"tuning ({'quick' if args.quick else 'full'} run) for {path}")
-            doc = tuner.run(quick=args.quick, threads=args.threads, dtypes=dtypes, say=say,
-                            path=path)
-            profile.write(path, doc)
-    except KeyboardInterrupt:
-        return _fail("interrupted; the previous profile is unchanged")
-    except Exception as exc:  # any failure: say why, leave the old profile alone
-        return _fail(f"{type(exc).__name__}: {exc}; the previous profile is unchanged")
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-    say(f"done in {say.elapsed():.1f} s")
-    if args.json:
-        print(json.dumps({"path": path, "status": "written", "profile": doc}, indent=2,
-                         sort_keys=True))
-    else:
-        print(report.summary(doc, path))
-        from microtile._config import _profile
-        if path != _profile.profile_path():
-            print(f"(`import microtile` reads {_profile.profile_path()}; set "
-                  f"MICROTILE_PROFILE={path} to use this one)")
+    with _Interrupts() as interrupts:
+        try:
+            with profile.run_lock(path, say):
+                say(f"tuning ({'quick' if args.quick else 'full'} run) for {path}")
+                doc = tuner.run(quick=args.quick, threads=args.threads, dtypes=dtypes,
+                                say=say, path=path)
+                interrupts.commit()
+                profile.write(path, doc)
+        except KeyboardInterrupt:
+            return _fail("interrupted; the previous profile is unchanged")
+        except Exception as exc:  # any failure (the write is atomic): the old profile stays
+            return _fail(f"{type(exc).__name__}: {exc}; the previous profile is unchanged")
+        say(f"done in {say.elapsed():.1f} s")
+        if args.json:
+            print(json.dumps({"path": path, "status": "written", "profile": doc}, indent=2,
+                             sort_keys=True))
+        else:
+            print(report.summary(doc, path))
+            from microtile._config import _profile
+            if path != _profile.profile_path():
+                print(f"(`import microtile` reads {_profile.profile_path()}; set "
+                      f"MICROTILE_PROFILE={path} to use this one)")
+        if interrupts.pending:
+            print(f"autotune: {interrupts.pending} arrived while the profile was being "
+                  f"written; the run had finished and the new profile is in place",
+                  file=sys.stderr)
     return EXIT_OK
 
 

@@ -181,3 +181,82 @@ def test_python_dash_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "autotune", "--show"], env=env,
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and "missing" in r.stdout
+
+
+# --- signals: where a Ctrl-C could be lost or misreported --------------------------------------
+
+_SIGNAL_CHILD = r"""
+import json, os, signal, sys, time
+from autotune import __main__ as cli, profile, tuner
+import microtile
+
+path, when = sys.argv[1], sys.argv[2]
+new_doc = profile.build(isa=microtile.get_config()["isa"], probed={"new": True},
+                        chosen={"float32": {"mc": 48}}, measured={},
+                        tuner={"mode": "quick", "threads": 1, "seconds": 0})
+
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(200):        # Python runs the handler at the next bytecode
+        time.sleep(0.01)
+
+def fake_run(**kw):
+    if when == "search":
+        interrupt()
+    return new_doc
+
+real_write = profile.write
+
+def write_then_interrupt(p, doc):
+    real_write(p, doc)
+    interrupt()                 # after os.replace: the new profile is in place
+
+tuner.run = fake_run
+if when == "write":
+    profile.write = write_then_interrupt
+rc = cli.main(["--quick", "--profile", path])
+handler = signal.getsignal(signal.SIGINT)
+print(json.dumps({"rc": rc, "sigint": "ignored" if handler == signal.SIG_IGN else
+                  "default" if handler is signal.default_int_handler else repr(handler)}))
+"""
+
+
+def _run_signal_child(tmp_path, when, inherited):
+    import signal
+    import subprocess
+    import sys
+    from autotune_env import child_env
+    path = tmp_path / "profile.json"
+    before = existing_profile(str(path))
+    disposition = signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_CHILD, str(path), when],
+                       env=child_env(), capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                      disposition))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr, before, path
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_sigint_during_the_search_interrupts_even_if_inherited_ignored(tmp_path, inherited):
+    """The tuner exited 0 after SIGINT: started from a shell without job control (a
+    background job, a CI runner), it inherits SIGINT as "ignore", Python then installs no
+    KeyboardInterrupt handler, and the run went on to write its profile.  The tuner now
+    installs its own handler whatever it inherited."""
+    res, err, before, path = _run_signal_child(tmp_path, "search", inherited)
+    assert res["rc"] == 1, err
+    assert "interrupted" in err and "unchanged" in err
+    assert path.read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["profile.json", "profile.json.lock"]
+    assert res["sigint"] == inherited          # the handler it found is back
+
+
+def test_sigint_after_the_profile_is_written_is_not_reported_as_unchanged(tmp_path):
+    """A signal that lands once the new profile is in place cannot make the run
+    "interrupted; the previous profile is unchanged" (that was reported, exit 1, with the
+    new profile on disk): the run completes, exit 0, and says the signal came too late."""
+    res, err, before, path = _run_signal_child(tmp_path, "write", "default")
+    assert res["rc"] == 0, err
+    assert "unchanged" not in err and "SIGINT" in err and "in place" in err
+    status, data = _profile.read(str(path))
+    assert status == "loaded" and data["probed"] == {"new": True}
