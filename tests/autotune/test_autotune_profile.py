@@ -307,3 +307,20 @@ def test_run_lock_serialises_two_runs(tmp_path):
     th.join(60)
     assert said and "waiting" in said[0]
     assert events == ["first released", "second acquired"]
+
+
+def test_oversized_evidence_is_left_out_so_import_can_read_the_profile(tmp_path):
+    """Import reads at most MAX_PROFILE_BYTES: the tuner never writes more (the search
+    evidence goes first), and the library's writer refuses to."""
+    doc = good_doc()
+    doc["measured"]["search"] = {"padding": "x" * _profile.MAX_PROFILE_BYTES}
+    path = str(tmp_path / "p.json")
+    with pytest.raises(_profile.ProfileTooLarge):
+        _profile.write_atomic(path, doc)
+    assert os.listdir(tmp_path) == []
+    tprofile.write(path, doc)
+    status, data = _profile.read(path)
+    assert status == "loaded", data
+    assert data["chosen"]["float32"]["mc"] == 120
+    assert "left out" in data["measured"]["search"]
+    assert data["measured"]["reference"] == []

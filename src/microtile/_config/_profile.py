@@ -24,10 +24,20 @@ from microtile._version import __version__
 
 SCHEMA_VERSION = 1
 FILENAME = "profile.json"
-# A tuner's profile is ~20 KiB; anything past this is not one, and is not read further.
+# A --quick profile measured ~35 KiB; a file past this is not a profile, and is not read
+# further (the tuner never writes more: see write_atomic and autotune.profile.write).
 MAX_PROFILE_BYTES = 1 << 20
 # Reasons quoted in the warning are cut here (a rejected value may be thousands of digits).
 _MAX_REASON = 300
+
+
+class ProfileError(ValueError):
+    """The file at a profile path cannot be a profile (not a regular file, too large, not
+    UTF-8 JSON)."""
+
+
+class ProfileTooLarge(ProfileError):
+    """A document too large to be read back as a profile."""
 
 
 def default_path():
@@ -65,7 +75,12 @@ def fingerprint(isa_flags=None):
 
 def write_atomic(path, data):
     """Write ``data`` as JSON to ``path`` so that readers see the old file or the new one,
-    never a torn one."""
+    never a torn one.  ProfileTooLarge (nothing written) for a document larger than
+    ``MAX_PROFILE_BYTES``, which import would refuse to read."""
+    size = len(json.dumps(data, indent=2, sort_keys=True).encode("utf-8")) + 1
+    if size > MAX_PROFILE_BYTES:
+        raise ProfileTooLarge(f"the profile would take {size} bytes; import reads at most "
+                              f"{MAX_PROFILE_BYTES}")
     with atomic_open(path, "w", prefix=".profile-") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -104,11 +119,6 @@ def check_chosen(chosen):
     if "threads" in chosen:
         out["threads"] = check_int("threads", chosen["threads"], 1, MAX_THREADS)
     return out
-
-
-class ProfileError(ValueError):
-    """The file at a profile path cannot be a profile (not a regular file, too large, not
-    UTF-8 JSON)."""
 
 
 def read_bytes(path, limit=MAX_PROFILE_BYTES):
