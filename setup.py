@@ -17,6 +17,11 @@ baseline ISA so that one wheel runs on any x86-64 (and builds on aarch64).
 Environment switches:
   MICROTILE_DEBUG=1     bounds, wraparound and initialisation checks on; -O0 -g, not stripped.
   MICROTILE_NO_OPENMP=1 build without OpenMP even where the compiler has it.
+  MICROTILE_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (GCC or Clang):
+                        -fsanitize=address,undefined -fno-omit-frame-pointer -O1 -g, linked
+                        with the same flags, not stripped (-O0 with MICROTILE_DEBUG=1).  The
+                        interpreter is not instrumented, so the runtimes must be preloaded;
+                        the README's "Building" section has the commands.
 """
 import os
 import platform
@@ -32,8 +37,13 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("MICROTILE_DEBUG", "0") not in ("", "0")
-# Strip symbols from release builds on Linux (Apple's linker takes other flags).
-STRIP = not DEBUG and sys.platform.startswith("linux")
+SANITIZE = os.environ.get("MICROTILE_SANITIZE", "0") not in ("", "0")
+# Strip symbols from release builds on Linux (Apple's linker takes other flags); sanitizer
+# reports need them for file and line.
+STRIP = not DEBUG and not SANITIZE and sys.platform.startswith("linux")
+# -O1 keeps the sanitized kernels fast enough to run the test suite and the reports exact
+# (higher levels can fold away the accesses being checked); frame pointers give whole stacks.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64", "x64")
 
 DIRECTIVES = {
@@ -113,10 +123,21 @@ class BuildExt(build_ext):
         if cflags is None:
             print("microtile: OpenMP not found; building single-threaded kernels", file=sys.stderr)
         msvc = self.compiler.compiler_type == "msvc"
+        if SANITIZE and msvc:
+            raise SystemExit("MICROTILE_SANITIZE=1 needs GCC or Clang")
         for ext in self.extensions:
             # -fno-math-errno: sqrt and friends need not set errno, so loops over them
             # vectorize (Adam's update is 4x faster); nothing here reads errno.
-            opt = [] if msvc else (["-O0", "-g"] if DEBUG else ["-O3", "-g0"]) + ["-fno-math-errno"]
+            if DEBUG:
+                level = ["-O0", "-g"]
+            elif SANITIZE:
+                level = ["-O1", "-g"]
+            else:
+                level = ["-O3", "-g0"]
+            opt = [] if msvc else level + ["-fno-math-errno"]
+            if SANITIZE:
+                opt += SANITIZE_FLAGS
+                ext.extra_link_args = ext.extra_link_args + SANITIZE_FLAGS
             ext.extra_compile_args = opt + ext.extra_compile_args
             if STRIP and not msvc:
                 # No symbols beyond the dynamic ones the interpreter needs: the shared
