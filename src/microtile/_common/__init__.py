@@ -1,4 +1,5 @@
 """What every layer shares: the index and float types (``_typedefs.pxd``), small inline helpers
 (``_inline.pxd``), the input rules of the public calls (``_checks``), OpenMP behind one module
 (``_mt_openmp``, the file name threadpoolctl matches), per-thread aligned scratch memory
-(``_scratch``) and atomic file writes (``_atomic``)."""
+(``_scratch``), relaxed atomic 64-bit loads and stores for state that calling threads share
+(``_atomic64.pxd``) and atomic file writes (``_atomic``)."""

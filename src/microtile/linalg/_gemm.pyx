@@ -22,6 +22,7 @@ while it is still in L1, which saves the separate pass over C that NumPy code wo
 """
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport calloc, free
+from libc.stdint cimport int64_t
 from libc.math cimport ceil, exp, tanh
 
 from microtile._common._typedefs cimport idx_t, floating
@@ -32,6 +33,7 @@ from microtile._kernels._dispatch cimport kernel_set
 from microtile.linalg._pack cimport pack_a, pack_b
 from microtile.linalg._level2 cimport gemv_run
 from microtile._common._mt_openmp cimport mt_thread_num, mt_barrier
+from microtile._common._atomic64 cimport mt_atomic_load64, mt_atomic_store64
 from microtile._common._scratch cimport (scratch_get, SCRATCH_PACK_A, SCRATCH_PACK_B,
                                  SCRATCH_EXTRA, SCRATCH_EXTRA2)
 
@@ -44,18 +46,26 @@ cdef extern from *:
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
     }
+    static int64_t mt_now_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t)ts.tv_sec * 1000000000 + (int64_t)ts.tv_nsec;
+    }
     """
     double mt_now() nogil
+    int64_t mt_now_ns() nogil
 
-# Threaded calls longer than LATE_SECONDS whose team was idle over half the time back off to
-# one thread for BACKOFF_SECONDS, doubling up to BACKOFF_MAX (see _note_contention).  Read
-# and written without a lock: a race only changes which of two nearly simultaneous calls
-# backs off.
-cdef double LATE_SECONDS = 200e-6
-cdef double BACKOFF_SECONDS = 0.05
-cdef double BACKOFF_MAX = 2.0
-cdef double _backoff = 0.05
-cdef double _solo_until = 0
+# Threaded calls longer than the late limit whose team was idle over half the time back off
+# to one thread for the back-off time, doubling up to BACKOFF_MAX_NS (see _note_contention).
+# Every calling thread reads and writes this state without a lock, so each is a 64-bit
+# integer of nanoseconds accessed atomically (relaxed): no torn values, no data race.  Two
+# nearly simultaneous calls may still both double the back-off; that only changes which of
+# them backs off, as intended.
+cdef int64_t BACKOFF_MAX_NS = 2000000000
+cdef int64_t _late_ns = 200000              # 200 us
+cdef int64_t _backoff_base_ns = 50000000    # 50 ms
+cdef int64_t _backoff_ns = 50000000         # the next back-off's length
+cdef int64_t _solo_until_ns = 0             # calls run on one thread until then
 
 
 cdef inline floating _act(floating v, int act) noexcept nogil:
@@ -350,7 +360,8 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
         return _gemm_core(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
                           cs_c, rs_c, ep)
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
-                   or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt or mt_now() < _solo_until):
+                   or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt
+                   or mt_now_ns() < mt_atomic_load64(&_solo_until_ns)):
         nt = 1
     _make_plan(prm, nt, mr, nr, m, n, k, cs_b, &pl)
     if pl.b_packed:
@@ -422,10 +433,11 @@ cdef void _note_contention(const double* entered, int nt, double elapsed) noexce
     after each NumPy call, or by another process), and every barrier waits for the thread that
     lost it: on two cores that made a 256^3 product 15x slower.  Backing off lets the calls
     run at one core's speed meanwhile and leaves the other core to whoever took it.  The
-    back-off doubles while the contention lasts (up to BACKOFF_MAX) and resets on a clean call."""
-    global _solo_until, _backoff
+    back-off doubles while the contention lasts (up to BACKOFF_MAX_NS) and resets on a clean
+    call."""
     cdef double busy = 0
     cdef int t, members = 0
+    cdef int64_t backoff
     for t in range(nt):
         if entered[t] == 0:
             continue  # the runtime gave a smaller team
@@ -434,11 +446,13 @@ cdef void _note_contention(const double* entered, int nt, double elapsed) noexce
     # Lateness alone is no sign: a worker woken from sleep here often takes 0.5-4 ms to come
     # in, but the others work meanwhile (the items are handed out dynamically).  What counts
     # is the team's idle share: over half means one thread would have done as well.
-    if elapsed > LATE_SECONDS and busy < 0.5 * members * elapsed:
-        _solo_until = mt_now() + _backoff
-        _backoff = _backoff * 2 if _backoff * 2 < BACKOFF_MAX else BACKOFF_MAX
+    if elapsed > 1e-9 * mt_atomic_load64(&_late_ns) and busy < 0.5 * members * elapsed:
+        backoff = mt_atomic_load64(&_backoff_ns)
+        mt_atomic_store64(&_solo_until_ns, mt_now_ns() + backoff)
+        mt_atomic_store64(&_backoff_ns, 2 * backoff if 2 * backoff < BACKOFF_MAX_NS
+                          else BACKOFF_MAX_NS)
     else:
-        _backoff = BACKOFF_SECONDS
+        mt_atomic_store64(&_backoff_ns, mt_atomic_load64(&_backoff_base_ns))
 
 
 cdef int gemm_serial_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
@@ -478,12 +492,13 @@ cdef int gemm_run(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating al
 def _contention_backoff(late_seconds=None, backoff_seconds=None):
     """Get, or set, how late a team member may come in (s) before threaded calls back off to
     one thread, and for how long (s).  Returns the previous pair (for tests and experiments)."""
-    global LATE_SECONDS, BACKOFF_SECONDS, _solo_until, _backoff
-    old = (LATE_SECONDS, BACKOFF_SECONDS)
+    cdef int64_t ns
+    old = (1e-9 * mt_atomic_load64(&_late_ns), 1e-9 * mt_atomic_load64(&_backoff_base_ns))
     if late_seconds is not None:
-        LATE_SECONDS = late_seconds
+        mt_atomic_store64(&_late_ns, <int64_t> round(late_seconds * 1e9))
     if backoff_seconds is not None:
-        BACKOFF_SECONDS = backoff_seconds
-        _backoff = backoff_seconds
-        _solo_until = 0
+        ns = <int64_t> round(backoff_seconds * 1e9)
+        mt_atomic_store64(&_backoff_base_ns, ns)
+        mt_atomic_store64(&_backoff_ns, ns)
+        mt_atomic_store64(&_solo_until_ns, 0)
     return old
