@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -239,3 +240,29 @@ def run_python(code, env=None, timeout=120, preexec_fn=None):
     lines = proc.stdout.strip().splitlines()
     assert lines, f"child printed nothing; stderr:\n{proc.stderr}"
     return json.loads(lines[-1])
+
+
+def run_in_threads(work, n=16, extra=None, timeout=120):
+    """Start ``n`` Python threads running ``work(index)`` together (one more, index -1, when
+    ``extra``); fail on the first error or on a thread still alive after ``timeout`` s."""
+    barrier = threading.Barrier(n + (extra is not None), timeout=60)
+    errors = []
+
+    def wrap(i):
+        try:
+            barrier.wait()
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    if extra is not None:
+        threads.append(threading.Thread(target=wrap, args=(-1,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        i, exc = errors[0]
+        raise AssertionError(f"{len(errors)} thread(s) failed; thread {i}: {exc!r}") from exc

@@ -18,6 +18,8 @@ import pytest
 
 from microtile import nn
 
+from _helpers import run_in_threads
+
 N_THREADS = 16
 ROUNDS = 6
 TOL = 1e-11
@@ -37,28 +39,6 @@ def _inputs(i):
     n = 1 + i % 5
     return rng.standard_normal((n, 2, 8, 8)), rng.standard_normal((n, 7)), \
         rng.integers(0, 7, n)
-
-
-def _run_threads(work):
-    barrier = threading.Barrier(N_THREADS, timeout=60)
-    errors = []
-
-    def wrap(i):
-        try:
-            barrier.wait()
-            work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append((i, exc))
-
-    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(N_THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    if errors:
-        i, exc = errors[0]
-        raise AssertionError(f"{len(errors)} thread(s) failed; thread {i}: {exc!r}") from exc
 
 
 def _close(got, ref, what):
@@ -100,7 +80,7 @@ def test_forward_backward_and_loss_shared_by_16_threads(pool):
             _close(dx, dx_ref, f"thread {i} round {r} input gradient")
             _close(y, y_ref, f"thread {i} round {r} output after backward")
 
-    _run_threads(work)
+    run_in_threads(work, N_THREADS, timeout=300)
     for (name, p), want in zip(model.named_parameters(), want_grads):
         _close(p.grad, want, f"accumulated gradient of {name}")
 
@@ -143,7 +123,7 @@ def test_each_layer_shared_by_16_threads(make):
             _close(y, y_ref, f"thread {i} round {r} output")
             _close(layer.backward(dy), dx_ref, f"thread {i} round {r} input gradient")
 
-    _run_threads(work)
+    run_in_threads(work, N_THREADS, timeout=300)
 
 
 def test_predict_shared_by_16_threads():
@@ -157,7 +137,7 @@ def test_predict_shared_by_16_threads():
             _close(nn.predict(model, xs[i], batch_size=5 + i % 4), refs[i],
                    f"thread {i} round {r} predict")
 
-    _run_threads(work)
+    run_in_threads(work, N_THREADS, timeout=300)
 
 
 def test_a_thread_keeps_its_own_forward_for_backward():

@@ -12,34 +12,9 @@ import pytest
 import microtile
 from microtile import config_context
 
-from _helpers import FLOATS, assert_gemm, rand, run_python
+from _helpers import FLOATS, assert_gemm, rand, run_in_threads, run_python
 
 N_PY_THREADS = 16
-
-
-def _run_in_threads(work, n=N_PY_THREADS, extra=None):
-    """Start ``n`` threads running ``work(index)`` together; re-raise the first failure."""
-    barrier = threading.Barrier(n + (extra is not None), timeout=60)
-    errors = []
-
-    def wrap(i):
-        try:
-            barrier.wait()
-            work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append((i, exc))
-
-    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
-    if extra is not None:
-        threads.append(threading.Thread(target=wrap, args=(-1,)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    if errors:
-        i, exc = errors[0]
-        raise AssertionError(f"{len(errors)} thread(s) failed; thread {i}: {exc!r}") from exc
 
 
 def _shapes(i):
@@ -87,15 +62,15 @@ def _mixed_work(i):
 
 
 def test_16_threads_gemm():
-    _run_in_threads(_gemm_work)
+    run_in_threads(_gemm_work)
 
 
 def test_16_threads_matmul():
-    _run_in_threads(_matmul_work)
+    run_in_threads(_matmul_work)
 
 
 def test_16_threads_gemv():
-    _run_in_threads(_gemv_work)
+    run_in_threads(_gemv_work)
 
 
 def test_16_threads_mixed_while_thread_count_changes():
@@ -122,7 +97,7 @@ def test_16_threads_mixed_while_thread_count_changes():
                     stop.set()
 
     try:
-        _run_in_threads(work, extra=True)
+        run_in_threads(work, extra=True)
     finally:
         stop.set()
         microtile.set_num_threads(saved, force=True)
