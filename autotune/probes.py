@@ -281,7 +281,7 @@ def fma_peak(isa, dtype, threads=1, seconds=0.15, repeats=3):
     from microtile._probes import _peak
     code = DTYPES.index(dtype)
     isa_id = _dispatch.isa_id(isa)
-    mr, nr = _peak.kernel_shape(isa_id, code)
+    mr, nr = _dispatch.kernel_shape(isa, code)
     itemsize = ITEMSIZE[dtype]
     # A's and B's panels together take at most half of a 32 KiB L1.
     k = max(16, min(256, 16384 // ((mr + nr) * itemsize)))

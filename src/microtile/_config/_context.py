@@ -149,14 +149,8 @@ def _set_threads(n, *, force, source, stacklevel, quiet=False):
     such a count is never an error, so one above MAX_THREADS is clamped rather than
     refused.  ``quiet`` caps without a warning (threadpoolctl's limits)."""
     if source is None:
-        if isinstance(n, bool) or not hasattr(n, "__index__"):
-            raise ValueError(f"set_num_threads: n must be an integer, got {n!r}")
-        n = n.__index__()
-        if n < 1:
-            raise ValueError(f"set_num_threads: n must be at least 1, got {n}")
-        if force and n > MAX_THREADS:
-            raise ValueError(f"set_num_threads: n must be at most {MAX_THREADS} (with force), "
-                             f"got {n}")
+        # Without force any count is accepted here and capped below.
+        n = check_int("set_num_threads: n", n, 1, MAX_THREADS if force else float("inf"))
     usable = _hwinfo.usable_cpus()
     what = source or f"set_num_threads({n})"
     if force:

@@ -59,7 +59,8 @@ def check_int(name, value, lo, hi):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value.__index__()) if not isinstance(value, int) else value
     if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+        bound = f"at least {lo}" if hi == float("inf") else f"between {lo} and {hi}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
 

@@ -7,7 +7,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._kernels._ukernel cimport kernel_set_t, ukr_nr, ukr_packed
+from microtile._kernels._ukernel cimport kernel_set_t, ukr_mr, ukr_nr, ukr_packed
 from microtile._kernels._dispatch cimport kernel_set
 
 cnp.import_array()
@@ -33,12 +33,6 @@ cdef void _spin_team(const kernel_set_t* ks, idx_t k, const floating* a, idx_t l
         _spin(ks, k, a + t * lda, b + t * ldb, c + t * ldc, reps)
 
 
-def kernel_shape(int isa, int dtype_code):
-    """(mr, nr) of the kernel the loop will call."""
-    cdef const kernel_set_t* ks = kernel_set(isa)
-    return (ks.s.mr, ks.s.nr) if dtype_code == 0 else (ks.d.mr, ks.d.nr)
-
-
 def run(int isa, int dtype_code, Py_ssize_t k, Py_ssize_t reps, int threads=1):
     """Call the packed micro-kernel ``reps`` times on each of ``threads`` threads, each with
     its own A (mr x k), B (k x nr) and C (mr x nr) panels, all small enough for L1.
@@ -52,7 +46,10 @@ def run(int isa, int dtype_code, Py_ssize_t k, Py_ssize_t reps, int threads=1):
     cdef idx_t kk = k, rr = reps
     if k < 1 or reps < 0 or threads < 1:
         raise ValueError("k >= 1, reps >= 0 and threads >= 1 are required")
-    mr, nr = kernel_shape(isa, dtype_code)
+    if dtype_code == 0:
+        mr, nr = ukr_mr(ks, <float*> NULL), ukr_nr(ks, <float*> NULL)
+    else:
+        mr, nr = ukr_mr(ks, <double*> NULL), ukr_nr(ks, <double*> NULL)
     dt = np.float32 if dtype_code == 0 else np.float64
     # One set of panels per thread, 4 KiB apart so threads never share a line.
     pad = 4096 // np.dtype(dt).itemsize
