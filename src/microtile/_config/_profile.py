@@ -13,13 +13,12 @@ nesting, numbers that do not fit, wrong types) makes the profile "invalid", neve
 """
 import json
 import os
-import stat
 import warnings
 
 from microtile._config import _hwinfo
 from microtile._config._schema import (DTYPES, ITEMSIZE, MAX_THREADS, OPTIONS, TUNABLE,
                                        check_int, validate)
-from microtile._common._atomic import atomic_open
+from microtile._common._files import NotRegularFile, atomic_open, open_regular
 from microtile._version import __version__
 
 SCHEMA_VERSION = 1
@@ -124,32 +123,19 @@ def check_chosen(chosen):
 def read_bytes(path, limit=MAX_PROFILE_BYTES):
     """The contents of the regular file at ``path``, at most ``limit`` bytes.
 
-    FileNotFoundError when nothing is there; ProfileError when it is not a regular file or
-    is larger than ``limit``; other OSErrors as the OS reports them.  A FIFO, socket or
-    device is refused on its ``stat`` without being opened, and the open itself is
-    non-blocking, so a path swapped for a FIFO in between cannot block either.
+    FileNotFoundError when nothing is there; ProfileError when it is not a regular file
+    (refused without blocking: see ``_files.open_regular``) or is larger than ``limit``;
+    other OSErrors as the OS reports them.
     """
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ProfileError("not a regular file")
-    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-             | getattr(os, "O_CLOEXEC", 0))
-    fd = os.open(path, flags)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ProfileError("not a regular file")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    if size > limit:
+        f = open_regular(path)
+    except NotRegularFile:
+        raise ProfileError("not a regular file") from None
+    with f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
         raise ProfileError(f"larger than {limit >> 10} KiB")
-    return b"".join(chunks)
+    return data
 
 
 def read_json(path):

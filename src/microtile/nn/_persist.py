@@ -1,10 +1,9 @@
 """save / load: a model's state dict to and from a NumPy ``.npz`` file."""
 import os
-import stat
 
 import numpy as np
 
-from microtile._common._atomic import atomic_open
+from microtile._common._files import NotRegularFile, atomic_open, open_regular
 
 
 def save(model, path):
@@ -61,25 +60,27 @@ def _read_state(name):
 
     Whatever a damaged file makes NumPy or zipfile raise (BadZipFile, EOFError, zlib.error,
     a pickled-object refusal, ...) becomes one ValueError naming the path."""
-    # A FIFO would block the open, a device never end; neither can be an archive.
-    if not stat.S_ISREG(os.stat(name).st_mode):
-        raise ValueError(f"load: {name!r} is not a regular file")
     try:
-        archive = np.load(name, allow_pickle=False)
-    except OSError as exc:
-        if exc.errno is not None:       # the OS refused (permissions, ...): not the content
-            raise
-        raise _unreadable(name, exc) from exc
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        raise _unreadable(name, exc) from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"load: {name!r} holds a single array, not a state dict written by "
-                         f"microtile.nn.save")
-    try:
-        with archive:
-            return {key: np.asarray(archive[key]) for key in archive.files}
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        raise _unreadable(name, exc) from exc
+        f = open_regular(name)
+    except NotRegularFile:
+        raise ValueError(f"load: {name!r} is not a regular file") from None
+    with f:     # np.load leaves a file object it was handed open
+        try:
+            archive = np.load(f, allow_pickle=False)
+        except OSError as exc:
+            if exc.errno is not None:       # the OS refused (permissions, ...): not the content
+                raise
+            raise _unreadable(name, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            raise _unreadable(name, exc) from exc
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(f"load: {name!r} holds a single array, not a state dict written "
+                             f"by microtile.nn.save")
+        try:
+            with archive:
+                return {key: np.asarray(archive[key]) for key in archive.files}
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            raise _unreadable(name, exc) from exc
 
 
 def _unreadable(name, exc):
