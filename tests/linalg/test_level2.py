@@ -322,3 +322,64 @@ def test_nan_scalars(dt, rng):
     assert np.isnan(microtile.gemv(a, x, alpha=np.nan)).all()
     assert np.isnan(microtile.gemv(a, x, beta=np.nan, y=y)).all()
     assert np.isnan(microtile.ger(a.copy(), y, x, alpha=np.nan)).all()
+
+
+# --- strided operands in bounded blocks ------------------------------------------------------
+
+# Longer than the drivers' gather block (2**14 elements), so strided and stride-0 operands
+# are read in several blocks; odd, so the last block is partial.
+LONG = 3 * 2 ** 14 + 5
+
+
+def _matrix(a_op, layout, trans):
+    """``a_op`` (m, n) passed as ``a`` (its transpose when ``trans``) with a layout whose
+    rows, columns or both are strided, or broadcast (stride 0)."""
+    a = np.ascontiguousarray(a_op.T) if trans else a_op
+    if layout == "rows":         # rows contiguous
+        return np.ascontiguousarray(a)
+    if layout == "cols":         # columns contiguous
+        return np.asfortranarray(a)
+    if layout == "strided":      # neither
+        return with_layout(a, "strided")
+    if layout == "broadcast":    # stride 0 both ways: a holds one value
+        return np.broadcast_to(a.flat[0], a.shape)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "cols", "strided", "broadcast"])
+@pytest.mark.parametrize("mn", [(7, LONG), (LONG, 5), (40, LONG)])
+def test_gemv_long_strided_operands(mn, layout, trans, threads, rng):
+    m, n = mn
+    dt = np.float64
+    a_op = rand(rng, (m, n), dt)
+    a = _matrix(a_op, layout, trans)
+    a_op = (a.T if trans else a).astype(np.float64)
+    for x in (vec_layout(rand(rng, n, dt), "strided"), vec_layout(rand(rng, n, dt), "neg"),
+              np.broadcast_to(dt(0.75), (n,))):
+        y = rand(rng, m, dt)
+        with config_context(threads=threads):
+            res = microtile.gemv(a, x, alpha=1.5, beta=-0.5, y=y, trans=trans)
+        assert_gemm(res[:, None], a_op, np.asarray(x)[:, None], 1.5, -0.5, y[:, None],
+                    what=f"gemv {mn} {layout}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("mn", [(9, LONG), (LONG, 9)])
+def test_ger_and_outer_long_strided_vectors(mn, layout, threads, rng):
+    m, n = mn
+    dt = np.float32
+    for x, y in ((vec_layout(rand(rng, m, dt), "strided"), vec_layout(rand(rng, n, dt), "neg")),
+                 (np.broadcast_to(dt(1.5), (m,)), np.broadcast_to(dt(-0.5), (n,)))):
+        a, big = make_out((m, n), dt, layout)
+        a[...] = rand(rng, (m, n), dt)
+        a0 = a.copy()
+        with config_context(threads=threads):
+            microtile.ger(a, x, y, alpha=0.75)
+            res = microtile.outer(x, y)
+        ref, bound = outer_ref(np.asarray(x), np.asarray(y))
+        assert_close(a, a0 + 0.75 * ref, np.abs(a0) + 0.75 * bound, 1, dt, f"ger {mn}")
+        assert_close(res, ref, bound, 1, dt, f"outer {mn}")
+        assert_outside_untouched(a, big)

@@ -14,8 +14,35 @@ cdef object F32 = np.dtype(np.float32)
 cdef object F64 = np.dtype(np.float64)
 
 
+cdef tuple _compact(cnp.ndarray arr):
+    """(core, broadcast): ``arr`` with each stride-0 axis cut to length 1, and whether any was
+    (a broadcast view's data is its core: converting only the core and broadcasting the
+    result back costs the core's size, not the view's)."""
+    cdef int d
+    cdef bint any_zero = False
+    for d in range(cnp.PyArray_NDIM(arr)):
+        if cnp.PyArray_STRIDE(arr, d) == 0 and cnp.PyArray_DIM(arr, d) > 1:
+            any_zero = True
+            break
+    if not any_zero:
+        return arr, False
+    idx = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                for st, n in zip((<object> arr).strides, (<object> arr).shape))
+    return arr[idx], True
+
+
+cdef cnp.ndarray _converted(cnp.ndarray arr, object dtype):
+    """A native, aligned ``dtype`` copy of ``arr`` (stride-0 axes stay stride 0)."""
+    core, broadcast = _compact(arr)
+    out = np.array(core, dtype=dtype, order="C")     # a new array: aligned and native
+    return np.broadcast_to(out, (<object> arr).shape) if broadcast else out
+
+
 cpdef cnp.ndarray as_float_array(object x, str name):
-    """``x`` as a native-endian, aligned float32 or float64 ndarray; TypeError otherwise."""
+    """``x`` as a native-endian, aligned float32 or float64 ndarray; TypeError otherwise.
+
+    Byte-swapped and misaligned arrays are copied (to the native dtype, as NumPy computes
+    with them); a broadcast view stays one (only its distinct elements are copied)."""
     cdef cnp.ndarray arr
     if type(x) is np.ndarray:
         arr = <cnp.ndarray> x
@@ -28,10 +55,10 @@ cpdef cnp.ndarray as_float_array(object x, str name):
     if dt is F32 or dt is F64:
         if cnp.PyArray_ISALIGNED(arr):
             return arr
-        return arr.copy()
+        return _converted(arr, dt)
     if dt.kind == "f" and dt.itemsize in (4, 8) and dt.fields is None:
         # Byte-swapped or otherwise exotic but numerically float32/float64.
-        return np.ascontiguousarray(arr, dtype=F32 if dt.itemsize == 4 else F64)
+        return _converted(arr, F32 if dt.itemsize == 4 else F64)
     raise TypeError(f"{name}: unsupported dtype {dt}; microtile computes in float32 and float64")
 
 
@@ -44,9 +71,11 @@ cpdef object result_dtype(tuple arrays):
 
 
 cpdef cnp.ndarray as_dtype(cnp.ndarray x, object dtype):
+    """``x`` in ``dtype``: itself when it already is, else a copy (a broadcast view stays one:
+    only its distinct elements are converted)."""
     if x.dtype is dtype:
         return x
-    return x.astype(dtype)
+    return _converted(x, dtype)
 
 
 cpdef cnp.ndarray check_out(object out, tuple shape, object dtype, str name="out"):
