@@ -315,3 +315,18 @@ print(json.dumps(out))
     for name in ("gemv", "ger", "gemm"):
         assert res[name] < limit, f"{name} left {res[name]} bytes allocated"
     assert res["held"] <= 4 * limit
+
+
+@pytest.mark.parametrize("batch", [2 ** 26, 2 ** 31])
+def test_matmul_empty_result_with_a_huge_broadcast_batch(batch):
+    # 2**26 took 13 s and 2.6 GB (NumPy: 0.13 s); 2**31 asked for 16 GB of offsets.
+    res = _run_limited(r"""
+batch = %d
+a = np.broadcast_to(np.ones((1, 0, 4)), (batch, 0, 4))
+b = np.broadcast_to(np.ones((1, 4, 5)), (batch, 4, 5))
+c = np.ones((5, 0))
+r1 = microtile.matmul(a, b)
+r2 = microtile.matmul(b, c)
+print(json.dumps({"s1": r1.shape, "s2": r2.shape}))
+""" % batch, limit_gb=1)
+    assert tuple(res["s1"]) == (batch, 0, 5) and tuple(res["s2"]) == (batch, 4, 0)

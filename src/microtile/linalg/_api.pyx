@@ -383,43 +383,67 @@ def ger(a, x, y, alpha=1.0):
     return a
 
 
+ctypedef struct _stack:
+    # Where matrix i of a batch lives, for three operands broadcast over one batch shape:
+    # i unravelled in C order over dims, times each operand's element strides.
+    int nd
+    idx_t dims[64]      # NPY_MAXDIMS
+    idx_t sa[64]
+    idx_t sb[64]
+    idx_t sc[64]
+
+
+cdef inline idx_t _offset(const _stack* st, idx_t i, const idx_t* strides) noexcept nogil:
+    """Element offset of matrix i in an operand with these batch strides."""
+    cdef idx_t q, off = 0
+    cdef int d
+    for d in range(st.nd - 1, -1, -1):
+        q = i // st.dims[d]
+        off += (i - q * st.dims[d]) * strides[d]
+        i = q
+    return off
+
+
 cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k,
-                  floating* base_a, const idx_t* off_a, idx_t rs_a, idx_t cs_a,
-                  floating* base_b, const idx_t* off_b, idx_t rs_b, idx_t cs_b,
-                  floating* base_c, const idx_t* off_c, idx_t rs_c, idx_t cs_c) noexcept nogil:
+                  floating* base_a, idx_t rs_a, idx_t cs_a,
+                  floating* base_b, idx_t rs_b, idx_t cs_b,
+                  floating* base_c, idx_t rs_c, idx_t cs_c, const _stack* st) noexcept nogil:
     """A stack of products.  Large matrices are threaded inside each product; a stack of
-    small ones is spread across threads, one whole product per thread at a time."""
-    cdef idx_t i
+    small ones is spread across threads, one whole product per thread at a time.  Each
+    product's place is computed from its index: offset arrays for a batch of 2**28 1x1
+    products would take three times 2 GB."""
+    cdef idx_t i, oa, ob, oc
     cdef int nt = prm.n_threads, fails = 0
     cdef double work = <double> m * <double> n * <double> k
     if work >= prm.thread_mnk or nt <= 1 or work * count < prm.thread_mnk:
         for i in range(count):
-            if gemm_run(prm, m, n, k, <floating> 1, base_a + off_a[i], rs_a, cs_a,
-                        base_b + off_b[i], rs_b, cs_b, <floating> 0, base_c + off_c[i],
+            oa = _offset(st, i, st.sa)
+            ob = _offset(st, i, st.sb)
+            oc = _offset(st, i, st.sc)
+            if gemm_run(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
+                        base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc,
                         rs_c, cs_c) != 0:
                 return -1
         return 0
     if nt > count:
         nt = <int> count
     for i in prange(count, num_threads=nt, schedule="static"):
-        fails += gemm_serial(prm, m, n, k, <floating> 1, base_a + off_a[i], rs_a, cs_a,
-                             base_b + off_b[i], rs_b, cs_b, <floating> 0, base_c + off_c[i],
+        oa = _offset(st, i, st.sa)      # assigned here, so private to each thread
+        ob = _offset(st, i, st.sb)
+        oc = _offset(st, i, st.sc)
+        fails += gemm_serial(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
+                             base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc,
                              rs_c, cs_c) != 0
     return -1 if fails else 0
 
 
-cdef cnp.ndarray _batch_offsets(cnp.ndarray x, tuple batch):
-    """Element offsets of each matrix of ``x`` broadcast over ``batch``, in C order."""
+cdef void _batch_strides(cnp.ndarray x, tuple batch, idx_t* out):
+    """Element strides of ``x`` broadcast over ``batch`` (0 along broadcast dimensions)."""
     cdef object bx = np.broadcast_to(x, batch + np.shape(x)[-2:])
     cdef Py_ssize_t item = x.dtype.itemsize
-    cdef Py_ssize_t count = 1
-    for d in batch:
-        count *= d
-    offsets = np.zeros(count, dtype=np.intp)
-    if count and batch:
-        for d, idx in enumerate(np.unravel_index(np.arange(count), batch)):
-            offsets += idx * (bx.strides[d] // item)
-    return offsets
+    cdef int d
+    for d in range(len(batch)):
+        out[d] = bx.strides[d] // item
 
 
 def matmul(a, b, out=None):
@@ -441,7 +465,7 @@ def matmul(a, b, out=None):
         A NumPy scalar when both operands are 1-D.
     """
     cdef cnp.ndarray A = as_float_array(a, "a"), B = as_float_array(b, "b"), O, Of
-    cdef cnp.ndarray A2, B2, offa, offb, offo
+    cdef cnp.ndarray A2, B2
     cdef gemm_params prm
     cdef idx_t count, m, n, k
     cdef int rc
@@ -477,6 +501,10 @@ def matmul(a, b, out=None):
         O = check_out(out, shape, dt)
         if overlaps(O, A) or overlaps(O, B):
             raise ValueError("matmul: out overlaps an input")
+    if O.size == 0:
+        # Nothing to compute: no conversions, no per-matrix offsets (a broadcast batch of
+        # 2**31 empty products would otherwise cost 16 GB of offsets).
+        return O
     A2 = as_dtype(A2, dt)
     B2 = as_dtype(B2, dt)
     Of = O
@@ -491,10 +519,7 @@ def matmul(a, b, out=None):
         for d in batch:
             count *= d
         if count:
-            offa = _batch_offsets(A2, batch)
-            offb = _batch_offsets(B2, batch)
-            offo = _batch_offsets(Of, batch)
-            rc = _run_batched(A2, B2, Of, count, m, n, k, offa, offb, offo)
+            rc = _run_batched(A2, B2, Of, count, m, n, k, batch)
             if rc != 0:
                 raise MemoryError("microtile: out of memory in matmul")
     if out is None and O.ndim == 0:
@@ -503,29 +528,32 @@ def matmul(a, b, out=None):
 
 
 cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, idx_t m,
-                      idx_t n, idx_t k, cnp.ndarray offa, cnp.ndarray offb,
-                      cnp.ndarray offo) except? -1:
+                      idx_t n, idx_t k, tuple batch) except? -1:
     cdef int nd = O.ndim
     cdef idx_t rs_a = elem_stride(A, A.ndim - 2), cs_a = elem_stride(A, A.ndim - 1)
     cdef idx_t rs_b = elem_stride(B, B.ndim - 2), cs_b = elem_stride(B, B.ndim - 1)
     cdef idx_t rs_c = elem_stride(O, nd - 2), cs_c = elem_stride(O, nd - 1)
-    cdef const idx_t* pa = <const idx_t*> cnp.PyArray_DATA(offa)
-    cdef const idx_t* pb = <const idx_t*> cnp.PyArray_DATA(offb)
-    cdef const idx_t* pc = <const idx_t*> cnp.PyArray_DATA(offo)
+    cdef _stack st
     cdef gemm_params prm
-    cdef int rc
+    cdef int rc, d
+    st.nd = len(batch)
+    for d in range(st.nd):
+        st.dims[d] = batch[d]
+    _batch_strides(A, batch, st.sa)
+    _batch_strides(B, batch, st.sb)
+    _batch_strides(O, batch, st.sc)
     if O.dtype is F32:
         current_params(0, &prm)
         with nogil:
-            rc = _batched(&prm, count, m, n, k, <float*> cnp.PyArray_DATA(A), pa, rs_a, cs_a,
-                          <float*> cnp.PyArray_DATA(B), pb, rs_b, cs_b,
-                          <float*> cnp.PyArray_DATA(O), pc, rs_c, cs_c)
+            rc = _batched(&prm, count, m, n, k, <float*> cnp.PyArray_DATA(A), rs_a, cs_a,
+                          <float*> cnp.PyArray_DATA(B), rs_b, cs_b,
+                          <float*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
     else:
         current_params(1, &prm)
         with nogil:
-            rc = _batched(&prm, count, m, n, k, <double*> cnp.PyArray_DATA(A), pa, rs_a, cs_a,
-                          <double*> cnp.PyArray_DATA(B), pb, rs_b, cs_b,
-                          <double*> cnp.PyArray_DATA(O), pc, rs_c, cs_c)
+            rc = _batched(&prm, count, m, n, k, <double*> cnp.PyArray_DATA(A), rs_a, cs_a,
+                          <double*> cnp.PyArray_DATA(B), rs_b, cs_b,
+                          <double*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
     return rc
 
 
