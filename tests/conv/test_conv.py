@@ -510,3 +510,105 @@ def test_same_padding_against_torch():
                                          dilation=(1, 3))
     np.testing.assert_allclose(mt.conv2d(x, w, padding="same", dilation=(1, 3)), ref.numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------- workspace cap, any geometry
+
+def _weight(w, layout):
+    """w with a given memory layout: C order, a non-contiguous one no (K, C·R·S) matrix view
+    can describe, a stride-0 broadcast of one value, or one broadcast along R only."""
+    if layout == "C":
+        return w
+    if layout == "transposed":
+        return np.ascontiguousarray(w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    if layout == "broadcast":
+        return np.broadcast_to(w[:1, :1, :1, :1], w.shape)
+    if layout == "broadcast_rows":
+        return np.broadcast_to(w[:, :, :1, :], w.shape)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["C", "transposed", "broadcast", "broadcast_rows"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cfg", [
+    dict(N=2, C=8, H=20, W=21, K=3, R=17, S=17, stride=1, padding=3, dilation=1, groups=1),
+    dict(N=1, C=8, H=40, W=41, K=4, R=25, S=23, stride=2, padding=5, dilation=1, groups=2),
+    dict(N=3, C=36, H=30, W=30, K=6, R=13, S=14, stride=(1, 2), padding=(2, 3),
+         dilation=(2, 1), groups=3),
+])
+def test_depth_slices_when_one_column_is_over_the_workspace(cfg, threads, layout):
+    # With the smallest workspace a single output position's column (Cg*R*S elements) is
+    # over one thread's budget: the depth is cut into slices whose GEMMs add into the same
+    # output block, and the workspace used stays under the cap.
+    rng = np.random.default_rng(11)
+    x, w, b = make(cfg, np.float64, rng)
+    w = _weight(w, layout)
+    with mt.config_context(threads=threads, conv_workspace=64 << 10, conv_chunk=16 << 10):
+        check_forward_backward(x, w, b, np.float64, **kw(cfg))
+        plan = mt.conv._conv.last_plan()
+        mt.conv2d(x, w, b, **kw(cfg))
+        fwd = mt.conv._conv.last_plan()
+    for p in (plan, fwd):
+        assert p["depth_slices"] > 1, p
+        assert p["workspace_bytes"] <= 64 << 10, p
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depth_slices_against_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    cfg = dict(N=2, C=36, H=19, W=23, K=4, R=15, S=16, stride=(2, 1), padding=(4, 2),
+               dilation=1, groups=2)
+    x, w, b = make(cfg, dtype, rng)
+    xt, wt, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w, b))
+    yt = torch.nn.functional.conv2d(xt, wt, bt, **kw(cfg))
+    dy = rng.standard_normal(tuple(yt.shape)).astype(dtype)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    with mt.config_context(conv_workspace=64 << 10, conv_chunk=16 << 10):
+        y = mt.conv2d(x, w, b, **kw(cfg))
+        assert mt.conv._conv.last_plan()["depth_slices"] > 1
+        dx, dw, db = mt.conv2d_backward(dy, x, w, **kw(cfg))
+    # Sums of at most 4320 products of O(1) terms, in any order: k * eps relative to the
+    # largest sum is under 3e-3 in float32 and 1e-12 in float64.
+    tol = 3e-3 if dtype == np.float32 else 1e-10
+    for got, ref in ((y, yt), (dx, xt.grad), (dw, wt.grad), (db, bt.grad)):
+        ref = ref.detach().numpy()
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("workspace", [64 << 10, 1 << 20, 8 << 20])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("geom", [
+    # (x shape, w shape, padding): columns of 1 position x 1.6e5 taps, of 4e4 positions x
+    # 1 tap, and in between.
+    ((1, 1, 400, 400), (1, 1, 400, 400), 0),
+    ((1, 4, 200, 200), (2, 4, 1, 1), 0),
+    ((2, 2, 60, 55), (3, 2, 30, 25), 7),
+    ((16, 3, 9, 9), (8, 3, 3, 3), 1),
+])
+def test_workspace_cap_holds_for_any_geometry(geom, threads, workspace):
+    xs, ws_, pad = geom
+    x = np.broadcast_to(np.float32(0.5), xs)
+    w = np.broadcast_to(np.float32(0.25), ws_)
+    with mt.config_context(threads=threads, conv_workspace=workspace):
+        y = mt.conv2d(x, w, padding=pad)
+        assert mt.conv._conv.last_plan()["workspace_bytes"] <= workspace
+        dx, dw, db = mt.conv2d_backward(np.ones_like(y), x, w, padding=pad,
+                                        need_input_grad=xs[0] * xs[2] < 1000)
+        assert mt.conv._conv.last_plan()["workspace_bytes"] <= workspace
+    # Every output is a sum of the same products where the window covers only x (no
+    # padding): spot-check the exact central value, 0.125 * (taps), exact in float32.
+    taps = ws_[1] * ws_[2] * ws_[3]
+    if pad == 0:
+        np.testing.assert_array_equal(y, np.float32(0.125 * taps))
+
+
+def test_broadcast_weight_is_read_in_place():
+    # The weight matrix is a view of a broadcast or C-ordered w (no copy of its logical size).
+    from microtile.conv.convolution import _weight_matrix
+    w = np.broadcast_to(1.0, (2, 3, 50, 60))
+    wm = _weight_matrix(w, np.dtype(np.float64))
+    assert wm.shape == (2, 9000) and wm.strides == (0, 0)
+    c = np.ones((4, 3, 5, 5))
+    assert np.shares_memory(_weight_matrix(c, np.dtype(np.float64)), c)
+    assert np.shares_memory(_weight_matrix(c[::2], np.dtype(np.float64)), c)

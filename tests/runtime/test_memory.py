@@ -330,3 +330,31 @@ r2 = microtile.matmul(b, c)
 print(json.dumps({"s1": r1.shape, "s2": r2.shape}))
 """ % batch, limit_gb=1)
     assert tuple(res["s1"]) == (batch, 0, 5) and tuple(res["s2"]) == (batch, 4, 0)
+
+
+def test_conv2d_broadcast_weight_stays_within_the_workspace_cap():
+    # A stride-0 (1, 1, 3000, 3000) weight: the weight was copied whole (72 MB) and one
+    # output position's column (72 MB) ignored the 8 MiB conv_workspace cap (at 20000 x
+    # 20000, 3 GB each).  The weight is now read in place and the depth sliced: the peak
+    # grows by less than the cap plus 16 MiB of GEMM packing and interpreter slack.
+    res = _run_limited(r"""
+x = np.broadcast_to(1.0, (1, 1, 3000, 3000))
+w = np.broadcast_to(0.5, (1, 1, 3000, 3000))
+microtile.conv2d(np.ones((1, 1, 8, 8)), np.ones((1, 1, 3, 3)))   # warm up
+p0 = peak()
+y = microtile.conv2d(x, w)
+fwd = peak() - p0
+p0 = peak()
+dx, dw, db = microtile.conv2d_backward(np.ones((1, 1, 1, 1)), x, w, need_input_grad=False)
+bwd = peak() - p0
+print(json.dumps({"y": y.tolist(), "fwd": fwd, "bwd": bwd, "dw": dw.nbytes,
+                  "dw_ok": bool((dw == 1.0).all()), "cap": microtile.get_config()
+                  .get("conv_workspace", 8 << 20)}))
+""", limit_gb=2)
+    assert res["y"] == [[[[4.5e6]]]]
+    assert res["dw_ok"]
+    slack = 16 * 2 ** 20
+    assert res["fwd"] < res["cap"] + slack, res
+    # The backward's results: dW itself, and one dW-sized partial per thread that summed
+    # into it (here one: the work is threaded inside the GEMMs, not over chunks).
+    assert res["bwd"] < 2 * res["dw"] + res["cap"] + slack, res

@@ -34,6 +34,21 @@ def _groups(groups, what):
     return groups
 
 
+def _weight_matrix(Wt, dt):
+    """w (K, C // groups, R, S) as the (K, C·R·S) matrix the GEMM reads: a view whenever its
+    strides allow one (C-contiguous weights, broadcast ones such as ``np.broadcast_to(v,
+    shape)``, slices along K), so no copy is made; otherwise a C-contiguous copy.  That copy
+    has w's logical size: no more than w's own memory for an ordinary array, more only for
+    a view broadcast along some but not all of C, R, S, which no matrix view can describe."""
+    K = Wt.shape[0]
+    crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
+    W = as_dtype(Wt, dt)
+    try:
+        return np.reshape(W, (K, crs), copy=False)
+    except ValueError:
+        return np.ascontiguousarray(W).reshape(K, crs)
+
+
 def _setup(what, X, Wt, stride, padding, dilation, groups):
     """Validate shapes and arguments; return (x as 4-D, unbatched, geometry, groups, K, P, Q)."""
     X4, unbatched = as_nchw(X, "x", what)
@@ -98,7 +113,13 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     Notes
     -----
     im2col + GEMM per group, in chunks whose columns fit ``conv_workspace`` bytes (see
-    ``config_context``), so memory does not grow with the batch beyond the output.
+    ``config_context``) whatever the geometry: when fewer than a few output positions'
+    columns fit in it, the depth is cut too.  Beyond the cap and the result, memory goes only to
+    copies of operands that cannot be read as they are: x or w converted when their dtypes
+    differ (a broadcast view stays one), w copied when its strides do not describe a
+    (K, C·R·S) matrix (as large as w; more than w's own memory only for a view broadcast
+    along some but not all of C, R, S), and w with the bias as one more column when that
+    costs at most a quarter of the output.
     """
     X = as_float_array(x, "x")
     Wt = as_float_array(w, "w")
@@ -121,15 +142,16 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
     # The bias rides in the GEMM as one more weight column when copying the weights costs
-    # little next to the output; otherwise it is added to the output (no weight copy).
+    # little next to the output (at most a quarter of it); otherwise it is added to the
+    # output and the weights are read in place where their strides allow.
     bias_col = B is not None and 4 * crs <= N * P * Q
     Bc = None
     if bias_col:
         Wm = np.empty((K, crs + 1), dtype=dt)
-        Wm[:, :crs] = Wt.reshape(K, crs)
+        Wm[:, :crs] = _weight_matrix(Wt, dt)
         Wm[:, crs] = B
     else:
-        Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+        Wm = _weight_matrix(Wt, dt)
         if B is not None:
             Bc = np.ascontiguousarray(B, dtype=dt)
     in_place = O is not None and O.flags.c_contiguous
@@ -165,6 +187,14 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     ------
     TypeError, ValueError
         As ``conv2d``; ValueError too when dy's shape is not the convolution's output shape.
+
+    Notes
+    -----
+    The columns stay within ``conv_workspace`` as in ``conv2d``.  Other memory: the results,
+    one dW-sized partial per thread that works on its own chunks (summed into dw at the end;
+    a single one when the threads work inside the GEMMs), a C-ordered copy of dy unless it
+    is one already (dy is as large as the forward's output), and the weight copies
+    ``conv2d`` describes.
     """
     DY = as_float_array(dy, "dy")
     X = as_float_array(x, "x")
@@ -180,7 +210,7 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     DY4 = np.ascontiguousarray(as_dtype(DY, dt)).reshape((N, K, P, Q))
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
-    Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+    Wm = _weight_matrix(Wt, dt)
     what = "conv2d_backward"
     dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
