@@ -612,3 +612,75 @@ def test_broadcast_weight_is_read_in_place():
     c = np.ones((4, 3, 5, 5))
     assert np.shares_memory(_weight_matrix(c, np.dtype(np.float64)), c)
     assert np.shares_memory(_weight_matrix(c[::2], np.dtype(np.float64)), c)
+
+
+# ------------------------------------------------------------- argument limits and types
+
+@pytest.mark.parametrize("arg", ["stride", "dilation", "padding"])
+@pytest.mark.parametrize("value", [2 ** 31, 2 ** 62, 2 ** 64, (1, 2 ** 63)])
+def test_huge_geometry_arguments_are_value_errors(arg, value):
+    # Once an OverflowError ("Python int too large to convert to C ssize_t") or a NumPy
+    # "Maximum allowed dimension exceeded"; now a ValueError naming the argument.
+    x, w = np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3))
+    for call in (lambda: mt.conv2d(x, w, **{arg: value}),
+                 lambda: mt.conv2d_backward(np.ones((1, 3, 3, 3)), x, w, **{arg: value}),
+                 lambda: mt.im2col(x, 2, **{arg: value}),
+                 lambda: mt.col2im(np.ones((1, 8, 16)), 5, 2, **{arg: value})):
+        with pytest.raises(ValueError, match=arg):
+            call()
+    with pytest.raises(ValueError, match="kernel_size"):
+        mt.im2col(x, value if arg == "stride" else 2 ** 40)
+
+
+def test_largest_accepted_arguments_compute():
+    # The limit itself is accepted and computes: a stride of 2**31 - 1 keeps one window.
+    x = np.arange(50.0).reshape(1, 2, 5, 5)
+    w = np.ones((1, 2, 1, 1))
+    y = mt.conv2d(x, w, stride=2 ** 31 - 1)
+    np.testing.assert_array_equal(y, [[[[x[0, :, 0, 0].sum()]]]])
+    cols = mt.im2col(x, 1, stride=2 ** 31 - 1)
+    np.testing.assert_array_equal(cols, x[:, :, :1, :1].reshape(1, 2, 1))
+
+
+def test_huge_padding_result_is_a_value_error():
+    # Padding within the argument limit whose output could not exist: ValueError, not a
+    # crash or MemoryError.
+    with pytest.raises(ValueError, match="result would have shape"):
+        mt.im2col(np.ones((1, 1, 3, 3)), 2, padding=2 ** 31 - 1)
+    with pytest.raises(ValueError, match="result would have shape"):
+        mt.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2)), padding=2 ** 31 - 1)
+
+
+@pytest.mark.parametrize("groups", [2 ** 31, 2 ** 64])
+def test_huge_groups_is_a_value_error(groups):
+    with pytest.raises(ValueError, match="groups"):
+        mt.conv2d(np.ones((1, 0, 5, 5)), np.ones((0, 0, 3, 3)), groups=groups)
+
+
+@pytest.mark.parametrize("value", ["12", "1111", b"4", np.str_("4"), ("1", 2), [2, "2"]])
+def test_strings_are_never_sizes(value):
+    x = np.ones((1, 2, 5, 5))
+    with pytest.raises(TypeError, match="output_size"):
+        mt.col2im(np.ones((1, 8, 16)), value, 2)
+    with pytest.raises(TypeError, match="kernel_size"):
+        mt.im2col(x, value)
+    with pytest.raises(TypeError, match="stride"):
+        mt.conv2d(x, np.ones((3, 2, 3, 3)), stride=value)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 4, 1), (1, 4, 9), (2, 8, 16)])
+def test_col2im_accepts_broadcast_columns(shape):
+    # A stride-0 view used to be refused ("col2im_into: columns must be contiguous") when
+    # NumPy kept it as it was; it is read in place, or its distinct rows copied.
+    R = S = int(round((shape[1] // (1 if shape[1] == 1 else 2)) ** 0.5)) if shape[1] > 1 else 1
+    C = shape[1] // (R * S)
+    L = shape[2]
+    side = int(round(L ** 0.5)) + R - 1
+    cols = np.broadcast_to(np.float64(1.5), shape)
+    got = mt.col2im(cols, side, (R, S))
+    ref = mt.col2im(np.ascontiguousarray(cols), side, (R, S))
+    assert got.shape == (shape[0], C, side, side)
+    np.testing.assert_array_equal(got, ref)
+    rows = np.broadcast_to(np.arange(shape[1], dtype=np.float64)[None, :, None], shape)
+    np.testing.assert_array_equal(mt.col2im(rows, side, (R, S)),
+                                  mt.col2im(np.ascontiguousarray(rows), side, (R, S)))

@@ -2,14 +2,13 @@
 
 The arithmetic lives in ``_conv`` (GEMM drivers) and ``_im2col`` (the lowering kernels).
 """
-import operator
-
 import numpy as np
 
 from microtile.conv import _conv, _im2col
 from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
 from microtile._config._context import get_num_threads, get_option
-from microtile.conv._nchw import as_nchw, reuse_out, conv_padding, out_size, pair
+from microtile.conv._nchw import (as_nchw, check_result, conv_padding, count, out_size, pair,
+                                  reuse_out)
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
 
@@ -20,18 +19,6 @@ def _sizes():
     # both L2-sized ones (more GEMM calls, weights re-packed) and 8 MiB ones (columns fall out
     # of cache between im2col and the GEMM) by 10-40%; the tuner may set it per machine.
     return get_option("conv_workspace"), get_option("conv_chunk")
-
-
-def _groups(groups, what):
-    if isinstance(groups, (bool, np.bool_)):
-        raise TypeError(f"{what}: groups must be an int, got {groups!r}")
-    try:
-        groups = operator.index(groups)
-    except TypeError:
-        raise TypeError(f"{what}: groups must be an int, got {groups!r}") from None
-    if groups < 1:
-        raise ValueError(f"{what}: groups must be positive, got {groups}")
-    return groups
 
 
 def _weight_matrix(Wt, dt):
@@ -54,7 +41,7 @@ def _setup(what, X, Wt, stride, padding, dilation, groups):
     X4, unbatched = as_nchw(X, "x", what)
     if Wt.ndim != 4:
         raise ValueError(f"{what}: w must be 4-D (K, C // groups, R, S), got shape {Wt.shape}")
-    groups = _groups(groups, what)
+    groups = count(groups, "groups", what)
     N, C, H, W = X4.shape
     K, Cg, R, S = Wt.shape
     if C % groups:
@@ -72,6 +59,7 @@ def _setup(what, X, Wt, stride, padding, dilation, groups):
     (pt, pb), (pl, pr) = conv_padding(padding, (R, S), (sh, sw), (dh, dw))
     P = out_size(H, R, pt, pb, sh, dh, what, "height")
     Q = out_size(W, S, pl, pr, sw, dw, what, "width")
+    check_result((N, K, P, Q), np.result_type(X4.dtype, Wt.dtype), what)
     geom = (H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q)
     return X4, unbatched, geom, groups, K, P, Q
 
@@ -257,6 +245,7 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     N, C, H, W = X4.shape
     P = out_size(H, R, ph, ph, sh, dh, "im2col", "height")
     Q = out_size(W, S, pw, pw, sw, dw, "im2col", "width")
+    check_result((N, C * R * S, P * Q), X.dtype, "im2col")
     cols = np.empty((N, C * R * S, P * Q), dtype=X.dtype)
     _im2col.im2col_into(X4, cols, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q),
                         get_num_threads())
@@ -300,7 +289,19 @@ def col2im(cols, output_size, kernel_size, *, stride=1, padding=0, dilation=1):
     if L != P * Q:
         raise ValueError(f"col2im: cols has {L} columns, but output_size {(H, W)} with kernel "
                          f"{(R, S)} gives {P}x{Q} = {P * Q} window positions")
+    check_result((N, C, H, W), Cm.dtype, "col2im")
     out = np.zeros((N, C, H, W), dtype=Cm.dtype)
-    src = Cm3 if Cm3.strides[2] == Cm3.itemsize else np.ascontiguousarray(Cm3)
-    _im2col.col2im_into(src, out, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q), get_num_threads())
+    _im2col.col2im_into(_rows_contiguous(Cm3), out, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q),
+                        get_num_threads())
     return out[0] if unbatched else out
+
+
+def _rows_contiguous(cols):
+    """``cols`` (N, rows, L) with unit stride along L, as the col2im kernel reads it: itself
+    when it has that already (any strides between rows and images, 0 included), else a copy
+    of the distinct rows only (a view broadcast over images or rows stays broadcast)."""
+    if cols.shape[2] <= 1 or cols.strides[2] == cols.itemsize:
+        return cols
+    core = cols[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                      for st, n in zip(cols.strides[:2], cols.shape[:2]))]
+    return np.broadcast_to(np.ascontiguousarray(core), cols.shape)
