@@ -684,3 +684,22 @@ def test_col2im_accepts_broadcast_columns(shape):
     rows = np.broadcast_to(np.arange(shape[1], dtype=np.float64)[None, :, None], shape)
     np.testing.assert_array_equal(mt.col2im(rows, side, (R, S)),
                                   mt.col2im(np.ascontiguousarray(rows), side, (R, S)))
+
+
+def test_byteswapped_and_misaligned_out():
+    # As NumPy, an out of the result's type in the other byte order (or misaligned) is
+    # accepted and holds the result.
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    ref = mt.conv2d(x, w, padding=1)
+    out = np.zeros(ref.shape, np.dtype(np.float32).newbyteorder())
+    assert mt.conv2d(x, w, padding=1, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    raw = np.zeros(ref.nbytes + 1, np.uint8)
+    out = raw[1:].view(np.float32).reshape(ref.shape)
+    assert mt.conv2d(x, w, padding=1, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    sw = x.astype(x.dtype.newbyteorder())
+    np.testing.assert_array_equal(mt.conv2d(sw, w.astype(w.dtype.newbyteorder()), padding=1),
+                                  ref)

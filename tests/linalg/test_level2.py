@@ -383,3 +383,41 @@ def test_ger_and_outer_long_strided_vectors(mn, layout, threads, rng):
         assert_close(a, a0 + 0.75 * ref, np.abs(a0) + 0.75 * bound, 1, dt, f"ger {mn}")
         assert_close(res, ref, bound, 1, dt, f"outer {mn}")
         assert_outside_untouched(a, big)
+
+
+# --- alpha == 0 and the other byte order -----------------------------------------------------
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_byteswapped_and_misaligned_arrays_compute(dt, rng):
+    """A byte-swapped a for ger ("unsupported dtype >f4" once) and byte-swapped or misaligned
+    out arrays compute as NumPy does with them: the result lands in them, in their order."""
+    sw = np.dtype(dt).newbyteorder()
+    a, x, y = rand(rng, (5, 4), dt), rand(rng, 5, dt), rand(rng, 4, dt)
+    a_sw = a.astype(sw)
+    assert microtile.ger(a_sw, x.astype(sw), y, alpha=0.5) is a_sw
+    assert a_sw.dtype == sw
+    ref, bound = outer_ref(x, y)
+    assert_close(a_sw, a + 0.5 * ref, np.abs(a) + 0.5 * bound, 1, dt, "ger byte-swapped")
+    a_un = with_layout(a, "unaligned")
+    microtile.ger(a_un, x, y, alpha=0.5)
+    assert_close(a_un, a + 0.5 * ref, np.abs(a) + 0.5 * bound, 1, dt, "ger misaligned")
+
+    for make in (lambda shape: np.zeros(shape, sw),
+                 lambda shape: with_layout(np.zeros(shape, dt), "unaligned")):
+        out = make(4)
+        assert microtile.gemv(a, x, trans=True, out=out) is out
+        assert out.dtype == make(1).dtype
+        assert_gemm(out.astype(dt)[:, None], a.T, x[:, None], what="gemv out")
+        out = make((5, 4))
+        assert microtile.outer(x, y, out=out) is out
+        assert_close(out, ref, bound, 1, dt, "outer out")
+        # out is c: beta reads it in its own byte order.
+        c = rand(rng, (5, 5), dt)
+        out = make((5, 5))
+        out[...] = c
+        assert microtile.gemm(a, a.T, beta=1.0, c=out, out=out) is out
+        assert_gemm(out.astype(dt), a, a.T, 1.0, 1.0, c, what="gemm out is c")
+        out = make((3, 5, 5))
+        stack = rand(rng, (3, 5, 4), dt)
+        assert microtile.matmul(stack, a.T, out=out) is out
+        assert_gemm(out.astype(dt), stack, a.T, what="matmul out")

@@ -3,7 +3,8 @@
 Rules (docs/API.md): float32 and float64 only, other dtypes raise TypeError naming the dtype;
 mixed float32/float64 compute in float64; any layout is accepted (misaligned or byte-swapped
 data is copied first); ``out`` must have the exact shape (ValueError), dtype (TypeError) and
-be writeable (ValueError).
+be writeable (ValueError).  A byte-swapped or misaligned ``out`` is accepted, as NumPy does:
+the kernels write a native array (``out_target``) that is then copied into it.
 """
 import numpy as np
 cimport numpy as cnp
@@ -56,9 +57,9 @@ cpdef cnp.ndarray as_float_array(object x, str name):
         if cnp.PyArray_ISALIGNED(arr):
             return arr
         return _converted(arr, dt)
-    if dt.kind == "f" and dt.itemsize in (4, 8) and dt.fields is None:
-        # Byte-swapped or otherwise exotic but numerically float32/float64.
-        return _converted(arr, F32 if dt.itemsize == 4 else F64)
+    if native_dtype(dt) is not dt:
+        # Byte-swapped (or an equal dtype object that is not the canonical one).
+        return _converted(arr, native_dtype(dt))
     raise TypeError(f"{name}: unsupported dtype {dt}; microtile computes in float32 and float64")
 
 
@@ -85,13 +86,27 @@ cpdef cnp.ndarray check_out(object out, tuple shape, object dtype, str name="out
     cdef cnp.ndarray o = <cnp.ndarray> out
     if (<object> o).shape != shape:
         raise ValueError(f"{name} has shape {(<object> o).shape}; the result has shape {shape}")
-    if o.dtype != dtype:
+    if o.dtype != dtype and native_dtype(o.dtype) != dtype:
         raise TypeError(f"{name} has dtype {o.dtype}; the result has dtype {dtype}")
     if not o.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if not cnp.PyArray_ISALIGNED(o) or not o.dtype.isnative:
-        raise ValueError(f"{name} must be aligned and in native byte order")
     return o
+
+
+cpdef object native_dtype(object dt):
+    """float32/float64 for a byte-swapped spelling of either, else ``dt`` itself."""
+    if dt.kind == "f" and dt.itemsize in (4, 8) and dt.fields is None and dt.subdtype is None:
+        return F32 if dt.itemsize == 4 else F64
+    return dt
+
+
+cpdef cnp.ndarray out_target(cnp.ndarray o):
+    """The array a kernel writes for the validated output ``o``: ``o`` itself when it is
+    aligned and in native byte order, else a new native array of its shape (the caller
+    copies it into ``o`` afterwards, and first from ``o`` when the result reads it)."""
+    if cnp.PyArray_ISALIGNED(o) and o.dtype.isnative:
+        return o
+    return np.empty((<object> o).shape, dtype=native_dtype(o.dtype))
 
 
 cdef inline bint _extent(cnp.ndarray x, char** lo, char** hi):

@@ -142,7 +142,10 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
         Wm = _weight_matrix(Wt, dt)
         if B is not None:
             Bc = np.ascontiguousarray(B, dtype=dt)
-    in_place = O is not None and O.flags.c_contiguous
+    # Written in place when out is what the driver writes (C order, native, aligned); else
+    # the result is computed apart and copied in (as NumPy does for a byte-swapped out).
+    in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
+                and O.dtype.isnative)
     Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
     _conv.conv2d_forward(X4, Wm, Bc, Y, geom, groups, bias_col, *_sizes())
     if O is not None:

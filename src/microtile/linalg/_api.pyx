@@ -19,7 +19,8 @@ from microtile._kernels._ukernel cimport kernel_set_t
 from microtile._config._schema import ACTIVATIONS
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._config._params cimport current_params
-from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out, overlaps)
+from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out,
+                                        native_dtype, out_target, overlaps)
 
 cnp.import_array()
 
@@ -70,8 +71,9 @@ cdef cnp.ndarray _accumulator(str func, object out, tuple shape, object dt, tupl
                               cnp.ndarray c, str c_name, double beta):
     """The array C = alpha * product + beta * c is written to: ``out`` (validated; it may be
     ``c`` itself for an in-place update, but may not otherwise overlap an input) or a new one,
-    holding a copy of ``c`` when beta != 0."""
-    cdef cnp.ndarray O
+    holding a copy of ``c`` when beta != 0.  For a byte-swapped or misaligned ``out`` it is a
+    native array instead, which ``_deliver`` copies into ``out`` afterwards."""
+    cdef cnp.ndarray O, T
     cdef bint in_place = False
     if out is None:
         O = np.empty(shape, dtype=dt)
@@ -84,9 +86,19 @@ cdef cnp.ndarray _accumulator(str func, object out, tuple shape, object dt, tupl
             if not same_view(O, c):
                 raise ValueError(f"{func}: out overlaps {c_name} without being {c_name}")
             in_place = True
-    if beta != 0 and not in_place:
-        np.copyto(O, c, casting="unsafe")
-    return O
+    T = out_target(O)
+    if beta != 0 and (not in_place or T is not O):
+        np.copyto(T, c, casting="unsafe")
+    return T
+
+
+cdef inline object _deliver(object out, cnp.ndarray T):
+    """The caller's ``out`` holding the result computed in ``T`` (``T`` itself when no
+    ``out`` was given or the kernels wrote ``out`` directly)."""
+    if out is None or T is out:
+        return T
+    np.copyto(out, T)
+    return out
 
 
 def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out=None):
@@ -148,7 +160,7 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     A = as_dtype(A, dt)
     B = as_dtype(B, dt)
     run_gemm(A, ta, B, tb, alpha_f, beta_f, O)
-    return O
+    return _deliver(out, O)
 
 
 cdef inline int _code(cnp.ndarray x):
@@ -274,7 +286,7 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
                           <const double*> px, incx, beta_f, <double*> po, incy)
     if rc != 0:
         raise MemoryError("microtile: out of memory in gemv")
-    return O
+    return _deliver(out, O)
 
 
 def outer(x, y, out=None):
@@ -291,7 +303,7 @@ def outer(x, y, out=None):
     -------
     ndarray, shape (m, n)
     """
-    cdef cnp.ndarray X = as_float_array(x, "x"), Y = as_float_array(y, "y"), O
+    cdef cnp.ndarray X = as_float_array(x, "x"), Y = as_float_array(y, "y"), O, T
     cdef gemm_params prm
     cdef const kernel_set_t* ks
     cdef idx_t m, n, ix, iy, rs, cs
@@ -307,6 +319,7 @@ def outer(x, y, out=None):
         O = check_out(out, (m, n), dt)
         if overlaps(O, X) or overlaps(O, Y):
             raise ValueError("outer: out overlaps x or y")
+    O = T = out_target(O)
     X = as_dtype(X, dt)
     Y = as_dtype(Y, dt)
     ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(O, 0), elem_stride(O, 1)
@@ -323,7 +336,7 @@ def outer(x, y, out=None):
                            <double*> cnp.PyArray_DATA(O), rs, cs)
     if rc != 0:
         raise MemoryError("microtile: out of memory in outer")
-    return O
+    return _deliver(out, T)
 
 
 def ger(a, x, y, alpha=1.0):
@@ -332,7 +345,8 @@ def ger(a, x, y, alpha=1.0):
     Parameters
     ----------
     a : ndarray, 2-D (m, n), float32 or float64, writeable
-        Updated in place; its dtype is kept (x and y are cast to it).
+        Updated in place; its dtype is kept (x and y are cast to it).  Any layout, byte-swapped
+        and misaligned included (those are updated through a native copy).
     x : array_like, 1-D, length m
     y : array_like, 1-D, length n
     alpha : float
@@ -345,13 +359,14 @@ def ger(a, x, y, alpha=1.0):
     if not isinstance(a, np.ndarray):
         raise TypeError(f"ger: a must be a numpy.ndarray (it is updated in place), "
                         f"got {type(a).__name__}")
-    cdef cnp.ndarray A = <cnp.ndarray> a
-    if A.dtype not in (F32, F64):
+    cdef cnp.ndarray A = <cnp.ndarray> a, T
+    dt = native_dtype(A.dtype)
+    if dt is not F32 and dt is not F64:
         raise TypeError(f"ger: unsupported dtype {A.dtype}; microtile computes in float32 "
                         "and float64")
     if A.ndim != 2:
         raise ValueError(f"ger: a must be 2-D, got shape {np.shape(A)}")
-    check_out(A, np.shape(A), A.dtype, "a")
+    check_out(A, np.shape(A), dt, "a")
     cdef cnp.ndarray X = _vector(x, "x", "ger"), Y = _vector(y, "y", "ger")
     cdef idx_t m = A.shape[0], n = A.shape[1], ix, iy, rs, cs
     cdef double alpha_f = float(alpha)
@@ -362,24 +377,28 @@ def ger(a, x, y, alpha=1.0):
     if X.shape[0] != m or Y.shape[0] != n:
         raise ValueError(f"ger: a has shape {np.shape(A)}, x {np.shape(X)} and y "
                          f"{np.shape(Y)}; expected x of length {m} and y of length {n}")
-    dt = A.dtype
     # x or y may be views of a: read them as they were before the update.
     X = X.astype(dt) if overlaps(A, X) else as_dtype(X, dt)  # astype copies
     Y = Y.astype(dt) if overlaps(A, Y) else as_dtype(Y, dt)
-    ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(A, 0), elem_stride(A, 1)
-    ks = _kernels(_code(A), &prm)
+    T = out_target(A)
+    if T is not A:
+        np.copyto(T, A)     # a byte-swapped or misaligned a: update a native copy
+    ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(T, 0), elem_stride(T, 1)
+    ks = _kernels(_code(T), &prm)
     if dt is F32:
         with nogil:
             rc = ger_run(ks, prm.n_threads, m, n, af, <const float*> cnp.PyArray_DATA(X), ix,
                          <const float*> cnp.PyArray_DATA(Y), iy,
-                         <float*> cnp.PyArray_DATA(A), rs, cs)
+                         <float*> cnp.PyArray_DATA(T), rs, cs)
     else:
         with nogil:
             rc = ger_run(ks, prm.n_threads, m, n, alpha_f, <const double*> cnp.PyArray_DATA(X),
                          ix, <const double*> cnp.PyArray_DATA(Y), iy,
-                         <double*> cnp.PyArray_DATA(A), rs, cs)
+                         <double*> cnp.PyArray_DATA(T), rs, cs)
     if rc != 0:
         raise MemoryError("microtile: out of memory in ger")
+    if T is not A:
+        np.copyto(A, T)
     return a
 
 
@@ -464,7 +483,7 @@ def matmul(a, b, out=None):
     ndarray or scalar
         A NumPy scalar when both operands are 1-D.
     """
-    cdef cnp.ndarray A = as_float_array(a, "a"), B = as_float_array(b, "b"), O, Of
+    cdef cnp.ndarray A = as_float_array(a, "a"), B = as_float_array(b, "b"), O, Of, T
     cdef cnp.ndarray A2, B2
     cdef gemm_params prm
     cdef idx_t count, m, n, k
@@ -505,6 +524,7 @@ def matmul(a, b, out=None):
         # Nothing to compute: no conversions, no per-matrix offsets (a broadcast batch of
         # 2**31 empty products would otherwise cost 16 GB of offsets).
         return O
+    O = T = out_target(O)
     A2 = as_dtype(A2, dt)
     B2 = as_dtype(B2, dt)
     Of = O
@@ -524,7 +544,7 @@ def matmul(a, b, out=None):
                 raise MemoryError("microtile: out of memory in matmul")
     if out is None and O.ndim == 0:
         return O[()]
-    return O
+    return _deliver(out, T)
 
 
 cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, idx_t m,
@@ -581,7 +601,7 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
     ndarray, (batch, out_features)
     """
     cdef cnp.ndarray X = as_float_array(x, "x"), W = as_float_array(weight, "weight")
-    cdef cnp.ndarray Bv = None, O
+    cdef cnp.ndarray Bv = None, O, T
     cdef gemm_epilogue ep
     cdef gemm_params prm
     cdef int rc
@@ -608,6 +628,7 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
         O = check_out(out, (m, n), dt)
         if overlaps(O, X) or overlaps(O, W) or (Bv is not None and overlaps(O, Bv)):
             raise ValueError("linear_forward: out overlaps an input")
+    O = T = out_target(O)
     X = as_dtype(X, dt)
     W = as_dtype(W, dt)
     ep.bias = NULL
@@ -638,4 +659,4 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
                              cs_c, &ep)
     if rc != 0:
         raise MemoryError("microtile: out of memory in linear_forward")
-    return O
+    return _deliver(out, T)
