@@ -388,6 +388,32 @@ def test_ger_and_outer_long_strided_vectors(mn, layout, threads, rng):
 # --- alpha == 0 and the other byte order -----------------------------------------------------
 
 @pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_gemv_alpha_zero_does_not_read_a_or_x(dt, trans, rng):
+    """BLAS semantics (documented in the docstring): alpha == 0 gives beta * y even when a
+    or x hold NaN or Inf; NumPy's 0 * (a @ x) would be NaN."""
+    a = np.full((6, 5), np.nan, dt)
+    a[0, 0] = np.inf
+    x = np.full(5, np.inf, dt)
+    y = rand(rng, 5 if trans else 6, dt)
+    res = microtile.gemv(a, x if not trans else np.full(6, np.nan, dt), alpha=0.0, beta=-2.0,
+                         y=y, trans=trans)
+    np.testing.assert_array_equal(res, -2.0 * y)
+    res = microtile.gemv(a, x if not trans else np.full(6, np.nan, dt), alpha=0.0,
+                         trans=trans)
+    np.testing.assert_array_equal(res, np.zeros(5 if trans else 6, dt))
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_ger_alpha_zero_does_not_read_x_or_y(dt, rng):
+    a = rand(rng, (4, 3), dt)
+    a0 = a.copy()
+    assert microtile.ger(a, np.full(4, np.nan, dt), np.array([np.inf, 0, 1], dt),
+                         alpha=0.0) is a
+    np.testing.assert_array_equal(a, a0)
+
+
+@pytest.mark.parametrize("dt", FLOATS)
 def test_byteswapped_and_misaligned_arrays_compute(dt, rng):
     """A byte-swapped a for ger ("unsupported dtype >f4" once) and byte-swapped or misaligned
     out arrays compute as NumPy does with them: the result lands in them, in their order."""

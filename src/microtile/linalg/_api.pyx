@@ -109,7 +109,10 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     a, b : array_like, 2-D, float32 or float64
         ``op(a)`` is (m, k) and ``op(b)`` is (k, n); any memory layout.
     alpha, beta : float
-        Scale factors.  With ``beta == 0``, ``c`` is not read (NaN in it does not leak).
+        Scale factors, with BLAS's rules for zeros: with ``alpha == 0`` the product is not
+        formed and ``a`` and ``b`` are not read, so a NaN or Inf in them does not reach the
+        result (which is ``beta * c``, or zeros); with ``beta == 0``, ``c`` is not read (NaN
+        in it does not leak).  NumPy's ``0 * (a @ b)`` would propagate them.
     c : array_like, optional
         Broadcastable to (m, n); required when ``beta != 0``.
     trans_a, trans_b : bool
@@ -227,7 +230,9 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
         ``op(a)`` is (m, n): ``a.T`` when ``trans``.
     x : array_like, 1-D, length n
     alpha, beta : float
-        With ``beta == 0``, ``y`` is not read.
+        BLAS's rules for zeros: with ``alpha == 0``, ``a`` and ``x`` are not read (a NaN or
+        Inf in them does not reach the result, ``beta * y`` or zeros); with ``beta == 0``,
+        ``y`` is not read.
     y : array_like, 1-D, length m, optional
         Required when ``beta != 0``.
     trans : bool
@@ -350,6 +355,8 @@ def ger(a, x, y, alpha=1.0):
     x : array_like, 1-D, length m
     y : array_like, 1-D, length n
     alpha : float
+        As in BLAS, ``alpha == 0`` returns at once: x and y are not read, so a NaN or Inf in
+        them does not reach ``a``.
 
     Returns
     -------
