@@ -71,8 +71,9 @@ cdef int64_t _solo_until_ns = 0             # calls run on one thread until then
 cdef inline floating _act(floating v, int act) noexcept nogil:
     cdef floating e
     if act == ACT_RELU:
-        # v > 0 keeps NaN as NaN (max(v, 0) would not).
-        return v if (v > 0 or v != v) else 0
+        # NaN <= 0 is false, so NaN stays NaN (torch's relu(nan) is nan; max(v, 0) and
+        # `v if v > 0 else 0` give 0).  One comparison: the loop stays a compare and blend.
+        return 0 if v <= 0 else v
     if act == ACT_SIGMOID:
         # Never exponentiates a positive number: no overflow for large |v|.
         if v >= 0:
@@ -106,7 +107,7 @@ cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, id
             if act == ACT_RELU:
                 for j in range(n):
                     v = row[j]
-                    row[j] = v if (v > 0 or v != v) else 0
+                    row[j] = 0 if v <= 0 else v     # NaN kept, as in _act
             elif act != ACT_NONE:
                 for j in range(n):
                     row[j] = _act(row[j], act)
