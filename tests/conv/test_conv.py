@@ -510,3 +510,196 @@ def test_same_padding_against_torch():
                                          dilation=(1, 3))
     np.testing.assert_allclose(mt.conv2d(x, w, padding="same", dilation=(1, 3)), ref.numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------- workspace cap, any geometry
+
+def _weight(w, layout):
+    """w with a given memory layout: C order, a non-contiguous one no (K, C·R·S) matrix view
+    can describe, a stride-0 broadcast of one value, or one broadcast along R only."""
+    if layout == "C":
+        return w
+    if layout == "transposed":
+        return np.ascontiguousarray(w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    if layout == "broadcast":
+        return np.broadcast_to(w[:1, :1, :1, :1], w.shape)
+    if layout == "broadcast_rows":
+        return np.broadcast_to(w[:, :, :1, :], w.shape)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["C", "transposed", "broadcast", "broadcast_rows"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cfg", [
+    dict(N=2, C=8, H=20, W=21, K=3, R=17, S=17, stride=1, padding=3, dilation=1, groups=1),
+    dict(N=1, C=8, H=40, W=41, K=4, R=25, S=23, stride=2, padding=5, dilation=1, groups=2),
+    dict(N=3, C=36, H=30, W=30, K=6, R=13, S=14, stride=(1, 2), padding=(2, 3),
+         dilation=(2, 1), groups=3),
+])
+def test_depth_slices_when_one_column_is_over_the_workspace(cfg, threads, layout):
+    # With the smallest workspace a single output position's column (Cg*R*S elements) is
+    # over one thread's budget: the depth is cut into slices whose GEMMs add into the same
+    # output block, and the workspace used stays under the cap.
+    rng = np.random.default_rng(11)
+    x, w, b = make(cfg, np.float64, rng)
+    w = _weight(w, layout)
+    with mt.config_context(threads=threads, conv_workspace=64 << 10, conv_chunk=16 << 10):
+        check_forward_backward(x, w, b, np.float64, **kw(cfg))
+        plan = mt.conv._conv.last_plan()
+        mt.conv2d(x, w, b, **kw(cfg))
+        fwd = mt.conv._conv.last_plan()
+    for p in (plan, fwd):
+        assert p["depth_slices"] > 1, p
+        assert p["workspace_bytes"] <= 64 << 10, p
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depth_slices_against_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    cfg = dict(N=2, C=36, H=19, W=23, K=4, R=15, S=16, stride=(2, 1), padding=(4, 2),
+               dilation=1, groups=2)
+    x, w, b = make(cfg, dtype, rng)
+    xt, wt, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w, b))
+    yt = torch.nn.functional.conv2d(xt, wt, bt, **kw(cfg))
+    dy = rng.standard_normal(tuple(yt.shape)).astype(dtype)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    with mt.config_context(conv_workspace=64 << 10, conv_chunk=16 << 10):
+        y = mt.conv2d(x, w, b, **kw(cfg))
+        assert mt.conv._conv.last_plan()["depth_slices"] > 1
+        dx, dw, db = mt.conv2d_backward(dy, x, w, **kw(cfg))
+    # Sums of at most 4320 products of O(1) terms, in any order: k * eps relative to the
+    # largest sum is under 3e-3 in float32 and 1e-12 in float64.
+    tol = 3e-3 if dtype == np.float32 else 1e-10
+    for got, ref in ((y, yt), (dx, xt.grad), (dw, wt.grad), (db, bt.grad)):
+        ref = ref.detach().numpy()
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("workspace", [64 << 10, 1 << 20, 8 << 20])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("geom", [
+    # (x shape, w shape, padding): columns of 1 position x 1.6e5 taps, of 4e4 positions x
+    # 1 tap, and in between.
+    ((1, 1, 400, 400), (1, 1, 400, 400), 0),
+    ((1, 4, 200, 200), (2, 4, 1, 1), 0),
+    ((2, 2, 60, 55), (3, 2, 30, 25), 7),
+    ((16, 3, 9, 9), (8, 3, 3, 3), 1),
+])
+def test_workspace_cap_holds_for_any_geometry(geom, threads, workspace):
+    xs, ws_, pad = geom
+    x = np.broadcast_to(np.float32(0.5), xs)
+    w = np.broadcast_to(np.float32(0.25), ws_)
+    with mt.config_context(threads=threads, conv_workspace=workspace):
+        y = mt.conv2d(x, w, padding=pad)
+        assert mt.conv._conv.last_plan()["workspace_bytes"] <= workspace
+        dx, dw, db = mt.conv2d_backward(np.ones_like(y), x, w, padding=pad,
+                                        need_input_grad=xs[0] * xs[2] < 1000)
+        assert mt.conv._conv.last_plan()["workspace_bytes"] <= workspace
+    # Every output is a sum of the same products where the window covers only x (no
+    # padding): spot-check the exact central value, 0.125 * (taps), exact in float32.
+    taps = ws_[1] * ws_[2] * ws_[3]
+    if pad == 0:
+        np.testing.assert_array_equal(y, np.float32(0.125 * taps))
+
+
+def test_broadcast_weight_is_read_in_place():
+    # The weight matrix is a view of a broadcast or C-ordered w (no copy of its logical size).
+    from microtile.conv.convolution import _weight_matrix
+    w = np.broadcast_to(1.0, (2, 3, 50, 60))
+    wm = _weight_matrix(w, np.dtype(np.float64))
+    assert wm.shape == (2, 9000) and wm.strides == (0, 0)
+    c = np.ones((4, 3, 5, 5))
+    assert np.shares_memory(_weight_matrix(c, np.dtype(np.float64)), c)
+    assert np.shares_memory(_weight_matrix(c[::2], np.dtype(np.float64)), c)
+
+
+# ------------------------------------------------------------- argument limits and types
+
+@pytest.mark.parametrize("arg", ["stride", "dilation", "padding"])
+@pytest.mark.parametrize("value", [2 ** 31, 2 ** 62, 2 ** 64, (1, 2 ** 63)])
+def test_huge_geometry_arguments_are_value_errors(arg, value):
+    # Once an OverflowError ("Python int too large to convert to C ssize_t") or a NumPy
+    # "Maximum allowed dimension exceeded"; now a ValueError naming the argument.
+    x, w = np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3))
+    for call in (lambda: mt.conv2d(x, w, **{arg: value}),
+                 lambda: mt.conv2d_backward(np.ones((1, 3, 3, 3)), x, w, **{arg: value}),
+                 lambda: mt.im2col(x, 2, **{arg: value}),
+                 lambda: mt.col2im(np.ones((1, 8, 16)), 5, 2, **{arg: value})):
+        with pytest.raises(ValueError, match=arg):
+            call()
+    with pytest.raises(ValueError, match="kernel_size"):
+        mt.im2col(x, value if arg == "stride" else 2 ** 40)
+
+
+def test_largest_accepted_arguments_compute():
+    # The limit itself is accepted and computes: a stride of 2**31 - 1 keeps one window.
+    x = np.arange(50.0).reshape(1, 2, 5, 5)
+    w = np.ones((1, 2, 1, 1))
+    y = mt.conv2d(x, w, stride=2 ** 31 - 1)
+    np.testing.assert_array_equal(y, [[[[x[0, :, 0, 0].sum()]]]])
+    cols = mt.im2col(x, 1, stride=2 ** 31 - 1)
+    np.testing.assert_array_equal(cols, x[:, :, :1, :1].reshape(1, 2, 1))
+
+
+def test_huge_padding_result_is_a_value_error():
+    # Padding within the argument limit whose output could not exist: ValueError, not a
+    # crash or MemoryError.
+    with pytest.raises(ValueError, match="result would have shape"):
+        mt.im2col(np.ones((1, 1, 3, 3)), 2, padding=2 ** 31 - 1)
+    with pytest.raises(ValueError, match="result would have shape"):
+        mt.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2)), padding=2 ** 31 - 1)
+
+
+@pytest.mark.parametrize("groups", [2 ** 31, 2 ** 64])
+def test_huge_groups_is_a_value_error(groups):
+    with pytest.raises(ValueError, match="groups"):
+        mt.conv2d(np.ones((1, 0, 5, 5)), np.ones((0, 0, 3, 3)), groups=groups)
+
+
+@pytest.mark.parametrize("value", ["12", "1111", b"4", np.str_("4"), ("1", 2), [2, "2"]])
+def test_strings_are_never_sizes(value):
+    x = np.ones((1, 2, 5, 5))
+    with pytest.raises(TypeError, match="output_size"):
+        mt.col2im(np.ones((1, 8, 16)), value, 2)
+    with pytest.raises(TypeError, match="kernel_size"):
+        mt.im2col(x, value)
+    with pytest.raises(TypeError, match="stride"):
+        mt.conv2d(x, np.ones((3, 2, 3, 3)), stride=value)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 4, 1), (1, 4, 9), (2, 8, 16)])
+def test_col2im_accepts_broadcast_columns(shape):
+    # A stride-0 view used to be refused ("col2im_into: columns must be contiguous") when
+    # NumPy kept it as it was; it is read in place, or its distinct rows copied.
+    R = S = int(round((shape[1] // (1 if shape[1] == 1 else 2)) ** 0.5)) if shape[1] > 1 else 1
+    C = shape[1] // (R * S)
+    L = shape[2]
+    side = int(round(L ** 0.5)) + R - 1
+    cols = np.broadcast_to(np.float64(1.5), shape)
+    got = mt.col2im(cols, side, (R, S))
+    ref = mt.col2im(np.ascontiguousarray(cols), side, (R, S))
+    assert got.shape == (shape[0], C, side, side)
+    np.testing.assert_array_equal(got, ref)
+    rows = np.broadcast_to(np.arange(shape[1], dtype=np.float64)[None, :, None], shape)
+    np.testing.assert_array_equal(mt.col2im(rows, side, (R, S)),
+                                  mt.col2im(np.ascontiguousarray(rows), side, (R, S)))
+
+
+def test_byteswapped_and_misaligned_out():
+    # As NumPy, an out of the result's type in the other byte order (or misaligned) is
+    # accepted and holds the result.
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    ref = mt.conv2d(x, w, padding=1)
+    out = np.zeros(ref.shape, np.dtype(np.float32).newbyteorder())
+    assert mt.conv2d(x, w, padding=1, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    raw = np.zeros(ref.nbytes + 1, np.uint8)
+    out = raw[1:].view(np.float32).reshape(ref.shape)
+    assert mt.conv2d(x, w, padding=1, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    sw = x.astype(x.dtype.newbyteorder())
+    np.testing.assert_array_equal(mt.conv2d(sw, w.astype(w.dtype.newbyteorder()), padding=1),
+                                  ref)

@@ -279,3 +279,61 @@ def test_against_torch(seed):
         np.testing.assert_allclose(
             mt.avg_pool2d_backward(dy, x.shape, k, st, pad, count_include_pad=include),
             xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ overflow and empty planes
+
+def test_huge_window_is_a_value_error_not_inf():
+    # kernel 2**32 squared overflowed the window count (undefined behaviour in C): the
+    # average came out inf instead of 1 / 2**64.  torch refuses such a kernel; so does this.
+    with pytest.raises(ValueError, match="kernel_size"):
+        mt.avg_pool2d(np.ones((1, 1, 1, 1)), 2 ** 32, padding=2 ** 31)
+    with pytest.raises(ValueError, match="kernel_size"):
+        mt.avg_pool2d_backward(np.ones((1, 1, 1, 1)), (1, 1, 1, 1), 2 ** 32, padding=2 ** 31)
+    with pytest.raises(ValueError, match="kernel_size"):
+        mt.max_pool2d(np.ones((1, 1, 1, 1)), (2 ** 40, 1), padding=(2 ** 39, 0))
+    for what, value in (("stride", 2 ** 64), ("padding", 2 ** 63)):
+        with pytest.raises(ValueError, match=what):
+            mt.max_pool2d(np.ones((1, 1, 4, 4)), 2, **{what: value})
+
+
+def test_largest_window_computes_exactly():
+    # The largest kernel accepted: a window of (2**31 - 1)**2 positions holding one 1.0.
+    k = 2 ** 31 - 1
+    got = mt.avg_pool2d(np.ones((1, 1, 1, 1)), k, padding=k // 2)
+    np.testing.assert_allclose(got, [[[[1.0 / (float(k) * float(k))]]]], rtol=1e-15)
+    got = mt.avg_pool2d(np.ones((1, 1, 1, 1)), k, padding=k // 2, count_include_pad=False)
+    np.testing.assert_array_equal(got, [[[[1.0]]]])
+    y, idx = mt.max_pool2d(np.full((1, 1, 1, 1), 3.0), k, padding=k // 2, return_indices=True)
+    assert y[0, 0, 0, 0] == 3.0 and idx[0, 0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 0, 4), (2, 3, 4, 0), (1, 1, 0, 0)])
+def test_empty_planes_are_value_errors(shape):
+    # With padding the windows held padding only: max pooling returned -inf and an index
+    # into the empty plane, average pooling NaN or 0.  torch raises; so does this.
+    x = np.ones(shape)
+    dy = np.ones(shape[:2] + (1, 1))
+    for call in (lambda: mt.max_pool2d(x, 3, padding=1),
+                 lambda: mt.max_pool2d(x, 3, padding=1, return_indices=True),
+                 lambda: mt.avg_pool2d(x, 3, padding=1),
+                 lambda: mt.avg_pool2d(x, 2, stride=1, padding=1, count_include_pad=False),
+                 lambda: mt.max_pool2d_backward(dy, x, 3, padding=1),
+                 lambda: mt.avg_pool2d_backward(dy, shape, 3, padding=1),
+                 lambda: mt.max_pool2d(x, 1)):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+
+
+@pytest.mark.parametrize("shape", ["1111", "12ab", b"1111", ("1", 1, 4, 4), [1, 1, 4.0, 4]])
+def test_input_shape_must_be_ints(shape):
+    # "1111" was taken for (1, 1, 1, 1) and "12ab" gave "invalid literal for int()".
+    with pytest.raises(TypeError, match="input_shape"):
+        mt.avg_pool2d_backward(np.ones((1, 1, 1, 1)), shape, 1)
+
+
+def test_input_shape_accepts_integer_types():
+    dx = mt.avg_pool2d_backward(np.ones((1, 1, 2, 2)), np.array([1, 1, 4, 4]), 2)
+    np.testing.assert_array_equal(dx, np.full((1, 1, 4, 4), 0.25))
+    dx = mt.avg_pool2d_backward(np.ones((1, 2, 2)), (np.int64(1), 4, 4), 2)
+    assert dx.shape == (1, 4, 4)

@@ -545,6 +545,41 @@ def test_python_number_c_is_a_weak_scalar(dtype, c):
     assert y.dtype == dtype
 
 
+# --- fused epilogue: relu keeps NaN ----------------------------------------------------------
+
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("shape", [(1, 7, 5), (9, 1, 4), (23, 37, 19), (64, 130, 70)])
+def test_linear_relu_keeps_nan_as_torch(shape, dt, rng):
+    """relu(NaN) is NaN in torch; the fused epilogue must not turn it into 0 (the vector
+    path, the strided path after a transposed problem, and the matrix-vector path)."""
+    torch = pytest.importorskip("torch")
+    from microtile.linalg._api import linear_forward
+    m, n, k = shape
+    x = rand(rng, (m, k), dt)
+    w = rand(rng, (n, k), dt)
+    b = rand(rng, n, dt)
+    x[0, 0] = np.nan                  # row 0 all NaN
+    w[-1, -1] = np.nan                # last column all NaN
+    b[0] = -np.inf                    # column 0: -inf (relu 0) except row 0 (NaN)
+    if m > 2 and n > 2:
+        x[1, :] = np.inf              # row 1: +inf, -inf or NaN by sign
+    ref = torch.relu(torch.nn.functional.linear(torch.tensor(x, dtype=torch.float64),
+                                                torch.tensor(w, dtype=torch.float64),
+                                                torch.tensor(b, dtype=torch.float64))).numpy()
+    # Error bound of the finite entries: k products and the bias, from the finite terms.
+    bound = (np.abs(np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0))
+             @ np.abs(np.nan_to_num(w.T.astype(np.float64), nan=0.0)) + np.abs(b))
+    fin = np.isfinite(ref)
+    for out_layout in ("C", "F"):
+        out = with_layout(np.full((m, n), 7.0, dt), out_layout)
+        got = linear_forward(x, w, b, activation="relu", out=out)
+        assert got is out
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        assert np.isnan(got[0]).all() and np.isnan(got[:, -1]).all()
+        np.testing.assert_array_equal(got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)])
+        assert_close(got[fin], ref[fin], bound[fin], k + 1, dt, f"relu {out_layout}")
+
+
 # --- contention back-off state ---------------------------------------------------------------
 
 def test_contention_backoff_round_trips_and_is_shared_by_threads(rng):

@@ -322,3 +322,151 @@ def test_nan_scalars(dt, rng):
     assert np.isnan(microtile.gemv(a, x, alpha=np.nan)).all()
     assert np.isnan(microtile.gemv(a, x, beta=np.nan, y=y)).all()
     assert np.isnan(microtile.ger(a.copy(), y, x, alpha=np.nan)).all()
+
+
+# --- strided operands in bounded blocks ------------------------------------------------------
+
+# Longer than the drivers' gather block (2**14 elements), so strided and stride-0 operands
+# are read in several blocks; odd, so the last block is partial.
+LONG = 3 * 2 ** 14 + 5
+
+
+def _matrix(a_op, layout, trans):
+    """``a_op`` (m, n) passed as ``a`` (its transpose when ``trans``) with a layout whose
+    rows, columns or both are strided, or broadcast (stride 0)."""
+    a = np.ascontiguousarray(a_op.T) if trans else a_op
+    if layout == "rows":         # rows contiguous
+        return np.ascontiguousarray(a)
+    if layout == "cols":         # columns contiguous
+        return np.asfortranarray(a)
+    if layout == "strided":      # neither
+        return with_layout(a, "strided")
+    if layout == "broadcast":    # stride 0 both ways: a holds one value
+        return np.broadcast_to(a.flat[0], a.shape)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "cols", "strided", "broadcast"])
+@pytest.mark.parametrize("mn", [(7, LONG), (LONG, 5), (40, LONG)])
+def test_gemv_long_strided_operands(mn, layout, trans, threads, rng):
+    m, n = mn
+    dt = np.float64
+    a_op = rand(rng, (m, n), dt)
+    a = _matrix(a_op, layout, trans)
+    a_op = (a.T if trans else a).astype(np.float64)
+    for x in (vec_layout(rand(rng, n, dt), "strided"), vec_layout(rand(rng, n, dt), "neg"),
+              np.broadcast_to(dt(0.75), (n,))):
+        y = rand(rng, m, dt)
+        with config_context(threads=threads):
+            res = microtile.gemv(a, x, alpha=1.5, beta=-0.5, y=y, trans=trans)
+        assert_gemm(res[:, None], a_op, np.asarray(x)[:, None], 1.5, -0.5, y[:, None],
+                    what=f"gemv {mn} {layout}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("mn", [(9, LONG), (LONG, 9)])
+def test_ger_and_outer_long_strided_vectors(mn, layout, threads, rng):
+    m, n = mn
+    dt = np.float32
+    for x, y in ((vec_layout(rand(rng, m, dt), "strided"), vec_layout(rand(rng, n, dt), "neg")),
+                 (np.broadcast_to(dt(1.5), (m,)), np.broadcast_to(dt(-0.5), (n,)))):
+        a, big = make_out((m, n), dt, layout)
+        a[...] = rand(rng, (m, n), dt)
+        a0 = a.copy()
+        with config_context(threads=threads):
+            microtile.ger(a, x, y, alpha=0.75)
+            res = microtile.outer(x, y)
+        ref, bound = outer_ref(np.asarray(x), np.asarray(y))
+        assert_close(a, a0 + 0.75 * ref, np.abs(a0) + 0.75 * bound, 1, dt, f"ger {mn}")
+        assert_close(res, ref, bound, 1, dt, f"outer {mn}")
+        assert_outside_untouched(a, big)
+
+
+# --- alpha == 0 and the other byte order -----------------------------------------------------
+
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_gemv_alpha_zero_does_not_read_a_or_x(dt, trans, rng):
+    """BLAS semantics (documented in the docstring): alpha == 0 gives beta * y even when a
+    or x hold NaN or Inf; NumPy's 0 * (a @ x) would be NaN."""
+    a = np.full((6, 5), np.nan, dt)
+    a[0, 0] = np.inf
+    x = np.full(5, np.inf, dt)
+    y = rand(rng, 5 if trans else 6, dt)
+    res = microtile.gemv(a, x if not trans else np.full(6, np.nan, dt), alpha=0.0, beta=-2.0,
+                         y=y, trans=trans)
+    np.testing.assert_array_equal(res, -2.0 * y)
+    res = microtile.gemv(a, x if not trans else np.full(6, np.nan, dt), alpha=0.0,
+                         trans=trans)
+    np.testing.assert_array_equal(res, np.zeros(5 if trans else 6, dt))
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_ger_alpha_zero_does_not_read_x_or_y(dt, rng):
+    a = rand(rng, (4, 3), dt)
+    a0 = a.copy()
+    assert microtile.ger(a, np.full(4, np.nan, dt), np.array([np.inf, 0, 1], dt),
+                         alpha=0.0) is a
+    np.testing.assert_array_equal(a, a0)
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_byteswapped_and_misaligned_arrays_compute(dt, rng):
+    """A byte-swapped a for ger ("unsupported dtype >f4" once) and byte-swapped or misaligned
+    out arrays compute as NumPy does with them: the result lands in them, in their order."""
+    sw = np.dtype(dt).newbyteorder()
+    a, x, y = rand(rng, (5, 4), dt), rand(rng, 5, dt), rand(rng, 4, dt)
+    a_sw = a.astype(sw)
+    assert microtile.ger(a_sw, x.astype(sw), y, alpha=0.5) is a_sw
+    assert a_sw.dtype == sw
+    ref, bound = outer_ref(x, y)
+    assert_close(a_sw, a + 0.5 * ref, np.abs(a) + 0.5 * bound, 1, dt, "ger byte-swapped")
+    a_un = with_layout(a, "unaligned")
+    microtile.ger(a_un, x, y, alpha=0.5)
+    assert_close(a_un, a + 0.5 * ref, np.abs(a) + 0.5 * bound, 1, dt, "ger misaligned")
+
+    for make in (lambda shape: np.zeros(shape, sw),
+                 lambda shape: with_layout(np.zeros(shape, dt), "unaligned")):
+        out = make(4)
+        assert microtile.gemv(a, x, trans=True, out=out) is out
+        assert out.dtype == make(1).dtype
+        assert_gemm(out.astype(dt)[:, None], a.T, x[:, None], what="gemv out")
+        out = make((5, 4))
+        assert microtile.outer(x, y, out=out) is out
+        assert_close(out, ref, bound, 1, dt, "outer out")
+        # out is c: beta reads it in its own byte order.
+        c = rand(rng, (5, 5), dt)
+        out = make((5, 5))
+        out[...] = c
+        assert microtile.gemm(a, a.T, beta=1.0, c=out, out=out) is out
+        assert_gemm(out.astype(dt), a, a.T, 1.0, 1.0, c, what="gemm out is c")
+        out = make((3, 5, 5))
+        stack = rand(rng, (3, 5, 4), dt)
+        assert microtile.matmul(stack, a.T, out=out) is out
+        assert_gemm(out.astype(dt), stack, a.T, what="matmul out")
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_unpickled_arrays_compute_in_their_own_dtype(dt, rng):
+    """An unpickled array carries a dtype object equal to, but not, NumPy's canonical one.
+    As an input it must still select its own precision, and as ``out`` it must be written in
+    it (a float32 out taken for float64 would be overrun)."""
+    import pickle
+    a, x, y = rand(rng, (5, 4), dt), rand(rng, 5, dt), rand(rng, 4, dt)
+    a_p, x_p = pickle.loads(pickle.dumps(a)), pickle.loads(pickle.dumps(x))
+    if a_p.dtype is np.dtype(dt):
+        pytest.skip("this NumPy unpickles to the canonical dtype object")
+    out = pickle.loads(pickle.dumps(np.zeros((5, 5), dt)))
+    guard = np.full(64, 7, dt)
+    assert microtile.gemm(a_p, a_p.T, out=out) is out
+    assert out.dtype == dt
+    assert_gemm(out, a, a.T, what="gemm unpickled")
+    got = microtile.gemv(a_p, x_p, trans=True)
+    assert got.dtype == dt
+    assert_gemm(got[:, None], a.T, x[:, None], what="gemv unpickled")
+    ref, bound = outer_ref(x, y)
+    assert_close(microtile.outer(x_p, y), ref, bound, 1, dt, "outer unpickled")
+    np.testing.assert_array_equal(guard, 7)

@@ -205,3 +205,26 @@ def test_stack_out_layouts_threaded(threads, rng):
         with config_context(threads=threads, thread_mnk=0):
             assert microtile.matmul(a, b, out=out) is out
         check(out, a, b, f"out {layout}")
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("sa, sb", [
+    ((2 ** 20, 0, 4), (4, 5)),                # empty rows, a batch of 2**20 (0 bytes)
+    ((1, 3, 4), (2 ** 20, 4, 0)),             # empty columns, a broadcast against it
+    ((2 ** 18, 1, 0, 4), (1, 2 ** 3, 4, 3)),  # both batch dimensions broadcast
+    ((0, 3, 4), (5, 1, 4, 2)),                # empty batch
+    ((4,), (2 ** 20, 4, 0)),                  # 1-D operand: a batch of empty rows
+])
+def test_empty_result_does_no_work(sa, sb, dt):
+    # An empty result needs no per-matrix offsets, conversions or GEMM calls: it comes back
+    # at once (a batch of 2**26 once took 13 s and 2.6 GB; test_memory.py runs 2**31).
+    a = np.broadcast_to(np.ones((), dt), sa)
+    b = np.broadcast_to(np.ones((), np.float64), sb)
+    ref = np.matmul(a, b)
+    assert ref.size == 0
+    res = microtile.matmul(a, b)
+    assert res.shape == ref.shape and res.dtype == np.float64
+    out = np.empty(ref.shape, np.float64)
+    assert microtile.matmul(a, b, out=out) is out
+    with pytest.raises(ValueError, match="shape"):
+        microtile.matmul(a, b, out=np.empty(ref.shape + (1,)))

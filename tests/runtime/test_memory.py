@@ -18,6 +18,8 @@ import pytest
 
 import microtile
 
+from _helpers import run_python
+
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -224,3 +226,135 @@ def test_no_growth_level2_and_matmul(name):
     heap, py = growth(call, 5000, 200)
     assert heap < 256 * 1024, f"{name}: {HEAP_KIND} grew by {heap} bytes over 5000 calls"
     assert py < 64 * 1024, f"{name}: Python allocations grew by {py} bytes over 5000 calls"
+
+
+# --- bounded memory: huge operands that cost little memory -----------------------------------
+#
+# Each case runs in a child process under an address-space limit (RLIMIT_AS), so a
+# regression fails the test with a MemoryError instead of bringing in the OOM killer.
+
+_HEAP_CHILD = r"""
+import ctypes, ctypes.util, json, resource
+import numpy as np
+import microtile
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+try:
+    _mi = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    _mi.restype = MallInfo2
+    def heap():
+        info = _mi()
+        return info.uordblks + info.hblkhd
+    heap()
+except (OSError, AttributeError):
+    def heap():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+
+def _run_limited(code, limit_gb, timeout=300):
+    """run_python with the child's address space limited to ``limit_gb`` GiB."""
+    import resource
+
+    limit = int(limit_gb * 2 ** 30)
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return run_python(_HEAP_CHILD + code, timeout=timeout, preexec_fn=set_limit)
+
+
+def test_gemv_on_an_8_byte_broadcast_input_of_2_31_elements():
+    # (3, 2**31 + 3) and (2**31 + 3,) views of one float64 each: the strided operands were
+    # gathered whole into per-thread scratch (16 GB each; the OOM killer took the machine at
+    # 24 GB).  Now they are read in blocks: the child's 2 GiB are plenty.
+    res = _run_limited(r"""
+n = 2 ** 31 + 3
+y = microtile.gemv(np.broadcast_to(1.0, (3, n)), np.broadcast_to(1.0, (n,)))
+print(json.dumps({"y": y.tolist(), "n": n}))
+""", limit_gb=2)
+    assert res["y"] == [float(res["n"])] * 3      # sums of ones below 2**53 are exact
+
+
+def test_no_large_scratch_kept_after_the_call():
+    # gemv with n = 10**8 left 1.5 GB of per-thread scratch allocated after it returned;
+    # ger/outer gathered a strided y whole; a GEMM whose blocking packs over 64 MiB of B
+    # kept that buffer.  Now what a call leaves allocated stays under 64 MiB.
+    res = _run_limited(r"""
+from microtile._common import _scratch
+n = 10 ** 8
+out = {}
+base = heap()
+y = microtile.gemv(np.broadcast_to(2.0, (5, n)), np.broadcast_to(0.5, (n,)))
+out["gemv"] = heap() - base
+out["gemv_y"] = y.tolist()
+a = np.zeros((2, n // 4), np.float32)
+base = heap()
+microtile.ger(a, np.ones(2, np.float32), np.broadcast_to(np.float32(3.0), (n // 4,)))
+out["ger"] = heap() - base
+out["ger_ok"] = bool((a == 3.0).all())
+del a
+b = np.asfortranarray(np.ones((3000, 3000)))
+base = heap()
+with microtile.config_context(dtype="float64", kc=4096, nc=4096, threads=2):
+    c = microtile.gemm(np.ones((8, 3000)), b)
+out["gemm"] = heap() - base - c.nbytes
+out["gemm_ok"] = bool((c == 3000.0).all())
+out["held"] = _scratch.held_bytes()
+out["keep"] = _scratch.keep_max()
+print(json.dumps(out))
+""", limit_gb=3)
+    assert res["gemv_y"] == [1e8] * 5 and res["ger_ok"] and res["gemm_ok"]
+    limit = 64 * 2 ** 20
+    assert res["keep"] == limit
+    for name in ("gemv", "ger", "gemm"):
+        assert res[name] < limit, f"{name} left {res[name]} bytes allocated"
+    assert res["held"] <= 4 * limit
+
+
+@pytest.mark.parametrize("batch", [2 ** 26, 2 ** 31])
+def test_matmul_empty_result_with_a_huge_broadcast_batch(batch):
+    # 2**26 took 13 s and 2.6 GB (NumPy: 0.13 s); 2**31 asked for 16 GB of offsets.
+    res = _run_limited(r"""
+batch = %d
+a = np.broadcast_to(np.ones((1, 0, 4)), (batch, 0, 4))
+b = np.broadcast_to(np.ones((1, 4, 5)), (batch, 4, 5))
+c = np.ones((5, 0))
+r1 = microtile.matmul(a, b)
+r2 = microtile.matmul(b, c)
+print(json.dumps({"s1": r1.shape, "s2": r2.shape}))
+""" % batch, limit_gb=1)
+    assert tuple(res["s1"]) == (batch, 0, 5) and tuple(res["s2"]) == (batch, 4, 0)
+
+
+def test_conv2d_broadcast_weight_stays_within_the_workspace_cap():
+    # A stride-0 (1, 1, 3000, 3000) weight: the weight was copied whole (72 MB) and one
+    # output position's column (72 MB) ignored the 8 MiB conv_workspace cap (at 20000 x
+    # 20000, 3 GB each).  The weight is now read in place and the depth sliced: the peak
+    # grows by less than the cap plus 16 MiB of GEMM packing and interpreter slack.
+    res = _run_limited(r"""
+x = np.broadcast_to(1.0, (1, 1, 3000, 3000))
+w = np.broadcast_to(0.5, (1, 1, 3000, 3000))
+microtile.conv2d(np.ones((1, 1, 8, 8)), np.ones((1, 1, 3, 3)))   # warm up
+p0 = peak()
+y = microtile.conv2d(x, w)
+fwd = peak() - p0
+p0 = peak()
+dx, dw, db = microtile.conv2d_backward(np.ones((1, 1, 1, 1)), x, w, need_input_grad=False)
+bwd = peak() - p0
+print(json.dumps({"y": y.tolist(), "fwd": fwd, "bwd": bwd, "dw": dw.nbytes,
+                  "dw_ok": bool((dw == 1.0).all()), "cap": microtile.get_config()
+                  .get("conv_workspace", 8 << 20)}))
+""", limit_gb=2)
+    assert res["y"] == [[[[4.5e6]]]]
+    assert res["dw_ok"]
+    slack = 16 * 2 ** 20
+    assert res["fwd"] < res["cap"] + slack, res
+    # The backward's results: dW itself, and one dW-sized partial per thread that summed
+    # into it (here one: the work is threaded inside the GEMMs, not over chunks).
+    assert res["bwd"] < 2 * res["dw"] + res["cap"] + slack, res

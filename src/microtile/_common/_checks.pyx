@@ -3,7 +3,8 @@
 Rules (docs/API.md): float32 and float64 only, other dtypes raise TypeError naming the dtype;
 mixed float32/float64 compute in float64; any layout is accepted (misaligned or byte-swapped
 data is copied first); ``out`` must have the exact shape (ValueError), dtype (TypeError) and
-be writeable (ValueError).
+be writeable (ValueError).  A byte-swapped or misaligned ``out`` is accepted, as NumPy does:
+the kernels write a native array (``out_target``) that is then copied into it.
 """
 import numpy as np
 cimport numpy as cnp
@@ -14,8 +15,37 @@ cdef object F32 = np.dtype(np.float32)
 cdef object F64 = np.dtype(np.float64)
 
 
+cdef tuple _compact(cnp.ndarray arr):
+    """(core, broadcast): ``arr`` with each stride-0 axis cut to length 1, and whether any was
+    (a broadcast view's data is its core: converting only the core and broadcasting the
+    result back costs the core's size, not the view's)."""
+    cdef int d
+    cdef bint any_zero = False
+    for d in range(cnp.PyArray_NDIM(arr)):
+        if cnp.PyArray_STRIDE(arr, d) == 0 and cnp.PyArray_DIM(arr, d) > 1:
+            any_zero = True
+            break
+    if not any_zero:
+        return arr, False
+    idx = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                for st, n in zip((<object> arr).strides, (<object> arr).shape))
+    return arr[idx], True
+
+
+cdef cnp.ndarray _converted(cnp.ndarray arr, object dtype):
+    """A native, aligned ``dtype`` copy of ``arr`` (stride-0 axes stay stride 0)."""
+    core, broadcast = _compact(arr)
+    out = np.array(core, dtype=dtype, order="C")     # a new array: aligned and native
+    if out.dtype is not dtype:
+        out = out.view(dtype)       # NumPy keeps an equal, non-canonical dtype object
+    return np.broadcast_to(out, (<object> arr).shape) if broadcast else out
+
+
 cpdef cnp.ndarray as_float_array(object x, str name):
-    """``x`` as a native-endian, aligned float32 or float64 ndarray; TypeError otherwise."""
+    """``x`` as a native-endian, aligned float32 or float64 ndarray; TypeError otherwise.
+
+    Byte-swapped and misaligned arrays are copied (to the native dtype, as NumPy computes
+    with them); a broadcast view stays one (only its distinct elements are copied)."""
     cdef cnp.ndarray arr
     if type(x) is np.ndarray:
         arr = <cnp.ndarray> x
@@ -28,10 +58,14 @@ cpdef cnp.ndarray as_float_array(object x, str name):
     if dt is F32 or dt is F64:
         if cnp.PyArray_ISALIGNED(arr):
             return arr
-        return arr.copy()
-    if dt.kind == "f" and dt.itemsize in (4, 8) and dt.fields is None:
-        # Byte-swapped or otherwise exotic but numerically float32/float64.
-        return np.ascontiguousarray(arr, dtype=F32 if dt.itemsize == 4 else F64)
+        return _converted(arr, dt)
+    nat = native_dtype(dt)
+    if nat is not dt:
+        if dt == nat and cnp.PyArray_ISALIGNED(arr):
+            # An equal dtype object that is not NumPy's canonical one (unpickled arrays
+            # carry these): a view, so that every later ``dtype is F32`` test holds.
+            return arr.view(nat)
+        return _converted(arr, nat)   # byte-swapped or misaligned
     raise TypeError(f"{name}: unsupported dtype {dt}; microtile computes in float32 and float64")
 
 
@@ -44,9 +78,11 @@ cpdef object result_dtype(tuple arrays):
 
 
 cpdef cnp.ndarray as_dtype(cnp.ndarray x, object dtype):
+    """``x`` in ``dtype``: itself when it already is, else a copy (a broadcast view stays one:
+    only its distinct elements are converted)."""
     if x.dtype is dtype:
         return x
-    return x.astype(dtype)
+    return _converted(x, dtype)
 
 
 cpdef cnp.ndarray check_out(object out, tuple shape, object dtype, str name="out"):
@@ -56,13 +92,28 @@ cpdef cnp.ndarray check_out(object out, tuple shape, object dtype, str name="out
     cdef cnp.ndarray o = <cnp.ndarray> out
     if (<object> o).shape != shape:
         raise ValueError(f"{name} has shape {(<object> o).shape}; the result has shape {shape}")
-    if o.dtype != dtype:
+    if o.dtype != dtype and native_dtype(o.dtype) != dtype:
         raise TypeError(f"{name} has dtype {o.dtype}; the result has dtype {dtype}")
     if not o.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if not cnp.PyArray_ISALIGNED(o) or not o.dtype.isnative:
-        raise ValueError(f"{name} must be aligned and in native byte order")
     return o
+
+
+cpdef object native_dtype(object dt):
+    """float32/float64 for a byte-swapped spelling of either, else ``dt`` itself."""
+    if dt.kind == "f" and dt.itemsize in (4, 8) and dt.fields is None and dt.subdtype is None:
+        return F32 if dt.itemsize == 4 else F64
+    return dt
+
+
+cpdef cnp.ndarray out_target(cnp.ndarray o):
+    """The array a kernel writes for the validated output ``o``: ``o`` itself when it is
+    aligned and in native byte order, else a new native array of its shape (the caller
+    copies it into ``o`` afterwards, and first from ``o`` when the result reads it)."""
+    if cnp.PyArray_ISALIGNED(o) and o.dtype.isnative:
+        # A view when o's dtype is equal to but not the canonical object (see as_float_array).
+        return o if o.dtype is native_dtype(o.dtype) else o.view(native_dtype(o.dtype))
+    return np.empty((<object> o).shape, dtype=native_dtype(o.dtype))
 
 
 cdef inline bint _extent(cnp.ndarray x, char** lo, char** hi):

@@ -1,6 +1,8 @@
 """Per-thread, reusable, aligned scratch memory (see ``_scratch.pxd``)."""
 from libc.stdlib cimport calloc, free
-from libc.stdint cimport uintptr_t
+from libc.stdint cimport int64_t
+
+from microtile._common._atomic64 cimport mt_atomic_add64, mt_atomic_load64
 
 cdef extern from *:
     """
@@ -34,6 +36,16 @@ ctypedef struct thread_scratch:
 
 cdef pthread_key_t _key
 cdef bint _key_ok = False
+# Bytes held by all threads' buffers together (for tests and diagnostics).
+cdef int64_t _held = 0
+
+
+cdef inline void _free_slot(thread_scratch* s, int slot) noexcept nogil:
+    if s.ptr[slot] != NULL:
+        mt_aligned_free(s.ptr[slot])
+        mt_atomic_add64(&_held, -<int64_t> s.cap[slot])
+    s.ptr[slot] = NULL
+    s.cap[slot] = 0
 
 
 cdef void _release(void* p) noexcept nogil:
@@ -42,8 +54,7 @@ cdef void _release(void* p) noexcept nogil:
     if s == NULL:
         return
     for i in range(SCRATCH_SLOTS):
-        if s.ptr[i] != NULL:
-            mt_aligned_free(s.ptr[i])
+        _free_slot(s, i)
     free(s)
 
 
@@ -61,17 +72,40 @@ cdef void* scratch_get(int slot, size_t nbytes) noexcept nogil:
             free(s)
             return NULL
     if s.cap[slot] < nbytes or s.ptr[slot] == NULL:
-        if s.ptr[slot] != NULL:
-            mt_aligned_free(s.ptr[slot])
-            s.ptr[slot] = NULL
-            s.cap[slot] = 0
+        _free_slot(s, slot)
         # Round up so that slowly growing requests do not reallocate every call.
         want = ((nbytes + nbytes // 8 + 4095) // 4096) * 4096
+        if want < nbytes:
+            return NULL     # the rounding wrapped around: no such allocation exists
         s.ptr[slot] = mt_aligned_alloc(want)
         if s.ptr[slot] == NULL:
             return NULL
         s.cap[slot] = want
+        mt_atomic_add64(&_held, <int64_t> want)
     return s.ptr[slot]
+
+
+cdef void scratch_trim() noexcept nogil:
+    cdef thread_scratch* s
+    cdef int i
+    if not _key_ok:
+        return
+    s = <thread_scratch*> pthread_getspecific(_key)
+    if s == NULL:
+        return
+    for i in range(SCRATCH_SLOTS):
+        if s.cap[i] > SCRATCH_KEEP_MAX:
+            _free_slot(s, i)
+
+
+def held_bytes():
+    """Bytes of scratch that all threads together hold right now."""
+    return mt_atomic_load64(&_held)
+
+
+def keep_max():
+    """The largest buffer (bytes) a thread keeps in one slot between calls."""
+    return SCRATCH_KEEP_MAX
 
 
 if pthread_key_create(&_key, _release) == 0:

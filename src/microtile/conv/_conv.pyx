@@ -6,7 +6,12 @@ columns fit a per-thread share of the ``conv_workspace`` cap, either
 
 * several whole images side by side (small output planes: one wide GEMM instead of several
   skinny ones; its result goes to a scratch block and is scattered into Y), or
-* a slice of the output positions of one image (large planes: the GEMM writes Y in place).
+* a slice of the output positions of one image (large planes: the GEMM writes Y in place),
+* and when even one output position's column (CgRS elements) is over the cap, a slice of
+  the depth as well: the GEMMs of successive depth slices add into the same block of Y.
+  So the cap holds for every geometry.
+
+The weights are read in place at their strides (a broadcast weight is never expanded).
 
 A 1x1, stride-1, unpadded convolution whose input plane is one strided run needs no im2col at
 all: the input plane already is the column matrix.  The bias rides along as one more column
@@ -29,17 +34,20 @@ import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._common._inline cimport ceil_div, elem_stride, imin
+from microtile._common._inline cimport ceil_div, elem_stride, imax, imin
 from microtile.linalg._gemm cimport gemm_params, gemm_run, gemm_serial
 from microtile._config._params cimport current_params
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._kernels._ukernel cimport kernel_set_t
 from microtile.conv._im2col cimport conv_geom, im2col_rows, col2im_rows
+from microtile._common._scratch cimport SCRATCH_KEEP_MAX
 
 cnp.import_array()
 
 # Workspaces are kept between calls: a fresh multi-megabyte buffer costs a page fault per
-# 4 KiB on first touch, a few percent of a convolution.  At most _POOL_MAX are kept.
+# 4 KiB on first touch, a few percent of a convolution.  At most _POOL_MAX are kept, none
+# larger than the scratch layer's SCRATCH_KEEP_MAX (a huge layer's dW partials are freed
+# when its call returns, not kept for the next).
 _pool_lock = threading.Lock()
 _pool = []
 _POOL_MAX = 2
@@ -58,6 +66,8 @@ cdef cnp.ndarray _ws_get(idx_t n_elems, object dtype):
 
 
 cdef void _ws_put(cnp.ndarray buf):
+    if buf.nbytes > SCRATCH_KEEP_MAX:
+        return
     with _pool_lock:
         _pool.append(buf)
         _pool.sort(key=lambda b: -b.nbytes)
@@ -69,17 +79,47 @@ def release_workspace():
     with _pool_lock:
         _pool.clear()
 
+
+# The plan of this thread's last call, for tests (what the chunking chose, and the column
+# workspace it used against the cap).
+_last = threading.local()
+
+
+cdef void _note_plan(const conv_plan* pl, idx_t ws_bytes):
+    _last.plan = {"images_per_chunk": pl.nb, "chunks_per_image": pl.cpi, "ncols": pl.ncols,
+                  "depth_slices": pl.n_dc, "threads_over_chunks": bool(pl.par),
+                  "direct": bool(pl.direct), "workspace_bytes": ws_bytes}
+
+
+def last_plan():
+    """How this thread's last conv2d forward or backward call was cut up (a dict), or None."""
+    return getattr(_last, "plan", None)
+
 # Output planes at least this wide use the no-im2col path for 1x1 convolutions; narrower
 # ones are batched over images by im2col (one copy) so the GEMM is not skinny.
 cdef enum:
     DIRECT_MIN_PQ = 256
+
+# Columns per GEMM when the depth is cut into slices (fewer columns than this fit the
+# workspace budget whole): enough that the GEMM is not a matrix-vector product, few enough
+# that the slices stay deep.
+cdef enum:
+    DEPTH_COLS = 16
+
+# Below this many column elements, im2col/col2im of one chunk stay on the calling thread: a
+# parallel region costs more than it brings (on a loaded 2-core machine, tens of us each).
+cdef enum:
+    LOWER_THREAD_MIN = 1 << 15
 
 
 ctypedef struct conv_plan:
     idx_t N, G, Cg, Kg, C, K
     idx_t CRS           # GEMM depth of one group (Cg * R * S)
     idx_t PQ, HW
-    idx_t ldw           # row stride of the weight matrix (CRS, or CRS + 1 with a bias column)
+    idx_t rs_w, cs_w    # element strides of the weight matrix (K x CRS, or CRS + 1 columns
+                        # with a bias column), any values (0 for a broadcast weight)
+    idx_t dk            # column-matrix rows per depth slice (CRS + bias_col when n_dc == 1)
+    idx_t n_dc          # depth slices per chunk (1 unless one column is over the budget)
     idx_t nb            # whole images per chunk (1 when a chunk is a slice of one image)
     idx_t cpi           # chunks per image (1 when chunks hold whole images)
     idx_t ncols         # columns of the widest chunk
@@ -97,11 +137,26 @@ ctypedef struct conv_plan:
 cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
                        idx_t per_col_slice, idx_t want):
     """Choose images per chunk or chunks per image so one chunk's workspace fits the budget
-    (elements per thread), with at least ``want`` chunks per group when images allow."""
+    (elements per thread), with at least ``want`` chunks per group when images allow; when
+    fewer than DEPTH_COLS columns (``per_col_slice`` elements each) fit, slices of the depth
+    of DEPTH_COLS columns (of one column alone being over the budget, the cap would not
+    hold; of a few, the GEMMs would be matrix-vector products and im2col rows a few
+    elements long)."""
     cdef idx_t nb
     pl.nb = 1
     pl.cpi = 1
-    if pl.PQ * per_col_whole <= budget_elems:
+    pl.n_dc = 1
+    pl.dk = 0
+    if pl.PQ * per_col_whole > budget_elems and \
+            per_col_slice * imin(pl.PQ, DEPTH_COLS) > budget_elems:
+        pl.ncols = imin(imin(pl.PQ, DEPTH_COLS), budget_elems)
+        pl.cpi = ceil_div(pl.PQ, pl.ncols)
+        pl.ncols = ceil_div(pl.PQ, pl.cpi)
+        pl.n_chunks = pl.N * pl.cpi
+        pl.dk = budget_elems // pl.ncols
+        pl.n_dc = ceil_div(per_col_slice, pl.dk)
+        pl.dk = ceil_div(per_col_slice, pl.n_dc)
+    elif pl.PQ * per_col_whole <= budget_elems:
         nb = budget_elems // (pl.PQ * per_col_whole) if per_col_whole > 0 else pl.N
         nb = imin(nb, ceil_div(pl.N, want))
         if nb < 1:
@@ -132,6 +187,7 @@ cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
         pl.cpi = 1
         pl.ncols = pl.PQ
         pl.n_chunks = pl.N
+        pl.n_dc = 1
     if pl.nt > 1 and not prefer_threaded:
         if not pl.direct:
             _plan_chunks(pl, max(imin(workspace // pl.nt, pl.chunk) // isz, 1),
@@ -158,26 +214,31 @@ cdef inline int _gemm(bint threaded, const gemm_params* prm, idx_t m, idx_t n, i
                        c, rs_c, 1)
 
 
-cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, idx_t Cg,
-                        idx_t pq0, idx_t pq1, floating* cols, idx_t ld, idx_t RS,
+cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, idx_t k0,
+                        idx_t k1, idx_t pq0, idx_t pq1, floating* cols, idx_t ld,
                         int nt) noexcept nogil:
-    cdef idx_t c
-    if nt > 1 and Cg > 1:
-        for c in prange(Cg, num_threads=nt, schedule="static"):
-            im2col_rows(g, x, xs[1], xs[2], xs[3], c, c + 1, pq0, pq1, cols + c * RS * ld, ld)
+    """Rows [k0, k1) of one image's column matrix, threads (nt > 1) taking channels."""
+    cdef idx_t c, RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS), a, b
+    if nt > 1 and c1 - c0 > 1 and (k1 - k0) * (pq1 - pq0) >= LOWER_THREAD_MIN:
+        for c in prange(c0, c1, num_threads=nt, schedule="static"):
+            a = imax(k0, c * RS)
+            b = imin(k1, (c + 1) * RS)
+            im2col_rows(g, x, xs[1], xs[2], xs[3], a, b, pq0, pq1, cols + (a - k0) * ld, ld)
     else:
-        im2col_rows(g, x, xs[1], xs[2], xs[3], 0, Cg, pq0, pq1, cols, ld)
+        im2col_rows(g, x, xs[1], xs[2], xs[3], k0, k1, pq0, pq1, cols, ld)
 
 
-cdef void _col2im_chunk(const conv_geom* g, const floating* cols, idx_t ld, idx_t Cg,
-                        idx_t pq0, idx_t pq1, floating* dx, idx_t RS, int nt) noexcept nogil:
+cdef void _col2im_chunk(const conv_geom* g, const floating* cols, idx_t ld, idx_t k0,
+                        idx_t k1, idx_t pq0, idx_t pq1, floating* dx, int nt) noexcept nogil:
     # Channels are disjoint planes of dx: splitting over them is race-free.
-    cdef idx_t c
-    if nt > 1 and Cg > 1:
-        for c in prange(Cg, num_threads=nt, schedule="static"):
-            col2im_rows(g, cols + c * RS * ld, ld, c, c + 1, pq0, pq1, dx, g.H * g.W, g.W, 1)
+    cdef idx_t c, RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS), a, b
+    if nt > 1 and c1 - c0 > 1 and (k1 - k0) * (pq1 - pq0) >= LOWER_THREAD_MIN:
+        for c in prange(c0, c1, num_threads=nt, schedule="static"):
+            a = imax(k0, c * RS)
+            b = imin(k1, (c + 1) * RS)
+            col2im_rows(g, cols + (a - k0) * ld, ld, a, b, pq0, pq1, dx, g.H * g.W, g.W, 1)
     else:
-        col2im_rows(g, cols, ld, 0, Cg, pq0, pq1, dx, g.H * g.W, g.W, 1)
+        col2im_rows(g, cols, ld, k0, k1, pq0, pq1, dx, g.H * g.W, g.W, 1)
 
 
 cdef inline void _chunk(const conv_plan* pl, idx_t ch, idx_t* n0, idx_t* nb, idx_t* pq0,
@@ -198,20 +259,23 @@ cdef inline void _chunk(const conv_plan* pl, idx_t ch, idx_t* n0, idx_t* nb, idx
 
 cdef const floating* _columns(const conv_plan* pl, const conv_geom* g, const floating* xg,
                               const idx_t* xs, idx_t n0, idx_t nb, idx_t pq0, idx_t pq1,
-                              floating* cols, idx_t* rs, idx_t* cs) noexcept nogil:
-    """The chunk's column matrix (CRS + bias_col rows, nb * (pq1 - pq0) columns, strides
-    rs/cs): x itself on the 1x1 path, else im2col into cols (plus the row of ones)."""
+                              idx_t d0, idx_t d1, floating* cols, idx_t* rs,
+                              idx_t* cs) noexcept nogil:
+    """Rows [d0, d1) of the chunk's column matrix (CRS rows, plus a row of ones when
+    bias_col; nb * (pq1 - pq0) columns), at strides rs/cs: x itself on the 1x1 path, else
+    im2col into cols (plus the row of ones when d1 reaches it)."""
     cdef idx_t wcols = pq1 - pq0, ncur = nb * wcols, i, j
     if pl.direct:
         rs[0] = xs[1]
         cs[0] = xs[3]
-        return xg + n0 * xs[0] + pq0 * xs[3]
-    for i in range(nb):
-        _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, pl.Cg, pq0, pq1, cols + i * wcols, ncur,
-                      g.R * g.S, 1 if pl.par else pl.nt)
-    if pl.bias_col:
+        return xg + n0 * xs[0] + pq0 * xs[3] + d0 * xs[1]
+    if d0 < pl.CRS:
+        for i in range(nb):
+            _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, d0, imin(d1, pl.CRS), pq0, pq1,
+                          cols + i * wcols, ncur, 1 if pl.par else pl.nt)
+    if pl.bias_col and d1 > pl.CRS:
         for j in range(ncur):
-            cols[pl.CRS * ncur + j] = 1
+            cols[(pl.CRS - d0) * ncur + j] = 1
     rs[0] = ncur
     cs[0] = 1
     return cols
@@ -223,8 +287,9 @@ cdef int _fwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                     idx_t gi, idx_t ch, const floating* x, const idx_t* xs,
                     const floating* w, const floating* bias, floating* y,
                     floating* ws) noexcept nogil:
-    cdef idx_t n0, nb, pq0, pq1, ncur, i, k, j, rs_b, cs_b, rs_c
-    cdef const floating* wg = w + gi * pl.Kg * pl.ldw
+    cdef idx_t n0, nb, pq0, pq1, ncur, i, k, j, rs_b, cs_b, rs_c, dc, d0, d1
+    cdef idx_t depth = pl.CRS + pl.bias_col
+    cdef const floating* wg = w + gi * pl.Kg * pl.rs_w
     cdef const floating* b
     cdef floating* c
     cdef floating* yrow
@@ -232,17 +297,22 @@ cdef int _fwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
     cdef int rc
     _chunk(pl, ch, &n0, &nb, &pq0, &pq1)
     ncur = nb * (pq1 - pq0)
-    b = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, ws, &rs_b, &cs_b)
     if nb == 1:
         c = y + n0 * pl.K * pl.PQ + gi * pl.Kg * pl.PQ + pq0
         rs_c = pl.PQ
     else:
         c = ws + pl.ws_tmp
         rs_c = ncur
-    rc = _gemm(not pl.par, prm, pl.Kg, ncur, pl.CRS + pl.bias_col, wg, pl.ldw, 1, b, rs_b,
-               cs_b, <floating> 0, c, rs_c)
-    if rc != 0:
-        return rc
+    for dc in range(pl.n_dc):
+        # Depth slices (one unless a column is over the budget) add into the same block.
+        d0 = dc * pl.dk if pl.n_dc > 1 else 0
+        d1 = imin(depth, d0 + pl.dk) if pl.n_dc > 1 else depth
+        b = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, d0, d1, ws, &rs_b,
+                     &cs_b)
+        rc = _gemm(not pl.par, prm, pl.Kg, ncur, d1 - d0, wg + d0 * pl.cs_w, pl.rs_w,
+                   pl.cs_w, b, rs_b, cs_b, <floating> (0 if dc == 0 else 1), c, rs_c)
+        if rc != 0:
+            return rc
     if bias != NULL and not pl.bias_col:
         for k in range(pl.Kg):
             bk = bias[gi * pl.Kg + k]
@@ -310,10 +380,11 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
                    idx_t groups, bint bias_col, idx_t workspace, idx_t chunk):
     """y (N, K, P, Q), C-contiguous  <-  conv(x, W) (+ bias).
 
-    x: (N, C, H, W) of y's dtype, any strides.  wm: (K, ldw) C-contiguous weights, with the
-    bias as column CRS when ``bias_col``.  bias: (K,) contiguous or None (used when not
-    ``bias_col``).  workspace: bytes all threads together may use for columns; chunk: the
-    column bytes one thread should work on at a time when the workspace allows more.
+    x: (N, C, H, W) of y's dtype, any strides.  wm: (K, CRS) weights of y's dtype at any
+    strides, or (K, CRS + 1) with the bias as column CRS when ``bias_col``.  bias: (K,)
+    contiguous or None (used when not ``bias_col``).  workspace: bytes all threads together
+    may use for columns, whatever the geometry; chunk: the column bytes one thread should
+    work on at a time when the workspace allows more.
     """
     cdef gemm_params prm
     cdef conv_geom g = _geom(geom)
@@ -332,14 +403,17 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     pl.bias_col = bias_col and not pl.direct
     if bias_col and pl.direct:
         bias = np.ascontiguousarray(wm[:, pl.CRS])    # the 1x1 path adds it to the output
-    pl.ldw = wm.shape[1]
+    pl.rs_w = elem_stride(wm, 0)
+    pl.cs_w = elem_stride(wm, 1)
     _plan(&pl, workspace, isz, pl.CRS + 1 + pl.Kg, pl.CRS + 1, False, False)
+    # Column rows held at once: the whole depth (with room for the row of ones), or a slice.
+    pl.ws_tmp = (pl.dk if pl.n_dc > 1 else pl.CRS + 1) * pl.ncols
     if pl.direct:
         pl.ws_elems = 0
     else:
-        pl.ws_elems = (pl.CRS + 1) * pl.ncols + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
-    pl.ws_tmp = (pl.CRS + 1) * pl.ncols
+        pl.ws_elems = pl.ws_tmp + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
     wsbuf = _ws_get(max(pl.ws_elems, 1) * (pl.nt if pl.par else 1), y.dtype)
+    _note_plan(&pl, pl.ws_elems * (pl.nt if pl.par else 1) * isz)
     for i in range(4):
         xs[i] = elem_stride(x, i)
     if bias is not None and not pl.bias_col:
@@ -367,9 +441,10 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                     idx_t gi, idx_t ch, const floating* x, const idx_t* xs,
                     const floating* w, const floating* dy, floating* dx, floating* dwp,
                     floating* ws, bint need_w, bint need_x) noexcept nogil:
-    cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_a2, cs_a2
+    cdef idx_t n0, nb, pq0, pq1, wcols, ncur, i, k, j, rs_a, rs_a2, cs_a2, dc, d0, d1, e1
+    cdef idx_t rows = pl.CRS + pl.bias_col
     cdef int rc
-    cdef const floating* wg = w + gi * pl.Kg * pl.ldw
+    cdef const floating* wg = w + gi * pl.Kg * pl.rs_w
     cdef const floating* a
     cdef const floating* a2
     cdef const floating* src
@@ -390,36 +465,41 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                     tmp[k * ncur + i * pl.PQ + j] = src[j]
         a = tmp
         rs_a = ncur
-    if need_w:
-        # With few filters, dW^T (CRS x Kg) += cols (CRS x ncur) @ dY^T: the column matrix
-        # is then the A operand, which the GEMM reads in place when Kg is narrow, so it is
-        # never packed again.  Otherwise dW += dY @ cols^T (no transpose at the end).  With
-        # a row of ones under cols, the last row/column collects db for free.
-        a2 = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, cols, &rs_a2,
-                      &cs_a2)
-        if pl.dw_trans:
-            rc = _gemm(not pl.par, prm, pl.CRS + pl.bias_col, pl.Kg, ncur, a2, rs_a2, cs_a2,
-                       a, 1, rs_a, <floating> 1, dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg,
-                       pl.Kg)
-        else:
-            rc = _gemm(not pl.par, prm, pl.Kg, pl.CRS + pl.bias_col, ncur, a, rs_a, 1,
-                       a2, cs_a2, rs_a2, <floating> 1,
-                       dwp + gi * (pl.CRS + pl.bias_col) * pl.Kg, pl.CRS + pl.bias_col)
-        if rc != 0:
-            return -1
-    if need_x:
-        if pl.direct:
-            if _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, 1, pl.ldw, a, rs_a, 1,
-                     <floating> 0, dxg + n0 * pl.C * pl.HW + pq0, pl.HW) != 0:
+    for dc in range(pl.n_dc):
+        # Depth slices: one unless a column is over the budget; each slice's rows of dW and
+        # of the columns for dX are independent of the others'.
+        d0 = dc * pl.dk if pl.n_dc > 1 else 0
+        d1 = imin(rows, d0 + pl.dk) if pl.n_dc > 1 else rows
+        if need_w:
+            # With few filters, dW^T (CRS x Kg) += cols (CRS x ncur) @ dY^T: the column
+            # matrix is then the A operand, which the GEMM reads in place when Kg is narrow,
+            # so it is never packed again.  Otherwise dW += dY @ cols^T (no transpose at the
+            # end).  With a row of ones under cols, the last row/column collects db for free.
+            a2 = _columns(pl, g, x + gi * pl.Cg * xs[1], xs, n0, nb, pq0, pq1, d0, d1, cols,
+                          &rs_a2, &cs_a2)
+            if pl.dw_trans:
+                rc = _gemm(not pl.par, prm, d1 - d0, pl.Kg, ncur, a2, rs_a2, cs_a2,
+                           a, 1, rs_a, <floating> 1, dwp + gi * rows * pl.Kg + d0 * pl.Kg,
+                           pl.Kg)
+            else:
+                rc = _gemm(not pl.par, prm, pl.Kg, d1 - d0, ncur, a, rs_a, 1,
+                           a2, cs_a2, rs_a2, <floating> 1, dwp + gi * rows * pl.Kg + d0, rows)
+            if rc != 0:
                 return -1
-        else:
-            # cols is free again once dW has used it.
-            if _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, 1, pl.ldw, a, rs_a, 1,
-                     <floating> 0, cols, ncur) != 0:
-                return -1
-            for i in range(nb):
-                _col2im_chunk(g, cols + i * wcols, ncur, pl.Cg, pq0, pq1,
-                              dxg + (n0 + i) * pl.C * pl.HW, g.R * g.S, 1 if pl.par else pl.nt)
+        e1 = imin(d1, pl.CRS)       # the row of ones has no dX
+        if need_x and d0 < e1:
+            if pl.direct:
+                if _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, pl.cs_w, pl.rs_w, a, rs_a,
+                         1, <floating> 0, dxg + n0 * pl.C * pl.HW + pq0, pl.HW) != 0:
+                    return -1
+            else:
+                # cols is free again once dW has used it.
+                if _gemm(not pl.par, prm, e1 - d0, ncur, pl.Kg, wg + d0 * pl.cs_w, pl.cs_w,
+                         pl.rs_w, a, rs_a, 1, <floating> 0, cols, ncur) != 0:
+                    return -1
+                for i in range(nb):
+                    _col2im_chunk(g, cols + i * wcols, ncur, d0, e1, pq0, pq1,
+                                  dxg + (n0 + i) * pl.C * pl.HW, 1 if pl.par else pl.nt)
     return 0
 
 
@@ -487,7 +567,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
                     bint need_w, bint need_x, bint need_b, idx_t workspace, idx_t chunk,
                     object dx_out=None, object dw_out=None, object db_out=None):
     """Gradients of a conv2d.  dy (N, K, P, Q) C-contiguous, x (N, C, H, W) any strides,
-    wm (K, CRS) C-contiguous, all of one dtype.  Returns (dx or None, dw (K, CRS) or None,
+    wm (K, CRS) at any strides, all of one dtype.  Returns (dx or None, dw (K, CRS) or None,
     db or None).  ``dx_out`` / ``dw_out`` / ``db_out``, when given, are C-contiguous arrays
     of those shapes and dy's dtype that receive the results (a training loop reuses them)."""
     cdef gemm_params prm
@@ -503,7 +583,8 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     current_params(code, &prm)
     pl = _base_plan(x, dy, geom, groups, prm.n_threads)
     pl.chunk = max(chunk, 1)
-    pl.ldw = wm.shape[1]
+    pl.rs_w = elem_stride(wm, 0)
+    pl.cs_w = elem_stride(wm, 1)
     dt = dy.dtype
     if need_x:
         # col2im adds into dx, so a reused one is cleared first.
@@ -538,11 +619,12 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
         pl.ws_elems = 0
         pl.ws_tmp = 0
     else:
-        pl.ws_tmp = per_col * pl.ncols
+        pl.ws_tmp = (pl.dk if pl.n_dc > 1 else per_col) * pl.ncols
         pl.ws_elems = pl.ws_tmp + (pl.Kg * pl.ncols if pl.nb > 1 else 0)
     nt_parts = pl.nt if pl.par else 1
     rows = pl.CRS + pl.bias_col
     wsbuf = _ws_get(max(pl.ws_elems, 1) * nt_parts, dt)
+    _note_plan(&pl, pl.ws_elems * nt_parts * isz)
     # Per-thread partial dW (or dW^T), one block per group, reduced below; kept between
     # calls like the workspace, so it is cleared here rather than freshly allocated.
     cdef idx_t dwp_elems = nt_parts * pl.G * rows * pl.Kg if need_w else 1

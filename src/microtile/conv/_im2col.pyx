@@ -35,89 +35,104 @@ cdef inline void _valid_range(idx_t off, idx_t stride, idx_t size, idx_t n_out,
     hi[0] = b
 
 
-cdef void im2col_rows(const conv_geom* g, const floating* x, idx_t xs_c, idx_t xs_h,
-                      idx_t xs_w, idx_t c0, idx_t c1, idx_t pq0, idx_t pq1,
-                      floating* cols, idx_t ld) noexcept nogil:
-    cdef idx_t c, r, s, pq, p, q, qend, ih, off_w, qa, qb, lo, hi, i, step, j
-    cdef floating* dst
+cdef inline void _im2col_row(const conv_geom* g, const floating* x, idx_t xs_c, idx_t xs_h,
+                             idx_t xs_w, idx_t k, idx_t pq0, idx_t pq1,
+                             floating* dst) noexcept nogil:
+    """Row k = (c * R + r) * S + s of the column matrix, columns [pq0, pq1), into dst."""
+    cdef idx_t RS = g.R * g.S, c, r, s, pq, p, q, qend, ih, off_w, qa, qb, lo, hi, i, step, j
     cdef const floating* src
-    for c in range(c0, c1):
-        for r in range(g.R):
-            for s in range(g.S):
-                dst = cols + (((c - c0) * g.R + r) * g.S + s) * ld
-                off_w = s * g.dw - g.pw
-                _valid_range(off_w, g.sw, g.W, g.Q, &qa, &qb)
-                step = g.sw * xs_w
-                pq = pq0
-                j = 0
-                while pq < pq1:
-                    p = pq // g.Q
-                    q = pq - p * g.Q
-                    qend = imin(g.Q, q + (pq1 - pq))
-                    ih = p * g.sh - g.ph + r * g.dh
-                    if ih < 0 or ih >= g.H:
-                        memset(dst + j, 0, (qend - q) * sizeof(floating))
-                    else:
-                        lo = imax(q, qa)
-                        hi = imin(qend, qb)
-                        if hi < lo:
-                            lo = qend
-                            hi = qend
-                        if lo > q:
-                            memset(dst + j, 0, (lo - q) * sizeof(floating))
-                        src = x + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
-                        if step == 1:
-                            memcpy(dst + j + (lo - q), src, (hi - lo) * sizeof(floating))
-                        elif step == 2:
-                            # A constant stride lets the compiler vectorize with shuffles.
-                            for i in range(hi - lo):
-                                dst[j + (lo - q) + i] = src[2 * i]
-                        else:
-                            for i in range(hi - lo):
-                                dst[j + (lo - q) + i] = src[i * step]
-                        if qend > hi:
-                            memset(dst + j + (hi - q), 0, (qend - hi) * sizeof(floating))
-                    j += qend - q
-                    pq += qend - q
+    c = k // RS
+    r = (k - c * RS) // g.S
+    s = k - c * RS - r * g.S
+    off_w = s * g.dw - g.pw
+    _valid_range(off_w, g.sw, g.W, g.Q, &qa, &qb)
+    step = g.sw * xs_w
+    pq = pq0
+    j = 0
+    while pq < pq1:
+        p = pq // g.Q
+        q = pq - p * g.Q
+        qend = imin(g.Q, q + (pq1 - pq))
+        ih = p * g.sh - g.ph + r * g.dh
+        if ih < 0 or ih >= g.H:
+            memset(dst + j, 0, (qend - q) * sizeof(floating))
+        else:
+            lo = imax(q, qa)
+            hi = imin(qend, qb)
+            if hi < lo:
+                lo = qend
+                hi = qend
+            if lo > q:
+                memset(dst + j, 0, (lo - q) * sizeof(floating))
+            src = x + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
+            if step == 1:
+                memcpy(dst + j + (lo - q), src, (hi - lo) * sizeof(floating))
+            elif step == 2:
+                # A constant stride lets the compiler vectorize with shuffles.
+                for i in range(hi - lo):
+                    dst[j + (lo - q) + i] = src[2 * i]
+            else:
+                for i in range(hi - lo):
+                    dst[j + (lo - q) + i] = src[i * step]
+            if qend > hi:
+                memset(dst + j + (hi - q), 0, (qend - hi) * sizeof(floating))
+        j += qend - q
+        pq += qend - q
 
 
-cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t c0, idx_t c1,
+cdef void im2col_rows(const conv_geom* g, const floating* x, idx_t xs_c, idx_t xs_h,
+                      idx_t xs_w, idx_t k0, idx_t k1, idx_t pq0, idx_t pq1,
+                      floating* cols, idx_t ld) noexcept nogil:
+    cdef idx_t k
+    for k in range(k0, k1):
+        _im2col_row(g, x, xs_c, xs_h, xs_w, k, pq0, pq1, cols + (k - k0) * ld)
+
+
+cdef inline void _col2im_row(const conv_geom* g, const floating* src, idx_t k, idx_t pq0,
+                             idx_t pq1, floating* dx, idx_t xs_c, idx_t xs_h,
+                             idx_t xs_w) noexcept nogil:
+    """Add row k = (c * R + r) * S + s of the column matrix, columns [pq0, pq1) (at src),
+    into dx."""
+    cdef idx_t RS = g.R * g.S, c, r, s, pq, p, q, qend, ih, off_w, qa, qb, lo, hi, i, step, j
+    cdef floating* dst
+    c = k // RS
+    r = (k - c * RS) // g.S
+    s = k - c * RS - r * g.S
+    off_w = s * g.dw - g.pw
+    _valid_range(off_w, g.sw, g.W, g.Q, &qa, &qb)
+    step = g.sw * xs_w
+    pq = pq0
+    j = 0
+    while pq < pq1:
+        p = pq // g.Q
+        q = pq - p * g.Q
+        qend = imin(g.Q, q + (pq1 - pq))
+        ih = p * g.sh - g.ph + r * g.dh
+        if 0 <= ih < g.H:
+            lo = imax(q, qa)
+            hi = imin(qend, qb)
+            if lo < hi:
+                dst = dx + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
+                # Constant strides let the compiler vectorize the common cases.
+                if step == 1:
+                    for i in range(hi - lo):
+                        dst[i] += src[j + (lo - q) + i]
+                elif step == 2:
+                    for i in range(hi - lo):
+                        dst[2 * i] += src[j + (lo - q) + i]
+                else:
+                    for i in range(hi - lo):
+                        dst[i * step] += src[j + (lo - q) + i]
+        j += qend - q
+        pq += qend - q
+
+
+cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t k0, idx_t k1,
                       idx_t pq0, idx_t pq1, floating* dx, idx_t xs_c, idx_t xs_h,
                       idx_t xs_w) noexcept nogil:
-    cdef idx_t c, r, s, pq, p, q, qend, ih, off_w, qa, qb, lo, hi, i, step, j
-    cdef const floating* src
-    cdef floating* dst
-    for c in range(c0, c1):
-        for r in range(g.R):
-            for s in range(g.S):
-                src = cols + (((c - c0) * g.R + r) * g.S + s) * ld
-                off_w = s * g.dw - g.pw
-                _valid_range(off_w, g.sw, g.W, g.Q, &qa, &qb)
-                step = g.sw * xs_w
-                pq = pq0
-                j = 0
-                while pq < pq1:
-                    p = pq // g.Q
-                    q = pq - p * g.Q
-                    qend = imin(g.Q, q + (pq1 - pq))
-                    ih = p * g.sh - g.ph + r * g.dh
-                    if 0 <= ih < g.H:
-                        lo = imax(q, qa)
-                        hi = imin(qend, qb)
-                        if lo < hi:
-                            dst = dx + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
-                            # Constant strides let the compiler vectorize the common cases.
-                            if step == 1:
-                                for i in range(hi - lo):
-                                    dst[i] += src[j + (lo - q) + i]
-                            elif step == 2:
-                                for i in range(hi - lo):
-                                    dst[2 * i] += src[j + (lo - q) + i]
-                            else:
-                                for i in range(hi - lo):
-                                    dst[i * step] += src[j + (lo - q) + i]
-                    j += qend - q
-                    pq += qend - q
+    cdef idx_t k
+    for k in range(k0, k1):
+        _col2im_row(g, cols + (k - k0) * ld, k, pq0, pq1, dx, xs_c, xs_h, xs_w)
 
 
 cdef void _im2col_all(const conv_geom* g, const floating* x, idx_t xs_n, idx_t xs_c,
@@ -127,7 +142,7 @@ cdef void _im2col_all(const conv_geom* g, const floating* x, idx_t xs_n, idx_t x
     for u in prange(N * C, num_threads=nt, schedule="static"):
         n = u // C
         c = u - n * C
-        im2col_rows(g, x + n * xs_n, xs_c, xs_h, xs_w, c, c + 1, 0, PQ,
+        im2col_rows(g, x + n * xs_n, xs_c, xs_h, xs_w, c * RS, (c + 1) * RS, 0, PQ,
                     cols + (n * C + c) * RS * PQ, PQ)
 
 
@@ -139,7 +154,7 @@ cdef void _col2im_all(const conv_geom* g, const floating* cols, idx_t cs_n, idx_
     for u in prange(N * C, num_threads=nt, schedule="static"):
         n = u // C
         c = u - n * C
-        col2im_rows(g, cols + n * cs_n + c * RS * cs_r, cs_r, c, c + 1, 0, PQ,
+        col2im_rows(g, cols + n * cs_n + c * RS * cs_r, cs_r, c * RS, (c + 1) * RS, 0, PQ,
                     dx + n * C * HW, HW, g.W, 1)
 
 
@@ -175,7 +190,7 @@ def col2im_into(cnp.ndarray cols, cnp.ndarray dx, tuple geom, int nt):
     cdef void* px = cnp.PyArray_DATA(dx)
     if dx.size == 0 or cols.size == 0:
         return
-    if elem_stride(cols, 2) != 1:
+    if cols.shape[2] > 1 and elem_stride(cols, 2) != 1:
         raise ValueError("col2im_into: columns must be contiguous")
     if dx.dtype == np.float32:
         with nogil:

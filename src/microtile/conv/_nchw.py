@@ -7,10 +7,21 @@ import operator
 
 import numpy as np
 
+# The largest kernel size, stride, padding, dilation or group count accepted (torch's pooling
+# takes int32 too).  The kernels form products of two such numbers and sums of a few
+# products in 64-bit integers; below 2**31 each none of them can overflow.
+MAX_ARG = 2 ** 31 - 1
+
+
+def _is_text(value):
+    # Strings are never sizes: "1111" is not (1, 1, 1, 1), nor "12" twelve.
+    return isinstance(value, (str, bytes, np.str_, np.bytes_)) or (
+        isinstance(value, np.ndarray) and value.dtype.kind in "SUO" and value.ndim == 0)
+
 
 def pair(value, name, *, minimum=1):
-    """``value`` as an (h, w) pair of ints, each at least ``minimum``."""
-    if isinstance(value, (str, bytes)) or isinstance(value, (bool, np.bool_)):
+    """``value`` as an (h, w) pair of ints, each at least ``minimum`` and at most MAX_ARG."""
+    if _is_text(value) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if np.ndim(value) == 0:
         try:
@@ -29,7 +40,7 @@ def pair(value, name, *, minimum=1):
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
         out = []
         for item in items:
-            if isinstance(item, (bool, np.bool_)):
+            if isinstance(item, (bool, np.bool_)) or _is_text(item):
                 raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
             try:
                 out.append(operator.index(item))
@@ -40,7 +51,58 @@ def pair(value, name, *, minimum=1):
     if out[0] < minimum or out[1] < minimum:
         rule = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if out[0] > MAX_ARG or out[1] > MAX_ARG:
+        raise ValueError(f"{name} must be at most {MAX_ARG} (2**31 - 1), got {value!r}")
     return out
+
+
+def count(value, name, what):
+    """``value`` as one int in [1, MAX_ARG] (``groups``); TypeError for anything else."""
+    if isinstance(value, (bool, np.bool_)) or _is_text(value):
+        raise TypeError(f"{what}: {name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what}: {name} must be an int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{what}: {name} must be positive, got {value}")
+    if value > MAX_ARG:
+        raise ValueError(f"{what}: {name} must be at most {MAX_ARG} (2**31 - 1), got {value}")
+    return value
+
+
+def shape_arg(value, name, what, ndims):
+    """``value`` as a tuple of ``ndims`` non-negative ints (a shape argument such as
+    ``input_shape``); TypeError naming it for strings and non-integers."""
+    bad = TypeError(f"{what}: {name} must be a tuple of ints, got {value!r}")
+    try:
+        if _is_text(value) or np.ndim(value) != 1:
+            raise bad
+    except ValueError:      # NumPy's word for a ragged sequence
+        raise bad from None
+    items = []
+    for item in value:
+        if isinstance(item, (bool, np.bool_)) or _is_text(item):
+            raise bad
+        try:
+            items.append(operator.index(item))
+        except TypeError:
+            raise bad from None
+    if len(items) not in ndims or min(items, default=0) < 0:
+        raise ValueError(f"{what}: {name} must have {' or '.join(map(str, ndims))} "
+                         f"non-negative sizes, got {value!r}")
+    return tuple(items)
+
+
+def check_result(shape, dtype, what):
+    """ValueError when an array of ``shape`` could not exist (its byte count overflows),
+    before NumPy says so without naming the call."""
+    total = np.dtype(dtype).itemsize
+    for d in shape:
+        total *= d
+    if total > np.iinfo(np.intp).max:
+        raise ValueError(f"{what}: the result would have shape {tuple(shape)}, more bytes than "
+                         "an array can hold (check padding, stride and output_size)")
 
 
 def conv_padding(padding, kernel, stride, dilation):

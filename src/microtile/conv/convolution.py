@@ -2,14 +2,13 @@
 
 The arithmetic lives in ``_conv`` (GEMM drivers) and ``_im2col`` (the lowering kernels).
 """
-import operator
-
 import numpy as np
 
 from microtile.conv import _conv, _im2col
 from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
 from microtile._config._context import get_num_threads, get_option
-from microtile.conv._nchw import as_nchw, reuse_out, conv_padding, out_size, pair
+from microtile.conv._nchw import (as_nchw, check_result, conv_padding, count, out_size, pair,
+                                  reuse_out)
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
 
@@ -22,16 +21,19 @@ def _sizes():
     return get_option("conv_workspace"), get_option("conv_chunk")
 
 
-def _groups(groups, what):
-    if isinstance(groups, (bool, np.bool_)):
-        raise TypeError(f"{what}: groups must be an int, got {groups!r}")
+def _weight_matrix(Wt, dt):
+    """w (K, C // groups, R, S) as the (K, C·R·S) matrix the GEMM reads: a view whenever its
+    strides allow one (C-contiguous weights, broadcast ones such as ``np.broadcast_to(v,
+    shape)``, slices along K), so no copy is made; otherwise a C-contiguous copy.  That copy
+    has w's logical size: no more than w's own memory for an ordinary array, more only for
+    a view broadcast along some but not all of C, R, S, which no matrix view can describe."""
+    K = Wt.shape[0]
+    crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
+    W = as_dtype(Wt, dt)
     try:
-        groups = operator.index(groups)
-    except TypeError:
-        raise TypeError(f"{what}: groups must be an int, got {groups!r}") from None
-    if groups < 1:
-        raise ValueError(f"{what}: groups must be positive, got {groups}")
-    return groups
+        return np.reshape(W, (K, crs), copy=False)
+    except ValueError:
+        return np.ascontiguousarray(W).reshape(K, crs)
 
 
 def _setup(what, X, Wt, stride, padding, dilation, groups):
@@ -39,7 +41,7 @@ def _setup(what, X, Wt, stride, padding, dilation, groups):
     X4, unbatched = as_nchw(X, "x", what)
     if Wt.ndim != 4:
         raise ValueError(f"{what}: w must be 4-D (K, C // groups, R, S), got shape {Wt.shape}")
-    groups = _groups(groups, what)
+    groups = count(groups, "groups", what)
     N, C, H, W = X4.shape
     K, Cg, R, S = Wt.shape
     if C % groups:
@@ -57,6 +59,7 @@ def _setup(what, X, Wt, stride, padding, dilation, groups):
     (pt, pb), (pl, pr) = conv_padding(padding, (R, S), (sh, sw), (dh, dw))
     P = out_size(H, R, pt, pb, sh, dh, what, "height")
     Q = out_size(W, S, pl, pr, sw, dw, what, "width")
+    check_result((N, K, P, Q), np.result_type(X4.dtype, Wt.dtype), what)
     geom = (H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q)
     return X4, unbatched, geom, groups, K, P, Q
 
@@ -98,7 +101,13 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     Notes
     -----
     im2col + GEMM per group, in chunks whose columns fit ``conv_workspace`` bytes (see
-    ``config_context``), so memory does not grow with the batch beyond the output.
+    ``config_context``) whatever the geometry: when fewer than a few output positions'
+    columns fit in it, the depth is cut too.  Beyond the cap and the result, memory goes only to
+    copies of operands that cannot be read as they are: x or w converted when their dtypes
+    differ (a broadcast view stays one), w copied when its strides do not describe a
+    (K, C·R·S) matrix (as large as w; more than w's own memory only for a view broadcast
+    along some but not all of C, R, S), and w with the bias as one more column when that
+    costs at most a quarter of the output.
     """
     X = as_float_array(x, "x")
     Wt = as_float_array(w, "w")
@@ -121,18 +130,22 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
     # The bias rides in the GEMM as one more weight column when copying the weights costs
-    # little next to the output; otherwise it is added to the output (no weight copy).
+    # little next to the output (at most a quarter of it); otherwise it is added to the
+    # output and the weights are read in place where their strides allow.
     bias_col = B is not None and 4 * crs <= N * P * Q
     Bc = None
     if bias_col:
         Wm = np.empty((K, crs + 1), dtype=dt)
-        Wm[:, :crs] = Wt.reshape(K, crs)
+        Wm[:, :crs] = _weight_matrix(Wt, dt)
         Wm[:, crs] = B
     else:
-        Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+        Wm = _weight_matrix(Wt, dt)
         if B is not None:
             Bc = np.ascontiguousarray(B, dtype=dt)
-    in_place = O is not None and O.flags.c_contiguous
+    # Written in place when out is what the driver writes (C order, native, aligned); else
+    # the result is computed apart and copied in (as NumPy does for a byte-swapped out).
+    in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
+                and O.dtype.isnative)
     Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
     _conv.conv2d_forward(X4, Wm, Bc, Y, geom, groups, bias_col, *_sizes())
     if O is not None:
@@ -165,6 +178,14 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     ------
     TypeError, ValueError
         As ``conv2d``; ValueError too when dy's shape is not the convolution's output shape.
+
+    Notes
+    -----
+    The columns stay within ``conv_workspace`` as in ``conv2d``.  Other memory: the results,
+    one dW-sized partial per thread that works on its own chunks (summed into dw at the end;
+    a single one when the threads work inside the GEMMs), a C-ordered copy of dy unless it
+    is one already (dy is as large as the forward's output), and the weight copies
+    ``conv2d`` describes.
     """
     DY = as_float_array(dy, "dy")
     X = as_float_array(x, "x")
@@ -180,7 +201,7 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     DY4 = np.ascontiguousarray(as_dtype(DY, dt)).reshape((N, K, P, Q))
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
-    Wm = np.ascontiguousarray(as_dtype(Wt, dt)).reshape(K, crs)
+    Wm = _weight_matrix(Wt, dt)
     what = "conv2d_backward"
     dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
@@ -227,6 +248,7 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     N, C, H, W = X4.shape
     P = out_size(H, R, ph, ph, sh, dh, "im2col", "height")
     Q = out_size(W, S, pw, pw, sw, dw, "im2col", "width")
+    check_result((N, C * R * S, P * Q), X.dtype, "im2col")
     cols = np.empty((N, C * R * S, P * Q), dtype=X.dtype)
     _im2col.im2col_into(X4, cols, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q),
                         get_num_threads())
@@ -270,7 +292,19 @@ def col2im(cols, output_size, kernel_size, *, stride=1, padding=0, dilation=1):
     if L != P * Q:
         raise ValueError(f"col2im: cols has {L} columns, but output_size {(H, W)} with kernel "
                          f"{(R, S)} gives {P}x{Q} = {P * Q} window positions")
+    check_result((N, C, H, W), Cm.dtype, "col2im")
     out = np.zeros((N, C, H, W), dtype=Cm.dtype)
-    src = Cm3 if Cm3.strides[2] == Cm3.itemsize else np.ascontiguousarray(Cm3)
-    _im2col.col2im_into(src, out, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q), get_num_threads())
+    _im2col.col2im_into(_rows_contiguous(Cm3), out, (H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q),
+                        get_num_threads())
     return out[0] if unbatched else out
+
+
+def _rows_contiguous(cols):
+    """``cols`` (N, rows, L) with unit stride along L, as the col2im kernel reads it: itself
+    when it has that already (any strides between rows and images, 0 included), else a copy
+    of the distinct rows only (a view broadcast over images or rows stays broadcast)."""
+    if cols.shape[2] <= 1 or cols.strides[2] == cols.itemsize:
+        return cols
+    core = cols[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                      for st, n in zip(cols.strides[:2], cols.shape[:2]))]
+    return np.broadcast_to(np.ascontiguousarray(core), cols.shape)

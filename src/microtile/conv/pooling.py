@@ -7,7 +7,7 @@ import numpy as np
 from microtile.conv import _pooling
 from microtile._common._checks import as_float_array, as_dtype, result_dtype
 from microtile._config._context import get_num_threads
-from microtile.conv._nchw import as_nchw, reuse_out, out_size, pair
+from microtile.conv._nchw import as_nchw, check_result, out_size, pair, reuse_out, shape_arg
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
 
@@ -23,6 +23,11 @@ def _pool_args(what, shape, kernel_size, stride, padding):
         raise ValueError(f"{what}: padding {(ph, pw)} must be at most half the kernel size "
                          f"{(kh, kw)}")
     H, W = shape[2], shape[3]
+    if H == 0 or W == 0:
+        # Every window would hold padding only: no maximum (and no index) to give, no
+        # average of nothing.  PyTorch refuses such an input too.
+        raise ValueError(f"{what}: the input planes are empty ({H}x{W}, input shape "
+                         f"{tuple(shape)}); pooling needs a height and width of at least 1")
     P = out_size(H, kh, ph, ph, sh, 1, what, "height")
     Q = out_size(W, kw, pw, pw, sw, 1, what, "width")
     return (H, W, kh, kw, sh, sw, ph, pw, P, Q)
@@ -176,14 +181,8 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, *,
     ndarray
         Of ``input_shape`` and dy's dtype: each dy element spread evenly over its window.
     """
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except TypeError:
-        raise TypeError(f"avg_pool2d_backward: input_shape must be a tuple of ints, "
-                        f"got {input_shape!r}") from None
-    if len(shape) not in (3, 4) or min(shape) < 0:
-        raise ValueError(f"avg_pool2d_backward: input_shape must be (N, C, H, W) or (C, H, W) "
-                         f"of non-negative sizes, got {input_shape!r}")
+    shape = shape_arg(input_shape, "input_shape", "avg_pool2d_backward", (4, 3))
+    check_result(shape, as_float_array(dy, "dy").dtype, "avg_pool2d_backward")
     unbatched = len(shape) == 3
     shape4 = (1,) + shape if unbatched else shape
     geom = _pool_args("avg_pool2d_backward", shape4, kernel_size, stride, padding)

@@ -19,7 +19,8 @@ from microtile._kernels._ukernel cimport kernel_set_t
 from microtile._config._schema import ACTIVATIONS
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._config._params cimport current_params
-from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out, overlaps)
+from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out,
+                                        native_dtype, out_target, overlaps)
 
 cnp.import_array()
 
@@ -70,8 +71,9 @@ cdef cnp.ndarray _accumulator(str func, object out, tuple shape, object dt, tupl
                               cnp.ndarray c, str c_name, double beta):
     """The array C = alpha * product + beta * c is written to: ``out`` (validated; it may be
     ``c`` itself for an in-place update, but may not otherwise overlap an input) or a new one,
-    holding a copy of ``c`` when beta != 0."""
-    cdef cnp.ndarray O
+    holding a copy of ``c`` when beta != 0.  For a byte-swapped or misaligned ``out`` it is a
+    native array instead, which ``_deliver`` copies into ``out`` afterwards."""
+    cdef cnp.ndarray O, T
     cdef bint in_place = False
     if out is None:
         O = np.empty(shape, dtype=dt)
@@ -84,9 +86,19 @@ cdef cnp.ndarray _accumulator(str func, object out, tuple shape, object dt, tupl
             if not same_view(O, c):
                 raise ValueError(f"{func}: out overlaps {c_name} without being {c_name}")
             in_place = True
-    if beta != 0 and not in_place:
-        np.copyto(O, c, casting="unsafe")
-    return O
+    T = out_target(O)
+    if beta != 0 and (not in_place or T is not O):
+        np.copyto(T, c, casting="unsafe")
+    return T
+
+
+cdef inline object _deliver(object out, cnp.ndarray T):
+    """The caller's ``out`` holding the result computed in ``T`` (``T`` itself when no
+    ``out`` was given or the kernels wrote ``out`` directly)."""
+    if out is None or T is out:
+        return T
+    np.copyto(out, T)
+    return out
 
 
 def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out=None):
@@ -97,7 +109,10 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     a, b : array_like, 2-D, float32 or float64
         ``op(a)`` is (m, k) and ``op(b)`` is (k, n); any memory layout.
     alpha, beta : float
-        Scale factors.  With ``beta == 0``, ``c`` is not read (NaN in it does not leak).
+        Scale factors, with BLAS's rules for zeros: with ``alpha == 0`` the product is not
+        formed and ``a`` and ``b`` are not read, so a NaN or Inf in them does not reach the
+        result (which is ``beta * c``, or zeros); with ``beta == 0``, ``c`` is not read (NaN
+        in it does not leak).  NumPy's ``0 * (a @ b)`` would propagate them.
     c : array_like, optional
         Broadcastable to (m, n); required when ``beta != 0``.
     trans_a, trans_b : bool
@@ -148,7 +163,7 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     A = as_dtype(A, dt)
     B = as_dtype(B, dt)
     run_gemm(A, ta, B, tb, alpha_f, beta_f, O)
-    return O
+    return _deliver(out, O)
 
 
 cdef inline int _code(cnp.ndarray x):
@@ -215,7 +230,9 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
         ``op(a)`` is (m, n): ``a.T`` when ``trans``.
     x : array_like, 1-D, length n
     alpha, beta : float
-        With ``beta == 0``, ``y`` is not read.
+        BLAS's rules for zeros: with ``alpha == 0``, ``a`` and ``x`` are not read (a NaN or
+        Inf in them does not reach the result, ``beta * y`` or zeros); with ``beta == 0``,
+        ``y`` is not read.
     y : array_like, 1-D, length m, optional
         Required when ``beta != 0``.
     trans : bool
@@ -274,7 +291,7 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
                           <const double*> px, incx, beta_f, <double*> po, incy)
     if rc != 0:
         raise MemoryError("microtile: out of memory in gemv")
-    return O
+    return _deliver(out, O)
 
 
 def outer(x, y, out=None):
@@ -291,7 +308,7 @@ def outer(x, y, out=None):
     -------
     ndarray, shape (m, n)
     """
-    cdef cnp.ndarray X = as_float_array(x, "x"), Y = as_float_array(y, "y"), O
+    cdef cnp.ndarray X = as_float_array(x, "x"), Y = as_float_array(y, "y"), O, T
     cdef gemm_params prm
     cdef const kernel_set_t* ks
     cdef idx_t m, n, ix, iy, rs, cs
@@ -307,6 +324,7 @@ def outer(x, y, out=None):
         O = check_out(out, (m, n), dt)
         if overlaps(O, X) or overlaps(O, Y):
             raise ValueError("outer: out overlaps x or y")
+    O = T = out_target(O)
     X = as_dtype(X, dt)
     Y = as_dtype(Y, dt)
     ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(O, 0), elem_stride(O, 1)
@@ -323,7 +341,7 @@ def outer(x, y, out=None):
                            <double*> cnp.PyArray_DATA(O), rs, cs)
     if rc != 0:
         raise MemoryError("microtile: out of memory in outer")
-    return O
+    return _deliver(out, T)
 
 
 def ger(a, x, y, alpha=1.0):
@@ -332,10 +350,13 @@ def ger(a, x, y, alpha=1.0):
     Parameters
     ----------
     a : ndarray, 2-D (m, n), float32 or float64, writeable
-        Updated in place; its dtype is kept (x and y are cast to it).
+        Updated in place; its dtype is kept (x and y are cast to it).  Any layout, byte-swapped
+        and misaligned included (those are updated through a native copy).
     x : array_like, 1-D, length m
     y : array_like, 1-D, length n
     alpha : float
+        As in BLAS, ``alpha == 0`` returns at once: x and y are not read, so a NaN or Inf in
+        them does not reach ``a``.
 
     Returns
     -------
@@ -345,13 +366,14 @@ def ger(a, x, y, alpha=1.0):
     if not isinstance(a, np.ndarray):
         raise TypeError(f"ger: a must be a numpy.ndarray (it is updated in place), "
                         f"got {type(a).__name__}")
-    cdef cnp.ndarray A = <cnp.ndarray> a
-    if A.dtype not in (F32, F64):
+    cdef cnp.ndarray A = <cnp.ndarray> a, T
+    dt = native_dtype(A.dtype)
+    if dt is not F32 and dt is not F64:
         raise TypeError(f"ger: unsupported dtype {A.dtype}; microtile computes in float32 "
                         "and float64")
     if A.ndim != 2:
         raise ValueError(f"ger: a must be 2-D, got shape {np.shape(A)}")
-    check_out(A, np.shape(A), A.dtype, "a")
+    check_out(A, np.shape(A), dt, "a")
     cdef cnp.ndarray X = _vector(x, "x", "ger"), Y = _vector(y, "y", "ger")
     cdef idx_t m = A.shape[0], n = A.shape[1], ix, iy, rs, cs
     cdef double alpha_f = float(alpha)
@@ -362,64 +384,92 @@ def ger(a, x, y, alpha=1.0):
     if X.shape[0] != m or Y.shape[0] != n:
         raise ValueError(f"ger: a has shape {np.shape(A)}, x {np.shape(X)} and y "
                          f"{np.shape(Y)}; expected x of length {m} and y of length {n}")
-    dt = A.dtype
     # x or y may be views of a: read them as they were before the update.
     X = X.astype(dt) if overlaps(A, X) else as_dtype(X, dt)  # astype copies
     Y = Y.astype(dt) if overlaps(A, Y) else as_dtype(Y, dt)
-    ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(A, 0), elem_stride(A, 1)
-    ks = _kernels(_code(A), &prm)
+    T = out_target(A)
+    if T is not A:
+        np.copyto(T, A)     # a byte-swapped or misaligned a: update a native copy
+    ix, iy, rs, cs = elem_stride(X, 0), elem_stride(Y, 0), elem_stride(T, 0), elem_stride(T, 1)
+    ks = _kernels(_code(T), &prm)
     if dt is F32:
         with nogil:
             rc = ger_run(ks, prm.n_threads, m, n, af, <const float*> cnp.PyArray_DATA(X), ix,
                          <const float*> cnp.PyArray_DATA(Y), iy,
-                         <float*> cnp.PyArray_DATA(A), rs, cs)
+                         <float*> cnp.PyArray_DATA(T), rs, cs)
     else:
         with nogil:
             rc = ger_run(ks, prm.n_threads, m, n, alpha_f, <const double*> cnp.PyArray_DATA(X),
                          ix, <const double*> cnp.PyArray_DATA(Y), iy,
-                         <double*> cnp.PyArray_DATA(A), rs, cs)
+                         <double*> cnp.PyArray_DATA(T), rs, cs)
     if rc != 0:
         raise MemoryError("microtile: out of memory in ger")
+    if T is not A:
+        np.copyto(A, T)
     return a
 
 
+ctypedef struct _stack:
+    # Where matrix i of a batch lives, for three operands broadcast over one batch shape:
+    # i unravelled in C order over dims, times each operand's element strides.
+    int nd
+    idx_t dims[64]      # NPY_MAXDIMS
+    idx_t sa[64]
+    idx_t sb[64]
+    idx_t sc[64]
+
+
+cdef inline idx_t _offset(const _stack* st, idx_t i, const idx_t* strides) noexcept nogil:
+    """Element offset of matrix i in an operand with these batch strides."""
+    cdef idx_t q, off = 0
+    cdef int d
+    for d in range(st.nd - 1, -1, -1):
+        q = i // st.dims[d]
+        off += (i - q * st.dims[d]) * strides[d]
+        i = q
+    return off
+
+
 cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k,
-                  floating* base_a, const idx_t* off_a, idx_t rs_a, idx_t cs_a,
-                  floating* base_b, const idx_t* off_b, idx_t rs_b, idx_t cs_b,
-                  floating* base_c, const idx_t* off_c, idx_t rs_c, idx_t cs_c) noexcept nogil:
+                  floating* base_a, idx_t rs_a, idx_t cs_a,
+                  floating* base_b, idx_t rs_b, idx_t cs_b,
+                  floating* base_c, idx_t rs_c, idx_t cs_c, const _stack* st) noexcept nogil:
     """A stack of products.  Large matrices are threaded inside each product; a stack of
-    small ones is spread across threads, one whole product per thread at a time."""
-    cdef idx_t i
+    small ones is spread across threads, one whole product per thread at a time.  Each
+    product's place is computed from its index: offset arrays for a batch of 2**28 1x1
+    products would take three times 2 GB."""
+    cdef idx_t i, oa, ob, oc
     cdef int nt = prm.n_threads, fails = 0
     cdef double work = <double> m * <double> n * <double> k
     if work >= prm.thread_mnk or nt <= 1 or work * count < prm.thread_mnk:
         for i in range(count):
-            if gemm_run(prm, m, n, k, <floating> 1, base_a + off_a[i], rs_a, cs_a,
-                        base_b + off_b[i], rs_b, cs_b, <floating> 0, base_c + off_c[i],
+            oa = _offset(st, i, st.sa)
+            ob = _offset(st, i, st.sb)
+            oc = _offset(st, i, st.sc)
+            if gemm_run(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
+                        base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc,
                         rs_c, cs_c) != 0:
                 return -1
         return 0
     if nt > count:
         nt = <int> count
     for i in prange(count, num_threads=nt, schedule="static"):
-        fails += gemm_serial(prm, m, n, k, <floating> 1, base_a + off_a[i], rs_a, cs_a,
-                             base_b + off_b[i], rs_b, cs_b, <floating> 0, base_c + off_c[i],
+        oa = _offset(st, i, st.sa)      # assigned here, so private to each thread
+        ob = _offset(st, i, st.sb)
+        oc = _offset(st, i, st.sc)
+        fails += gemm_serial(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
+                             base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc,
                              rs_c, cs_c) != 0
     return -1 if fails else 0
 
 
-cdef cnp.ndarray _batch_offsets(cnp.ndarray x, tuple batch):
-    """Element offsets of each matrix of ``x`` broadcast over ``batch``, in C order."""
+cdef void _batch_strides(cnp.ndarray x, tuple batch, idx_t* out):
+    """Element strides of ``x`` broadcast over ``batch`` (0 along broadcast dimensions)."""
     cdef object bx = np.broadcast_to(x, batch + np.shape(x)[-2:])
     cdef Py_ssize_t item = x.dtype.itemsize
-    cdef Py_ssize_t count = 1
-    for d in batch:
-        count *= d
-    offsets = np.zeros(count, dtype=np.intp)
-    if count and batch:
-        for d, idx in enumerate(np.unravel_index(np.arange(count), batch)):
-            offsets += idx * (bx.strides[d] // item)
-    return offsets
+    cdef int d
+    for d in range(len(batch)):
+        out[d] = bx.strides[d] // item
 
 
 def matmul(a, b, out=None):
@@ -440,8 +490,8 @@ def matmul(a, b, out=None):
     ndarray or scalar
         A NumPy scalar when both operands are 1-D.
     """
-    cdef cnp.ndarray A = as_float_array(a, "a"), B = as_float_array(b, "b"), O, Of
-    cdef cnp.ndarray A2, B2, offa, offb, offo
+    cdef cnp.ndarray A = as_float_array(a, "a"), B = as_float_array(b, "b"), O, Of, T
+    cdef cnp.ndarray A2, B2
     cdef gemm_params prm
     cdef idx_t count, m, n, k
     cdef int rc
@@ -477,6 +527,11 @@ def matmul(a, b, out=None):
         O = check_out(out, shape, dt)
         if overlaps(O, A) or overlaps(O, B):
             raise ValueError("matmul: out overlaps an input")
+    if O.size == 0:
+        # Nothing to compute: no conversions, no per-matrix offsets (a broadcast batch of
+        # 2**31 empty products would otherwise cost 16 GB of offsets).
+        return O
+    O = T = out_target(O)
     A2 = as_dtype(A2, dt)
     B2 = as_dtype(B2, dt)
     Of = O
@@ -491,41 +546,41 @@ def matmul(a, b, out=None):
         for d in batch:
             count *= d
         if count:
-            offa = _batch_offsets(A2, batch)
-            offb = _batch_offsets(B2, batch)
-            offo = _batch_offsets(Of, batch)
-            rc = _run_batched(A2, B2, Of, count, m, n, k, offa, offb, offo)
+            rc = _run_batched(A2, B2, Of, count, m, n, k, batch)
             if rc != 0:
                 raise MemoryError("microtile: out of memory in matmul")
     if out is None and O.ndim == 0:
         return O[()]
-    return O
+    return _deliver(out, T)
 
 
 cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, idx_t m,
-                      idx_t n, idx_t k, cnp.ndarray offa, cnp.ndarray offb,
-                      cnp.ndarray offo) except? -1:
+                      idx_t n, idx_t k, tuple batch) except? -1:
     cdef int nd = O.ndim
     cdef idx_t rs_a = elem_stride(A, A.ndim - 2), cs_a = elem_stride(A, A.ndim - 1)
     cdef idx_t rs_b = elem_stride(B, B.ndim - 2), cs_b = elem_stride(B, B.ndim - 1)
     cdef idx_t rs_c = elem_stride(O, nd - 2), cs_c = elem_stride(O, nd - 1)
-    cdef const idx_t* pa = <const idx_t*> cnp.PyArray_DATA(offa)
-    cdef const idx_t* pb = <const idx_t*> cnp.PyArray_DATA(offb)
-    cdef const idx_t* pc = <const idx_t*> cnp.PyArray_DATA(offo)
+    cdef _stack st
     cdef gemm_params prm
-    cdef int rc
+    cdef int rc, d
+    st.nd = len(batch)
+    for d in range(st.nd):
+        st.dims[d] = batch[d]
+    _batch_strides(A, batch, st.sa)
+    _batch_strides(B, batch, st.sb)
+    _batch_strides(O, batch, st.sc)
     if O.dtype is F32:
         current_params(0, &prm)
         with nogil:
-            rc = _batched(&prm, count, m, n, k, <float*> cnp.PyArray_DATA(A), pa, rs_a, cs_a,
-                          <float*> cnp.PyArray_DATA(B), pb, rs_b, cs_b,
-                          <float*> cnp.PyArray_DATA(O), pc, rs_c, cs_c)
+            rc = _batched(&prm, count, m, n, k, <float*> cnp.PyArray_DATA(A), rs_a, cs_a,
+                          <float*> cnp.PyArray_DATA(B), rs_b, cs_b,
+                          <float*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
     else:
         current_params(1, &prm)
         with nogil:
-            rc = _batched(&prm, count, m, n, k, <double*> cnp.PyArray_DATA(A), pa, rs_a, cs_a,
-                          <double*> cnp.PyArray_DATA(B), pb, rs_b, cs_b,
-                          <double*> cnp.PyArray_DATA(O), pc, rs_c, cs_c)
+            rc = _batched(&prm, count, m, n, k, <double*> cnp.PyArray_DATA(A), rs_a, cs_a,
+                          <double*> cnp.PyArray_DATA(B), rs_b, cs_b,
+                          <double*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
     return rc
 
 
@@ -553,7 +608,7 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
     ndarray, (batch, out_features)
     """
     cdef cnp.ndarray X = as_float_array(x, "x"), W = as_float_array(weight, "weight")
-    cdef cnp.ndarray Bv = None, O
+    cdef cnp.ndarray Bv = None, O, T
     cdef gemm_epilogue ep
     cdef gemm_params prm
     cdef int rc
@@ -580,6 +635,7 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
         O = check_out(out, (m, n), dt)
         if overlaps(O, X) or overlaps(O, W) or (Bv is not None and overlaps(O, Bv)):
             raise ValueError("linear_forward: out overlaps an input")
+    O = T = out_target(O)
     X = as_dtype(X, dt)
     W = as_dtype(W, dt)
     ep.bias = NULL
@@ -610,4 +666,4 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
                              cs_c, &ep)
     if rc != 0:
         raise MemoryError("microtile: out of memory in linear_forward")
-    return O
+    return _deliver(out, T)

@@ -34,8 +34,8 @@ from microtile.linalg._pack cimport pack_a, pack_b
 from microtile.linalg._level2 cimport gemv_run
 from microtile._common._mt_openmp cimport mt_thread_num, mt_barrier
 from microtile._common._atomic64 cimport mt_atomic_load64, mt_atomic_store64
-from microtile._common._scratch cimport (scratch_get, SCRATCH_PACK_A, SCRATCH_PACK_B,
-                                 SCRATCH_EXTRA, SCRATCH_EXTRA2)
+from microtile._common._scratch cimport (scratch_get, scratch_trim, SCRATCH_PACK_A,
+                                 SCRATCH_PACK_B, SCRATCH_EXTRA, SCRATCH_EXTRA2)
 
 
 cdef extern from *:
@@ -71,8 +71,9 @@ cdef int64_t _solo_until_ns = 0             # calls run on one thread until then
 cdef inline floating _act(floating v, int act) noexcept nogil:
     cdef floating e
     if act == ACT_RELU:
-        # v > 0 keeps NaN as NaN (max(v, 0) would not).
-        return v if (v > 0 or v != v) else 0
+        # NaN <= 0 is false, so NaN stays NaN (torch's relu(nan) is nan; max(v, 0) and
+        # `v if v > 0 else 0` give 0).  One comparison: the loop stays a compare and blend.
+        return 0 if v <= 0 else v
     if act == ACT_SIGMOID:
         # Never exponentiates a positive number: no overflow for large |v|.
         if v >= 0:
@@ -106,7 +107,7 @@ cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, id
             if act == ACT_RELU:
                 for j in range(n):
                     v = row[j]
-                    row[j] = v if (v > 0 or v != v) else 0
+                    row[j] = 0 if v <= 0 else v     # NaN kept, as in _act
             elif act != ACT_NONE:
                 for j in range(n):
                     row[j] = _act(row[j], act)
@@ -383,7 +384,9 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                 for it in range(n_items):
                     if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
                              b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
+                        scratch_trim()
                         return -1
+        scratch_trim()
         return 0
 
     # Per thread: when it entered the region, whether an item failed, seconds spent working.
@@ -418,6 +421,9 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                         entered[nt + mt_thread_num()] = 1
                 entered[2 * nt + tid] += mt_now() - t_work
                 mt_barrier()  # all products done before B's buffer or C's tiles are reused
+        # Past the last barrier no one reads B's shared buffer (the calling thread's, which
+        # is thread 0 of the team): every thread may drop its oversized scratch.
+        scratch_trim()
     for tid in range(nt):
         fails += entered[nt + tid] != 0
     _note_contention(entered, nt, mt_now() - t_call)

@@ -3,33 +3,39 @@
 These are memory-bound, so the drivers' job is to stream each matrix element once, with
 unit stride: rows-contiguous matrices use fused four-row dot products that share the loads
 of x, columns-contiguous ones fused four-column axpys that share the loads and stores of y.
-Strided vectors are gathered into per-thread scratch first.  Threads split the rows.
+Strided vectors and rows are gathered into per-thread scratch GATHER_ELEMS elements at a
+time, so the scratch a call uses does not grow with its operands (a stride-0 vector of 2**31
+elements is 8 bytes of input and must not cost 16 GB).  Threads split the rows.
 """
 from cython.parallel cimport prange
 
 from microtile._common._typedefs cimport idx_t, floating
+from microtile._common._inline cimport ceil_div, imin
 from microtile._kernels._ukernel cimport (kernel_set_t, ukr_axpy, ukr_axpy4, ukr_dot, ukr_dot4,
                                           ukr_scal)
-from microtile._common._scratch cimport scratch_get, SCRATCH_EXTRA, SCRATCH_EXTRA2
+from microtile._common._scratch cimport (scratch_get, scratch_trim, SCRATCH_EXTRA,
+                                         SCRATCH_EXTRA2)
 
 # Below this many matrix elements a second thread costs more than it brings.
 cdef idx_t THREAD_MIN_ELEMS = 1 << 16
 
+# Elements of a strided operand gathered at a time (128 KiB of float64: in L2, and large
+# enough that the blocks' loop overhead is lost in the copying).
+cdef enum:
+    GATHER_ELEMS = 1 << 14
 
-cdef inline const floating* _contig(const floating* x, idx_t n, idx_t inc, int slot,
-                                    bint* failed) noexcept nogil:
-    """x itself when unit-stride, else a gathered copy in this thread's scratch ``slot``."""
-    cdef floating* buf
+
+cdef inline void _gather(const floating* x, idx_t n, idx_t inc, floating* buf) noexcept nogil:
+    """buf[0:n] = x[0:n*inc:inc]; a stride of 0 is a fill, which the compiler vectorizes."""
     cdef idx_t i
-    if inc == 1 or n <= 1:
-        return x
-    buf = <floating*> scratch_get(slot, n * sizeof(floating))
-    if buf == NULL:
-        failed[0] = True
-        return NULL
-    for i in range(n):
-        buf[i] = x[i * inc]
-    return buf
+    cdef floating v
+    if inc == 0:
+        v = x[0]
+        for i in range(n):
+            buf[i] = v
+    else:
+        for i in range(n):
+            buf[i] = x[i * inc]
 
 
 cdef inline int _nthreads(int n_threads, idx_t m, idx_t n) noexcept nogil:
@@ -72,7 +78,7 @@ cdef int _gemv_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floatin
     """Rows r0..r1 of y = alpha * A x + beta * y; x contiguous."""
     cdef floating t[4]
     cdef floating* row = NULL
-    cdef idx_t i = r0, j
+    cdef idx_t i = r0, j, nb, blk
     cdef int r
     if cs_a == 1:
         while i + 4 <= r1:
@@ -84,46 +90,80 @@ cdef int _gemv_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floatin
             _store_y(y + i * incy, incy, alpha, ukr_dot(ks, n, a + i * rs_a, x), beta)
             i += 1
         return 0
-    # Neither rows nor columns contiguous: gather each row once.
-    row = <floating*> scratch_get(SCRATCH_EXTRA2, n * sizeof(floating))
+    # Neither rows nor columns contiguous: gather each row, a block at a time.
+    row = <floating*> scratch_get(SCRATCH_EXTRA2, imin(n, GATHER_ELEMS) * sizeof(floating))
     if row == NULL:
         return -1
     for i in range(r0, r1):
-        for j in range(n):
-            row[j] = a[i * rs_a + j * cs_a]
-        _store_y(y + i * incy, incy, alpha, ukr_dot(ks, n, row, x), beta)
+        t[0] = 0
+        for blk in range(ceil_div(n, GATHER_ELEMS)):
+            j = blk * GATHER_ELEMS
+            nb = imin(GATHER_ELEMS, n - j)
+            _gather(a + i * rs_a + j * cs_a, nb, cs_a, row)
+            t[0] += ukr_dot(ks, nb, row, x + j)
+        _store_y(y + i * incy, incy, alpha, t[0], beta)
     return 0
 
 
 cdef int _gemv_cols(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floating alpha,
                     const floating* a, idx_t cs_a, const floating* x, floating beta,
                     floating* y, idx_t incy) noexcept nogil:
-    """Rows r0..r1 of y = alpha * A x + beta * y for A with contiguous columns."""
-    cdef idx_t mm = r1 - r0, i, j = 0
-    cdef floating* t = <floating*> scratch_get(SCRATCH_EXTRA2, mm * sizeof(floating))
+    """Rows r0..r1 of y = alpha * A x + beta * y for A with contiguous columns: GATHER_ELEMS
+    rows at a time, each block's sums kept in scratch while the columns stream past."""
+    cdef idx_t b0, mm, i, j, blk
+    cdef floating* t = <floating*> scratch_get(SCRATCH_EXTRA2,
+                                               imin(r1 - r0, GATHER_ELEMS) * sizeof(floating))
     if t == NULL:
         return -1
-    for i in range(mm):
-        t[i] = 0
-    while j + 4 <= n:
-        ukr_axpy4(ks, mm, x + j, a + r0 + j * cs_a, cs_a, t)
-        j += 4
-    while j < n:
-        ukr_axpy(ks, mm, x[j], a + r0 + j * cs_a, t)
-        j += 1
-    for i in range(mm):
-        _store_y(y + (r0 + i) * incy, incy, alpha, t[i], beta)
+    for blk in range(ceil_div(r1 - r0, GATHER_ELEMS)):
+        b0 = r0 + blk * GATHER_ELEMS
+        mm = imin(GATHER_ELEMS, r1 - b0)
+        for i in range(mm):
+            t[i] = 0
+        j = 0
+        while j + 4 <= n:
+            ukr_axpy4(ks, mm, x + j, a + b0 + j * cs_a, cs_a, t)
+            j += 4
+        while j < n:
+            ukr_axpy(ks, mm, x[j], a + b0 + j * cs_a, t)
+            j += 1
+        for i in range(mm):
+            _store_y(y + (b0 + i) * incy, incy, alpha, t[i], beta)
     return 0
+
+
+cdef int _gemv_contig_x(const kernel_set_t* ks, int nt, idx_t m, idx_t n, floating alpha,
+                        const floating* a, idx_t rs_a, idx_t cs_a, const floating* x,
+                        floating beta, floating* y, idx_t incy) noexcept nogil:
+    """y = alpha * A x + beta * y for a contiguous x, threads splitting the rows."""
+    cdef bint by_cols = cs_a != 1 and rs_a == 1
+    cdef idx_t per, r0, r1
+    cdef int tid, fails = 0
+    if nt <= 1:
+        if by_cols:
+            return _gemv_cols(ks, 0, m, n, alpha, a, cs_a, x, beta, y, incy)
+        return _gemv_rows(ks, 0, m, n, alpha, a, rs_a, cs_a, x, beta, y, incy)
+    # Row blocks in multiples of 8 keep the four-row kernels and cache lines whole.
+    per = ((m + nt - 1) // nt + 7) // 8 * 8
+    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        r0 = tid * per
+        r1 = r0 + per if r0 + per < m else m
+        if r0 < r1:
+            if by_cols:
+                fails += _gemv_cols(ks, r0, r1, n, alpha, a, cs_a, x, beta, y, incy) != 0
+            else:
+                fails += _gemv_rows(ks, r0, r1, n, alpha, a, rs_a, cs_a, x, beta, y,
+                                    incy) != 0
+        scratch_trim()
+    return -1 if fails else 0
 
 
 cdef int gemv_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floating alpha,
                   const floating* a, idx_t rs_a, idx_t cs_a, const floating* x, idx_t incx,
                   floating beta, floating* y, idx_t incy) noexcept nogil:
-    cdef bint failed = False
-    cdef const floating* xc
-    cdef idx_t i, per, r0, r1
-    cdef int nt, tid, fails = 0
-    cdef bint by_cols
+    cdef floating* xb
+    cdef idx_t i, j, nb, blk
+    cdef int nt, rc = 0
     if m <= 0:
         return 0
     if n <= 0 or alpha == 0:
@@ -133,27 +173,26 @@ cdef int gemv_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, float
             else:
                 y[i * incy] = beta * y[i * incy]
         return 0
-    xc = _contig(x, n, incx, SCRATCH_EXTRA, &failed)
-    if failed:
-        return -1
-    by_cols = cs_a != 1 and rs_a == 1
     nt = _nthreads(n_threads, m, n)
-    if nt <= 1:
-        if by_cols:
-            return _gemv_cols(ks, 0, m, n, alpha, a, cs_a, xc, beta, y, incy)
-        return _gemv_rows(ks, 0, m, n, alpha, a, rs_a, cs_a, xc, beta, y, incy)
-    # Row blocks in multiples of 8 keep the four-row kernels and cache lines whole.
-    per = ((m + nt - 1) // nt + 7) // 8 * 8
-    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = tid * per
-        r1 = r0 + per if r0 + per < m else m
-        if r0 < r1:
-            if by_cols:
-                fails += _gemv_cols(ks, r0, r1, n, alpha, a, cs_a, xc, beta, y, incy) != 0
-            else:
-                fails += _gemv_rows(ks, r0, r1, n, alpha, a, rs_a, cs_a, xc, beta, y,
-                                    incy) != 0
-    return -1 if fails else 0
+    if incx == 1 or n == 1:
+        rc = _gemv_contig_x(ks, nt, m, n, alpha, a, rs_a, cs_a, x, beta, y, incy)
+    else:
+        # A strided x is gathered GATHER_ELEMS elements at a time; each block adds its
+        # columns' share, alpha times its partial sums, into y (beta applies to the first
+        # only), as blocked BLAS gemv kernels do.
+        xb = <floating*> scratch_get(SCRATCH_EXTRA, imin(n, GATHER_ELEMS) * sizeof(floating))
+        if xb == NULL:
+            return -1
+        for blk in range(ceil_div(n, GATHER_ELEMS)):
+            j = blk * GATHER_ELEMS
+            nb = imin(GATHER_ELEMS, n - j)
+            _gather(x + j * incx, nb, incx, xb)
+            rc = _gemv_contig_x(ks, nt, m, nb, alpha, a + j * cs_a, rs_a, cs_a, xb,
+                                beta if j == 0 else <floating> 1, y, incy)
+            if rc != 0:
+                break
+    scratch_trim()
+    return rc
 
 
 cdef int _rank1_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floating alpha,
@@ -173,9 +212,8 @@ cdef int _rank1(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floatin
                 const floating* x, idx_t incx, const floating* y, idx_t incy,
                 floating* a, idx_t rs_a, idx_t cs_a, bint assign) noexcept nogil:
     """A (+)= alpha * x y^T: the shared body of ger (assign False) and outer (True)."""
-    cdef bint failed = False
-    cdef const floating* yc
-    cdef idx_t i, j, per, r0, r1
+    cdef floating* yb
+    cdef idx_t i, j, j0, nb, per, r0, r1, blk
     cdef int nt, tid
     if m <= 0 or n <= 0:
         return 0
@@ -190,18 +228,35 @@ cdef int _rank1(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floatin
                 else:
                     a[i * rs_a + j * cs_a] += alpha * x[i * incx] * y[j * incy]
         return 0
-    yc = _contig(y, n, incy, SCRATCH_EXTRA, &failed)
-    if failed:
-        return -1
     nt = _nthreads(n_threads, m, n)
-    if nt <= 1:
-        return _rank1_rows(ks, 0, m, n, alpha, x, incx, yc, a, rs_a, assign)
     per = (m + nt - 1) // nt
-    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = tid * per
-        r1 = r0 + per if r0 + per < m else m
-        if r0 < r1:
-            _rank1_rows(ks, r0, r1, n, alpha, x, incx, yc, a, rs_a, assign)
+    if incy == 1 or n == 1:
+        if nt <= 1:
+            return _rank1_rows(ks, 0, m, n, alpha, x, incx, y, a, rs_a, assign)
+        for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            r0 = tid * per
+            r1 = r0 + per if r0 + per < m else m
+            if r0 < r1:
+                _rank1_rows(ks, r0, r1, n, alpha, x, incx, y, a, rs_a, assign)
+        return 0
+    # A strided y is gathered GATHER_ELEMS elements at a time, each block of A's columns
+    # updated with its share.
+    yb = <floating*> scratch_get(SCRATCH_EXTRA, imin(n, GATHER_ELEMS) * sizeof(floating))
+    if yb == NULL:
+        return -1
+    for blk in range(ceil_div(n, GATHER_ELEMS)):
+        j0 = blk * GATHER_ELEMS
+        nb = imin(GATHER_ELEMS, n - j0)
+        _gather(y + j0 * incy, nb, incy, yb)
+        if nt <= 1:
+            _rank1_rows(ks, 0, m, nb, alpha, x, incx, yb, a + j0, rs_a, assign)
+        else:
+            for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+                r0 = tid * per
+                r1 = r0 + per if r0 + per < m else m
+                if r0 < r1:
+                    _rank1_rows(ks, r0, r1, nb, alpha, x, incx, yb, a + j0, rs_a, assign)
+    scratch_trim()
     return 0
 
 
