@@ -218,12 +218,9 @@ def _import_root():
     return _SRC_DIR
 
 
-def run_python(code, env=None, timeout=120, preexec_fn=None):
-    """Run ``code`` in a fresh interpreter that imports this microtile; return what it
-    printed on its last stdout line, parsed as JSON.
-
-    The child starts without any MICROTILE_*, OMP_NUM_THREADS or XDG_CACHE_HOME variables
-    unless ``env`` sets them (a value of None removes one)."""
+def child_env(env=None):
+    """Environment for a fresh interpreter that imports this microtile: no MICROTILE_* or
+    OMP_NUM_THREADS variables unless ``env`` sets them (a value of None removes one)."""
     child = {k: v for k, v in os.environ.items()
              if not k.startswith("MICROTILE_") and k not in ("OMP_NUM_THREADS",)}
     child["PYTHONPATH"] = os.pathsep.join(
@@ -233,6 +230,13 @@ def run_python(code, env=None, timeout=120, preexec_fn=None):
             child.pop(key, None)
         else:
             child[key] = str(value)
+    return child
+
+
+def run_python(code, env=None, timeout=120, preexec_fn=None):
+    """Run ``code`` in a fresh interpreter that imports this microtile; return what it
+    printed on its last stdout line, parsed as JSON.  The environment is ``child_env(env)``."""
+    child = child_env(env)
     proc = subprocess.run([sys.executable, "-c", code], env=child, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=preexec_fn)
     assert proc.returncode == 0, (f"child failed ({proc.returncode}):\n--- stdout\n{proc.stdout}"

@@ -393,3 +393,38 @@ def _vector_layout(x, layout):
         big[::3][:len(x)] = x
         return big[::3][:len(x)]
     return x[::-1].copy()[::-1]
+
+
+@pytest.mark.parametrize("bad", ["2", b"1", 1j, np.complex64(1 + 1j), np.array([1.0, 2.0]),
+                                 [1.0], None])
+def test_scale_factors_must_be_real_numbers(bad):
+    """float("2") would take text and float(np.complex64) drop the imaginary part: alpha and
+    beta are real numbers or a TypeError naming them (found by the fuzz driver)."""
+    a = np.ones((3, 3))
+    for call, name in ((lambda: microtile.gemm(a, a, alpha=bad), "alpha"),
+                       (lambda: microtile.gemm(a, a, beta=bad, c=a), "beta"),
+                       (lambda: microtile.gemv(a, a[0], alpha=bad), "alpha"),
+                       (lambda: microtile.ger(a.copy(), a[0], a[0], alpha=bad), "alpha")):
+        with pytest.raises(TypeError, match=name):
+            call()
+    # NumPy scalars and 0-d arrays are real numbers.
+    np.testing.assert_array_equal(microtile.gemm(a, a, alpha=np.float32(2), beta=np.array(0.0)),
+                                  2 * a @ a)
+
+
+def test_any_stride_on_a_length_one_axis():
+    """NumPy lets a length-1 axis have any stride (as_strided, x[None]); the kernels used to
+    step a pointer by it past the last element, an overflow that UBSan reports for +-2**62.
+    Such strides are now treated as 0; the results are unchanged."""
+    rng = np.random.default_rng(3)
+    from numpy.lib.stride_tricks import as_strided
+    for dt in (np.float32, np.float64):
+        base = rng.standard_normal(16).astype(dt)
+        size = base.itemsize
+        for huge in (2 ** 62, -(2 ** 62)):
+            col = as_strided(base, (16, 1), (size, huge // size * size))   # (m, k=1)
+            row = as_strided(base[:9], (1, 9), (huge // size * size, size))  # (k=1, n)
+            assert_gemm(microtile.gemm(col, row), col, row, what="k=1 gemm")
+            assert_gemm(microtile.gemm(row, row.T), row, row.T, what="m=n=1 gemm")
+            x1 = as_strided(base, (1,), (huge // size * size,))
+            assert_gemm(microtile.gemv(col, x1)[:, None], col, x1[:, None], what="gemv")

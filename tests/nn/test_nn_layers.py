@@ -571,3 +571,25 @@ def test_cnn_training_step_allocates_no_arrays(pool):
     loss = nn.CrossEntropyLoss()
     opt = nn.SGD(model.parameters(), lr=0.01, momentum=0.9)
     assert _step_allocation(model, loss, opt, x, labels) < 16 * 1024
+
+
+def test_fuzz_found_layer_edges():
+    """Edges the fuzz driver found: Linear with 0 in_features on N-D input (reshape(-1, 0)
+    failed), a float dimension for Flatten (int() took 3.5 as 3), gradcheck on an F-ordered
+    input (it perturbed a copy, so every numerical gradient was 0) and gradcheck handed a
+    non-loss with target= (AttributeError)."""
+    layer = nn.Linear(0, 3, dtype=F64, rng=0)
+    y = layer(np.ones((2, 5, 0)))
+    np.testing.assert_array_equal(y, np.broadcast_to(layer.bias.data, (2, 5, 3)))
+    assert layer.backward(np.ones((2, 5, 3))).shape == (2, 5, 0)
+    with pytest.raises(TypeError, match="start_dim"):
+        nn.Flatten(3.5)
+    with pytest.raises(TypeError, match="end_dim"):
+        nn.Flatten(1, "2")
+    rng = np.random.default_rng(4)
+    x = np.asfortranarray(rand(rng, 4, 3))
+    assert nn.gradcheck(nn.Sequential(nn.Linear(3, 2, dtype=F64, rng=1), nn.Tanh()), x)
+    with pytest.raises(AssertionError):       # still able to fail on F-ordered input
+        nn.gradcheck(lambda v: (v * v, lambda dy: dy), x)
+    with pytest.raises(TypeError, match="loss"):
+        nn.gradcheck(3, x, target=x)

@@ -8,3 +8,4 @@ cpdef cnp.ndarray check_out(object out, tuple shape, object dtype, str name=*)
 cpdef bint overlaps(cnp.ndarray a, cnp.ndarray b)
 cpdef object native_dtype(object dt)
 cpdef cnp.ndarray out_target(cnp.ndarray o)
+cpdef double real_scalar(object v, str name) except? -1.0

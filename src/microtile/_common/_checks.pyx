@@ -146,3 +146,19 @@ cpdef bint overlaps(cnp.ndarray a, cnp.ndarray b):
     if not _extent(a, &alo, &ahi) or not _extent(b, &blo, &bhi):
         return False
     return alo < bhi and blo < ahi
+
+
+cpdef double real_scalar(object v, str name) except? -1.0:
+    """``v`` as a C double: a Python or NumPy real number (or a 0-d real array); TypeError
+    naming ``name`` for text, complex values and anything else (``float("2")`` would take a
+    string, and ``float(np.complex64(1j))`` would drop the imaginary part)."""
+    if type(v) is float or type(v) is int:
+        return v
+    if isinstance(v, (str, bytes)) or isinstance(v, complex) or np.iscomplexobj(v):
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    try:
+        if np.ndim(v) != 0:
+            raise TypeError
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {v!r}") from None

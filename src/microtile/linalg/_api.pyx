@@ -20,7 +20,8 @@ from microtile._config._schema import ACTIVATIONS
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._config._params cimport current_params
 from microtile._common._checks cimport (as_float_array, result_dtype, as_dtype, check_out,
-                                        native_dtype, out_target, overlaps)
+                                        native_dtype, out_target, overlaps,
+                                        real_scalar)
 
 cnp.import_array()
 
@@ -137,7 +138,7 @@ def gemm(a, b, *, alpha=1.0, beta=0.0, c=None, trans_a=False, trans_b=False, out
     cdef cnp.ndarray B = as_float_array(b, "b")
     cdef cnp.ndarray C = None
     cdef cnp.ndarray O
-    cdef double alpha_f = float(alpha), beta_f = float(beta)
+    cdef double alpha_f = real_scalar(alpha, "alpha"), beta_f = real_scalar(beta, "beta")
     cdef bint ta = bool(trans_a), tb = bool(trans_b)
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"gemm: a and b must be 2-D, got shapes {np.shape(A)} and {np.shape(B)}")
@@ -245,7 +246,7 @@ def gemv(a, x, *, alpha=1.0, beta=0.0, y=None, trans=False, out=None):
     """
     cdef cnp.ndarray A = as_float_array(a, "a"), X = _vector(x, "x", "gemv")
     cdef cnp.ndarray Y = None, O
-    cdef double alpha_f = float(alpha), beta_f = float(beta)
+    cdef double alpha_f = real_scalar(alpha, "alpha"), beta_f = real_scalar(beta, "beta")
     cdef bint ta = bool(trans)
     cdef gemm_params prm
     cdef const kernel_set_t* ks
@@ -376,7 +377,7 @@ def ger(a, x, y, alpha=1.0):
     check_out(A, np.shape(A), dt, "a")
     cdef cnp.ndarray X = _vector(x, "x", "ger"), Y = _vector(y, "y", "ger")
     cdef idx_t m = A.shape[0], n = A.shape[1], ix, iy, rs, cs
-    cdef double alpha_f = float(alpha)
+    cdef double alpha_f = real_scalar(alpha, "alpha")
     cdef float af = <float> alpha_f
     cdef gemm_params prm
     cdef const kernel_set_t* ks

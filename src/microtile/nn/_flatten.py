@@ -2,7 +2,7 @@
 import numpy as np
 
 from microtile._common._checks import as_float_array
-from microtile.nn._module import Module, per_thread
+from microtile.nn._module import Module, check_int, per_thread
 
 
 class Flatten(Module):
@@ -19,8 +19,9 @@ class Flatten(Module):
     _out_shape = per_thread()
 
     def __init__(self, start_dim=1, end_dim=-1):
-        self.start_dim = int(start_dim)
-        self.end_dim = int(end_dim)
+        # int() would take 3.5 as 3: a dimension is an integer or an error, as in torch.
+        self.start_dim = check_int(start_dim, "start_dim", "Flatten", minimum=-(2 ** 63))
+        self.end_dim = check_int(end_dim, "end_dim", "Flatten", minimum=-(2 ** 63))
 
     def forward(self, x):
         x = as_float_array(x, "x")

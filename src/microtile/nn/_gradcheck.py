@@ -15,6 +15,10 @@ def _as_scalar_objective(fn_or_layer, target, r_seed=0):
     """(objective(x) -> float, analytic(x) -> (dx, [(name, param, dparam)]), params)."""
     if target is not None:
         loss = fn_or_layer
+        if not (callable(getattr(loss, "forward", None))
+                and callable(getattr(loss, "backward", None))):
+            raise TypeError(f"gradcheck: with target=, expected a loss (forward(pred, target)"
+                            f"/backward()), got {type(loss).__name__}")
 
         def value(x):
             return float(loss.forward(x, target))
@@ -75,17 +79,17 @@ def _as_scalar_objective(fn_or_layer, target, r_seed=0):
 
 def _numeric(value, arr, eps):
     """Central differences of value() over every element of ``arr`` (perturbed in place)."""
-    flat = arr.reshape(-1)
-    out = np.empty(flat.size, np.float64)
-    for i in range(flat.size):
-        orig = flat[i]
-        flat[i] = orig + eps
+    # Indexed in place: reshape(-1) would perturb a copy of an F-ordered or strided array.
+    out = np.empty(arr.shape, np.float64)
+    for idx in np.ndindex(arr.shape):
+        orig = arr[idx]
+        arr[idx] = orig + eps
         up = value()
-        flat[i] = orig - eps
+        arr[idx] = orig - eps
         down = value()
-        flat[i] = orig
-        out[i] = (up - down) / (2 * eps)
-    return out.reshape(arr.shape)
+        arr[idx] = orig
+        out[idx] = (up - down) / (2 * eps)
+    return out
 
 
 def _setting(name, value, default, *, zero_ok):

@@ -1,4 +1,6 @@
 """Linear: y = act(x @ weight.T + bias) forward, GEMMs with transpose flags backward."""
+import math
+
 import numpy as np
 
 from microtile.linalg._api import gemm, linear_forward
@@ -68,7 +70,8 @@ class Linear(Module):
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self!r}: input has shape {x.shape}, expected (..., "
                              f"{self.in_features})")
-        x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
+        # The row count spelled out: reshape(-1, 0) cannot infer it when in_features is 0.
+        x2 = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)
         y2 = self._buffer("y", (x2.shape[0], self.out_features), dt)
         bias = self.bias.data if self.bias is not None else None
         linear_forward(x2, self.weight.data, bias=bias, activation=activation, out=y2)
