@@ -2,4 +2,5 @@
 (``_inline.pxd``), the input rules of the public calls (``_checks``), OpenMP behind one module
 (``_mt_openmp``, the file name threadpoolctl matches), per-thread aligned scratch memory
 (``_scratch``), relaxed atomic 64-bit loads and stores for state that calling threads share
-(``_atomic64.pxd``), and atomic writes and safe reads of files (``_files``)."""
+(``_atomic64.pxd``), a monotonic clock (``_clock.pxd``), signal polling that lets Ctrl-C stop
+a long kernel (``_interrupt``), and atomic writes and safe reads of files (``_files``)."""

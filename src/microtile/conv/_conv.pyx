@@ -27,6 +27,9 @@ thread and reduced at the end; dX = col2im(W^T @ dY_chunk).  A thread owns all c
 image in the backward pass, so col2im never adds into the same element from two threads.
 """
 from cython.parallel cimport prange, threadid
+from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
+                                           raise_pending, poll_step, stop_before, interrupted,
+                                           INTERRUPTED)
 
 import threading
 
@@ -331,18 +334,28 @@ cdef int _fwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
                   const floating* x, const idx_t* xs, const floating* w,
                   const floating* bias, floating* y, floating* ws) noexcept nogil:
     cdef idx_t u, units = pl.G * pl.n_chunks
-    cdef int fails = 0, tid
+    cdef int fails = 0, tid, rc
+    cdef signal_poll* poll = caller_poll()
     if pl.par:
         for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
             tid = threadid()
-            fails += _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias,
-                                y, ws + tid * pl.ws_elems) != 0
-    else:
-        for u in range(units):
-            if _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias, y,
-                          ws) != 0:
-                return -1
-    return -1 if fails else 0
+            if tid == 0:        # the caller polls for signals between its chunks
+                poll_step(poll, 0)
+            if stop_before(poll, 1):
+                continue
+            rc = _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias,
+                            y, ws + tid * pl.ws_elems)
+            fails += rc != 0 and rc != INTERRUPTED
+        if fails:
+            return -1
+        return INTERRUPTED if interrupted(poll) else 0
+    for u in range(units):
+        if poll_step(poll, 0):
+            return INTERRUPTED
+        rc = _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias, y, ws)
+        if rc != 0:
+            return rc
+    return 0
 
 
 cdef conv_plan _base_plan(cnp.ndarray x, cnp.ndarray y_or_dy, tuple geom, idx_t groups,
@@ -422,15 +435,21 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
     cdef void* pw_ = cnp.PyArray_DATA(wm)
     cdef void* py = cnp.PyArray_DATA(y)
     cdef void* pws = cnp.PyArray_DATA(wsbuf)
+    cdef signal_poll poll
+    open_poll(&poll)
     if code == 0:
         with nogil:
             rc = _fwd_all(&pl, &g, &prm, <const float*> px, xs, <const float*> pw_,
                           <const float*> pb, <float*> py, <float*> pws)
+            close_poll()
     else:
         with nogil:
             rc = _fwd_all(&pl, &g, &prm, <const double*> px, xs, <const double*> pw_,
                           <const double*> pb, <double*> py, <double*> pws)
+            close_poll()
     _ws_put(wsbuf)
+    if rc == INTERRUPTED:
+        raise_pending(&poll)
     if rc != 0:
         raise MemoryError("microtile: could not allocate GEMM packing buffers")
 
@@ -485,18 +504,20 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                 rc = _gemm(not pl.par, prm, pl.Kg, d1 - d0, ncur, a, rs_a, 1,
                            a2, cs_a2, rs_a2, <floating> 1, dwp + gi * rows * pl.Kg + d0, rows)
             if rc != 0:
-                return -1
+                return rc
         e1 = imin(d1, pl.CRS)       # the row of ones has no dX
         if need_x and d0 < e1:
             if pl.direct:
-                if _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, pl.cs_w, pl.rs_w, a, rs_a,
-                         1, <floating> 0, dxg + n0 * pl.C * pl.HW + pq0, pl.HW) != 0:
-                    return -1
+                rc = _gemm(not pl.par, prm, pl.CRS, ncur, pl.Kg, wg, pl.cs_w, pl.rs_w, a, rs_a,
+                           1, <floating> 0, dxg + n0 * pl.C * pl.HW + pq0, pl.HW)
+                if rc != 0:
+                    return rc
             else:
                 # cols is free again once dW has used it.
-                if _gemm(not pl.par, prm, e1 - d0, ncur, pl.Kg, wg + d0 * pl.cs_w, pl.cs_w,
-                         pl.rs_w, a, rs_a, 1, <floating> 0, cols, ncur) != 0:
-                    return -1
+                rc = _gemm(not pl.par, prm, e1 - d0, ncur, pl.Kg, wg + d0 * pl.cs_w, pl.cs_w,
+                           pl.rs_w, a, rs_a, 1, <floating> 0, cols, ncur)
+                if rc != 0:
+                    return rc
                 for i in range(nb):
                     _col2im_chunk(g, cols + i * wcols, ncur, d0, e1, pq0, pq1,
                                   dxg + (n0 + i) * pl.C * pl.HW, 1 if pl.par else pl.nt)
@@ -510,11 +531,13 @@ cdef int _bwd_unit(const conv_plan* pl, const conv_geom* g, const gemm_params* p
     """One group of one image (all its chunks, in order) or one multi-image chunk."""
     cdef idx_t per_g = pl.N if pl.cpi > 1 else pl.n_chunks
     cdef idx_t gi = u // per_g, v = u - gi * per_g, i
+    cdef int rc
     if pl.cpi > 1:
         for i in range(pl.cpi):
-            if _bwd_chunk(pl, g, prm, gi, v * pl.cpi + i, x, xs, w, dy, dx, dwp, ws,
-                          need_w, need_x) != 0:
-                return -1
+            rc = _bwd_chunk(pl, g, prm, gi, v * pl.cpi + i, x, xs, w, dy, dx, dwp, ws,
+                            need_w, need_x)
+            if rc != 0:
+                return rc
         return 0
     return _bwd_chunk(pl, g, prm, gi, v, x, xs, w, dy, dx, dwp, ws, need_w, need_x)
 
@@ -525,17 +548,28 @@ cdef int _bwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
                   bint need_w, bint need_x) noexcept nogil:
     cdef idx_t u, units = pl.G * (pl.N if pl.cpi > 1 else pl.n_chunks)
     cdef idx_t dw_elems = pl.K * (pl.CRS + pl.bias_col)
-    cdef int fails = 0, tid
+    cdef int fails = 0, tid, rc
+    cdef signal_poll* poll = caller_poll()
     if pl.par:
         for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
             tid = threadid()
-            fails += _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp + tid * dw_elems,
-                               ws + tid * pl.ws_elems, need_w, need_x) != 0
-    else:
-        for u in range(units):
-            if _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp, ws, need_w, need_x) != 0:
-                return -1
-    return -1 if fails else 0
+            if tid == 0:        # the caller polls for signals between its units
+                poll_step(poll, 0)
+            if stop_before(poll, 1):
+                continue
+            rc = _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp + tid * dw_elems,
+                           ws + tid * pl.ws_elems, need_w, need_x)
+            fails += rc != 0 and rc != INTERRUPTED
+        if fails:
+            return -1
+        return INTERRUPTED if interrupted(poll) else 0
+    for u in range(units):
+        if poll_step(poll, 0):
+            return INTERRUPTED
+        rc = _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp, ws, need_w, need_x)
+        if rc != 0:
+            return rc
+    return 0
 
 
 cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* db,
@@ -642,19 +676,25 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     cdef void* pdx = cnp.PyArray_DATA(dx) if dx is not None else NULL
     cdef void* pdw = cnp.PyArray_DATA(dwp)
     cdef void* pws = cnp.PyArray_DATA(wsbuf)
+    cdef signal_poll poll
+    open_poll(&poll)
     if code == 0:
         with nogil:
             rc = _bwd_all(&pl, &g, &prm, <const float*> px, xs, <const float*> pw_,
                           <const float*> pdy, <float*> pdx, <float*> pdw, <float*> pws,
                           need_w, need_x)
+            close_poll()
     else:
         with nogil:
             rc = _bwd_all(&pl, &g, &prm, <const double*> px, xs, <const double*> pw_,
                           <const double*> pdy, <double*> pdx, <double*> pdw, <double*> pws,
                           need_w, need_x)
+            close_poll()
     _ws_put(wsbuf)
     if rc != 0:
         _ws_put(dwpbuf)
+        if rc == INTERRUPTED:
+            raise_pending(&poll)
         raise MemoryError("microtile: could not allocate GEMM packing buffers")
     dw = None
     if need_w:

@@ -8,10 +8,13 @@ and ``nn``) because these calls are often tiny: a whole 4x4 ``gemm`` takes 1.0 u
 import numpy as np
 cimport numpy as cnp
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport elem_stride
+from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
+                                           raise_pending, poll_step, stop_before, interrupted,
+                                           INTERRUPTED)
 from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_serial, gemm_epilogue,
                               ACT_NONE, ACT_RELU, ACT_SIGMOID, ACT_TANH)
 from microtile.linalg._level2 cimport dot_run, gemv_run, ger_run, outer_run
@@ -44,6 +47,7 @@ cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, 
     cdef idx_t rs_b = elem_stride(B, 1 if tb else 0), cs_b = elem_stride(B, 0 if tb else 1)
     cdef idx_t rs_c = elem_stride(O, 0), cs_c = elem_stride(O, 1)
     cdef gemm_params prm
+    cdef signal_poll poll
     cdef int rc
     cdef void* pa = cnp.PyArray_DATA(A)
     cdef void* pb = cnp.PyArray_DATA(B)
@@ -51,16 +55,28 @@ cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, 
     cdef float af = <float> alpha, bf = <float> beta
     if O.dtype is F32:
         current_params(0, &prm)
+        open_poll(&poll)
         with nogil:
             rc = gemm_run(&prm, m, n, k, af, <const float*> pa, rs_a, cs_a,
                           <const float*> pb, rs_b, cs_b, bf, <float*> pc, rs_c, cs_c)
+            close_poll()
     else:
         current_params(1, &prm)
+        open_poll(&poll)
         with nogil:
             rc = gemm_run(&prm, m, n, k, alpha, <const double*> pa, rs_a, cs_a,
                           <const double*> pb, rs_b, cs_b, beta, <double*> pc, rs_c, cs_c)
+            close_poll()
+    return check_rc(rc, &poll, "gemm")
+
+
+cdef int check_rc(int rc, signal_poll* poll, str func) except -1:
+    """Raise for a driver's failure code: the pending exception of a signal handler that
+    raised during the call (Ctrl-C), or MemoryError."""
+    if rc == INTERRUPTED:
+        raise_pending(poll)
     if rc != 0:
-        raise MemoryError("microtile: could not allocate GEMM packing buffers")
+        raise MemoryError(f"microtile: out of memory in {func}")
     return 0
 
 
@@ -440,28 +456,37 @@ cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k
     product's place is computed from its index: offset arrays for a batch of 2**28 1x1
     products would take three times 2 GB."""
     cdef idx_t i, oa, ob, oc
-    cdef int nt = prm.n_threads, fails = 0
+    cdef int nt = prm.n_threads, fails = 0, rc
     cdef double work = <double> m * <double> n * <double> k
+    cdef signal_poll* poll = caller_poll()
     if work >= prm.thread_mnk or nt <= 1 or work * count < prm.thread_mnk:
         for i in range(count):
+            if poll_step(poll, 0):
+                return INTERRUPTED
             oa = _offset(st, i, st.sa)
             ob = _offset(st, i, st.sb)
             oc = _offset(st, i, st.sc)
-            if gemm_run(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
-                        base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc,
-                        rs_c, cs_c) != 0:
-                return -1
+            rc = gemm_run(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
+                          base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc, rs_c, cs_c)
+            if rc != 0:
+                return rc
         return 0
     if nt > count:
         nt = <int> count
     for i in prange(count, num_threads=nt, schedule="static"):
+        if threadid() == 0:     # the caller
+            poll_step(poll, 0)
+        if stop_before(poll, 1):
+            continue
         oa = _offset(st, i, st.sa)      # assigned here, so private to each thread
         ob = _offset(st, i, st.sb)
         oc = _offset(st, i, st.sc)
-        fails += gemm_serial(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
-                             base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc,
-                             rs_c, cs_c) != 0
-    return -1 if fails else 0
+        rc = gemm_serial(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
+                         base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc, rs_c, cs_c)
+        fails += rc != 0 and rc != INTERRUPTED
+    if fails:
+        return -1
+    return INTERRUPTED if interrupted(poll) else 0
 
 
 cdef void _batch_strides(cnp.ndarray x, tuple batch, idx_t* out):
@@ -547,22 +572,21 @@ def matmul(a, b, out=None):
         for d in batch:
             count *= d
         if count:
-            rc = _run_batched(A2, B2, Of, count, m, n, k, batch)
-            if rc != 0:
-                raise MemoryError("microtile: out of memory in matmul")
+            _run_batched(A2, B2, Of, count, m, n, k, batch)
     if out is None and O.ndim == 0:
         return O[()]
     return _deliver(out, T)
 
 
 cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, idx_t m,
-                      idx_t n, idx_t k, tuple batch) except? -1:
+                      idx_t n, idx_t k, tuple batch) except -1:
     cdef int nd = O.ndim
     cdef idx_t rs_a = elem_stride(A, A.ndim - 2), cs_a = elem_stride(A, A.ndim - 1)
     cdef idx_t rs_b = elem_stride(B, B.ndim - 2), cs_b = elem_stride(B, B.ndim - 1)
     cdef idx_t rs_c = elem_stride(O, nd - 2), cs_c = elem_stride(O, nd - 1)
     cdef _stack st
     cdef gemm_params prm
+    cdef signal_poll poll
     cdef int rc, d
     st.nd = len(batch)
     for d in range(st.nd):
@@ -572,17 +596,21 @@ cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, 
     _batch_strides(O, batch, st.sc)
     if O.dtype is F32:
         current_params(0, &prm)
+        open_poll(&poll)
         with nogil:
             rc = _batched(&prm, count, m, n, k, <float*> cnp.PyArray_DATA(A), rs_a, cs_a,
                           <float*> cnp.PyArray_DATA(B), rs_b, cs_b,
                           <float*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
+            close_poll()
     else:
         current_params(1, &prm)
+        open_poll(&poll)
         with nogil:
             rc = _batched(&prm, count, m, n, k, <double*> cnp.PyArray_DATA(A), rs_a, cs_a,
                           <double*> cnp.PyArray_DATA(B), rs_b, cs_b,
                           <double*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
-    return rc
+            close_poll()
+    return check_rc(rc, &poll, "matmul")
 
 
 # The epilogue's C enum and the schema's codes are one list written twice (C needs its own).
@@ -612,6 +640,7 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
     cdef cnp.ndarray Bv = None, O, T
     cdef gemm_epilogue ep
     cdef gemm_params prm
+    cdef signal_poll poll
     cdef int rc
     cdef idx_t m, n, k
     if activation not in _ACTIVATIONS:
@@ -655,16 +684,19 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
     cdef void* po = cnp.PyArray_DATA(O)
     if dt is F32:
         current_params(0, &prm)
+        open_poll(&poll)
         with nogil:
             rc = gemm_run_ep(&prm, m, n, k, <float> 1, <const float*> px, rs_a, cs_a,
                              <const float*> pw, rs_b, cs_b, <float> 0, <float*> po, rs_c, cs_c,
                              &ep)
+            close_poll()
     else:
         current_params(1, &prm)
+        open_poll(&poll)
         with nogil:
             rc = gemm_run_ep(&prm, m, n, k, <double> 1, <const double*> px, rs_a, cs_a,
                              <const double*> pw, rs_b, cs_b, <double> 0, <double*> po, rs_c,
                              cs_c, &ep)
-    if rc != 0:
-        raise MemoryError("microtile: out of memory in linear_forward")
+            close_poll()
+    check_rc(rc, &poll, "linear_forward")
     return _deliver(out, T)

@@ -34,26 +34,12 @@ from microtile.linalg._pack cimport pack_a, pack_b
 from microtile.linalg._level2 cimport gemv_run
 from microtile._common._mt_openmp cimport mt_thread_num, mt_barrier
 from microtile._common._atomic64 cimport mt_atomic_load64, mt_atomic_store64
+from microtile._common._clock cimport mt_now, mt_now_ns
+from microtile._common._interrupt cimport (signal_poll, caller_poll, poll_step, stop_before,
+                                           interrupted, INTERRUPTED)
 from microtile._common._scratch cimport (scratch_get, scratch_trim, SCRATCH_PACK_A,
                                  SCRATCH_PACK_B, SCRATCH_EXTRA, SCRATCH_EXTRA2)
 
-
-cdef extern from *:
-    """
-    #include <time.h>
-    static double mt_now(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-    }
-    static int64_t mt_now_ns(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (int64_t)ts.tv_sec * 1000000000 + (int64_t)ts.tv_nsec;
-    }
-    """
-    double mt_now() nogil
-    int64_t mt_now_ns() nogil
 
 # Threaded calls longer than the late limit whose team was idle over half the time back off
 # to one thread for the back-off time, doubling up to BACKOFF_MAX_NS (see _note_contention).
@@ -342,6 +328,9 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
     cdef int tid, fails = 0
     cdef double* entered
     cdef double t_call, t_work
+    cdef signal_poll* poll = caller_poll()
+    cdef int64_t step
+    cdef bint quit
     if m <= 0 or n <= 0:
         return 0
     if alpha == 0 or k <= 0:
@@ -382,6 +371,9 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                 if pl.b_packed:
                     pack_b(kc_cur, nc_cur, b + pc * rs_b + jc * cs_b, rs_b, cs_b, nr, bufB)
                 for it in range(n_items):
+                    if poll_step(poll, 0):
+                        scratch_trim()
+                        return INTERRUPTED
                     if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
                              b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
                         scratch_trim()
@@ -397,11 +389,18 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
     with parallel(num_threads=nt):
         tid = mt_thread_num()
         entered[tid] = mt_now()
+        # Thread 0 is the caller: it polls for signals between its work items, and a raise
+        # there marks the next (jc, pc) step as the one no thread starts (see _interrupt).
+        step = 0
+        quit = False
         for jc_i in range(ceil_div(n, pl.nc)):
             jc = jc_i * pl.nc
             nc_cur = imin(pl.nc, n - jc)
             panels = ceil_div(nc_cur, nr)
             for pc_i in range(ceil_div(k, pl.kc)):
+                quit = stop_before(poll, step)
+                if quit:
+                    break
                 pc = pc_i * pl.kc
                 kc_cur = imin(pl.kc, k - pc)
                 beta_p = beta if pc == 0 else 1
@@ -416,11 +415,18 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                     mt_barrier()  # B's block complete before anyone multiplies with it
                     t_work = mt_now()
                 for it in prange(n_items, schedule="dynamic", chunksize=1):
+                    if mt_thread_num() == 0:
+                        poll_step(poll, step)
+                    if stop_before(poll, step + 1):
+                        continue    # interrupted: the rest of this step's items are skipped
                     if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
                              b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
                         entered[nt + mt_thread_num()] = 1
                 entered[2 * nt + tid] += mt_now() - t_work
                 mt_barrier()  # all products done before B's buffer or C's tiles are reused
+                step = step + 1
+            if quit:
+                break
         # Past the last barrier no one reads B's shared buffer (the calling thread's, which
         # is thread 0 of the team): every thread may drop its oversized scratch.
         scratch_trim()
@@ -428,7 +434,9 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
         fails += entered[nt + tid] != 0
     _note_contention(entered, nt, mt_now() - t_call)
     free(entered)
-    return -1 if fails else 0
+    if fails:
+        return -1
+    return INTERRUPTED if interrupted(poll) else 0
 
 
 cdef void _note_contention(const double* entered, int nt, double elapsed) noexcept nogil:
