@@ -218,6 +218,11 @@ def _import_root():
     return _SRC_DIR
 
 
+# The AddressSanitizer build's runtime is preloaded (README, "Sanitizers"): it replaces
+# malloc, quarantines freed memory and reserves ~15 TB of shadow address space.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 def child_env(env=None):
     """Environment for a fresh interpreter that imports this microtile: no MICROTILE_* or
     OMP_NUM_THREADS variables unless ``env`` sets them (a value of None removes one)."""
