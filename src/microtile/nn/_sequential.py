@@ -37,15 +37,8 @@ class Sequential(Module):
     def __iter__(self):
         return iter(self.layers)
 
-    def named_parameters(self, prefix=""):
-        out = []
-        for i, layer in enumerate(self.layers):
-            sub = prefix + f"{i}."
-            if isinstance(layer, Module):
-                out.extend(layer.named_parameters(sub))
-            elif callable(getattr(layer, "parameters", None)):
-                out.extend((sub + str(j), p) for j, p in enumerate(layer.parameters()))
-        return out
+    def _named_children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def forward(self, x):
         """Apply every layer; a ValueError names the layer (index and repr) it came from."""
