@@ -30,6 +30,7 @@ from microtile.nn._gradcheck import gradcheck
 from microtile.nn._linear import Linear
 from microtile.nn._loss import CrossEntropyLoss, MSELoss
 from microtile.nn._module import Module
+from microtile.nn._norm import BatchNorm1d, BatchNorm2d
 from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
 from microtile.nn._parameter import Parameter
 from microtile.nn._persist import load, save
@@ -40,6 +41,7 @@ from microtile.nn._training import fit, predict
 __all__ = [
     "Module", "Parameter",
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid", "Tanh",
+    "BatchNorm1d", "BatchNorm2d",
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",

@@ -6,6 +6,8 @@ number of threads at once, each thread seeing only its own buffers.  Gradients a
 ``backward`` accumulates into ``Parameter.grad`` under the parameter's lock.
 """
 import contextlib
+import math
+import numbers
 import threading
 
 import numpy as np
@@ -306,6 +308,17 @@ def check_int(value, name, owner, minimum=0):
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be at least {minimum}, got {value}")
     return value
+
+
+def check_real(value, name, owner, lo=-math.inf, hi=math.inf):
+    """``value`` as a float in [lo, hi]: TypeError for a non-number (or a bool), ValueError
+    for NaN or a value outside the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    v = float(value)
+    if not lo <= v <= hi:       # also rejects NaN
+        raise ValueError(f"{owner}: {name} must be between {lo} and {hi}, got {value!r}")
+    return v
 
 
 def as_parameter(value, name):
