@@ -25,6 +25,7 @@ runs the model changes the weights under it, so train in one thread at a time (s
 """
 from microtile.nn._activation import ReLU, Sigmoid, Tanh
 from microtile.nn._conv import Conv2d
+from microtile.nn._dropout import Dropout
 from microtile.nn._flatten import Flatten
 from microtile.nn._gradcheck import gradcheck
 from microtile.nn._linear import Linear
@@ -41,7 +42,7 @@ from microtile.nn._training import fit, predict
 __all__ = [
     "Module", "Parameter",
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid", "Tanh",
-    "BatchNorm1d", "BatchNorm2d",
+    "BatchNorm1d", "BatchNorm2d", "Dropout",
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",

@@ -250,3 +250,44 @@ def colsum_work_size(idx_t cols):
     cdef gemm_params prm
     current_params(0, &prm)
     return cols * (prm.n_threads if prm.n_threads > 1 else 1)
+
+
+# -- dropout ---------------------------------------------------------------------------------
+
+cdef void _dropout_part(const floating* x, const floating* u, floating* out, floating p,
+                        floating scale, idx_t n) noexcept nogil:
+    """out = x * (scale where u >= p, else 0): a product, not a select, so NaN and Inf in
+    a dropped element propagate as torch's ``input * mask`` lets them."""
+    cdef idx_t i
+    for i in range(n):
+        out[i] = x[i] * (scale if u[i] >= p else 0)
+
+
+def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] out, double p,
+                  double scale):
+    """out = x * mask * scale with mask = (u >= p), over flat C-contiguous arrays.
+
+    ``u`` holds uniform [0, 1) draws, so each element is dropped with probability p; the
+    same ``u`` applied to the output gradient gives the input gradient.  ``out`` may be x.
+    """
+    cdef idx_t n = x.shape[0], chunk, t0, t1
+    cdef int nt, t
+    if u.shape[0] != n or out.shape[0] != n:
+        raise ValueError(f"dropout_apply: sizes {n}, {u.shape[0]}, {out.shape[0]} differ")
+    if n == 0:
+        return
+    nt = _threads_for(n)
+    cdef const floating* px = &x[0]
+    cdef const floating* pu = &u[0]
+    cdef floating* po = &out[0]
+    cdef floating fp = <floating> p, fs = <floating> scale
+    if nt == 1:
+        with nogil:
+            _dropout_part(px, pu, po, fp, fs, n)
+        return
+    chunk = mt_share(n, nt)
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
+        t0 = t * chunk
+        t1 = mt_share_end(t0, chunk, n)
+        if t0 < t1:
+            _dropout_part(px + t0, pu + t0, po + t0, fp, fs, t1 - t0)
