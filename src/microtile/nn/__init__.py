@@ -23,7 +23,8 @@ lock per parameter).  The weights are shared too: an optimizer step while anothe
 runs the model changes the weights under it, so train in one thread at a time (serve
 ``predict`` from as many as you like).
 """
-from microtile.nn._activation import ReLU, Sigmoid, Tanh
+from microtile.nn._activation import (GELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, SiLU, Softmax,
+                                      Tanh)
 from microtile.nn._conv import Conv2d
 from microtile.nn._dropout import Dropout
 from microtile.nn._flatten import Flatten
@@ -43,6 +44,7 @@ __all__ = [
     "Module", "Parameter",
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid", "Tanh",
     "BatchNorm1d", "BatchNorm2d", "Dropout",
+    "LeakyReLU", "GELU", "SiLU", "Softmax", "LogSoftmax",
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
