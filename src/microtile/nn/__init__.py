@@ -36,7 +36,8 @@ from microtile.nn._norm import BatchNorm1d, BatchNorm2d
 from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
 from microtile.nn._parameter import Parameter
 from microtile.nn._persist import load, save
-from microtile.nn._pool import AvgPool2d, MaxPool2d
+from microtile.nn._pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from microtile.nn._residual import Residual
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
 
@@ -44,7 +45,7 @@ __all__ = [
     "Module", "Parameter",
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid", "Tanh",
     "BatchNorm1d", "BatchNorm2d", "Dropout",
-    "LeakyReLU", "GELU", "SiLU", "Softmax", "LogSoftmax",
+    "LeakyReLU", "GELU", "SiLU", "Softmax", "LogSoftmax", "AdaptiveAvgPool2d", "Residual",
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
