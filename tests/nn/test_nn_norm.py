@@ -283,3 +283,20 @@ def test_dtype_of_a_layer_without_parameters():
     m = nn.BatchNorm1d(3, affine=False, track_running_stats=False, dtype=F64)
     assert m.parameters() == [] and m.state_dict() == {} and m.dtype == F64
     assert m(np.ones((2, 3), np.float32)).dtype == F64
+
+
+def test_save_load_round_trip_keeps_buffers(tmp_path):
+    rng = np.random.default_rng(12)
+    a = nn.Sequential(nn.Linear(3, 4, rng=0), nn.BatchNorm1d(4))
+    nbt = a[1].num_batches_tracked
+    for _ in range(3):
+        a(rng.standard_normal((5, 3)))
+    assert a[1].num_batches_tracked is nbt and nbt == 3      # updated in place
+    nn.save(a, tmp_path / "m.npz")
+    b = nn.Sequential(nn.Linear(3, 4, rng=1), nn.BatchNorm1d(4))
+    nn.load(b, tmp_path / "m.npz")
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2 and v.dtype == v2.dtype
+        np.testing.assert_array_equal(v, v2)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(nn.predict(a, x), nn.predict(b, x))
