@@ -300,3 +300,24 @@ def test_save_load_round_trip_keeps_buffers(tmp_path):
         np.testing.assert_array_equal(v, v2)
     x = rng.standard_normal((2, 3)).astype(np.float32)
     np.testing.assert_array_equal(nn.predict(a, x), nn.predict(b, x))
+
+
+def test_fit_updates_running_stats_from_training_batches_only():
+    """Validation runs in eval mode: data far from the training data must not move the
+    running mean, and its loss uses the running statistics."""
+    rng = np.random.default_rng(13)
+    X = rng.standard_normal((32, 3))
+    y = rng.integers(0, 2, 32)
+    m = nn.Sequential(nn.BatchNorm1d(3, dtype=F64), nn.Linear(3, 2, dtype=F64, rng=0))
+    ref = nn.Sequential(nn.BatchNorm1d(3, dtype=F64), nn.Linear(3, 2, dtype=F64, rng=0))
+    kw = dict(epochs=2, batch_size=8, shuffle=False, progress=False)
+    nn.fit(ref, nn.CrossEntropyLoss(), nn.SGD(ref.parameters(), lr=0.1), X, y, **kw)
+    h = nn.fit(m, nn.CrossEntropyLoss(), nn.SGD(m.parameters(), lr=0.1), X, y,
+               validation=(X + 1000.0, y), **kw)
+    for k, v in ref.state_dict().items():
+        np.testing.assert_array_equal(m.state_dict()[k], v)
+    assert m[0].num_batches_tracked == 8
+    assert m.training
+    # In eval mode the shifted data are normalised with the running statistics: the loss
+    # is huge.  (Batch statistics would have removed the shift.)
+    assert h["val_loss"][-1] > 10 * h["loss"][-1]

@@ -10,6 +10,13 @@ update rules, so a model moves between the two with the same numbers::
     history = nn.fit(model, nn.CrossEntropyLoss(), opt, X, y, epochs=10, batch_size=64)
     labels = nn.predict(model, X_test).argmax(axis=1)
 
+Modes: as in torch, ``model.train()`` and ``model.eval()`` set ``training`` on every layer
+inside; BatchNorm (batch or running statistics) and Dropout (mask or identity) depend on it.
+``fit`` trains in training mode; ``predict`` and ``fit``'s validation compute in eval mode
+in their own thread without changing the flags.  ``state_dict`` holds parameters and
+buffers (``running_mean``, ...) under torch's keys, so a torch state dict of the same
+architecture loads as it is.
+
 Arrays returned by a layer's ``forward``/``backward`` (and a loss's ``backward``) are that
 layer's reusable buffers, overwritten by its next call with the same shapes in the same
 thread: this is what keeps a training step free of allocations.  Copy what you want to keep;
