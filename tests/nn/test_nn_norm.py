@@ -321,3 +321,31 @@ def test_fit_updates_running_stats_from_training_batches_only():
     # In eval mode the shifted data are normalised with the running statistics: the loss
     # is huge.  (Batch statistics would have removed the shift.)
     assert h["val_loss"][-1] > 10 * h["loss"][-1]
+
+
+def test_gradcheck_leaves_running_statistics_alone():
+    rng = np.random.default_rng(14)
+    m = nn.Sequential(nn.Linear(3, 4, dtype=F64, rng=0), nn.BatchNorm1d(4, dtype=F64))
+    m(rng.standard_normal((6, 3)))
+    before = m.state_dict()
+    assert nn.gradcheck(m, rng.standard_normal((5, 3)))
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_copies_and_pickles_keep_buffers_and_modes():
+    import copy
+    import pickle
+    rng = np.random.default_rng(15)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, dtype=F64, rng=0), nn.BatchNorm2d(3, dtype=F64),
+                      nn.Residual(nn.Sequential(nn.Dropout(0.3, rng=1), nn.GELU())),
+                      nn.AdaptiveAvgPool2d(1))
+    m(rng.standard_normal((4, 2, 5, 5)))
+    m.eval()
+    x = rng.standard_normal((2, 2, 5, 5))
+    y = m(x).copy()
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert not any(c.training for c in clone.modules())
+        np.testing.assert_array_equal(clone(x), y)
+        assert clone[1].running_mean is not m[1].running_mean
+        np.testing.assert_array_equal(clone[1].running_var, m[1].running_var)
