@@ -349,3 +349,57 @@ def test_copies_and_pickles_keep_buffers_and_modes():
         np.testing.assert_array_equal(clone(x), y)
         assert clone[1].running_mean is not m[1].running_mean
         np.testing.assert_array_equal(clone[1].running_var, m[1].running_var)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh])
+@pytest.mark.parametrize("cls,shape", [(nn.BatchNorm2d, (3, 4, 5, 6)),
+                                       (nn.BatchNorm1d, (9, 5)),
+                                       (nn.BatchNorm2d, (8, 3, 64, 64))])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_activation_matches_separate_layers(act, cls, shape, training):
+    """In a Sequential the activation after a BatchNorm runs inside it: the same numbers
+    as the two layers run one after the other (ReLU within the kernels' passes)."""
+    rng = np.random.default_rng(16)
+    c = shape[1]
+    fused_bn, _ = pair(cls, c, np.random.default_rng(1))
+    plain_bn, _ = pair(cls, c, np.random.default_rng(1))
+    for m in (fused_bn, plain_bn):
+        m.running_mean[:] = rng.standard_normal(c)
+        m.running_var[:] = rng.uniform(0.5, 2, c)
+        m.train(training)
+    plain_bn.running_mean[:] = fused_bn.running_mean
+    plain_bn.running_var[:] = fused_bn.running_var
+    fused = nn.Sequential(fused_bn, act())
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    dy.flat[::7] = np.nan      # where ReLU cut the output, a NaN gradient must stay out
+    y = fused(x)
+    assert fused._plan == [(0, fused_bn, True)]
+    dx = fused.backward(dy)
+    a = act()
+    y_ref = a(plain_bn(x))
+    dx_ref = plain_bn.backward(a.backward(dy))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(fused_bn.weight.grad, plain_bn.weight.grad, rtol=1e-9,
+                               atol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(fused_bn.running_var, plain_bn.running_var)
+
+
+def test_fused_relu_gradcheck_and_torch():
+    rng = np.random.default_rng(17)
+    m, t = pair(nn.BatchNorm2d, 3, rng)
+    model = nn.Sequential(m, nn.ReLU())
+    tmodel = torch.nn.Sequential(t, torch.nn.ReLU())
+    for _ in range(2):
+        x = rng.standard_normal((4, 3, 5, 5))
+        dy = rng.standard_normal(x.shape)
+        m.zero_grad()
+        y, dx = model(x), model.backward(dy)
+        ty, tdx, tgrads = torch_step(tmodel, x, dy)
+        np.testing.assert_allclose(y, ty, **TOL)
+        np.testing.assert_allclose(dx, tdx, **TOL)
+        for p, g in zip(m.parameters(), tgrads):
+            np.testing.assert_allclose(p.grad, g, **TOL)
+    x = rng.standard_normal((3, 3, 2, 3))
+    assert nn.gradcheck(model, np.where(np.abs(x) < 0.1, 0.5, x))

@@ -3,7 +3,9 @@ import math
 
 import numpy as np
 
+from microtile._config._schema import ACTIVATIONS
 from microtile.nn import _norm_kernels as _kernels
+from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._module import Module, check_int, check_real, per_thread
 from microtile.nn._parameter import Parameter, locked
@@ -13,6 +15,7 @@ _F64 = np.dtype(np.float64)
 # backward (mean, 1/std, scale, shift) and the backward's sums and coefficients.
 _SAVED_ROWS = 4
 _COEF_ROWS = 5
+_RELU = ACTIVATIONS["relu"]
 
 
 class _BatchNorm(Module):
@@ -22,8 +25,13 @@ class _BatchNorm(Module):
     _state_buffer_names = ("running_mean", "running_var", "num_batches_tracked")
     _ranks = ()
     _expected = ""
+    # A following ReLU, Sigmoid or Tanh in a Sequential is applied by this layer (ReLU in
+    # the kernels' own passes, the others in one pass over the output, as Conv2d does).
+    _fusable = True
     # What forward saves for backward, per thread (see ``Module``).
     _x3 = per_thread()
+    _y3 = per_thread()
+    _act = per_thread()
     _saved = per_thread()
     _batch_stats = per_thread()
     _in_shape = per_thread()
@@ -65,6 +73,9 @@ class _BatchNorm(Module):
     def forward(self, x):
         """Normalise ``x`` per channel (dimension 1): batch statistics in training mode
         (or without running statistics), the running estimates in eval mode."""
+        return self._forward(x, None)
+
+    def _forward(self, x, activation):
         dt = self._dtype
         x = as_input(x, dt)
         if x.ndim not in self._ranks or x.shape[1] != self.num_features:
@@ -92,11 +103,17 @@ class _BatchNorm(Module):
                       else self.momentum)
         y = self._buffer("y", shape3, dt)
         saved = self._buffer("saved", (_SAVED_ROWS, c), _F64)
+        code = ACTIVATIONS[activation]
         _kernels.batch_norm_forward(
             x3, y, _data(self.weight), _data(self.bias), self.running_mean, self.running_var,
             batch_stats, update, factor, self.eps, saved,
-            self._buffer("work", (_kernels.work_size(c),), _F64))
+            self._buffer("work", (_kernels.work_size(c),), _F64), code == _RELU)
+        if code and code != _RELU:
+            flat = y.reshape(-1)
+            act_forward(flat, flat, code)
         self._x3 = x3
+        self._y3 = y
+        self._act = code
         self._saved = saved
         self._batch_stats = batch_stats
         self._in_shape = x.shape
@@ -105,13 +122,20 @@ class _BatchNorm(Module):
     def backward(self, dy, *, need_input_grad=True):
         """Accumulate the gradients of ``weight`` and ``bias``; return dL/dx (None if not
         ``need_input_grad``).  After a forward with batch statistics the gradient includes
-        their dependence on x, as torch's."""
+        their dependence on x, as torch's.  When the layer ran with a fused activation
+        (inside a Sequential), ``dy`` is the gradient with respect to the activation's
+        output."""
         x3 = self._x3
         if x3 is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
         dt = x3.dtype
-        dy = as_grad(dy, dt, self._in_shape, self)
+        dy = as_grad(dy, dt, self._in_shape, self).reshape(x3.shape)
         c = x3.shape[1]
+        y3, code = self._y3, self._act
+        if code and code != _RELU:
+            dz = self._buffer("dz", x3.shape, dt)
+            act_backward(code, y3.reshape(-1), dy.reshape(-1), dz.reshape(-1))
+            dy = dz
         dx = self._buffer("dx", x3.shape, dt) if need_input_grad else None
         coef = self._buffer("coef", (_COEF_ROWS, c), _F64)
         work = self._buffer("work", (_kernels.work_size(c),), _F64)
@@ -122,9 +146,9 @@ class _BatchNorm(Module):
             else:
                 gw = gb = None
                 acc_w = acc_b = False
-            _kernels.batch_norm_backward(x3, dy.reshape(x3.shape), dx, _data(self.weight),
-                                         self._saved, self._batch_stats, gw, gb, acc_w, acc_b,
-                                         coef, work)
+            _kernels.batch_norm_backward(x3, dy, y3 if code == _RELU else None, dx,
+                                         _data(self.weight), self._saved, self._batch_stats,
+                                         gw, gb, acc_w, acc_b, coef, work)
         return None if dx is None else dx.reshape(self._in_shape)
 
     def __repr__(self):

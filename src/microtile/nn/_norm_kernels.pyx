@@ -13,6 +13,10 @@ Statistics are taken in one pass from sums of ``d = x - K`` and ``d*d`` in float
 is large against the spread.  The backward pass reads the data twice: once for the two sums
 per channel it needs (sum(dy) and sum(dy * (x - mean))), once to write dx.
 
+A ReLU that follows the layer in a Sequential is applied as the output is written, and its
+derivative (from the kept output) as dy is read in both backward passes: Conv2d ->
+BatchNorm2d -> ReLU then costs no pass of its own either way.
+
 Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
 own the buffers.
 """
@@ -64,13 +68,16 @@ def work_size(idx_t channels):
     return 2 * channels * _max_threads()
 
 
-cdef void _sums_part(const floating* x, const floating* u, const double* shift, double* acc,
-                     idx_t p0, idx_t p1, idx_t nc, idx_t s) noexcept nogil:
+cdef void _sums_part(const floating* x, const floating* u, const floating* g,
+                     const double* shift, double* acc, idx_t p0, idx_t p1, idx_t nc,
+                     idx_t s) noexcept nogil:
     """Planes [p0, p1): with d = x - shift[c], acc[c] += sum(d) and acc[nc + c] += sum(d*d)
-    when u is NULL, else acc[c] += sum(u) and acc[nc + c] += sum(u*d)."""
+    when u is NULL, else acc[c] += sum(u) and acc[nc + c] += sum(u*d).  With g (a fused
+    ReLU's output), u is taken as 0 where g <= 0 (torch's threshold_backward)."""
     cdef idx_t p, i, c = p0 % nc
     cdef const floating* xp
     cdef const floating* up
+    cdef const floating* gp
     cdef double k, d, v, s0, s1
     for i in range(2 * nc):
         acc[i] = 0
@@ -84,10 +91,17 @@ cdef void _sums_part(const floating* x, const floating* u, const double* shift, 
                 d = xp[i] - k
                 s0 += d
                 s1 += d * d
-        else:
+        elif g == NULL:
             up = u + p * s
             for i in range(s):
                 v = up[i]
+                s0 += v
+                s1 += v * (xp[i] - k)
+        else:
+            up = u + p * s
+            gp = g + p * s
+            for i in range(s):
+                v = 0 if gp[i] <= 0 else up[i]
                 s0 += v
                 s1 += v * (xp[i] - k)
         acc[c] += s0
@@ -97,15 +111,16 @@ cdef void _sums_part(const floating* x, const floating* u, const double* shift, 
             c = 0
 
 
-cdef void _sums(const floating* x, const floating* u, const double* shift, double* out0,
-                double* out1, double* work, idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
+cdef void _sums(const floating* x, const floating* u, const floating* g, const double* shift,
+                double* out0, double* out1, double* work, idx_t n, idx_t nc, idx_t s,
+                int nt) noexcept nogil:
     """Per-channel sums of _sums_part over all N*C planes into out0[c] and out1[c], on nt
     threads (each with 2*nc doubles of ``work``)."""
     cdef idx_t planes = n * nc, per, p0, p1, c
     cdef int t
     cdef double a, b
     if nt == 1:
-        _sums_part(x, u, shift, work, 0, planes, nc, s)
+        _sums_part(x, u, g, shift, work, 0, planes, nc, s)
     else:
         per = (planes + nt - 1) // nt
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
@@ -115,7 +130,7 @@ cdef void _sums(const floating* x, const floating* u, const double* shift, doubl
                 p1 = planes
             if p0 > planes:
                 p0 = planes
-            _sums_part(x, u, shift, work + 2 * nc * t, p0, p1, nc, s)
+            _sums_part(x, u, g, shift, work + 2 * nc * t, p0, p1, nc, s)
     for c in range(nc):
         a = 0
         b = 0
@@ -126,43 +141,57 @@ cdef void _sums(const floating* x, const floating* u, const double* shift, doubl
         out1[c] = b
 
 
-cdef void _affine_part(const floating* x, const floating* u, floating* out,
-                       const double* mean, const double* ca, const double* cb,
-                       const double* cc, idx_t p0, idx_t p1, idx_t nc,
+cdef void _affine_part(const floating* x, const floating* u, const floating* g,
+                       floating* out, const double* mean, const double* ca, const double* cb,
+                       const double* cc, bint relu, idx_t p0, idx_t p1, idx_t nc,
                        idx_t s) noexcept nogil:
-    """Planes [p0, p1): out = cb[c]*(x - mean[c]) + cc[c], plus ca[c]*u when u is given."""
+    """Planes [p0, p1): out = cb[c]*(x - mean[c]) + cc[c], plus ca[c]*u when u is given
+    (u taken as 0 where g <= 0 when g is given, as in _sums_part); with ``relu`` (forward
+    only) the result goes through ReLU as it is written (NaN kept, as torch.relu)."""
     cdef idx_t p, i, c = p0 % nc
     cdef const floating* xp
     cdef const floating* up
+    cdef const floating* gp
     cdef floating* op
-    cdef double m, a, b, k
+    cdef double m, a, b, k, v
     for p in range(p0, p1):
         xp = x + p * s
         op = out + p * s
         m = mean[c]
         b = cb[c]
         k = cc[c]
-        if u == NULL:
+        if u == NULL and relu:
+            for i in range(s):
+                v = (xp[i] - m) * b + k
+                op[i] = <floating> (0 if v <= 0 else v)
+        elif u == NULL:
             for i in range(s):
                 op[i] = <floating> ((xp[i] - m) * b + k)
-        else:
+        elif g == NULL:
             up = u + p * s
             a = ca[c]
             for i in range(s):
                 op[i] = <floating> (a * up[i] + (xp[i] - m) * b + k)
+        else:
+            up = u + p * s
+            gp = g + p * s
+            a = ca[c]
+            for i in range(s):
+                v = 0 if gp[i] <= 0 else up[i]
+                op[i] = <floating> (a * v + (xp[i] - m) * b + k)
         c += 1
         if c == nc:
             c = 0
 
 
-cdef void _affine(const floating* x, const floating* u, floating* out, const double* mean,
-                  const double* ca, const double* cb, const double* cc, idx_t n, idx_t nc,
-                  idx_t s, int nt) noexcept nogil:
+cdef void _affine(const floating* x, const floating* u, const floating* g, floating* out,
+                  const double* mean, const double* ca, const double* cb, const double* cc,
+                  bint relu, idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
     """_affine_part over all N*C planes on nt threads."""
     cdef idx_t planes = n * nc, per, p0, p1
     cdef int t
     if nt == 1:
-        _affine_part(x, u, out, mean, ca, cb, cc, 0, planes, nc, s)
+        _affine_part(x, u, g, out, mean, ca, cb, cc, relu, 0, planes, nc, s)
         return
     per = (planes + nt - 1) // nt
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
@@ -171,7 +200,7 @@ cdef void _affine(const floating* x, const floating* u, floating* out, const dou
         if p1 > planes:
             p1 = planes
         if p0 < p1:
-            _affine_part(x, u, out, mean, ca, cb, cc, p0, p1, nc, s)
+            _affine_part(x, u, g, out, mean, ca, cb, cc, relu, p0, p1, nc, s)
 
 
 cdef bint _wrong_length(object arr, idx_t n):
@@ -183,7 +212,7 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                        const floating[::1] weight, const floating[::1] bias,
                        floating[::1] running_mean, floating[::1] running_var,
                        bint batch_stats, bint update, double factor, double eps,
-                       double[:, ::1] saved, double[::1] work):
+                       double[:, ::1] saved, double[::1] work, bint relu=False):
     """y = (x - mean) / sqrt(var + eps) * weight + bias per channel.
 
     With ``batch_stats`` the mean and biased variance are the batch's (and, with
@@ -191,6 +220,7 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     unbiased variance); otherwise the running estimates are used.  ``weight``/``bias``
     may be None (1 and 0).  ``saved`` (4, C) receives the mean and 1/std for the backward
     pass.  A batch statistic over no elements leaves the running estimates alone, as torch.
+    With ``relu`` the output goes through ReLU in the same pass (a fused ReLU layer).
     """
     cdef idx_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
     cdef double m = <double> n * <double> s, mu, var, inv
@@ -225,7 +255,8 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
             # The shift K of each channel: its first element (see the module docstring).
             for c in range(nc):
                 scale[c] = x[0, c, 0] if m > 0 else 0
-            _sums(px, <const floating*> NULL, scale, mean, invstd, &work[0], n, nc, s, nt)
+            _sums(px, <const floating*> NULL, <const floating*> NULL, scale, mean, invstd,
+                  &work[0], n, nc, s, nt)
             for c in range(nc):
                 if m > 0:
                     mu = mean[c] / m
@@ -254,12 +285,12 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
             scale[c] = inv * (pw[c] if pw != NULL else 1)
             shift[c] = pb[c] if pb != NULL else 0
         if m > 0:
-            _affine(px, <const floating*> NULL, py, mean, <const double*> NULL, scale, shift,
-                    n, nc, s, nt)
+            _affine(px, <const floating*> NULL, <const floating*> NULL, py, mean,
+                    <const double*> NULL, scale, shift, relu, n, nc, s, nt)
 
 
 def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
-                        floating[:, :, ::1] dx, const floating[::1] weight,
+                        const floating[:, :, ::1] relu_output, floating[:, :, ::1] dx, const floating[::1] weight,
                         const double[:, ::1] saved, bint batch_stats,
                         floating[::1] grad_weight, floating[::1] grad_bias,
                         bint accumulate_weight, bint accumulate_bias,
@@ -269,7 +300,9 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
     grad_weight (+)= sum(dy * xhat) and grad_bias (+)= sum(dy) per channel (either may be
     None); dx (None: not computed) as torch: with batch statistics the mean and variance
     depend on x too, so dx = w*invstd * (dy - mean(dy) - xhat * mean(dy * xhat)); with the
-    running statistics dx = w*invstd * dy.  ``coef`` is (5, C) scratch.
+    running statistics dx = w*invstd * dy.  ``coef`` is (5, C) scratch.  ``relu_output``
+    (None when no ReLU was fused) is the forward's output after a fused ReLU: dy is then the
+    gradient of that output, cut where it is <= 0 as it is read.
     """
     cdef idx_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
     cdef double m = <double> n * <double> s, w, inv
@@ -280,6 +313,9 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
         raise ValueError("batch_norm_backward: inconsistent shapes")
     if dx is not None and (dx.shape[0] != n or dx.shape[1] != nc or dx.shape[2] != s):
         raise ValueError("batch_norm_backward: dx has the wrong shape")
+    if relu_output is not None and (relu_output.shape[0] != n or relu_output.shape[1] != nc
+                                    or relu_output.shape[2] != s):
+        raise ValueError("batch_norm_backward: relu_output has the wrong shape")
     if (_wrong_length(weight, nc) or _wrong_length(grad_weight, nc)
             or _wrong_length(grad_bias, nc)):
         raise ValueError("batch_norm_backward: per-channel arrays must have C elements")
@@ -288,6 +324,8 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
     cdef const floating* px = &x[0, 0, 0] if m > 0 else NULL
     cdef const floating* pdy = &dy[0, 0, 0] if m > 0 else NULL
     cdef floating* pdx = &dx[0, 0, 0] if (dx is not None and m > 0) else NULL
+    cdef const floating* pg = &relu_output[0, 0, 0] if (relu_output is not None
+                                                         and m > 0) else NULL
     cdef const floating* pw = &weight[0] if weight is not None else NULL
     cdef floating* pgw = &grad_weight[0] if grad_weight is not None else NULL
     cdef floating* pgb = &grad_bias[0] if grad_bias is not None else NULL
@@ -303,7 +341,7 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
         nt = <int> (work.shape[0] // (2 * nc))
     with nogil:
         if m > 0:
-            _sums(px, pdy, mean, sdy, sdyx, &work[0], n, nc, s, nt)
+            _sums(px, pdy, pg, mean, sdy, sdyx, &work[0], n, nc, s, nt)
         else:
             for c in range(nc):
                 sdy[c] = 0
@@ -323,4 +361,4 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
                 cb[c] = 0
                 cc[c] = 0
         if pdx != NULL:
-            _affine(px, pdy, pdx, mean, ca, cb, cc, n, nc, s, nt)
+            _affine(px, pdy, pg, pdx, mean, ca, cb, cc, False, n, nc, s, nt)
