@@ -10,6 +10,13 @@ update rules, so a model moves between the two with the same numbers::
     history = nn.fit(model, nn.CrossEntropyLoss(), opt, X, y, epochs=10, batch_size=64)
     labels = nn.predict(model, X_test).argmax(axis=1)
 
+Modes: as in torch, ``model.train()`` and ``model.eval()`` set ``training`` on every layer
+inside; BatchNorm (batch or running statistics) and Dropout (mask or identity) depend on it.
+``fit`` trains in training mode; ``predict`` and ``fit``'s validation compute in eval mode
+in their own thread without changing the flags.  ``state_dict`` holds parameters and
+buffers (``running_mean``, ...) under torch's keys, so a torch state dict of the same
+architecture loads as it is.
+
 Arrays returned by a layer's ``forward``/``backward`` (and a loss's ``backward``) are that
 layer's reusable buffers, overwritten by its next call with the same shapes in the same
 thread: this is what keeps a training step free of allocations.  Copy what you want to keep;
@@ -23,23 +30,29 @@ lock per parameter).  The weights are shared too: an optimizer step while anothe
 runs the model changes the weights under it, so train in one thread at a time (serve
 ``predict`` from as many as you like).
 """
-from microtile.nn._activation import ReLU, Sigmoid, Tanh
+from microtile.nn._activation import (GELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, SiLU, Softmax,
+                                      Tanh)
 from microtile.nn._conv import Conv2d
+from microtile.nn._dropout import Dropout
 from microtile.nn._flatten import Flatten
 from microtile.nn._gradcheck import gradcheck
 from microtile.nn._linear import Linear
 from microtile.nn._loss import CrossEntropyLoss, MSELoss
 from microtile.nn._module import Module
+from microtile.nn._norm import BatchNorm1d, BatchNorm2d
 from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
 from microtile.nn._parameter import Parameter
 from microtile.nn._persist import load, save
-from microtile.nn._pool import AvgPool2d, MaxPool2d
+from microtile.nn._pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from microtile.nn._residual import Residual
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
 
 __all__ = [
     "Module", "Parameter",
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid", "Tanh",
+    "BatchNorm1d", "BatchNorm2d", "Dropout",
+    "LeakyReLU", "GELU", "SiLU", "Softmax", "LogSoftmax", "AdaptiveAvgPool2d", "Residual",
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",

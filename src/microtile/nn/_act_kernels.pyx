@@ -11,7 +11,7 @@ per-thread contiguous chunks and the inner loops are plain pointer loops so that
 vectorises them; the activation is chosen outside the loops for the same reason.
 """
 from cython.parallel cimport prange
-from libc.math cimport exp, expf, tanh, tanhf
+from libc.math cimport erf, erff, exp, expf, log, M_SQRT1_2, M_2_SQRTPI, sqrt, tanh, tanhf
 
 from microtile._common._mt_openmp cimport mt_share, mt_share_end
 from microtile._common._typedefs cimport idx_t, floating
@@ -250,3 +250,257 @@ def colsum_work_size(idx_t cols):
     cdef gemm_params prm
     current_params(0, &prm)
     return cols * (prm.n_threads if prm.n_threads > 1 else 1)
+
+
+# -- dropout ---------------------------------------------------------------------------------
+
+cdef void _dropout_part(const floating* x, const floating* u, floating* out, floating p,
+                        floating scale, idx_t n) noexcept nogil:
+    """out = x * (scale where u >= p, else 0): a product, not a select, so NaN and Inf in
+    a dropped element propagate as torch's ``input * mask`` lets them."""
+    cdef idx_t i
+    for i in range(n):
+        out[i] = x[i] * (scale if u[i] >= p else 0)
+
+
+def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] out, double p,
+                  double scale):
+    """out = x * mask * scale with mask = (u >= p), over flat C-contiguous arrays.
+
+    ``u`` holds uniform [0, 1) draws, so each element is dropped with probability p; the
+    same ``u`` applied to the output gradient gives the input gradient.  ``out`` may be x.
+    """
+    cdef idx_t n = x.shape[0], chunk, t0, t1
+    cdef int nt, t
+    if u.shape[0] != n or out.shape[0] != n:
+        raise ValueError(f"dropout_apply: sizes {n}, {u.shape[0]}, {out.shape[0]} differ")
+    if n == 0:
+        return
+    nt = _threads_for(n)
+    cdef const floating* px = &x[0]
+    cdef const floating* pu = &u[0]
+    cdef floating* po = &out[0]
+    cdef floating fp = <floating> p, fs = <floating> scale
+    if nt == 1:
+        with nogil:
+            _dropout_part(px, pu, po, fp, fs, n)
+        return
+    chunk = mt_share(n, nt)
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
+        t0 = t * chunk
+        t1 = mt_share_end(t0, chunk, n)
+        if t0 < t1:
+            _dropout_part(px + t0, pu + t0, po + t0, fp, fs, t1 - t0)
+
+
+# -- activations whose derivative needs the input -------------------------------------------
+# LeakyReLU (its slope may be negative, so the output's sign does not say which side the
+# input was on), GELU and SiLU: the layers keep their input for the backward pass, and
+# these are not folded into a Linear's or Conv2d's write-back (whose backward has only the
+# output).  The formulas are torch's, in the data's precision, so the values (and the NaN
+# torch gives at gelu(-inf), say) are the same.
+
+POINTWISE = {"leaky_relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+cdef enum:
+    PW_LEAKY = 1
+    PW_GELU = 2
+    PW_GELU_TANH = 3
+    PW_SILU = 4
+
+
+cdef inline floating _fexp(floating v) noexcept nogil:
+    if floating is float:
+        return expf(v)
+    else:
+        return exp(v)
+
+
+cdef inline floating _ftanh(floating v) noexcept nogil:
+    if floating is float:
+        return tanhf(v)
+    else:
+        return tanh(v)
+
+
+cdef inline floating _ferf(floating v) noexcept nogil:
+    if floating is float:
+        return erff(v)
+    else:
+        return erf(v)
+
+
+cdef void _pw_part(int code, floating alpha, const floating* x, const floating* dy,
+                   floating* out, idx_t n) noexcept nogil:
+    """out = f(x) when dy is NULL, else out = dy * f'(x) (f chosen by ``code``)."""
+    cdef idx_t i
+    cdef floating v, t, inner, cdf
+    # sqrt(2 / pi), and 1 / sqrt(2 pi) (torch's kBeta and kAlpha), and tanh-GELU's kappa.
+    cdef floating beta = <floating> (sqrt(2.0) * M_2_SQRTPI * 0.5)
+    cdef floating inv_sqrt_2pi = <floating> (M_2_SQRTPI * M_SQRT1_2 * 0.5)
+    cdef floating kappa = <floating> 0.044715
+    cdef floating half = <floating> 0.5
+    cdef floating r2 = <floating> M_SQRT1_2
+    if code == PW_LEAKY:
+        if dy == NULL:
+            for i in range(n):
+                v = x[i]
+                out[i] = v if v > 0 else v * alpha
+        else:
+            for i in range(n):
+                out[i] = dy[i] if x[i] > 0 else dy[i] * alpha
+    elif code == PW_GELU:
+        if dy == NULL:
+            for i in range(n):
+                v = x[i]
+                out[i] = v * half * (1 + _ferf(v * r2))
+        else:
+            for i in range(n):
+                v = x[i]
+                cdf = half * (1 + _ferf(v * r2))
+                out[i] = dy[i] * (cdf + v * inv_sqrt_2pi * _fexp(-half * v * v))
+    elif code == PW_GELU_TANH:
+        if dy == NULL:
+            for i in range(n):
+                v = x[i]
+                inner = beta * (v + kappa * v * v * v)
+                out[i] = half * v * (1 + _ftanh(inner))
+        else:
+            for i in range(n):
+                v = x[i]
+                t = _ftanh(beta * (v + kappa * v * v * v))
+                out[i] = dy[i] * (half * (1 + t)
+                                  + half * v * (1 - t * t) * beta * (1 + 3 * kappa * v * v))
+    elif code == PW_SILU:
+        if dy == NULL:
+            for i in range(n):
+                v = x[i]
+                out[i] = v / (1 + _fexp(-v))
+        else:
+            for i in range(n):
+                v = x[i]
+                t = 1 / (1 + _fexp(-v))
+                out[i] = dy[i] * t * (1 + v * (1 - t))
+
+
+def pointwise(int code, double alpha, const floating[::1] x, const floating[::1] dy,
+              floating[::1] out):
+    """out = f(x) (``dy`` None) or out = dy * f'(x), f = POINTWISE[name]; ``alpha`` is
+    LeakyReLU's slope.  Flat C-contiguous arrays; out may be x (forward) or dy."""
+    cdef idx_t n = x.shape[0], chunk, t0, t1
+    cdef int nt, t
+    if out.shape[0] != n or (dy is not None and dy.shape[0] != n):
+        raise ValueError("pointwise: sizes differ")
+    if code < PW_LEAKY or code > PW_SILU:
+        raise ValueError(f"pointwise: unknown code {code}")
+    if n == 0:
+        return
+    nt = _threads_for(n)
+    cdef const floating* px = &x[0]
+    cdef const floating* pdy = &dy[0] if dy is not None else NULL
+    cdef floating* po = &out[0]
+    cdef floating a = <floating> alpha
+    if nt == 1:
+        with nogil:
+            _pw_part(code, a, px, pdy, po, n)
+        return
+    chunk = mt_share(n, nt)
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
+        t0 = t * chunk
+        t1 = mt_share_end(t0, chunk, n)
+        if t0 < t1:
+            _pw_part(code, a, px + t0, NULL if pdy == NULL else pdy + t0, po + t0, t1 - t0)
+
+
+# -- softmax and log-softmax along one axis ---------------------------------------------------
+# The array is viewed as (outer, length, inner): each of the outer*inner lines has
+# ``length`` elements ``inner`` apart.  Per line: the maximum first (so exp never
+# overflows), then the sum of exp(x - max) in float64.
+
+cdef void _softmax_lines(const floating* x, floating* y, idx_t l0, idx_t l1, idx_t length,
+                         idx_t inner, bint logarithm) noexcept nogil:
+    cdef idx_t line, j, base
+    cdef double m, s, lse
+    cdef floating v
+    for line in range(l0, l1):
+        base = (line // inner) * length * inner + line % inner
+        m = x[base]
+        for j in range(1, length):
+            v = x[base + j * inner]
+            if v > m:       # NaN never wins; a NaN first element makes m NaN: all NaN
+                m = v
+        s = 0
+        for j in range(length):
+            s += exp(x[base + j * inner] - m)
+        if logarithm:
+            # (x - max) - log(s), as torch: x - (max + log(s)) would lose log(s) next to a
+            # huge max (-1e308 + 1.1 == -1e308).
+            lse = log(s)
+            for j in range(length):
+                y[base + j * inner] = <floating> ((x[base + j * inner] - m) - lse)
+        else:
+            s = 1 / s
+            for j in range(length):
+                y[base + j * inner] = <floating> (exp(x[base + j * inner] - m) * s)
+
+
+cdef void _softmax_back_lines(const floating* y, const floating* dy, floating* dx, idx_t l0,
+                              idx_t l1, idx_t length, idx_t inner,
+                              bint logarithm) noexcept nogil:
+    """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
+    cdef idx_t line, j, base, k
+    cdef double s
+    for line in range(l0, l1):
+        base = (line // inner) * length * inner + line % inner
+        s = 0
+        if logarithm:
+            for j in range(length):
+                s += dy[base + j * inner]
+            for j in range(length):
+                k = base + j * inner
+                dx[k] = <floating> (dy[k] - exp(<double> y[k]) * s)
+        else:
+            for j in range(length):
+                k = base + j * inner
+                s += <double> dy[k] * y[k]
+            for j in range(length):
+                k = base + j * inner
+                dx[k] = <floating> (y[k] * (dy[k] - s))
+
+
+def softmax(const floating[::1] x, const floating[::1] dy, floating[::1] out, idx_t outer,
+            idx_t length, idx_t inner, bint logarithm):
+    """Forward (``dy`` None: out = softmax or log-softmax of x) or backward (x is then the
+    forward's output y, out = dx) along the middle axis of x viewed as (outer, length,
+    inner); flat C-contiguous arrays."""
+    cdef idx_t n = x.shape[0], lines = outer * inner, per, l0, l1
+    cdef int nt, t
+    if (outer < 0 or length < 0 or inner < 0 or outer * length * inner != n
+            or out.shape[0] != n or (dy is not None and dy.shape[0] != n)):
+        raise ValueError("softmax: inconsistent sizes")
+    if n == 0:
+        return
+    nt = _threads_for(n)
+    if nt > lines:
+        nt = <int> lines
+    cdef const floating* px = &x[0]
+    cdef const floating* pdy = &dy[0] if dy is not None else NULL
+    cdef floating* po = &out[0]
+    if nt <= 1:
+        with nogil:
+            if pdy == NULL:
+                _softmax_lines(px, po, 0, lines, length, inner, logarithm)
+            else:
+                _softmax_back_lines(px, pdy, po, 0, lines, length, inner, logarithm)
+        return
+    per = (lines + nt - 1) // nt
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
+        l0 = t * per
+        l1 = l0 + per
+        if l1 > lines:
+            l1 = lines
+        if l0 < l1:
+            if pdy == NULL:
+                _softmax_lines(px, po, l0, l1, length, inner, logarithm)
+            else:
+                _softmax_back_lines(px, pdy, po, l0, l1, length, inner, logarithm)

@@ -141,6 +141,12 @@ def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
     ValueError
         When ``eps`` is not > 0 or ``rtol``/``atol`` not >= 0 (or any is NaN or infinite);
         TypeError when one is not a real number.
+
+    Notes
+    -----
+    The parameters' gradients and the layer's buffers (running statistics) are restored
+    afterwards.  A layer with Dropout is checked in eval mode (a new mask per evaluation
+    has no derivative to compare).
     """
     x = np.array(as_float_array(x, "x"), copy=True)
     d_eps, d_rtol, d_atol = _DEFAULTS[x.dtype]
@@ -149,6 +155,11 @@ def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
     atol = _setting("atol", atol, d_atol, zero_ok=True)
     value, analytic, named = _as_scalar_objective(fn_or_layer, target)
     saved = [(p, p._grad.copy(), p._grad_is_zero) for _, p in named]
+    # Buffers too: every forward of a BatchNorm in training mode moves its running
+    # statistics, and a check should leave the model as it found it.
+    buffers = (fn_or_layer.named_buffers()
+               if callable(getattr(fn_or_layer, "named_buffers", None)) else [])
+    saved_buffers = [(b, b.copy()) for _, b in buffers]
     try:
         dx, grads = analytic(x)
         if dx.shape != x.shape:
@@ -161,6 +172,8 @@ def gradcheck(fn_or_layer, x, *, eps=None, rtol=None, atol=None, target=None):
         for p, g, zero in saved:
             p._grad[...] = g
             p._grad_is_zero = zero
+        for b, value_before in saved_buffers:
+            np.copyto(b, value_before)
     worst = None
     for what, a, n in checks:
         if a.size == 0:

@@ -5,6 +5,9 @@ Threads: what a layer keeps between calls (its work buffers, and what ``forward`
 number of threads at once, each thread seeing only its own buffers.  Gradients are shared:
 ``backward`` accumulates into ``Parameter.grad`` under the parameter's lock.
 """
+import contextlib
+import math
+import numbers
 import threading
 
 import numpy as np
@@ -14,6 +17,27 @@ from microtile.nn._parameter import Parameter
 # Shapes of one buffer kept at once: a training batch, the last partial batch, and the same
 # two for validation, so fit never reallocates once it has seen each of them.
 _BUFFER_SHAPES = 4
+
+
+# Set while ``eval_in_this_thread`` runs: every layer in this thread computes as in eval mode.
+_eval_override = threading.local()
+
+
+@contextlib.contextmanager
+def eval_in_this_thread():
+    """Run the body with every layer computing as in eval mode, in the calling thread only.
+
+    ``predict`` and ``fit``'s validation use it instead of ``eval()``/``train()``: the
+    ``training`` flags are shared by all threads, so flipping them for one prediction
+    would switch a BatchNorm to batch statistics (or back) under another thread.  Layers
+    whose result depends on the mode read it through ``Module._in_training()``.
+    """
+    previous = getattr(_eval_override, "on", False)
+    _eval_override.on = True
+    try:
+        yield
+    finally:
+        _eval_override.on = previous
 
 
 class per_thread:
@@ -100,6 +124,11 @@ class Module(ThreadState):
 
     # Names of the Parameter attributes, in state-dict order (None entries are skipped).
     _param_names = ()
+    # Names of the buffer attributes (ndarrays that are state but not trained, such as
+    # BatchNorm's running_mean), in state-dict order after the parameters; None skipped.
+    _state_buffer_names = ()
+    # torch's default mode; ``train``/``eval`` set it per instance.
+    training = True
 
     def __call__(self, x):
         return self.forward(x)
@@ -110,6 +139,46 @@ class Module(ThreadState):
     def backward(self, dy, *, need_input_grad=True):
         raise NotImplementedError
 
+    # -- composition ----------------------------------------------------------------------
+    def _named_children(self):
+        """``[(name, layer), ...]``: the layers this one is made of, named as torch names
+        them in state-dict keys (``"0"`` in a Sequential, ``"block"`` in a Residual)."""
+        return []
+
+    def modules(self):
+        """This module and every Module inside it, depth first (as ``torch.nn.Module``)."""
+        out = [self]
+        for _, child in self._named_children():
+            if isinstance(child, Module):
+                out.extend(child.modules())
+        return out
+
+    # -- modes ----------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Set training mode (``mode=True``) or evaluation mode here and in every layer
+        inside; returns the module, as torch does.
+
+        The mode decides what BatchNorm (batch or running statistics) and Dropout (mask or
+        identity) do in ``forward``; the other layers compute the same either way.
+        """
+        if not isinstance(mode, bool):
+            # torch raises ValueError here too.
+            raise ValueError(f"train: mode must be a bool, got {mode!r}")
+        self.training = mode
+        for _, child in self._named_children():
+            if callable(getattr(child, "train", None)):
+                child.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode, here and inside (``train(False)``); returns the module."""
+        return self.train(False)
+
+    def _in_training(self):
+        """The mode ``forward`` computes in: ``training``, except inside
+        ``eval_in_this_thread`` (in this thread), where it is eval."""
+        return self.training and not getattr(_eval_override, "on", False)
+
     # -- parameters -----------------------------------------------------------------------
     def named_parameters(self, prefix=""):
         """``[(name, Parameter), ...]`` with torch's names (``"0.weight"`` in a Sequential)."""
@@ -118,6 +187,25 @@ class Module(ThreadState):
             p = getattr(self, name, None)
             if p is not None:
                 out.append((prefix + name, p))
+        for name, child in self._named_children():
+            sub = prefix + name + "."
+            if isinstance(child, Module):
+                out.extend(child.named_parameters(sub))
+            elif callable(getattr(child, "parameters", None)):
+                out.extend((sub + str(j), p) for j, p in enumerate(child.parameters()))
+        return out
+
+    def named_buffers(self, prefix=""):
+        """``[(name, ndarray), ...]``: the non-trainable state (running statistics, ...)
+        under torch's names.  The arrays are the module's own: write into them, not over."""
+        out = []
+        for name in self._state_buffer_names:
+            b = getattr(self, name, None)
+            if b is not None:
+                out.append((prefix + name, b))
+        for name, child in self._named_children():
+            if isinstance(child, Module):
+                out.extend(child.named_buffers(prefix + name + "."))
         return out
 
     def parameters(self):
@@ -131,32 +219,58 @@ class Module(ThreadState):
 
     @property
     def dtype(self):
-        """The parameters' dtype (None for a module without parameters)."""
+        """The parameters' dtype (else the floating buffers'; None when there are neither)."""
         params = self.parameters()
-        return params[0].dtype if params else None
+        if params:
+            return params[0].dtype
+        for _, b in self.named_buffers():
+            if b.dtype.kind == "f":
+                return b.dtype
+        return None
 
     # -- state ----------------------------------------------------------------------------
+    def _named_state(self, prefix=""):
+        """``[(key, array), ...]`` in torch's state-dict order: each module's parameters,
+        then its buffers, then its children's entries."""
+        out = []
+        for name in self._param_names:
+            p = getattr(self, name, None)
+            if p is not None:
+                out.append((prefix + name, p.data))
+        for name in self._state_buffer_names:
+            b = getattr(self, name, None)
+            if b is not None:
+                out.append((prefix + name, b))
+        for name, child in self._named_children():
+            sub = prefix + name + "."
+            if isinstance(child, Module):
+                out.extend(child._named_state(sub))
+            elif callable(getattr(child, "parameters", None)):
+                out.extend((sub + str(j), p.data) for j, p in enumerate(child.parameters()))
+        return out
+
     def state_dict(self):
-        """A dict of copies of the parameters' values, keyed as torch keys them.
+        """A dict of copies of the parameters' and buffers' values, keyed as torch keys
+        them (``"0.weight"``, ``"1.running_mean"``, ``"1.num_batches_tracked"``, ...).
 
         Returns
         -------
         dict of str to ndarray
         """
-        return {name: p.data.copy() for name, p in self.named_parameters()}
+        return {name: a.copy() for name, a in self._named_state()}
 
     def load_state_dict(self, state_dict):
-        """Copy values from ``state_dict`` into the parameters.
+        """Copy values from ``state_dict`` into the parameters and buffers.
 
-        Every key must be present with the parameter's shape, and no key may be unknown;
-        otherwise ``ValueError`` is raised and no parameter is changed.  Values are cast to
-        each parameter's dtype.
+        Every key must be present with the entry's shape, and no key may be unknown;
+        otherwise ``ValueError`` is raised and nothing is changed.  Values are cast to each
+        entry's dtype.
 
         Parameters
         ----------
         state_dict : mapping of str to array_like
         """
-        named = self.named_parameters()
+        named = self._named_state()
         try:
             keys = set(state_dict.keys())
         except AttributeError:
@@ -173,17 +287,17 @@ class Module(ThreadState):
                 parts.append(f"unexpected keys {unexpected}")
             raise ValueError(f"load_state_dict: {'; '.join(parts)}")
         values = []
-        for name, p in named:
+        for name, target in named:
             v = np.asarray(state_dict[name])
             if v.dtype.kind not in "iuf":
                 raise TypeError(f"load_state_dict: {name!r} has dtype {v.dtype}")
-            if v.shape != p.shape:
+            if v.shape != target.shape:
                 raise ValueError(f"load_state_dict: {name!r} has shape {v.shape}, the model "
-                                 f"expects {p.shape}")
+                                 f"expects {target.shape}")
             values.append(v)
         # Everything checked: only now is anything written.
-        for (_, p), v in zip(named, values):
-            np.copyto(p.data, v, casting="unsafe")
+        for (_, target), v in zip(named, values):
+            np.copyto(target, v, casting="unsafe")
 
 
 def check_int(value, name, owner, minimum=0):
@@ -194,6 +308,17 @@ def check_int(value, name, owner, minimum=0):
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be at least {minimum}, got {value}")
     return value
+
+
+def check_real(value, name, owner, lo=-math.inf, hi=math.inf):
+    """``value`` as a float in [lo, hi]: TypeError for a non-number (or a bool), ValueError
+    for NaN or a value outside the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    v = float(value)
+    if not lo <= v <= hi:       # also rejects NaN
+        raise ValueError(f"{owner}: {name} must be between {lo} and {hi}, got {value!r}")
+    return v
 
 
 def as_parameter(value, name):

@@ -1,4 +1,6 @@
-"""MaxPool2d and AvgPool2d: torch's pooling layers on microtile's pooling functions."""
+"""MaxPool2d, AvgPool2d and AdaptiveAvgPool2d: torch's pooling layers."""
+import math
+
 import numpy as np
 
 from microtile.nn._dtypes import as_grad
@@ -7,7 +9,8 @@ from microtile.conv._nchw import out_size
 from microtile.nn._conv import pair
 from microtile.conv.pooling import (avg_pool2d, avg_pool2d_backward, max_pool2d,
                                     max_pool2d_backward)
-from microtile.nn._module import Module, per_thread
+from microtile.nn._module import Module, check_int, per_thread
+from microtile.nn._pool_kernels import adaptive_avg_pool2d
 
 
 class _Pool2d(Module):
@@ -115,3 +118,78 @@ class AvgPool2d(_Pool2d):
         return avg_pool2d_backward(dy, self._x.shape, self.kernel_size, self.stride,
                                    self.padding, count_include_pad=self.count_include_pad,
                                    _dx=self._buffer("dx", self._x.shape, dy.dtype))
+
+
+class AdaptiveAvgPool2d(Module):
+    """Mean over torch's adaptive bins to a fixed output size, as
+    ``torch.nn.AdaptiveAvgPool2d``: (N, C, H, W) or (C, H, W) -> (..., P, Q).
+
+    Output row i averages input rows ``floor(i*H/P)`` to ``ceil((i+1)*H/P)`` (exclusive),
+    and likewise for columns, so the bins cover the input and overlap when P does not
+    divide H.  ``AdaptiveAvgPool2d(1)`` is global average pooling.
+
+    Parameters
+    ----------
+    output_size : int or (int or None, int or None)
+        (P, Q); None keeps that input dimension.
+    """
+
+    # The last forward's shapes, per thread (see ``Module``).
+    _in_shape = per_thread()
+    _out_shape = per_thread()
+    _dtype = per_thread()
+
+    def __init__(self, output_size):
+        owner = "AdaptiveAvgPool2d"
+        if isinstance(output_size, (tuple, list)):
+            if len(output_size) != 2:
+                raise ValueError(f"{owner}: output_size must be an int or a pair, got "
+                                 f"{output_size!r}")
+            size = tuple(None if v is None else check_int(v, "output_size", owner, 0)
+                         for v in output_size)
+        else:
+            v = check_int(output_size, "output_size", owner, 0)
+            size = (v, v)
+        self._size = size
+        self.output_size = output_size if isinstance(output_size, tuple) else (
+            tuple(output_size) if isinstance(output_size, list) else size[0])
+
+    def forward(self, x):
+        x = as_float_array(x, "x")
+        if x.ndim not in (3, 4):
+            raise ValueError(f"{self!r}: input has shape {x.shape}, expected (N, C, H, W) "
+                             f"or (C, H, W)")
+        h, w = x.shape[-2:]
+        ph = h if self._size[0] is None else self._size[0]
+        pw = w if self._size[1] is None else self._size[1]
+        if (h == 0 or w == 0) and ph * pw > 0:
+            raise ValueError(f"{self!r}: input of shape {x.shape} has no element to average "
+                             f"into a {ph}x{pw} output")
+        planes = math.prod(x.shape[:-2])
+        if x.flags.c_contiguous:
+            x3 = x.reshape(planes, h, w)
+        else:
+            x3 = self._buffer("x", (planes, h, w), x.dtype)
+            np.copyto(x3.reshape(x.shape), x)
+        y = self._buffer("y", (planes, ph, pw), x.dtype)
+        adaptive_avg_pool2d(x3, y, False)
+        self._in_shape = x.shape
+        self._out_shape = x.shape[:-2] + (ph, pw)
+        self._dtype = x.dtype
+        return y.reshape(self._out_shape)
+
+    def backward(self, dy, *, need_input_grad=True):
+        """Each output gradient spread evenly over its bin (summed where bins overlap)."""
+        if self._in_shape is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        dy = as_grad(dy, self._dtype, self._out_shape, self)
+        if not need_input_grad:
+            return None
+        shape = self._in_shape
+        planes = math.prod(shape[:-2])
+        dx = self._buffer("dx", (planes,) + shape[-2:], dy.dtype)
+        adaptive_avg_pool2d(dy.reshape((planes,) + self._out_shape[-2:]), dx, True)
+        return dx.reshape(shape)
+
+    def __repr__(self):
+        return f"AdaptiveAvgPool2d(output_size={self.output_size!r})"

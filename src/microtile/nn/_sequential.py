@@ -6,10 +6,11 @@ from microtile.nn._module import Module, per_thread
 class Sequential(Module):
     """A chain of layers: ``forward`` applies them in order, ``backward`` in reverse.
 
-    A Linear or Conv2d followed by ReLU, Sigmoid or Tanh runs as one step: the activation is
-    applied while the layer writes its output, and its derivative while the layer reads the
-    incoming gradient, saving a pass over the activations each way.  The results are the
-    same as running the two layers separately.
+    A Linear, Conv2d, BatchNorm or Residual followed by ReLU, Sigmoid or Tanh runs as one
+    step: the activation is applied while the layer writes its output, and its derivative
+    while the layer reads the incoming gradient, saving a pass over the activations each
+    way.  The results are the same as running the two layers separately.  (LeakyReLU,
+    GELU and SiLU need their input for the backward pass, so they always run on their own.)
 
     Parameters
     ----------
@@ -37,15 +38,8 @@ class Sequential(Module):
     def __iter__(self):
         return iter(self.layers)
 
-    def named_parameters(self, prefix=""):
-        out = []
-        for i, layer in enumerate(self.layers):
-            sub = prefix + f"{i}."
-            if isinstance(layer, Module):
-                out.extend(layer.named_parameters(sub))
-            elif callable(getattr(layer, "parameters", None)):
-                out.extend((sub + str(j), p) for j, p in enumerate(layer.parameters()))
-        return out
+    def _named_children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def forward(self, x):
         """Apply every layer; a ValueError names the layer (index and repr) it came from."""

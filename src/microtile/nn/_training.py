@@ -4,15 +4,24 @@ import numpy as np
 from microtile._common._checks import as_float_array
 from microtile.nn._init import as_generator
 from microtile.nn._loss import MSELoss
-from microtile.nn._module import Module, check_int
+from microtile.nn._module import Module, check_int, eval_in_this_thread
 from microtile.nn._progress import Progress
 
 _INTP = np.dtype(np.intp)
 
 
 def _model_dtype(model, X):
+    if isinstance(model, Module):
+        dt = model.dtype      # a BatchNorm without affine parameters has one too
+        return X.dtype if dt is None else dt
     params = model.parameters() if callable(getattr(model, "parameters", None)) else []
     return params[0].dtype if params else X.dtype
+
+
+def _set_training(model, training):
+    """``model.train(training)`` for anything that has modes (a duck-typed layer may not)."""
+    if callable(getattr(model, "train", None)):
+        model.train(training)
 
 
 def _prepare(model, X, y, what, loss=None):
@@ -79,7 +88,10 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     """Train ``model`` with mini-batches of ``(X, y)``.
 
     Each step: ``optimizer.zero_grad()``, ``model.forward``, ``loss.forward``,
-    ``model.backward(loss.backward())``, ``optimizer.step()``.
+    ``model.backward(loss.backward())``, ``optimizer.step()``.  The steps run in training
+    mode (``model.train()`` at the start of every epoch, so the model is left in training
+    mode, as after a torch training loop) and the validation in eval mode (as ``predict``
+    does it, without touching the flags).
 
     Parameters
     ----------
@@ -140,6 +152,7 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         if shuffle:
             gen.shuffle(order)
         bar.start_epoch(epoch)
+        _set_training(model, True)
         total = 0.0
         hits = 0 if labels else None
         for start in range(0, n, batch_size):
@@ -172,7 +185,8 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
             history["accuracy"].append(hits / n if hits is not None else float("nan"))
         extra = ""
         if validation is not None:
-            vl, va = _evaluate(model, loss, Xv, yv, vlabels, max(batch_size, 256), acc)
+            with eval_in_this_thread():
+                vl, va = _evaluate(model, loss, Xv, yv, vlabels, max(batch_size, 256), acc)
             history["val_loss"].append(vl)
             extra = f" val_loss {vl:.4f}"
             if vlabels:
@@ -184,7 +198,12 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
 
 
 def predict(model, X, batch_size=256):
-    """The model's outputs for every sample of ``X``, computed ``batch_size`` at a time.
+    """The model's outputs for every sample of ``X``, computed ``batch_size`` at a time,
+    in eval mode.
+
+    Eval mode holds for this call in this thread only (``eval_in_this_thread``): the
+    layers' ``training`` flags are never changed, so the model is left in the mode it was
+    found in and other threads (another ``predict``, a ``fit``) are not affected.
 
     Parameters
     ----------
@@ -204,12 +223,13 @@ def predict(model, X, batch_size=256):
         raise ValueError("predict: X must have a sample dimension, got a scalar")
     X = X.astype(_model_dtype(model, X), copy=False)
     n = X.shape[0]
-    if n == 0:
-        return np.array(model.forward(X), copy=True)
-    result = None
-    for start in range(0, n, batch_size):
-        out = model.forward(X[start:start + batch_size])
-        if result is None:
-            result = np.empty((n,) + out.shape[1:], out.dtype)
-        result[start:start + out.shape[0]] = out
+    with eval_in_this_thread():
+        if n == 0:
+            return np.array(model.forward(X), copy=True)
+        result = None
+        for start in range(0, n, batch_size):
+            out = model.forward(X[start:start + batch_size])
+            if result is None:
+                result = np.empty((n,) + out.shape[1:], out.dtype)
+            result[start:start + out.shape[0]] = out
     return result

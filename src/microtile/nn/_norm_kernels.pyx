@@ -1,0 +1,364 @@
+"""Batch normalisation kernels: per-channel statistics, normalisation and its gradient.
+
+Every array is viewed as (N, C, S): S is L for (N, C, L) inputs, H*W for (N, C, H, W) and 1
+for (N, C), so a channel's data are N contiguous planes of S elements, C planes apart.
+Threads take contiguous ranges of the N*C planes (so the split works for a small batch of
+large images and for a large batch of vectors alike); each thread adds its per-channel
+sums into its own float64 slice of ``work`` (no sharing, no atomics), and the slices are
+reduced after the parallel region.
+
+Statistics are taken in one pass from sums of ``d = x - K`` and ``d*d`` in float64, where
+``K`` is the channel's first element: shifting by a value of the channel keeps
+``sum(d*d)/M - mean(d)^2`` free of the cancellation that raw moments suffer when the mean
+is large against the spread.  The backward pass reads the data twice: once for the two sums
+per channel it needs (sum(dy) and sum(dy * (x - mean))), once to write dx.
+
+A ReLU that follows the layer in a Sequential is applied as the output is written, and its
+derivative (from the kept output) as dy is read in both backward passes: Conv2d ->
+BatchNorm2d -> ReLU then costs no pass of its own either way.
+
+Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
+own the buffers.
+"""
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+from microtile._common._typedefs cimport idx_t, floating
+from microtile.linalg._gemm cimport gemm_params
+from microtile._config._params cimport current_params
+
+# Below this many elements a second thread costs more than it saves (a pass over ~256 KiB).
+cdef idx_t PAR_MIN = 1 << 15
+
+# Rows of the ``saved`` array the forward fills for the backward: the mean and 1/std used,
+# then the scale and shift of the normalisation.
+cdef enum:
+    MEAN = 0
+    INVSTD = 1
+    SCALE = 2
+    SHIFT = 3
+    SAVED_ROWS = 4
+# Rows of the backward's ``coef`` array: the two sums, then dx = A*dy + B*(x - mean) + C0.
+cdef enum:
+    SUM_DY = 0
+    SUM_DYX = 1
+    COEF_A = 2
+    COEF_B = 3
+    COEF_C = 4
+    COEF_ROWS = 5
+
+
+cdef int _max_threads() except -1:
+    cdef gemm_params prm
+    current_params(0, &prm)
+    return prm.n_threads if prm.n_threads > 1 else 1
+
+
+cdef int _threads_for(idx_t elems, idx_t planes) except -1:
+    """Threads for a pass over ``elems`` elements in ``planes`` planes."""
+    cdef int nt
+    if elems < PAR_MIN or planes < 2:
+        return 1
+    nt = _max_threads()
+    return <int> planes if planes < nt else nt
+
+
+def work_size(idx_t channels):
+    """Length of the float64 ``work`` array the kernels need for all threads."""
+    return 2 * channels * _max_threads()
+
+
+cdef void _sums_part(const floating* x, const floating* u, const floating* g,
+                     const double* shift, double* acc, idx_t p0, idx_t p1, idx_t nc,
+                     idx_t s) noexcept nogil:
+    """Planes [p0, p1): with d = x - shift[c], acc[c] += sum(d) and acc[nc + c] += sum(d*d)
+    when u is NULL, else acc[c] += sum(u) and acc[nc + c] += sum(u*d).  With g (a fused
+    ReLU's output), u is taken as 0 where g <= 0 (torch's threshold_backward)."""
+    cdef idx_t p, i, c = p0 % nc
+    cdef const floating* xp
+    cdef const floating* up
+    cdef const floating* gp
+    cdef double k, d, v, s0, s1
+    for i in range(2 * nc):
+        acc[i] = 0
+    for p in range(p0, p1):
+        xp = x + p * s
+        k = shift[c]
+        s0 = 0
+        s1 = 0
+        if u == NULL:
+            for i in range(s):
+                d = xp[i] - k
+                s0 += d
+                s1 += d * d
+        elif g == NULL:
+            up = u + p * s
+            for i in range(s):
+                v = up[i]
+                s0 += v
+                s1 += v * (xp[i] - k)
+        else:
+            up = u + p * s
+            gp = g + p * s
+            for i in range(s):
+                v = 0 if gp[i] <= 0 else up[i]
+                s0 += v
+                s1 += v * (xp[i] - k)
+        acc[c] += s0
+        acc[nc + c] += s1
+        c += 1
+        if c == nc:
+            c = 0
+
+
+cdef void _sums(const floating* x, const floating* u, const floating* g, const double* shift,
+                double* out0, double* out1, double* work, idx_t n, idx_t nc, idx_t s,
+                int nt) noexcept nogil:
+    """Per-channel sums of _sums_part over all N*C planes into out0[c] and out1[c], on nt
+    threads (each with 2*nc doubles of ``work``)."""
+    cdef idx_t planes = n * nc, per, p0, p1, c
+    cdef int t
+    cdef double a, b
+    if nt == 1:
+        _sums_part(x, u, g, shift, work, 0, planes, nc, s)
+    else:
+        per = (planes + nt - 1) // nt
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            p0 = t * per
+            p1 = p0 + per
+            if p1 > planes:
+                p1 = planes
+            if p0 > planes:
+                p0 = planes
+            _sums_part(x, u, g, shift, work + 2 * nc * t, p0, p1, nc, s)
+    for c in range(nc):
+        a = 0
+        b = 0
+        for t in range(nt):
+            a = a + work[2 * nc * t + c]
+            b = b + work[2 * nc * t + nc + c]
+        out0[c] = a
+        out1[c] = b
+
+
+cdef void _affine_part(const floating* x, const floating* u, const floating* g,
+                       floating* out, const double* mean, const double* ca, const double* cb,
+                       const double* cc, bint relu, idx_t p0, idx_t p1, idx_t nc,
+                       idx_t s) noexcept nogil:
+    """Planes [p0, p1): out = cb[c]*(x - mean[c]) + cc[c], plus ca[c]*u when u is given
+    (u taken as 0 where g <= 0 when g is given, as in _sums_part); with ``relu`` (forward
+    only) the result goes through ReLU as it is written (NaN kept, as torch.relu)."""
+    cdef idx_t p, i, c = p0 % nc
+    cdef const floating* xp
+    cdef const floating* up
+    cdef const floating* gp
+    cdef floating* op
+    cdef double m, a, b, k, v
+    for p in range(p0, p1):
+        xp = x + p * s
+        op = out + p * s
+        m = mean[c]
+        b = cb[c]
+        k = cc[c]
+        if u == NULL and relu:
+            for i in range(s):
+                v = (xp[i] - m) * b + k
+                op[i] = <floating> (0 if v <= 0 else v)
+        elif u == NULL:
+            for i in range(s):
+                op[i] = <floating> ((xp[i] - m) * b + k)
+        elif g == NULL:
+            up = u + p * s
+            a = ca[c]
+            for i in range(s):
+                op[i] = <floating> (a * up[i] + (xp[i] - m) * b + k)
+        else:
+            up = u + p * s
+            gp = g + p * s
+            a = ca[c]
+            for i in range(s):
+                v = 0 if gp[i] <= 0 else up[i]
+                op[i] = <floating> (a * v + (xp[i] - m) * b + k)
+        c += 1
+        if c == nc:
+            c = 0
+
+
+cdef void _affine(const floating* x, const floating* u, const floating* g, floating* out,
+                  const double* mean, const double* ca, const double* cb, const double* cc,
+                  bint relu, idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
+    """_affine_part over all N*C planes on nt threads."""
+    cdef idx_t planes = n * nc, per, p0, p1
+    cdef int t
+    if nt == 1:
+        _affine_part(x, u, g, out, mean, ca, cb, cc, relu, 0, planes, nc, s)
+        return
+    per = (planes + nt - 1) // nt
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        p0 = t * per
+        p1 = p0 + per
+        if p1 > planes:
+            p1 = planes
+        if p0 < p1:
+            _affine_part(x, u, g, out, mean, ca, cb, cc, relu, p0, p1, nc, s)
+
+
+cdef bint _wrong_length(object arr, idx_t n):
+    """A per-channel array (None allowed) whose length is not n."""
+    return arr is not None and len(arr) != n
+
+
+def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
+                       const floating[::1] weight, const floating[::1] bias,
+                       floating[::1] running_mean, floating[::1] running_var,
+                       bint batch_stats, bint update, double factor, double eps,
+                       double[:, ::1] saved, double[::1] work, bint relu=False):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias per channel.
+
+    With ``batch_stats`` the mean and biased variance are the batch's (and, with
+    ``update``, the running estimates move by ``factor`` towards the mean and the
+    unbiased variance); otherwise the running estimates are used.  ``weight``/``bias``
+    may be None (1 and 0).  ``saved`` (4, C) receives the mean and 1/std for the backward
+    pass.  A batch statistic over no elements leaves the running estimates alone, as torch.
+    With ``relu`` the output goes through ReLU in the same pass (a fused ReLU layer).
+    """
+    cdef idx_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef double m = <double> n * <double> s, mu, var, inv
+    if (y.shape[0] != n or y.shape[1] != nc or y.shape[2] != s or saved.shape[0] != SAVED_ROWS
+            or saved.shape[1] != nc or work.shape[0] < 2 * nc):
+        raise ValueError("batch_norm_forward: inconsistent shapes")
+    if (_wrong_length(weight, nc) or _wrong_length(bias, nc)
+            or _wrong_length(running_mean, nc) or _wrong_length(running_var, nc)):
+        raise ValueError("batch_norm_forward: per-channel arrays must have C elements")
+    if not batch_stats and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm_forward: running statistics needed")
+    if update and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm_forward: running statistics needed")
+    if nc == 0:
+        return
+    cdef const floating* px = &x[0, 0, 0] if m > 0 else NULL
+    cdef floating* py = &y[0, 0, 0] if m > 0 else NULL
+    cdef const floating* pw = &weight[0] if weight is not None else NULL
+    cdef const floating* pb = &bias[0] if bias is not None else NULL
+    cdef floating* prm = &running_mean[0] if running_mean is not None else NULL
+    cdef floating* prv = &running_var[0] if running_var is not None else NULL
+    cdef double* sv = &saved[0, 0]
+    cdef double* mean = sv + MEAN * nc
+    cdef double* invstd = sv + INVSTD * nc
+    cdef double* scale = sv + SCALE * nc
+    cdef double* shift = sv + SHIFT * nc
+    cdef int nt = _threads_for(n * nc * s, n * nc)
+    if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
+        nt = <int> (work.shape[0] // (2 * nc))
+    with nogil:
+        if batch_stats:
+            # The shift K of each channel: its first element (see the module docstring).
+            for c in range(nc):
+                scale[c] = x[0, c, 0] if m > 0 else 0
+            _sums(px, <const floating*> NULL, <const floating*> NULL, scale, mean, invstd,
+                  &work[0], n, nc, s, nt)
+            for c in range(nc):
+                if m > 0:
+                    mu = mean[c] / m
+                    var = invstd[c] / m - mu * mu
+                    if var < 0:     # rounding; the variance itself never is
+                        var = 0
+                    mu = mu + scale[c]
+                else:
+                    mu = 0
+                    var = 0
+                if update and m > 0:
+                    prm[c] = <floating> ((1 - factor) * prm[c] + factor * mu)
+                    # torch's running variance is unbiased; with one element per channel
+                    # training raises before getting here.
+                    prv[c] = <floating> ((1 - factor) * prv[c]
+                                         + factor * var * (m / (m - 1) if m > 1 else 1))
+                mean[c] = mu
+                invstd[c] = var
+        else:
+            for c in range(nc):
+                mean[c] = prm[c]
+                invstd[c] = prv[c]
+        for c in range(nc):
+            inv = 1 / sqrt(invstd[c] + eps)
+            invstd[c] = inv
+            scale[c] = inv * (pw[c] if pw != NULL else 1)
+            shift[c] = pb[c] if pb != NULL else 0
+        if m > 0:
+            _affine(px, <const floating*> NULL, <const floating*> NULL, py, mean,
+                    <const double*> NULL, scale, shift, relu, n, nc, s, nt)
+
+
+def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
+                        const floating[:, :, ::1] relu_output, floating[:, :, ::1] dx, const floating[::1] weight,
+                        const double[:, ::1] saved, bint batch_stats,
+                        floating[::1] grad_weight, floating[::1] grad_bias,
+                        bint accumulate_weight, bint accumulate_bias,
+                        double[:, ::1] coef, double[::1] work):
+    """Gradients of batch_norm_forward (with the ``saved`` it filled).
+
+    grad_weight (+)= sum(dy * xhat) and grad_bias (+)= sum(dy) per channel (either may be
+    None); dx (None: not computed) as torch: with batch statistics the mean and variance
+    depend on x too, so dx = w*invstd * (dy - mean(dy) - xhat * mean(dy * xhat)); with the
+    running statistics dx = w*invstd * dy.  ``coef`` is (5, C) scratch.  ``relu_output``
+    (None when no ReLU was fused) is the forward's output after a fused ReLU: dy is then the
+    gradient of that output, cut where it is <= 0 as it is read.
+    """
+    cdef idx_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef double m = <double> n * <double> s, w, inv
+    if (dy.shape[0] != n or dy.shape[1] != nc or dy.shape[2] != s
+            or saved.shape[0] != SAVED_ROWS or saved.shape[1] != nc
+            or coef.shape[0] != COEF_ROWS or coef.shape[1] != nc
+            or work.shape[0] < 2 * nc):
+        raise ValueError("batch_norm_backward: inconsistent shapes")
+    if dx is not None and (dx.shape[0] != n or dx.shape[1] != nc or dx.shape[2] != s):
+        raise ValueError("batch_norm_backward: dx has the wrong shape")
+    if relu_output is not None and (relu_output.shape[0] != n or relu_output.shape[1] != nc
+                                    or relu_output.shape[2] != s):
+        raise ValueError("batch_norm_backward: relu_output has the wrong shape")
+    if (_wrong_length(weight, nc) or _wrong_length(grad_weight, nc)
+            or _wrong_length(grad_bias, nc)):
+        raise ValueError("batch_norm_backward: per-channel arrays must have C elements")
+    if nc == 0:
+        return
+    cdef const floating* px = &x[0, 0, 0] if m > 0 else NULL
+    cdef const floating* pdy = &dy[0, 0, 0] if m > 0 else NULL
+    cdef floating* pdx = &dx[0, 0, 0] if (dx is not None and m > 0) else NULL
+    cdef const floating* pg = &relu_output[0, 0, 0] if (relu_output is not None
+                                                         and m > 0) else NULL
+    cdef const floating* pw = &weight[0] if weight is not None else NULL
+    cdef floating* pgw = &grad_weight[0] if grad_weight is not None else NULL
+    cdef floating* pgb = &grad_bias[0] if grad_bias is not None else NULL
+    cdef const double* mean = &saved[MEAN, 0]
+    cdef const double* invstd = &saved[INVSTD, 0]
+    cdef double* sdy = &coef[SUM_DY, 0]
+    cdef double* sdyx = &coef[SUM_DYX, 0]
+    cdef double* ca = &coef[COEF_A, 0]
+    cdef double* cb = &coef[COEF_B, 0]
+    cdef double* cc = &coef[COEF_C, 0]
+    cdef int nt = _threads_for(n * nc * s, n * nc)
+    if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
+        nt = <int> (work.shape[0] // (2 * nc))
+    with nogil:
+        if m > 0:
+            _sums(px, pdy, pg, mean, sdy, sdyx, &work[0], n, nc, s, nt)
+        else:
+            for c in range(nc):
+                sdy[c] = 0
+                sdyx[c] = 0
+        for c in range(nc):
+            inv = invstd[c]
+            if pgw != NULL:
+                pgw[c] = <floating> ((pgw[c] if accumulate_weight else 0) + sdyx[c] * inv)
+            if pgb != NULL:
+                pgb[c] = <floating> ((pgb[c] if accumulate_bias else 0) + sdy[c])
+            w = pw[c] if pw != NULL else 1
+            ca[c] = w * inv
+            if batch_stats and m > 0:
+                cb[c] = -w * inv * inv * inv * sdyx[c] / m
+                cc[c] = -w * inv * sdy[c] / m
+            else:
+                cb[c] = 0
+                cc[c] = 0
+        if pdx != NULL:
+            _affine(px, pdy, pg, pdx, mean, ca, cb, cc, False, n, nc, s, nt)

@@ -1,0 +1,131 @@
+"""Dropout: rate and scaling within binomial bounds, mask reused by backward, modes, errors.
+
+The statistical checks use seeded generators, so they are deterministic; their bounds are
+still derived from the distribution (not tuned to the seed): the number of zeroed elements
+among n is Binomial(n, p), and Z = 6 standard deviations leave a chance below 1e-8 that a
+correct implementation with some other seed would fail.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from microtile import config_context, nn
+
+Z = 6.0
+N = 200_003      # past the kernels' single-thread cutoff, and prime
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rate_and_scaling(p, dtype):
+    x = np.random.default_rng(1).uniform(0.5, 2.0, N).astype(dtype)
+    d = nn.Dropout(p, rng=123)
+    y = d(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    dropped = y == 0
+    k = int(dropped.sum())
+    assert abs(k - N * p) <= Z * math.sqrt(N * p * (1 - p)), (k, N * p)
+    # Every kept element is scaled by exactly 1 / (1 - p) (as torch, a product).
+    scale = dtype(1.0 / (1.0 - p))
+    np.testing.assert_array_equal(y[~dropped], x[~dropped] * scale)
+    # The mean is preserved: var(y_i / x_i) = p / (1 - p) for a kept-or-dropped element.
+    ratio = (y.astype(np.float64) / x).mean()
+    assert abs(ratio - 1.0) <= Z * math.sqrt(p / (1 - p) / N) + 1e-6
+
+
+def test_backward_reuses_the_forward_mask():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(1, 2, (63, 7, 5))
+    d = nn.Dropout(0.4, rng=5)
+    y = d(x).copy()
+    dy = rng.standard_normal(x.shape)
+    dx = d.backward(dy)
+    np.testing.assert_array_equal(dx, np.where(y == 0, 0.0, dy / 0.6))
+    np.testing.assert_array_equal(dx == 0, y == 0)
+    # A second backward (e.g. another loss) uses the same mask again.
+    np.testing.assert_array_equal(d.backward(dy), dx)
+    # The next forward draws a new mask.
+    assert not np.array_equal(d(x) == 0, y == 0)
+    assert d.backward(dy, need_input_grad=False) is None
+
+
+def test_seeded_masks_repeat_and_buffers_are_reused():
+    x = np.ones((17, 13))
+    a, b = nn.Dropout(0.5, rng=9), nn.Dropout(0.5, rng=np.random.default_rng(9))
+    ya = a(x)
+    np.testing.assert_array_equal(ya, b(x))
+    ya2 = a(x)
+    assert ya2 is ya            # the layer's buffer: no allocation per step
+    dx = a.backward(x)
+    assert a.backward(x) is dx
+
+
+def test_identity_in_eval_mode_and_at_p_zero():
+    x = np.random.default_rng(3).standard_normal((4, 5))
+    d = nn.Dropout(0.5, rng=0).eval()
+    assert d(x) is x
+    dy = np.ones((4, 5))
+    assert d.backward(dy) is dy
+    np.testing.assert_array_equal(nn.predict(nn.Dropout(0.9, rng=0), x), x)
+    z = nn.Dropout(0.0, rng=0)
+    assert z(x) is x and z.backward(dy) is dy
+
+
+def test_p_one_zeroes_everything_but_nan_propagates():
+    x = np.array([[1.0, np.nan, -np.inf, 3.0]])
+    d = nn.Dropout(1.0, rng=0)
+    y = d(x)
+    np.testing.assert_array_equal(y, [[0.0, np.nan, np.nan, 0.0]])
+    np.testing.assert_array_equal(d.backward(np.ones_like(x)), np.zeros_like(x))
+
+
+def test_non_contiguous_input_same_as_contiguous():
+    base = np.random.default_rng(4).standard_normal((9, 8, 7))
+    for x in (base[:, ::2, ::-1], base.T, np.asfortranarray(base)):
+        a, b = nn.Dropout(0.3, rng=1), nn.Dropout(0.3, rng=1)
+        np.testing.assert_array_equal(a(x), b(np.ascontiguousarray(x)))
+        dy = np.ones(x.shape)[:, ::-1]
+        np.testing.assert_array_equal(a.backward(dy), b.backward(np.ascontiguousarray(dy)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_the_result(threads):
+    x = np.random.default_rng(6).standard_normal(N)
+    ref = nn.Dropout(0.5, rng=7)(x).copy()
+    with config_context(threads=threads):
+        np.testing.assert_array_equal(nn.Dropout(0.5, rng=7)(x), ref)
+
+
+def test_in_a_model_with_fit():
+    rng = np.random.default_rng(8)
+    m = nn.Sequential(nn.Linear(4, 16, rng=0), nn.ReLU(), nn.Dropout(0.5, rng=1),
+                      nn.Linear(16, 2, rng=2))
+    X = rng.standard_normal((64, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    h = nn.fit(m, nn.CrossEntropyLoss(), nn.SGD(m.parameters(), lr=0.1), X, y, epochs=3,
+               progress=False, rng=0)
+    assert np.all(np.isfinite(h["loss"]))
+    # predict is deterministic (eval mode), whatever the layer's mode.
+    np.testing.assert_array_equal(nn.predict(m, X), nn.predict(m, X))
+
+
+def test_errors():
+    for bad in (-0.1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="p must be between 0"):
+            nn.Dropout(bad)
+    for bad in ("0.5", None, True):
+        with pytest.raises(TypeError):
+            nn.Dropout(bad)
+    with pytest.raises(TypeError):
+        nn.Dropout(0.5, rng="seed")
+    with pytest.raises(RuntimeError, match="before forward"):
+        nn.Dropout().backward(np.ones(3))
+    d = nn.Dropout()
+    d(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"\(3, 2\)"):
+        d.backward(np.ones((3, 2)))
+    with pytest.raises(TypeError, match="int64"):
+        d(np.ones(3, np.int64))
+    assert repr(nn.Dropout(0.25)) == "Dropout(p=0.25)"
+    assert nn.gradcheck(nn.Dropout(0.5).eval(), np.ones((2, 3)))
