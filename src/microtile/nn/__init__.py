@@ -31,6 +31,7 @@ from microtile.nn._linear import Linear
 from microtile.nn._loss import CrossEntropyLoss, MSELoss
 from microtile.nn._module import Module
 from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
+from microtile.nn._optimizers import AdamW
 from microtile.nn._parameter import Parameter
 from microtile.nn._persist import load, save
 from microtile.nn._pool import AvgPool2d, MaxPool2d
@@ -43,5 +44,6 @@ __all__ = [
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
+    "AdamW",
     "fit", "predict", "save", "load", "gradcheck",
 ]
