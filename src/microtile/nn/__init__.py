@@ -37,6 +37,7 @@ from microtile.nn._persist import load, save
 from microtile.nn._pool import AvgPool2d, MaxPool2d
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
+from microtile.nn import lr_scheduler
 
 __all__ = [
     "Module", "Parameter",
@@ -45,5 +46,6 @@ __all__ = [
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
     "AdamW",
+    "lr_scheduler",
     "fit", "predict", "save", "load", "gradcheck",
 ]
