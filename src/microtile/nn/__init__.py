@@ -24,6 +24,7 @@ runs the model changes the weights under it, so train in one thread at a time (s
 ``predict`` from as many as you like).
 """
 from microtile.nn._activation import ReLU, Sigmoid, Tanh
+from microtile.nn._callbacks import EarlyStopping
 from microtile.nn._conv import Conv2d
 from microtile.nn._flatten import Flatten
 from microtile.nn._gradcheck import gradcheck
@@ -47,5 +48,6 @@ __all__ = [
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
     "AdamW",
     "lr_scheduler",
+    "EarlyStopping",
     "fit", "predict", "save", "load", "gradcheck",
 ]
