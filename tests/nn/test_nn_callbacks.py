@@ -240,3 +240,37 @@ def test_fit_callback_errors():
         nn.EarlyStopping(min_delta=-0.1)
     with pytest.raises(TypeError, match="monitor"):
         nn.EarlyStopping(monitor=None)
+
+
+def test_fit_resumes_bitwise_from_state_dicts():
+    """6 epochs in one fit equal 3 epochs, a save of model, optimizer and schedule, and 3
+    more epochs in new objects loaded from the save."""
+    rng = np.random.default_rng(3)
+    Xr = rng.standard_normal((30, 4))
+    yr = rng.integers(0, 3, 30)
+
+    def build(seed):
+        model = nn.Sequential(nn.Linear(4, 8, dtype=np.float64, rng=seed), nn.Tanh(),
+                              nn.Linear(8, 3, dtype=np.float64, rng=seed + 1))
+        opt = nn.AdamW([{"params": model[0].parameters()},
+                        {"params": model[2].parameters(), "lr": 3e-3}], lr=1e-2)
+        return model, opt, sched.CosineAnnealingLR(opt, T_max=4, eta_min=1e-4)
+
+    def run(model, opt, s, epochs):
+        return nn.fit(model, nn.CrossEntropyLoss(), opt, Xr, yr, epochs=epochs, batch_size=7,
+                      shuffle=False, progress=False, scheduler=s)
+
+    full = build(0)
+    hist = run(*full, 6)
+
+    first = build(0)
+    h1 = run(*first, 3)
+    saved = (first[0].state_dict(), first[1].state_dict(), first[2].state_dict())
+    second = build(10)      # other initial weights: everything must come from the save
+    second[0].load_state_dict(saved[0])
+    second[1].load_state_dict(saved[1])
+    second[2].load_state_dict(saved[2])
+    h2 = run(*second, 3)
+    assert h1["loss"] + h2["loss"] == hist["loss"]
+    assert_state_equal(second[0].state_dict(), full[0].state_dict())
+    assert second[2].get_last_lr() == full[2].get_last_lr()
