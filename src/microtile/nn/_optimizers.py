@@ -21,13 +21,24 @@ import numpy as np
 from microtile.nn import _optim_kernels as _optim
 from microtile.nn._parameter import Parameter
 
-# The default of a hyper-parameter every group must set (SGD's lr).
-_REQUIRED = object()
+class _Required:
+    """The default of a hyper-parameter every group must set (SGD's lr)."""
 
-# Torch's implementation switches: they choose how torch computes (for-each over tensor
-# lists, fused kernels, autograd through the step, CUDA graphs), not what, so any value is
-# accepted and kept, which lets a torch state dict load unchanged.
+    def __repr__(self):
+        return "<required>"
+
+
+_REQUIRED = _Required()
+
+# Torch's implementation switches, with torch's defaults: they choose how torch computes
+# (for-each over tensor lists, fused kernels, autograd through the step, CUDA graphs), not
+# what, so any value (None or a bool) is accepted and kept: a torch state dict loads as is.
 _SWITCHES = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
+
+
+def _sw(name):
+    """An ``_options`` entry for one of torch's switches."""
+    return (name, _SWITCHES[name], "switch")
 
 
 def _nonneg(value, name, owner):
@@ -179,7 +190,11 @@ class Optimizer:
                 continue
             value = options[name]
             if kind == "fixed":
-                if not (value is default or value == default):
+                try:
+                    same = value is default or bool(value == default)
+                except (TypeError, ValueError):     # an array, say
+                    same = False
+                if not same:
                     raise ValueError(f"{owner}: {where}: {name}={value!r} is not supported "
                                      f"(only {default!r})")
                 out[name] = default
@@ -402,8 +417,7 @@ class SGD(Optimizer):
     _options = (("lr", _REQUIRED, "hyper"), ("momentum", 0.0, "hyper"),
                 ("dampening", 0, "fixed"), ("weight_decay", 0.0, "hyper"),
                 ("nesterov", False, "hyper"), ("maximize", False, "fixed"),
-                ("foreach", None, "switch"), ("differentiable", False, "switch"),
-                ("fused", None, "switch"))
+                _sw("foreach"), _sw("differentiable"), _sw("fused"))
 
     def __init__(self, params, lr=_REQUIRED, momentum=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -458,9 +472,8 @@ class Adam(Optimizer):
 
     _options = (("lr", 1e-3, "hyper"), ("betas", (0.9, 0.999), "hyper"), ("eps", 1e-8, "hyper"),
                 ("weight_decay", 0.0, "hyper"), ("amsgrad", False, "fixed"),
-                ("maximize", False, "fixed"), ("foreach", None, "switch"),
-                ("capturable", False, "switch"), ("differentiable", False, "switch"),
-                ("fused", None, "switch"), ("decoupled_weight_decay", False, "hyper"))
+                ("maximize", False, "fixed"), _sw("foreach"), _sw("capturable"),
+                _sw("differentiable"), _sw("fused"), ("decoupled_weight_decay", False, "hyper"))
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  decoupled_weight_decay=False):
@@ -526,8 +539,8 @@ class AdaGrad(Optimizer):
 
     _options = (("lr", 1e-2, "hyper"), ("lr_decay", 0, "fixed"), ("eps", 1e-10, "hyper"),
                 ("weight_decay", 0.0, "hyper"), ("initial_accumulator_value", 0, "fixed"),
-                ("foreach", None, "switch"), ("maximize", False, "fixed"),
-                ("differentiable", False, "switch"), ("fused", None, "switch"))
+                _sw("foreach"), ("maximize", False, "fixed"), _sw("differentiable"),
+                _sw("fused"))
 
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
@@ -564,9 +577,8 @@ class RMSprop(Optimizer):
 
     _options = (("lr", 1e-2, "hyper"), ("momentum", 0.0, "hyper"), ("alpha", 0.99, "hyper"),
                 ("eps", 1e-8, "hyper"), ("centered", False, "hyper"),
-                ("weight_decay", 0.0, "hyper"), ("capturable", False, "switch"),
-                ("foreach", None, "switch"), ("maximize", False, "fixed"),
-                ("differentiable", False, "switch"))
+                ("weight_decay", 0.0, "hyper"), _sw("capturable"), _sw("foreach"),
+                ("maximize", False, "fixed"), _sw("differentiable"))
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
