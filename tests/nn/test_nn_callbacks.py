@@ -274,3 +274,32 @@ def test_fit_resumes_bitwise_from_state_dicts():
     assert h1["loss"] + h2["loss"] == hist["loss"]
     assert_state_equal(second[0].state_dict(), full[0].state_dict())
     assert second[2].get_last_lr() == full[2].get_last_lr()
+
+
+class Plain:
+    """A model that is not a Module: forward, backward and parameters only (no state_dict),
+    so EarlyStopping must keep and restore the parameters themselves."""
+
+    def __init__(self):
+        self.inner = nn.Linear(2, 3, dtype=np.float64, rng=0)
+
+    def forward(self, x):
+        return self.inner.forward(x)
+
+    def backward(self, dy):
+        return self.inner.backward(dy)
+
+    def parameters(self):
+        return self.inner.parameters()
+
+
+def test_early_stopping_restores_a_model_without_state_dict():
+    model = Plain()
+    opt = nn.SGD(model.parameters(), lr=0.1, weight_decay=0.5)
+    es = nn.EarlyStopping(monitor="loss", patience=1)
+    nn.fit(model, ScriptedLoss([2.0, 1.0, 1.5, 0.0]), opt, X, Y, epochs=4, batch_size=BATCH,
+           shuffle=False, progress=False, callbacks=[es])
+    assert es.stopped_epoch == 2
+    want = weights_after(2)
+    np.testing.assert_array_equal(model.inner.weight.data, want["0.weight"])
+    np.testing.assert_array_equal(model.inner.bias.data, want["0.bias"])
