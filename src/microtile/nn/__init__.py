@@ -24,7 +24,6 @@ runs the model changes the weights under it, so train in one thread at a time (s
 ``predict`` from as many as you like).
 """
 from microtile.nn._activation import ReLU, Sigmoid, Tanh
-from microtile.nn._callbacks import EarlyStopping
 from microtile.nn._conv import Conv2d
 from microtile.nn._flatten import Flatten
 from microtile.nn._gradcheck import gradcheck
@@ -38,6 +37,7 @@ from microtile.nn._persist import load, save
 from microtile.nn._pool import AvgPool2d, MaxPool2d
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
+from microtile.nn._callbacks import EarlyStopping
 from microtile.nn import lr_scheduler
 
 __all__ = [

@@ -108,8 +108,10 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     """Train ``model`` with mini-batches of ``(X, y)``.
 
     Each step: ``optimizer.zero_grad()``, ``model.forward``, ``loss.forward``,
-    ``model.backward(loss.backward())``, ``optimizer.step()``.  After each epoch (and its
-    validation): ``scheduler.step()``, then every callback's ``on_epoch_end``.
+    ``model.backward(loss.backward())``, ``optimizer.step()``.
+
+    After each epoch (and its validation): ``scheduler.step()``, then every callback's
+    ``on_epoch_end``.
 
     Parameters
     ----------
