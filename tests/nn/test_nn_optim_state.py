@@ -69,9 +69,14 @@ class Bound:
     so after ``t`` steps the difference is within ``c * eps * t * (max|p| + t * max|dp|)``.
     A wrong rule (a missed bias correction, weight decay in the wrong place, the wrong
     average) moves ``p`` by a fraction of ``|dp|``, far above this for float64 and float32.
+
+    The largest difference from torch 2.13 measured here is about 6 in units of
+    ``eps * t * (max|p| + t * max|dp|)`` (AdaGrad with lr 0.5 and weight decay, where an
+    early rounding difference feeds back through the decay); ``C`` leaves room for torch
+    builds that fuse other operations.
     """
 
-    C = 8
+    C = 16
 
     def __init__(self, dtype):
         self.eps = np.finfo(dtype).eps
