@@ -208,7 +208,9 @@ def test_state_dict_matches_torchs(cls, tname, kw):
                 assert got["state"][i][k] == v == 3.0
             else:
                 assert got["state"][i][k].shape == v.shape and got["state"][i][k].dtype == F64
-                np.testing.assert_allclose(got["state"][i][k], v, rtol=1e-13, atol=1e-15)
+                # A buffer is a running sum of rounded terms: a few ulps of its size per step.
+                tol = Bound.C * np.finfo(F64).eps * 3 * np.abs(v).max()
+                np.testing.assert_allclose(got["state"][i][k], v, rtol=0, atol=tol)
 
 
 def test_state_dict_is_a_copy():

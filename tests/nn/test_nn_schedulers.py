@@ -80,7 +80,8 @@ def test_cosine_closed_form():
         s.step()
         for base, lr in zip(LRS, s.get_last_lr()):
             want = 0.01 + (base - 0.01) * (1 + math.cos(math.pi * e / 6)) / 2
-            assert lr == pytest.approx(want, rel=1e-12, abs=1e-15)
+            # Each recursive step rounds a handful of operations on numbers up to base.
+            assert abs(lr - want) <= 16 * np.finfo(float).eps * e * base
 
 
 PLATEAU_CASES = [
