@@ -41,12 +41,15 @@ from microtile.nn._loss import CrossEntropyLoss, MSELoss
 from microtile.nn._module import Module
 from microtile.nn._norm import BatchNorm1d, BatchNorm2d
 from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
+from microtile.nn._optimizers import AdamW
 from microtile.nn._parameter import Parameter
 from microtile.nn._persist import load, save
 from microtile.nn._pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from microtile.nn._residual import Residual
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
+from microtile.nn._callbacks import EarlyStopping
+from microtile.nn import lr_scheduler
 
 __all__ = [
     "Module", "Parameter",
@@ -56,5 +59,8 @@ __all__ = [
     "Sequential",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
+    "AdamW",
+    "lr_scheduler",
+    "EarlyStopping",
     "fit", "predict", "save", "load", "gradcheck",
 ]

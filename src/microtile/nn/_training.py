@@ -6,6 +6,7 @@ from microtile.nn._init import as_generator
 from microtile.nn._loss import MSELoss
 from microtile.nn._module import Module, check_int, eval_in_this_thread
 from microtile.nn._progress import Progress
+from microtile.nn.lr_scheduler import ReduceLROnPlateau
 
 _INTP = np.dtype(np.intp)
 
@@ -83,8 +84,36 @@ def _evaluate(model, loss, X, y, labels, batch_size, acc):
     return total / n, (hits / n if hits is not None else None)
 
 
+def _callback_list(callbacks):
+    """``callbacks`` as a list (one callback object on its own is accepted too)."""
+    if callbacks is None:
+        return []
+    if hasattr(callbacks, "on_epoch_end") or hasattr(callbacks, "set_model"):
+        callbacks = [callbacks]
+    try:
+        callbacks = list(callbacks)
+    except TypeError:
+        raise TypeError(f"fit: callbacks must be an iterable of callback objects, got "
+                        f"{type(callbacks).__name__}") from None
+    for i, cb in enumerate(callbacks):
+        for name in ("on_epoch_end", "set_model"):
+            method = getattr(cb, name, None)
+            if method is not None and not callable(method):
+                raise TypeError(f"fit: callbacks[{i}].{name} is not callable")
+    return callbacks
+
+
+def _scheduler_step(scheduler, logs):
+    """One epoch's scheduler step: a plateau schedule gets the validation loss when there
+    is one, else the training loss."""
+    if isinstance(scheduler, ReduceLROnPlateau):
+        scheduler.step(logs["val_loss"] if "val_loss" in logs else logs["loss"])
+    else:
+        scheduler.step()
+
+
 def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, rng=None,
-        progress=True, validation=None):
+        progress=True, validation=None, scheduler=None, callbacks=()):
     """Train ``model`` with mini-batches of ``(X, y)``.
 
     Each step: ``optimizer.zero_grad()``, ``model.forward``, ``loss.forward``,
@@ -93,11 +122,14 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     mode, as after a torch training loop) and the validation in eval mode (as ``predict``
     does it, without touching the flags).
 
+    After each epoch (and its validation): ``scheduler.step()``, then every callback's
+    ``on_epoch_end``.
+
     Parameters
     ----------
     model : layer (usually a Sequential)
     loss : CrossEntropyLoss, MSELoss or an object with ``forward(pred, target)``/``backward()``
-    optimizer : SGD, Adam, AdaGrad, RMSprop (anything with ``zero_grad``/``step``)
+    optimizer : SGD, Adam, AdamW, AdaGrad, RMSprop (anything with ``zero_grad``/``step``)
     X : array_like, (N, ...)
         Converted once to the model's dtype.
     y : array_like, (N, ...)
@@ -110,20 +142,37 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         Visit the samples in a new random order each epoch.
     rng : numpy.random.Generator, int or None
         Source of the shuffling.
-    progress : bool
-        Show a progress bar on stderr when it is a terminal.
+    progress : bool or callable
+        True: show a progress bar on stderr when it is a terminal.  A callable is called as
+        ``progress(epoch, batch, n_batches, logs)`` after each batch (``epoch`` and ``batch``
+        count from 0; ``logs`` holds the epoch's running ``loss`` and ``accuracy`` so far),
+        and once more at the end of each epoch with ``batch == n_batches`` and the epoch's
+        figures (validation ones included).
     validation : (Xv, yv) or None
         Evaluated after each epoch.
+    scheduler : learning-rate scheduler or None
+        Stepped once per epoch: ``ReduceLROnPlateau`` with the epoch's ``val_loss`` when
+        there is validation data, else its ``loss``; any other with ``step()``.
+    callbacks : iterable of objects
+        Each may have ``set_model(model)``, called before training, and
+        ``on_epoch_end(epoch, logs)``, called after each epoch (after the scheduler) with
+        the epoch's figures (``logs`` has the history's keys); a true return stops training
+        after that epoch (every callback still sees it).  See ``EarlyStopping``.
 
     Returns
     -------
     dict
-        Lists with one entry per epoch: ``"loss"`` (mean training loss over the epoch's
+        Lists with one entry per epoch run: ``"loss"`` (mean training loss over the epoch's
         samples), ``"accuracy"`` for integer labels, ``"val_loss"`` and ``"val_accuracy"``
         with ``validation``.
     """
     epochs = check_int(epochs, "epochs", "fit", 0)
     batch_size = check_int(batch_size, "batch_size", "fit", 1)
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"fit: scheduler must have a step method, got "
+                        f"{type(scheduler).__name__}")
+    callbacks = _callback_list(callbacks)
+    report = progress if callable(progress) else None
     X, y, labels = _prepare(model, X, y, "fit", loss)
     n = X.shape[0]
     if n == 0:
@@ -145,7 +194,11 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         if vlabels:
             history["val_accuracy"] = []
     acc = _Accuracy()
-    bar = Progress(n, epochs, enabled=progress)
+    bar = Progress(n, epochs, enabled=bool(progress) if report is None else False)
+    n_batches = -(-n // batch_size)
+    for cb in callbacks:
+        if getattr(cb, "set_model", None) is not None:
+            cb.set_model(model)
     order = np.arange(n, dtype=_INTP)
     xbufs, ybufs = {}, {}
     for epoch in range(epochs):
@@ -180,6 +233,11 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
                 h = acc.hits(out, yb)
                 hits = None if h is None else hits + h
             bar.update(stop, total / stop, None if hits is None else hits / stop)
+            if report is not None:
+                running = {"loss": total / stop}
+                if labels:
+                    running["accuracy"] = hits / stop if hits is not None else float("nan")
+                report(epoch, start // batch_size, n_batches, running)
         history["loss"].append(total / n)
         if labels:
             history["accuracy"].append(hits / n if hits is not None else float("nan"))
@@ -194,6 +252,19 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
                 if va is not None:
                     extra += f" val_acc {va:.4f}"
         bar.end_epoch(n, total / n, None if hits is None else hits / n, extra)
+        logs = {key: values[-1] for key, values in history.items()}
+        if report is not None:
+            report(epoch, n_batches, n_batches, dict(logs))
+        if scheduler is not None:
+            _scheduler_step(scheduler, logs)
+        halt = False
+        for cb in callbacks:
+            on_epoch_end = getattr(cb, "on_epoch_end", None)
+            # Every callback sees the epoch, even after one has asked to stop.
+            if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)):
+                halt = True
+        if halt:
+            break
     return history
 
 
