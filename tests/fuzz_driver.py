@@ -1828,6 +1828,154 @@ def gen_layer(rng):
     return call
 
 
+# The layers issue 14 added: robustness and the rules that need no reference (their values are
+# compared with torch in tests/nn): hostile constructor arguments and inputs are refused with
+# TypeError/ValueError, a valid forward/backward keeps shapes and dtypes, gives finite values on
+# finite input and leaves its inputs alone, in training and in eval mode.
+MORE_LAYERS = ("BatchNorm1d", "BatchNorm2d", "Dropout", "LeakyReLU", "GELU", "SiLU", "Softmax",
+               "LogSoftmax", "AdaptiveAvgPool2d", "Residual")
+
+
+def more_layer_setup(rng, kind, dtype):
+    """(constructor, input shape, output shape or None for "same as input", description)."""
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        c = size(rng, 6, zero=0.05)
+        n = size(rng, 5, zero=0.05)
+        tail = ((size(rng, 5, zero=0.05),) if rng.random() < 0.5 else ()) \
+            if kind == "BatchNorm1d" else (size(rng, 5, zero=0.05), size(rng, 5, zero=0.05))
+        kw = {"momentum": choice(rng, (0.1, None, 0.7)), "affine": bool(rng.random() < 0.7),
+              "track_running_stats": bool(rng.random() < 0.8)}
+        return (lambda: getattr(nn, kind)(c, dtype=dtype, **kw)), (n, c) + tail, None, \
+            f"{kind}({c}, {kw})"
+    shape = tuple(size(rng, 6, zero=0.05) for _ in range(int(rng.integers(1, 5))))
+    if kind == "Dropout":
+        p = choice(rng, (0.0, 0.2, 0.5, 1.0))
+        seed = int(rng.integers(1 << 30))
+        return (lambda: nn.Dropout(p, rng=seed)), shape, None, f"Dropout({p})"
+    if kind == "LeakyReLU":
+        slope = choice(rng, (0.01, 0.2, -0.5, 0.0))
+        return (lambda: nn.LeakyReLU(slope)), shape, None, f"LeakyReLU({slope})"
+    if kind == "GELU":
+        approx = choice(rng, ("none", "tanh"))
+        return (lambda: nn.GELU(approx)), shape, None, f"GELU({approx!r})"
+    if kind in ("Softmax", "LogSoftmax"):
+        dim = int(rng.integers(-len(shape), len(shape)))
+        return (lambda: getattr(nn, kind)(dim)), shape, None, f"{kind}({dim})"
+    if kind == "AdaptiveAvgPool2d":
+        h, w = size(rng, 7), size(rng, 7)
+        out = choice(rng, ((size(rng, 4), size(rng, 4)), size(rng, 4), (None, size(rng, 3))))
+        four = (size(rng, 3, zero=0.05), size(rng, 3, zero=0.05), h, w)
+        oh, ow = (out, out) if isinstance(out, int) else out
+        oshape = four[:2] + (h if oh is None else oh, w if ow is None else ow)
+        return (lambda: nn.AdaptiveAvgPool2d(out)), four, oshape, f"AdaptiveAvgPool2d({out!r})"
+    if kind == "Residual":
+        f = size(rng, 9)
+        seed = int(rng.integers(1 << 30))
+        shortcut = rng.random() < 0.3
+        make = (lambda: nn.Residual(nn.Sequential(nn.Linear(f, f, dtype=dtype, rng=seed),
+                                                  nn.Tanh()),
+                                    nn.Linear(f, f, dtype=dtype, rng=seed + 1) if shortcut
+                                    else None))
+        return make, (size(rng, 6, zero=0.05), f), None, f"Residual(Linear({f},{f}))"
+    return (lambda: getattr(nn, kind)()), shape, None, f"{kind}()"
+
+
+def more_layer_bad_ctor(rng, kind):
+    """A constructor call with one hostile argument."""
+    bad = choice(rng, (-1, "3", 2.5, None, [1], float("nan")))
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        key = choice(rng, ("num_features", "eps", "momentum", "affine"))
+        if key == "num_features":
+            return lambda: getattr(nn, kind)(choice(rng, (-1, "3", 2.5, None)))
+        # Any eps >= 0 is valid (as torch); momentum lies in [0, 1] or is None.
+        val = {"eps": (-1.0, "x", float("nan")), "momentum": (-1.0, "x", float("nan"), 2.0),
+               "affine": ("yes", 2, None)}[key]
+        val = choice(rng, val)
+        return lambda: getattr(nn, kind)(3, **{key: val})
+    if kind == "Dropout":
+        return lambda: nn.Dropout(choice(rng, (-0.1, 1.5, "0.5", None, float("nan"))))
+    if kind == "GELU":
+        return lambda: nn.GELU(choice(rng, ("bogus", None, 1)))
+    if kind in ("Softmax", "LogSoftmax"):
+        return lambda: getattr(nn, kind)(choice(rng, ("1", 1.5, None)))
+    if kind == "AdaptiveAvgPool2d":
+        # An output size of 0 is allowed (torch gives an empty result); -1 is not.
+        return lambda: nn.AdaptiveAvgPool2d(choice(rng, (-1, "2", (2, -1), 1.5, (1, 2, 3))))
+    if kind == "Residual":
+        return lambda: nn.Residual(choice(rng, (3, None, "block")))
+    if kind == "LeakyReLU":
+        return lambda: nn.LeakyReLU(choice(rng, ("x", None, [0.1])))
+    return lambda: getattr(nn, kind)(bad)
+
+
+def gen_more_layers(rng):
+    kind = choice(rng, MORE_LAYERS)
+    call = Call("nn." + kind)
+    dtype = fdtype(rng)
+    fault = pick(rng, 0.35, ("ctor", "x_dtype", "x_rank", "dy_shape", "backward_first"))
+    if fault == "ctor" and kind != "SiLU":
+        call.run = more_layer_bad_ctor(rng, kind)
+        call.args.append(f"{kind}(<hostile argument>)")
+        call.invalid("constructor argument", TypeError, ValueError)
+        return call
+    make, in_shape, out_shape, text = more_layer_setup(rng, kind, dtype)
+    layer = make()
+    train = rng.random() < 0.7
+    layer.train() if train else layer.eval()
+    call.args.append(f"{text} {'train' if train else 'eval'} dtype={dtype.name}")
+    xdt = dtype if rng.random() < 0.7 else fdtype(rng)
+    xv = values(rng, in_shape, xdt)
+    if fault == "x_dtype":
+        x = call.arg("x", array_fault(rng, call, "x", in_shape))
+    elif fault == "x_rank" and kind in ("BatchNorm1d", "BatchNorm2d", "AdaptiveAvgPool2d",
+                                        "Residual"):
+        x = put(rng, call, "x", values(rng, in_shape + (2, 2, 2), xdt))
+        call.invalid("x rank", ValueError)
+    else:
+        x = put(rng, call, "x", xv, ("C", "F", "strided", "neg", "readonly", "unaligned",
+                                     "byteswapped", "swapped"))
+    if kind == "AdaptiveAvgPool2d" and call.ok:
+        if in_shape[2] == 0 or in_shape[3] == 0:
+            call.refuse("empty input plane (nothing to average)", ValueError)  # as torch
+        elif in_shape[1] == 0:
+            call.either("no channels", ValueError)                              # torch refuses
+    if kind in ("BatchNorm1d", "BatchNorm2d") and train and call.ok:
+        per_channel = in_shape[0] * int(np.prod(in_shape[2:], dtype=np.int64))
+        if per_channel <= 1 and in_shape[1]:
+            call.either("one value per channel in training", ValueError)   # torch refuses
+    y_shape = out_shape or in_shape
+    dyv = values(rng, y_shape, dtype)
+    if fault == "dy_shape":
+        dyv = values(rng, y_shape[:-1] + (y_shape[-1] + 1,), dtype)
+        call.invalid("dy shape", ValueError)
+    dy = put(rng, call, "dy", dyv, ("C", "F", "strided", "neg", "readonly"))
+    if fault == "backward_first":
+        call.invalid("backward before forward", RuntimeError)
+    has_params = bool(layer.parameters())
+
+    def run():
+        if fault == "backward_first":
+            return layer.backward(dy)
+        y = np.array(layer(x), copy=True)
+        dx = layer.backward(dy)
+        return y, None if dx is None else np.array(dx, copy=True)
+
+    def check(res):
+        y, dx = res
+        want = dtype if has_params or kind.startswith("BatchNorm") else promoted(x)
+        expect_array(y, y_shape, want, f"{kind} forward")
+        if not np.isfinite(y).all() and np.isfinite(xv).all():
+            raise Problem("wrong-result", f"{kind} forward: non-finite output on finite input")
+        if dx is not None:
+            if dx.shape != tuple(in_shape):
+                raise Problem("wrong-shape", f"{kind} backward: dx shape {dx.shape}, "
+                                             f"expected {tuple(in_shape)}")
+            if not np.isfinite(dx).all() and np.isfinite(xv).all():
+                raise Problem("wrong-result", f"{kind} backward: non-finite dx")
+    call.run, call.check = run, check
+    return call
+
+
 def gen_sequential(rng):
     """An MLP or a small CNN in float64 (a chain of float32 roundings near ReLU's kink could
     flip a gradient; float64's are far too small to)."""
@@ -2380,7 +2528,7 @@ GENERATORS = {
     "nn.layer": (gen_layer, 4.0), "nn.Sequential": (gen_sequential, 1.2),
     "nn.loss": (gen_loss, 1.5), "nn.optimizer": (gen_optimizer, 1.5),
     "nn.gradcheck": (gen_gradcheck, 0.7), "nn.state_dict": (gen_state_dict, 0.8),
-    "nn.save_load": (gen_save_load, 0.4),
+    "nn.save_load": (gen_save_load, 0.4), "nn.more_layers": (gen_more_layers, 2.0),
 }
 
 

@@ -162,7 +162,9 @@ class AdaptiveAvgPool2d(Module):
         h, w = x.shape[-2:]
         ph = h if self._size[0] is None else self._size[0]
         pw = w if self._size[1] is None else self._size[1]
-        if (h == 0 or w == 0) and ph * pw > 0:
+        # An empty plane is refused even when the output would be empty too (an output
+        # dimension of None copies the 0): torch refuses both, and so do the pooling calls.
+        if h == 0 or w == 0:
             raise ValueError(f"{self!r}: input of shape {x.shape} has no element to average "
                              f"into a {ph}x{pw} output")
         planes = math.prod(x.shape[:-2])
