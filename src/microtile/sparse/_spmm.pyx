@@ -187,7 +187,8 @@ cdef inline idx_t _row_stride(cnp.ndarray a):
 
 
 cdef bint _rows_contiguous(cnp.ndarray a):
-    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+    # An empty array's strides mean nothing (NumPy may give (0, 0)).
+    return a.shape[0] == 0 or a.shape[1] <= 1 or a.strides[1] == a.itemsize
 
 
 def csr_product(bint scatter, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarray data,

@@ -27,7 +27,8 @@ __all__ = ["spmm"]
 
 
 def _rows_contiguous(x):
-    return x.shape[1] <= 1 or x.strides[1] == x.itemsize
+    # An empty array's strides mean nothing (NumPy may give (0, 0)).
+    return x.shape[0] == 0 or x.shape[1] <= 1 or x.strides[1] == x.itemsize
 
 
 def _same_view(x, y):
