@@ -157,6 +157,36 @@ def test_sparse_arrays_and_matrices(rng):
         check(spmm(x, b), x, b, what=type(x).__name__)
 
 
+def test_mixed_and_unusual_index_dtypes(rng):
+    """A hand-built matrix may carry int64 indptr with int32 indices, or unsigned ones:
+    converted to int64 once, and still checked."""
+    a = random_sparse(rng, (15, 12), 0.3, np.float64)
+    b = rand(rng, (12, 5), np.float64)
+    for ip, ix in ((np.int64, np.int32), (np.int32, np.int64), (np.uint32, np.uint32),
+                   (np.int16, np.int16)):
+        m = a.copy()
+        m.indptr = a.indptr.astype(ip)
+        m.indices = a.indices.astype(ix)
+        check(spmm(m, b), a, b, what=f"{np.dtype(ip)}/{np.dtype(ix)} indices")
+    m = a.copy()
+    m.indices = a.indices.astype(np.uint64)
+    m.indices[0] = np.uint64(2 ** 64 - 1)           # -1 once read as int64
+    with pytest.raises(ValueError, match="out of range"):
+        spmm(m, b)
+
+
+def test_tolerance_catches_one_wrong_term(rng):
+    """The bound is tight enough that dropping a single product is caught."""
+    a = random_sparse(rng, (30, 300), 0.3, np.float64)
+    b = rand(rng, (300, 20), np.float64)
+    res = spmm(a, b)
+    row = int(np.argmax(np.diff(a.indptr)))
+    p = a.indptr[row]
+    res[row, 3] -= a.data[p] * b[a.indices[p], 3]
+    with pytest.raises(AssertionError):
+        check(res, a, b)
+
+
 @pytest.mark.parametrize("sdt", FLOATS)
 @pytest.mark.parametrize("ddt", FLOATS)
 def test_mixed_dtypes_promote(sdt, ddt, rng):

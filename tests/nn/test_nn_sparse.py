@@ -137,6 +137,15 @@ def test_fit_converts_other_formats_and_dtypes(rng):
                progress=False)
 
 
+def test_fit_regression_with_float_targets_on_sparse_x(rng):
+    X = sparse_batch(rng, 40, 25, 0.2, np.float32)
+    y = rng.standard_normal((40, 2))
+    model = nn.Linear(25, 2, rng=0)
+    hist = nn.fit(model, nn.MSELoss(), nn.SGD(model.parameters(), lr=0.05), X, y, epochs=2,
+                  batch_size=8, progress=False)
+    assert set(hist) == {"loss"} and np.isfinite(hist["loss"]).all()
+
+
 # --- prune -----------------------------------------------------------------------------------
 
 def test_prune_zeroes_the_smallest_magnitudes(rng):

@@ -45,6 +45,7 @@ def _prepare(model, X, y, what, loss=None):
         if X.ndim == 0:
             raise ValueError(f"{what}: X must have a sample dimension, got a scalar")
         X = np.ascontiguousarray(X, dtype=_model_dtype(model, X))
+    dt = X.dtype
     y = np.asarray(y)
     if y.ndim == 0 or y.shape[0] != X.shape[0]:
         raise ValueError(f"{what}: X has {X.shape[0]} samples but y has shape {y.shape}")
