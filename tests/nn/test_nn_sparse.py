@@ -239,6 +239,20 @@ def test_pruned_linear_runs_on_the_sparse_kernel_at_or_below_the_density(dt, bia
                                atol=64 * np.finfo(dt).eps * k)
 
 
+@pytest.mark.parametrize("shape", ((256, 256), (65, 67), (10, 1)))
+def test_ninety_percent_pruned_runs_sparse_at_the_default_density(shape, monkeypatch):
+    """round(0.9 * size) pruned may leave one weight more than 10 %: still sparse."""
+    calls = []
+    real = linear_module.Linear._forward_pruned
+    monkeypatch.setattr(linear_module.Linear, "_forward_pruned",
+                        lambda self, *a: (calls.append(1), real(self, *a))[1])
+    layer = nn.prune(nn.Linear(shape[1], shape[0], rng=0), 0.9)
+    layer(np.ones((3, shape[1]), np.float32))
+    assert calls == [1]
+    nn.prune(nn.Linear(shape[1], shape[0], rng=0), 0.8)(np.ones((3, shape[1]), np.float32))
+    assert calls == [1]
+
+
 def test_sparse_density_config():
     assert microtile.get_config()["sparse_density"] == 0.1
     with config_context(sparse_density=0.25):

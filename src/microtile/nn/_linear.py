@@ -94,7 +94,7 @@ class Linear(Module):
         y2 = self._buffer("y", (x2.shape[0], self.out_features), dt)
         bias = self.bias.data if self.bias is not None else None
         pruned = self._pruned
-        if pruned is not None and pruned.density <= get_option("sparse_density"):
+        if pruned is not None and pruned.sparse_at(get_option("sparse_density")):
             self._forward_pruned(pruned, x2, bias, activation, y2)
         else:
             linear_forward(x2, self.weight.data, bias=bias, activation=activation, out=y2)

@@ -35,6 +35,13 @@ class PrunedStructure:
         self.indptr = np.zeros(rows + 1, np.int64)
         np.cumsum(keep.sum(axis=1), out=self.indptr[1:])
         self.density = self.flat.size / keep.size if keep.size else 1.0
+        self._size = keep.size
+
+    def sparse_at(self, threshold):
+        """Whether the density is at or below ``threshold``, to the nearest whole weight:
+        prune(amount=0.9) keeps round(0.1 * size) weights, which may be one more than
+        0.1 * size, and such a layer is 90 % pruned all the same."""
+        return self.flat.size <= threshold * self._size + 0.5
 
     def values(self, weight):
         """The kept entries of ``weight`` (its current values), CSR-ordered, contiguous."""
