@@ -6,6 +6,7 @@ unsorted indices, explicit zeros, empty rows, 0-size shapes, alpha/beta/c/out, N
 strided dense operands, malformed matrices, both ISAs, and threads."""
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 sp = pytest.importorskip("scipy.sparse")
 
@@ -224,6 +225,31 @@ def test_zero_nonzeros(dt, rng):
         np.testing.assert_array_equal(spmm(b.T, a.T), np.zeros((5, 6), dt))
         c = rand(rng, (6, 5), dt)
         np.testing.assert_array_equal(spmm(a, b, beta=2.0, c=c), (dt(2) * c).astype(dt))
+
+
+@given(m=st.integers(0, 70), k=st.integers(0, 70), n=st.integers(0, 140),
+       density=st.sampled_from((0.0, 0.02, 0.3, 1.0)), fmt=st.sampled_from(FORMATS[:4]),
+       side=st.sampled_from(("left", "right")), transpose=st.booleans(),
+       dts=st.tuples(st.sampled_from(FLOATS), st.sampled_from(FLOATS)),
+       index=st.sampled_from((np.int32, np.int64)),
+       alpha=st.sampled_from((1.0, -0.5, 0.0)), beta=st.sampled_from((0.0, 1.0, 2.5)),
+       isa=st.sampled_from(ISAS), threads=st.sampled_from((1, 2)),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_random_products(m, k, n, density, fmt, side, transpose, dts, index, alpha, beta,
+                         isa, threads, seed):
+    rng = np.random.default_rng(seed)
+    sshape = (m, k) if side == "left" else (k, n)
+    if transpose:
+        sshape = sshape[::-1]
+    s = random_sparse(rng, sshape, density, dts[0], fmt, index)
+    if transpose:
+        s = s.T
+    dense = rand(rng, (k, n) if side == "left" else (m, k), dts[1])
+    a, b = (s, dense) if side == "left" else (dense, s)
+    c = rand(rng, (m, n), dts[1]) if beta else None
+    with config_context(isa=isa, threads=threads):
+        res = spmm(a, b, alpha=alpha, beta=beta, c=c)
+    check(res, a, b, alpha, beta, c, what=f"{fmt} {side} T={transpose}")
 
 
 # --- dense layouts, alpha/beta/c/out ---------------------------------------------------------
