@@ -183,11 +183,29 @@ def test_pruned_weights_stay_zero_through_optimizer_steps(make_opt, rng):
         assert (layer.weight.data[~mask] != 0).any()      # the rest did train
 
 
+def test_pruned_weights_stay_zero_through_loads_and_assignment(rng, tmp_path):
+    model = nn.Sequential(nn.Linear(8, 6, rng=0), nn.ReLU(), nn.Linear(6, 2, rng=1))
+    dense_state = {k: v.copy() for k, v in model.state_dict().items()}
+    nn.prune(model, 0.5)
+    mask = model[0].weight.data == 0
+    model.load_state_dict(dense_state)
+    assert (model[0].weight.data[mask] == 0).all()
+    assert (model[0].weight.data[~mask] == dense_state["0.weight"][~mask]).all()
+    model[0].weight.data = np.ones((6, 8))
+    assert (model[0].weight.data[mask] == 0).all() and (model[0].weight.data[~mask] == 1).all()
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    with config_context(sparse_density=1.0):
+        y_sparse = model(x).copy()
+    with config_context(sparse_density=0.0):
+        y_dense = model(x).copy()
+    np.testing.assert_allclose(y_sparse, y_dense, rtol=1e-6, atol=1e-6)
+
+
 def test_prune_again_keeps_earlier_pruning(rng):
     layer = nn.Linear(10, 10, rng=0)
     nn.prune(layer, 0.5)
     first = layer.weight.data == 0
-    layer.weight.data = layer.weight.data + (first * 5.0)   # a state load revives them
+    layer.weight.data[first] = 5.0      # written into the array: nothing re-zeroes it yet
     nn.prune(layer, 0.6)
     assert (layer.weight.data[first] == 0).all()
     assert (layer.weight.data == 0).sum() == 60

@@ -246,9 +246,7 @@ class Optimizer:
                         p._grad.fill(0)
                         p._grad_is_zero = False
                     self._update(p, group)
-                    if p._prune is not None:
-                        # Pruned weights stay zero whatever the update did (nn.prune).
-                        p._flat_data[p._prune] = 0
+                    p._apply_prune()        # pruned weights stay zero (nn.prune)
 
     def _update(self, p, group):
         raise NotImplementedError

@@ -62,6 +62,13 @@ class Parameter:
     @data.setter
     def data(self, value):
         self._copy_in(self._data, value, "data")
+        self._apply_prune()
+
+    def _apply_prune(self):
+        """Zero the pruned positions again (see nn.prune): after an optimizer step or a
+        load, so a pruned weight stays zero whatever was written over it."""
+        if self._prune is not None:
+            self._flat_data[self._prune] = 0
 
     @property
     def grad(self):
