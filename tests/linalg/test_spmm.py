@@ -188,6 +188,15 @@ def test_tolerance_catches_one_wrong_term(rng):
         check(res, a, b)
 
 
+def test_subclass_of_a_scipy_class_is_sparse(rng):
+    class Mine(sp.csr_array):
+        pass
+
+    a = Mine(random_sparse(rng, (9, 8), 0.3, np.float64))
+    b = rand(rng, (8, 3), np.float64)
+    check(spmm(a, b), a, b)
+
+
 @pytest.mark.parametrize("sdt", FLOATS)
 @pytest.mark.parametrize("ddt", FLOATS)
 def test_mixed_dtypes_promote(sdt, ddt, rng):

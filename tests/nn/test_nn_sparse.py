@@ -86,6 +86,14 @@ def test_sequential_with_fused_activation_on_sparse_input(dt, rng):
     tol = 64 * np.finfo(dt).eps * (np.abs(y_dense).max() + 1)
     np.testing.assert_allclose(y_sparse, y_dense, rtol=0, atol=tol)
     assert model.backward(np.ones_like(y_sparse), need_input_grad=False) is None
+    model(x)
+    assert model.backward(np.ones_like(y_sparse)) is None      # nothing to return for x
+    outer = nn.Sequential(model, nn.Tanh())
+    outer(x)
+    assert outer.backward(np.ones_like(y_sparse)) is None
+    # A dense forward afterwards gives an input gradient again.
+    model(x.toarray())
+    assert model.backward(np.ones_like(y_sparse)).shape == (30, 50)
 
 
 # --- fit / predict ---------------------------------------------------------------------------

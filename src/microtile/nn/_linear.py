@@ -203,6 +203,12 @@ class Linear(Module):
             return None
         return dx if len(self._in_shape) == 2 else dx.reshape(self._in_shape)
 
+    @property
+    def _no_input_grad(self):
+        """True after this thread's forward on a sparse input: backward returns None then
+        (``Sequential`` accepts that from its first layer)."""
+        return is_sparse(self._x2)
+
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None})")

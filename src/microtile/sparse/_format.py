@@ -10,10 +10,15 @@ _F64 = np.dtype(np.float64)
 _INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 
 
+def _scipy_sparse_class(cls):
+    mod = getattr(cls, "__module__", "") or ""
+    return mod == "scipy.sparse" or mod.startswith("scipy.sparse.")
+
+
 def is_sparse(x):
-    """True for any scipy.sparse matrix or array (without importing scipy)."""
-    mod = type(x).__module__
-    return (mod == "scipy.sparse" or mod.startswith("scipy.sparse.")) and hasattr(x, "format")
+    """True for any scipy.sparse matrix or array, subclasses included (without importing
+    scipy: the classes' modules say it)."""
+    return hasattr(x, "format") and any(_scipy_sparse_class(c) for c in type(x).__mro__)
 
 
 class Compressed:
