@@ -478,3 +478,25 @@ print(json.dumps({"loaded": any(k.startswith("scipy") and v is not None
     res = run_python(code)
     assert not res["loaded"]
     assert "exactly one" in res["err"]
+
+
+def test_private_driver_refuses_what_the_public_layer_never_passes():
+    """csr_product is private, but it still checks what would make a kernel misread."""
+    from microtile.sparse._spmm import csr_product
+    ip = np.array([0, 1, 2], np.int32)
+    ix = np.array([0, 1], np.int32)
+    data = np.ones(2)
+    X = np.ones((2, 3))
+    Y = np.empty((2, 3))
+    csr_product(False, ip, ix, data, 2, X, Y, 1.0, 0.0)
+    np.testing.assert_array_equal(Y, np.ones((2, 3)))
+    for args, exc in (((False, ip, ix, data, 2, X[0], Y, 1.0, 0.0), ValueError),
+                      ((False, ip[:0], ix, data, 2, X, Y, 1.0, 0.0), ValueError),
+                      ((False, ip, ix, data, 2, X, Y[:1], 1.0, 0.0), ValueError),
+                      ((True, ip, ix, data, 3, X, Y, 1.0, 0.0), ValueError),
+                      ((False, ip, ix, data, 2, X[:, ::2], Y[:, :2], 1.0, 0.0), ValueError),
+                      ((False, ip, ix, data.astype(np.float32), 2, X, Y, 1.0, 0.0), TypeError),
+                      ((False, ip, ix.astype(np.int64), data, 2, X, Y, 1.0, 0.0), TypeError),
+                      ((False, ip, ix, data[:1], 2, X, Y, 1.0, 0.0), ValueError)):
+        with pytest.raises(exc):
+            csr_product(*args)

@@ -200,8 +200,7 @@ def csr_product(bint scatter, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarr
     contiguous; X and Y 2-D with contiguous rows; ``beta == 0`` means Y is not read.  The
     structure is checked first (ValueError for a malformed one).
     """
-    cdef idx_t nrows = indptr.shape[0] - 1
-    cdef idx_t n = Y.shape[1], rs_x, rs_y
+    cdef idx_t nrows, n, rs_x, rs_y
     cdef gemm_params prm
     cdef const kernel_set_t* ks
     cdef int nt
@@ -212,12 +211,15 @@ def csr_product(bint scatter, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarr
     cdef void* pd
     cdef void* px
     cdef void* py
-    if nrows < 0:
-        raise ValueError("csr_product: indptr is empty")
+    if indptr.ndim != 1 or indptr.shape[0] < 1 or data.ndim != 1:
+        raise ValueError("csr_product: indptr must be 1-D and non-empty, data 1-D")
+    if X.ndim != 2 or Y.ndim != 2:
+        raise ValueError(f"csr_product: X and Y must be 2-D, got {np.shape(X)} and {np.shape(Y)}")
+    nrows = indptr.shape[0] - 1
+    n = Y.shape[1]
     check_csr(indptr, indices, data.shape[0], nrows, ncols)
     in_rows, out_rows = (nrows, ncols) if scatter else (ncols, nrows)
-    if (X.ndim != 2 or Y.ndim != 2 or X.shape[0] != in_rows or Y.shape[0] != out_rows
-            or X.shape[1] != n):
+    if X.shape[0] != in_rows or Y.shape[0] != out_rows or X.shape[1] != n:
         raise ValueError(f"csr_product: X {np.shape(X)} and Y {np.shape(Y)} do not fit a "
                          f"{nrows} x {ncols} matrix")
     if not (_rows_contiguous(X) and _rows_contiguous(Y) and data.flags.c_contiguous):
