@@ -219,6 +219,19 @@ def test_prune_again_keeps_earlier_pruning(rng):
     assert (layer.weight.data == 0).sum() == 60
 
 
+def test_prune_nothing_and_everything(rng):
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    layer = nn.Linear(7, 4, rng=0)
+    w0 = layer.weight.data.copy()
+    nn.prune(layer, 0.0)
+    np.testing.assert_array_equal(layer.weight.data, w0)
+    assert layer._pruned is None
+    nn.prune(layer, 1.0)
+    assert (layer.weight.data == 0).all()
+    y = layer(x)                                   # density 0: the sparse kernel, no work
+    np.testing.assert_array_equal(y, np.broadcast_to(layer.bias.data, (5, 4)))
+
+
 def test_prune_errors():
     with pytest.raises(TypeError, match="Module"):
         nn.prune(object(), 0.5)
