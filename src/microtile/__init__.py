@@ -11,6 +11,7 @@ from microtile._kernels._dispatch import available_isas
 from microtile.linalg import dot, gemm, gemv, ger, matmul, outer
 from microtile.conv import (avg_pool2d, avg_pool2d_backward, col2im, conv2d, conv2d_backward,
                             im2col, max_pool2d, max_pool2d_backward)
+from microtile.sparse import spmm
 
 _init_config()
 
@@ -22,7 +23,7 @@ del _register_threadpool, _init_config
 from microtile import nn  # noqa: E402,F401  (subpackage; imports only core modules above)
 
 __all__ = [
-    "__version__", "gemm", "matmul", "dot", "outer", "ger", "gemv",
+    "__version__", "gemm", "matmul", "dot", "outer", "ger", "gemv", "spmm",
     "conv2d", "conv2d_backward", "im2col", "col2im",
     "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
     "get_num_threads", "set_num_threads", "get_config", "config_context", "available_isas",

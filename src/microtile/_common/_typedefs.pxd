@@ -7,3 +7,10 @@ ctypedef Py_ssize_t idx_t
 ctypedef fused floating:
     float
     double
+
+# Index arrays of scipy.sparse matrices, used as they come (no conversion).
+from libc.stdint cimport int32_t
+
+ctypedef fused sp_index:
+    int32_t
+    int64_t

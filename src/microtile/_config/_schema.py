@@ -42,8 +42,13 @@ DEFAULT_THRESHOLDS = {"nopack_mnk": 64 ** 3, "thread_mnk": 96 ** 3, "nopack_a_pa
 # conv_workspace: bytes of im2col workspace a convolution may use in all (its cap);
 # conv_chunk: column bytes one thread lowers and multiplies at a time within that cap
 # (1-2 MiB measured best on a Zen3 with 512 KiB L2; the tuner may set it per machine).
+# sparse_density: the weight density at or below which a pruned Linear runs its forward on
+# the sparse kernel instead of the dense GEMM.  The default (a float, unlike the others) is
+# not measured yet: 0.1 puts a 90 %-pruned layer on the sparse kernel; the tuner is to
+# measure the crossover per machine.
 OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),
-           "conv_chunk": (2 << 20, 16 << 10, 1 << 32)}
+           "conv_chunk": (2 << 20, 16 << 10, 1 << 32),
+           "sparse_density": (0.1, 0.0, 1.0)}
 
 # Thread counts a caller may ask for (set_num_threads, config_context).
 MAX_THREADS = 1 << 12
@@ -64,6 +69,20 @@ def check_int(name, value, lo, hi):
     return value
 
 
+def check_real(name, value, lo, hi):
+    """``value`` as a Python float in [lo, hi]; ValueError naming ``name`` otherwise (NaN,
+    text and booleans included)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not lo <= value <= hi:        # False for NaN too
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
 def validate(name, value):
     """The checked value of one tunable; ValueError when it is not allowed."""
     if name == "split":
@@ -75,6 +94,8 @@ def validate(name, value):
     if name in ("nopack_mnk", "thread_mnk") and isinstance(value, float) and value.is_integer():
         value = int(value)
     if name in OPTIONS:
+        if isinstance(OPTIONS[name][0], float):
+            return check_real(name, value, *OPTIONS[name][1:])
         return check_int(name, value, *OPTIONS[name][1:])
     if name not in LIMITS:
         raise ValueError(f"unknown parameter {name!r}; tunable are {TUNABLE + ('threads', 'isa')}")

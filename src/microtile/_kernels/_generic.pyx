@@ -7,7 +7,9 @@ in registers.
 """
 from cpython.pycapsule cimport PyCapsule_New
 
-from microtile._common._typedefs cimport idx_t, floating
+from libc.stdint cimport int32_t, int64_t
+
+from microtile._common._typedefs cimport idx_t, floating, sp_index
 from microtile._kernels._ukernel cimport skernels_t, dkernels_t
 
 
@@ -130,6 +132,49 @@ cdef void scal_g(idx_t n, floating alpha, const floating* x, floating* y) noexce
         y[i] = alpha * x[i]
 
 
+# Sparse rows.  The gather keeps eight columns of y in independent sums while it walks the
+# row's nonzeros, so each x row segment is read once per block and the sums can live in
+# registers; the scatter is an axpy per nonzero.
+
+cdef void csr_gather_g(idx_t nnz, const floating* val, const sp_index* col, const floating* x,
+                       idx_t rs_x, idx_t n, floating alpha, floating beta,
+                       floating* y) noexcept nogil:
+    cdef floating s[8]
+    cdef floating v
+    cdef const floating* xr
+    cdef idx_t j = 0, p
+    cdef int w, q
+    while j < n:
+        w = 8 if j + 8 <= n else <int> (n - j)
+        for q in range(8):
+            s[q] = 0
+        for p in range(nnz):
+            v = val[p]
+            xr = x + col[p] * rs_x + j
+            for q in range(w):
+                s[q] += v * xr[q]
+        if beta == 0:
+            for q in range(w):
+                y[j + q] = alpha * s[q]
+        else:
+            for q in range(w):
+                y[j + q] = alpha * s[q] + beta * y[j + q]
+        j += w
+
+
+cdef void csr_scatter_g(idx_t nnz, const floating* val, const sp_index* col,
+                        const floating* x, idx_t n, floating alpha, floating* y,
+                        idx_t rs_y) noexcept nogil:
+    cdef floating v
+    cdef floating* yr
+    cdef idx_t p, j
+    for p in range(nnz):
+        v = alpha * val[p]
+        yr = y + col[p] * rs_y
+        for j in range(n):
+            yr[j] += v * x[j]
+
+
 cdef skernels_t _s_table
 cdef dkernels_t _d_table
 _s_table.mr = 4
@@ -141,6 +186,10 @@ _s_table.dot4 = dot4_g[float]
 _s_table.axpy = axpy_g[float]
 _s_table.axpy4 = axpy4_g[float]
 _s_table.scal = scal_g[float]
+_s_table.csr_gather32 = csr_gather_g[float, int32_t]
+_s_table.csr_gather64 = csr_gather_g[float, int64_t]
+_s_table.csr_scatter32 = csr_scatter_g[float, int32_t]
+_s_table.csr_scatter64 = csr_scatter_g[float, int64_t]
 _d_table.mr = 4
 _d_table.nr = 4
 _d_table.gemm = dgemm_4x4
@@ -150,6 +199,10 @@ _d_table.dot4 = dot4_g[double]
 _d_table.axpy = axpy_g[double]
 _d_table.axpy4 = axpy4_g[double]
 _d_table.scal = scal_g[double]
+_d_table.csr_gather32 = csr_gather_g[double, int32_t]
+_d_table.csr_gather64 = csr_gather_g[double, int64_t]
+_d_table.csr_scatter32 = csr_scatter_g[double, int32_t]
+_d_table.csr_scatter64 = csr_scatter_g[double, int64_t]
 
 
 def tables():

@@ -8,7 +8,9 @@
 # apart (B's columns contiguous), so small problems need not pack.
 from libc.string cimport memcpy
 
-from microtile._common._typedefs cimport idx_t, floating
+from libc.stdint cimport int32_t, int64_t
+
+from microtile._common._typedefs cimport idx_t, floating, sp_index
 
 ctypedef void (*sgemm_ukr_t)(idx_t k, const float* a, const float* b, float* c,
                              idx_t rs_c, idx_t cs_c, float alpha, float beta) noexcept nogil
@@ -38,6 +40,37 @@ ctypedef void (*daxpy4_t)(idx_t n, const double* alpha, const double* a, idx_t l
 ctypedef void (*sscal_t)(idx_t n, float alpha, const float* x, float* y) noexcept nogil
 ctypedef void (*dscal_t)(idx_t n, double alpha, const double* x, double* y) noexcept nogil
 
+# Sparse (CSR) row kernels; the index type is int32 or int64, as scipy stores it.
+#   csr_gather:  y[0:n] = alpha * sum_p val[p] * x[col[p] * rs_x + 0:n] + beta * y[0:n]
+#                (beta == 0: y not read).  One row of a CSR matrix times a dense matrix with
+#                contiguous rows; y contiguous.
+#   csr_scatter: y[col[p] * rs_y + 0:n] += alpha * val[p] * x[0:n] for every p.  One row of
+#                a CSR matrix M scattered into M^T @ X; x and the rows of y contiguous.
+ctypedef void (*scsr_gather32_t)(idx_t nnz, const float* val, const int32_t* col,
+                                 const float* x, idx_t rs_x, idx_t n, float alpha, float beta,
+                                 float* y) noexcept nogil
+ctypedef void (*scsr_gather64_t)(idx_t nnz, const float* val, const int64_t* col,
+                                 const float* x, idx_t rs_x, idx_t n, float alpha, float beta,
+                                 float* y) noexcept nogil
+ctypedef void (*dcsr_gather32_t)(idx_t nnz, const double* val, const int32_t* col,
+                                 const double* x, idx_t rs_x, idx_t n, double alpha,
+                                 double beta, double* y) noexcept nogil
+ctypedef void (*dcsr_gather64_t)(idx_t nnz, const double* val, const int64_t* col,
+                                 const double* x, idx_t rs_x, idx_t n, double alpha,
+                                 double beta, double* y) noexcept nogil
+ctypedef void (*scsr_scatter32_t)(idx_t nnz, const float* val, const int32_t* col,
+                                  const float* x, idx_t n, float alpha, float* y,
+                                  idx_t rs_y) noexcept nogil
+ctypedef void (*scsr_scatter64_t)(idx_t nnz, const float* val, const int64_t* col,
+                                  const float* x, idx_t n, float alpha, float* y,
+                                  idx_t rs_y) noexcept nogil
+ctypedef void (*dcsr_scatter32_t)(idx_t nnz, const double* val, const int32_t* col,
+                                  const double* x, idx_t n, double alpha, double* y,
+                                  idx_t rs_y) noexcept nogil
+ctypedef void (*dcsr_scatter64_t)(idx_t nnz, const double* val, const int64_t* col,
+                                  const double* x, idx_t n, double alpha, double* y,
+                                  idx_t rs_y) noexcept nogil
+
 # The largest micro-tile any ISA module may declare (sizes the drivers' stack buffers).
 cdef enum:
     MAX_MR = 8
@@ -53,6 +86,10 @@ ctypedef struct skernels_t:
     saxpy_t axpy
     saxpy4_t axpy4
     sscal_t scal
+    scsr_gather32_t csr_gather32
+    scsr_gather64_t csr_gather64
+    scsr_scatter32_t csr_scatter32
+    scsr_scatter64_t csr_scatter64
 
 ctypedef struct dkernels_t:
     int mr
@@ -64,6 +101,10 @@ ctypedef struct dkernels_t:
     daxpy_t axpy
     daxpy4_t axpy4
     dscal_t scal
+    dcsr_gather32_t csr_gather32
+    dcsr_gather64_t csr_gather64
+    dcsr_scatter32_t csr_scatter32
+    dcsr_scatter64_t csr_scatter64
 
 # Both dtypes' tables for one ISA.
 ctypedef struct kernel_set_t:
@@ -142,6 +183,36 @@ cdef inline void ukr_scal(const kernel_set_t* ks, idx_t n, floating alpha, const
         ks.s.scal(n, alpha, x, y)
     else:
         ks.d.scal(n, alpha, x, y)
+
+
+cdef inline void ukr_csr_gather(const kernel_set_t* ks, idx_t nnz, const floating* val,
+                                const sp_index* col, const floating* x, idx_t rs_x, idx_t n,
+                                floating alpha, floating beta, floating* y) noexcept nogil:
+    if floating is float:
+        if sp_index is int32_t:
+            ks.s.csr_gather32(nnz, val, col, x, rs_x, n, alpha, beta, y)
+        else:
+            ks.s.csr_gather64(nnz, val, col, x, rs_x, n, alpha, beta, y)
+    else:
+        if sp_index is int32_t:
+            ks.d.csr_gather32(nnz, val, col, x, rs_x, n, alpha, beta, y)
+        else:
+            ks.d.csr_gather64(nnz, val, col, x, rs_x, n, alpha, beta, y)
+
+
+cdef inline void ukr_csr_scatter(const kernel_set_t* ks, idx_t nnz, const floating* val,
+                                 const sp_index* col, const floating* x, idx_t n,
+                                 floating alpha, floating* y, idx_t rs_y) noexcept nogil:
+    if floating is float:
+        if sp_index is int32_t:
+            ks.s.csr_scatter32(nnz, val, col, x, n, alpha, y, rs_y)
+        else:
+            ks.s.csr_scatter64(nnz, val, col, x, n, alpha, y, rs_y)
+    else:
+        if sp_index is int32_t:
+            ks.d.csr_scatter32(nnz, val, col, x, n, alpha, y, rs_y)
+        else:
+            ks.d.csr_scatter64(nnz, val, col, x, n, alpha, y, rs_y)
 
 
 # Panel copies at the micro-tile widths the kernel modules declare (mr 4 or 6; nr 4, 8 or

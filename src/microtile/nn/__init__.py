@@ -44,6 +44,7 @@ from microtile.nn._optimizers import SGD, AdaGrad, Adam, Optimizer, RMSprop
 from microtile.nn._optimizers import AdamW
 from microtile.nn._parameter import Parameter
 from microtile.nn._persist import load, save
+from microtile.nn._prune import prune
 from microtile.nn._pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from microtile.nn._residual import Residual
 from microtile.nn._sequential import Sequential
@@ -62,5 +63,5 @@ __all__ = [
     "AdamW",
     "lr_scheduler",
     "EarlyStopping",
-    "fit", "predict", "save", "load", "gradcheck",
+    "fit", "predict", "save", "load", "gradcheck", "prune",
 ]

@@ -4,8 +4,13 @@ import math
 import numpy as np
 
 from microtile.linalg._api import gemm, linear_forward
+from microtile._config._context import get_option
 from microtile._config._schema import ACTIVATIONS
-from microtile.nn._act_kernels import act_backward, act_backward_colsum, colsum_work_size
+from microtile.nn._act_kernels import (act_backward, act_backward_colsum, act_forward,
+                                       colsum_work_size)
+from microtile.sparse._format import is_sparse
+from microtile.sparse._spmm import csr_product
+from microtile.sparse.products import spmm
 from microtile.nn._linear_kernels import linear_weight_and_input_grads
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator, bias_uniform, kaiming_uniform
@@ -40,6 +45,16 @@ class Linear(Module):
     Backward computes ``dW += dYᵀ·X`` and ``dX = dY·W`` as GEMMs on the stored arrays with
     transpose flags (no transposed copy), and the bias gradient as column sums in the same
     pass that applies a fused activation's derivative.
+
+    A scipy.sparse (N, in_features) input runs forward and the weight gradient on the sparse
+    kernels (``spmm``); ``backward`` then returns None (no input gradient).  The kernels
+    want the weight as (in_features, out_features) rows, so each such call makes one
+    transposed copy of the weight (or of its gradient) in a reused buffer.
+
+    After ``nn.prune``, a layer whose kept fraction of weights is at or below
+    ``get_config()["sparse_density"]`` runs its forward on the sparse kernel with the
+    weight's kept entries (the structure is fixed at pruning time; only the values are
+    gathered per call).
     """
 
     _param_names = ("weight", "bias")
@@ -49,6 +64,8 @@ class Linear(Module):
     _y2 = per_thread()
     _act = per_thread()
     _in_shape = per_thread()
+    # The CSR structure of the kept weights after nn.prune (a ``PrunedStructure``), or None.
+    _pruned = None
 
     def __init__(self, in_features, out_features, bias=True, *, dtype=np.float32, rng=None):
         self.in_features = check_int(in_features, "in_features", "Linear")
@@ -65,6 +82,8 @@ class Linear(Module):
         return self._forward(x, None)
 
     def _forward(self, x, activation):
+        if is_sparse(x):
+            return self._forward_sparse_input(x, activation)
         dt = self.weight.dtype
         x = as_input(x, dt)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
@@ -74,7 +93,11 @@ class Linear(Module):
         x2 = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)
         y2 = self._buffer("y", (x2.shape[0], self.out_features), dt)
         bias = self.bias.data if self.bias is not None else None
-        linear_forward(x2, self.weight.data, bias=bias, activation=activation, out=y2)
+        pruned = self._pruned
+        if pruned is not None and pruned.sparse_at(get_option("sparse_density")):
+            self._forward_pruned(pruned, x2, bias, activation, y2)
+        else:
+            linear_forward(x2, self.weight.data, bias=bias, activation=activation, out=y2)
         self._x2 = x2
         self._y2 = y2
         self._act = ACTIVATIONS[activation]
@@ -82,6 +105,55 @@ class Linear(Module):
         if x.ndim == 2:
             return y2
         return y2.reshape(x.shape[:-1] + (self.out_features,))
+
+    def _forward_pruned(self, pruned, x2, bias, activation, y2):
+        """y2 = act(x2 @ weight.T + bias) with the kept weights as CSR: yᵀ = W @ xᵀ on the
+        row-gather kernel, which streams rows of xᵀ (so xᵀ and yᵀ are made contiguous in
+        reused buffers)."""
+        dt = y2.dtype
+        n = x2.shape[0]
+        xt = self._buffer("xt", (self.in_features, n), dt)
+        np.copyto(xt, x2.T)
+        yt = self._buffer("yt", (self.out_features, n), dt)
+        beta = 0.0
+        if bias is not None:
+            np.copyto(yt, bias[:, None])
+            beta = 1.0
+        csr_product(False, pruned.indptr, pruned.indices, pruned.values(self.weight.data),
+                    self.in_features, xt, yt, 1.0, beta)
+        np.copyto(y2, yt.T)
+        self._activate(y2, activation)
+
+    @staticmethod
+    def _activate(y2, activation):
+        code = ACTIVATIONS[activation]
+        if code:
+            flat = y2.reshape(-1)
+            act_forward(flat, flat, code)
+
+    def _forward_sparse_input(self, x, activation):
+        """Forward on a scipy.sparse batch: y = x @ weight.T + bias on the sparse kernel,
+        never densifying x."""
+        dt = self.weight.dtype
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{self!r}: sparse input has shape {x.shape}, expected (N, "
+                             f"{self.in_features})")
+        if x.dtype != dt:
+            x = x.astype(dt)
+        n = x.shape[0]
+        wt = self._buffer("wt", (self.in_features, self.out_features), dt)
+        np.copyto(wt, self.weight.data.T)
+        y2 = self._buffer("y", (n, self.out_features), dt)
+        if self.bias is not None:
+            spmm(x, wt, beta=1.0, c=self.bias.data, out=y2)
+        else:
+            spmm(x, wt, out=y2)
+        self._activate(y2, activation)
+        self._x2 = x
+        self._y2 = y2
+        self._act = ACTIVATIONS[activation]
+        self._in_shape = x.shape
+        return y2
 
     def backward(self, dy, *, need_input_grad=True):
         """Accumulate the parameter gradients; return dL/dx (None if not ``need_input_grad``).
@@ -98,7 +170,9 @@ class Linear(Module):
         dy2 = dy if dy.ndim == 2 else dy.reshape(y2.shape)
         act = self._act
         dz = self._buffer("dz", y2.shape, dt) if act else dy2
-        dx = self._buffer("dx", x2.shape, dt) if need_input_grad else None
+        sparse_x = is_sparse(x2)
+        # No input gradient for a sparse input (the API's rule: it would be dense).
+        dx = self._buffer("dx", x2.shape, dt) if need_input_grad and not sparse_x else None
         # The gradients are shared by every thread: written under their locks.
         with locked(self.weight, self.bias):
             if self.bias is not None:
@@ -108,7 +182,13 @@ class Linear(Module):
             elif act:
                 act_backward(act, y2.reshape(-1), dy2.reshape(-1), dz.reshape(-1))
             gw, acc = self.weight._grad_for_update()
-            if (dx is None
+            if sparse_x:
+                # dWᵀ = xᵀ @ dz: the scatter kernel, one nonzero of x at a time.
+                if acc:
+                    spmm(dz.T, x2, beta=1.0, c=gw, out=gw)
+                else:
+                    spmm(dz.T, x2, out=gw)
+            elif (dx is None
                     or x2.shape[0] * self.in_features * self.out_features < PAIR_MIN_MACS
                     or not dz.flags.c_contiguous or not x2.flags.aligned
                     or not linear_weight_and_input_grads(dz, x2, self.weight.data, gw, dx,
@@ -122,6 +202,12 @@ class Linear(Module):
         if dx is None:
             return None
         return dx if len(self._in_shape) == 2 else dx.reshape(self._in_shape)
+
+    @property
+    def _no_input_grad(self):
+        """True after this thread's forward on a sparse input: backward returns None then
+        (``Sequential`` accepts that from its first layer)."""
+        return is_sparse(self._x2)
 
     def __repr__(self):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "

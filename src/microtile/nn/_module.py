@@ -298,6 +298,8 @@ class Module(ThreadState):
         # Everything checked: only now is anything written.
         for (_, target), v in zip(named, values):
             np.copyto(target, v, casting="unsafe")
+        for p in self.parameters():
+            p._apply_prune()        # pruned weights stay zero (nn.prune)
 
 
 def check_int(value, name, owner, minimum=0):

@@ -246,6 +246,7 @@ class Optimizer:
                         p._grad.fill(0)
                         p._grad_is_zero = False
                     self._update(p, group)
+                    p._apply_prune()        # pruned weights stay zero (nn.prune)
 
     def _update(self, p, group):
         raise NotImplementedError

@@ -27,7 +27,8 @@ class Parameter:
         Initial value; float32 or float64 (other dtypes raise TypeError).  Copied.
     """
 
-    __slots__ = ("_data", "_grad", "_grad_is_zero", "_flat_data", "_flat_grad", "_lock")
+    __slots__ = ("_data", "_grad", "_grad_is_zero", "_flat_data", "_flat_grad", "_lock",
+                 "_prune")
 
     def __init__(self, data):
         arr = np.asarray(data)
@@ -40,14 +41,18 @@ class Parameter:
         self._flat_grad = self._grad.reshape(-1)
         # Reentrant: a custom layer may update a parameter inside another's update.
         self._lock = threading.RLock()
+        # Flat indices that nn.prune zeroed and every optimizer step zeroes again, or None.
+        self._prune = None
 
     def __getstate__(self):
-        return {"data": self._data, "grad": self._grad, "grad_is_zero": self._grad_is_zero}
+        return {"data": self._data, "grad": self._grad, "grad_is_zero": self._grad_is_zero,
+                "prune": self._prune}
 
     def __setstate__(self, state):
         self.__init__(state["data"])
         self._grad[...] = state["grad"]
         self._grad_is_zero = state["grad_is_zero"]
+        self._prune = state.get("prune")
 
     @property
     def data(self):
@@ -57,6 +62,13 @@ class Parameter:
     @data.setter
     def data(self, value):
         self._copy_in(self._data, value, "data")
+        self._apply_prune()
+
+    def _apply_prune(self):
+        """Zero the pruned positions again (see nn.prune): after an optimizer step or a
+        load, so a pruned weight stays zero whatever was written over it."""
+        if self._prune is not None:
+            self._flat_data[self._prune] = 0
 
     @property
     def grad(self):

@@ -83,9 +83,16 @@ class Sequential(Module):
                     dy = layer.backward(dy)
             except ValueError as exc:
                 raise ValueError(f"Sequential layer {i} ({layer!r}): {exc}") from exc
-            if dy is None and need:
+            if dy is None and need and not (k == 0 and getattr(layer, "_no_input_grad", False)):
                 raise RuntimeError(f"Sequential layer {i} ({layer!r}) returned no gradient")
         return dy
+
+    @property
+    def _no_input_grad(self):
+        """Whether this thread's last forward began with a layer that has no input gradient
+        to give (a Linear fed a sparse batch): backward then returns None."""
+        plan = self._plan
+        return bool(plan) and getattr(plan[0][1], "_no_input_grad", False)
 
     def __repr__(self):
         if not self.layers:

@@ -7,6 +7,7 @@ from microtile.nn._loss import MSELoss
 from microtile.nn._module import Module, check_int, eval_in_this_thread
 from microtile.nn._progress import Progress
 from microtile.nn.lr_scheduler import ReduceLROnPlateau
+from microtile.sparse._format import is_sparse
 
 _INTP = np.dtype(np.intp)
 
@@ -25,12 +26,26 @@ def _set_training(model, training):
         model.train(training)
 
 
+def _sparse_rows(model, X, what):
+    """A scipy.sparse ``X`` as CSR in the model's dtype (converted once, never densified):
+    row batches are then slices and fancy row indexing of it."""
+    if X.ndim != 2:
+        raise ValueError(f"{what}: a sparse X must be 2-D, got shape {X.shape}")
+    if np.dtype(X.dtype).kind != "f" or np.dtype(X.dtype).itemsize not in (4, 8):
+        raise TypeError(f"{what}: unsupported dtype {X.dtype}; microtile computes in float32 "
+                        "and float64")
+    return X.tocsr().astype(_model_dtype(model, X), copy=False)
+
+
 def _prepare(model, X, y, what, loss=None):
-    X = as_float_array(X, f"{what} X")
-    if X.ndim == 0:
-        raise ValueError(f"{what}: X must have a sample dimension, got a scalar")
-    dt = _model_dtype(model, X)
-    X = np.ascontiguousarray(X, dtype=dt)
+    if is_sparse(X):
+        X = _sparse_rows(model, X, f"{what} X")
+    else:
+        X = as_float_array(X, f"{what} X")
+        if X.ndim == 0:
+            raise ValueError(f"{what}: X must have a sample dimension, got a scalar")
+        X = np.ascontiguousarray(X, dtype=_model_dtype(model, X))
+    dt = X.dtype
     y = np.asarray(y)
     if y.ndim == 0 or y.shape[0] != X.shape[0]:
         raise ValueError(f"{what}: X has {X.shape[0]} samples but y has shape {y.shape}")
@@ -130,8 +145,10 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     model : layer (usually a Sequential)
     loss : CrossEntropyLoss, MSELoss or an object with ``forward(pred, target)``/``backward()``
     optimizer : SGD, Adam, AdamW, AdaGrad, RMSprop (anything with ``zero_grad``/``step``)
-    X : array_like, (N, ...)
-        Converted once to the model's dtype.
+    X : array_like, (N, ...), or scipy.sparse (N, F)
+        Converted once to the model's dtype.  A sparse X is converted to CSR once and its
+        row batches are sliced from it, never densified (the first layer must take sparse
+        input: a ``Linear``).
     y : array_like, (N, ...)
         Integer class labels (then accuracy is reported) or float targets (integers too,
         with MSELoss).
@@ -211,7 +228,11 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             m = stop - start
-            if shuffle:
+            if shuffle and is_sparse(X):
+                idx = order[start:stop]
+                xb = X[idx]             # a new CSR batch of those rows
+                yb = np.take(y, idx, axis=0)
+            elif shuffle:
                 idx = order[start:stop]
                 xb = xbufs.get(m)
                 if xb is None:
@@ -279,8 +300,9 @@ def predict(model, X, batch_size=256):
     Parameters
     ----------
     model : layer
-    X : array_like, (N, ...)
-        Converted to the model's dtype.
+    X : array_like, (N, ...), or scipy.sparse (N, F)
+        Converted to the model's dtype; a sparse X to CSR, sliced in row batches without
+        densifying.
     batch_size : int
 
     Returns
@@ -289,10 +311,13 @@ def predict(model, X, batch_size=256):
         (N, ...) outputs (a new array, not a layer buffer).
     """
     batch_size = check_int(batch_size, "batch_size", "predict", 1)
-    X = as_float_array(X, "X")
-    if X.ndim == 0:
-        raise ValueError("predict: X must have a sample dimension, got a scalar")
-    X = X.astype(_model_dtype(model, X), copy=False)
+    if is_sparse(X):
+        X = _sparse_rows(model, X, "predict X")
+    else:
+        X = as_float_array(X, "X")
+        if X.ndim == 0:
+            raise ValueError("predict: X must have a sample dimension, got a scalar")
+        X = X.astype(_model_dtype(model, X), copy=False)
     n = X.shape[0]
     with eval_in_this_thread():
         if n == 0:
