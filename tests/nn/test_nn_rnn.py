@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 
+import microtile
 from microtile import config_context, nn
 
 torch = pytest.importorskip("torch")
@@ -565,3 +566,31 @@ def test_constructor_errors():
         nn.LastStep()(np.zeros((2, 3)))
     assert repr(nn.RNN(3, 4, nonlinearity="relu", bias=False)) == (
         "RNN(3, 4, bias=False, nonlinearity='relu')")
+
+
+def test_sequence_example_trains_like_torch(capsys):
+    """examples/sequence_digits.py: in float64 the per-epoch losses of microtile and torch
+    (same weights, same batches) print the same to their 6 decimals (one unit of the last
+    printed digit allowed for rounding at a .5 boundary)."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "sequence_digits.py")
+    spec = importlib.util.spec_from_file_location("sequence_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    # One thread: torch's OpenMP team spins for seconds per step on a loaded 2-core
+    # machine.  The example sets both libraries' thread counts; put them back afterwards.
+    threads = (microtile.get_num_threads(), torch.get_num_threads())
+    try:
+        for cell in ("lstm", "gru"):
+            assert example.main(["--cell", cell, "--epochs", "2", "--hidden", "8",
+                                 "--dtype", "float64", "--threads", "1"]) == 0
+            rows = [line.split() for line in capsys.readouterr().out.splitlines()
+                    if line.split() and line.split()[0].isdigit()]
+            assert len(rows) == 2
+            for _, ours, theirs in rows:
+                assert abs(float(ours) - float(theirs)) <= 1.0000001e-6, (cell, ours, theirs)
+    finally:
+        microtile.set_num_threads(threads[0])
+        torch.set_num_threads(threads[1])
