@@ -19,6 +19,10 @@ Layout (time-major, C-contiguous, rows of N samples per step):
 * ``dh`` and ``dc`` (N, H): the gradients carried from step t to step t-1; on return they
   hold dh0 and dc0 (dh0 only when ``need_dh0``: otherwise step 0's recurrent product,
   which nothing but dh0 reads, is skipped).
+* GRU: ``HN`` (T*N, H) keeps each step's h W_hn^T + b_hn (what r multiplied), and backward
+  writes two gradient arrays, ``dGx`` for the input side and ``dGh`` for the hidden side
+  (they differ in the n block, by the factor r).  RNN: no ``G``; the projection goes into
+  ``Hb[N:]`` and each step's GEMM applies the activation in its write-back.
 
 The gate passes use numerically safe sigmoid and tanh (no overflow for any input).  Rows are
 split over threads when a step has enough elements to pay for a second thread.
