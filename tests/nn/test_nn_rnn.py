@@ -247,6 +247,19 @@ def test_layout_does_not_change_results(cell, batch_first, rng):
             np.testing.assert_array_equal(xl, x_before)     # inputs are never modified
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_initial_state_layout_does_not_change_results(cell, rng):
+    ours, _ = make(cell, 3, 5, num_layers=2, rng=2)
+    x = rng.standard_normal((4, 3, 3))
+    h0 = rng.standard_normal((2, 3, 5))
+    c0 = rng.standard_normal((2, 3, 5))
+    lstm = cell == "LSTM"
+    y_ref = ours(x, (h0, c0) if lstm else h0).copy()
+    for name, h in _layouts(h0).items():
+        c = _layouts(c0)[name]
+        np.testing.assert_array_equal(ours(x, (h, c) if lstm else h), y_ref, err_msg=name)
+
+
 # --- float32 --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -375,6 +388,21 @@ def test_torch_state_dict_loads_and_gives_the_same_outputs(cell, rng):
     copy = getattr(nn, name)(4, 6, num_layers=2, batch_first=True, dtype=F64, rng=1, **extra)
     copy.load_state_dict(ours.state_dict())
     np.testing.assert_array_equal(copy(x), ours(x))
+
+
+def test_save_and_load_a_sequence_model(tmp_path, rng):
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, batch_first=True, dtype=F64, rng=0),
+                          nn.LastStep(batch_first=True), nn.Linear(4, 2, dtype=F64, rng=1))
+    path = tmp_path / "seq.npz"
+    nn.save(model, path)
+    other = nn.Sequential(nn.GRU(3, 4, num_layers=2, batch_first=True, dtype=F64, rng=5),
+                          nn.LastStep(batch_first=True), nn.Linear(4, 2, dtype=F64, rng=6))
+    nn.load(other, path)
+    x = rng.standard_normal((2, 5, 3))
+    np.testing.assert_array_equal(other(x), model(x))
+    with pytest.raises(ValueError, match="weight_hh_l1"):
+        nn.load(nn.Sequential(nn.GRU(3, 4, batch_first=True), nn.LastStep(batch_first=True),
+                              nn.Linear(4, 2)), path)
 
 
 def test_pickle_and_threads(rng):
