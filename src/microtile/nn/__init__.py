@@ -1,5 +1,5 @@
-"""microtile.nn: small neural networks (MLPs and CNNs) trained with backprop on microtile's
-GEMM and convolution kernels.
+"""microtile.nn: small neural networks (MLPs, CNNs, recurrent networks) trained with backprop
+on microtile's GEMM and convolution kernels.
 
 Layers use torch's weight layouts and default initialisation, and the optimizers torch.optim's
 update rules, so a model moves between the two with the same numbers::
@@ -47,6 +47,7 @@ from microtile.nn._persist import load, save
 from microtile.nn._prune import prune
 from microtile.nn._pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from microtile.nn._residual import Residual
+from microtile.nn._rnn import GRU, LSTM, RNN, LastStep
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
 from microtile.nn._callbacks import EarlyStopping
@@ -58,6 +59,7 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "Dropout",
     "LeakyReLU", "GELU", "SiLU", "Softmax", "LogSoftmax", "AdaptiveAvgPool2d", "Residual",
     "Sequential",
+    "RNN", "LSTM", "GRU", "LastStep",
     "CrossEntropyLoss", "MSELoss",
     "Optimizer", "SGD", "Adam", "AdaGrad", "RMSprop",
     "AdamW",

@@ -15,6 +15,7 @@ from libc.math cimport erf, erff, exp, expf, log, M_SQRT1_2, M_2_SQRTPI, sqrt, t
 
 from microtile._common._mt_openmp cimport mt_share, mt_share_end
 from microtile._common._typedefs cimport idx_t, floating
+from microtile.nn._act_math cimport sigmoid as _sigmoid
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
 
@@ -29,21 +30,6 @@ cdef inline int _threads_for(idx_t n) except -1:
         return 1
     current_params(0, &prm)
     return prm.n_threads if prm.n_threads > 1 else 1
-
-
-cdef inline floating _sigmoid(floating v) noexcept nogil:
-    # Only exp of a non-positive number is taken: no overflow for any input, NaN propagates.
-    cdef floating e
-    if floating is float:
-        if v >= 0:
-            return 1.0 / (1.0 + expf(-v))
-        e = expf(v)
-        return e / (1.0 + e)
-    else:
-        if v >= 0:
-            return 1.0 / (1.0 + exp(-v))
-        e = exp(v)
-        return e / (1.0 + e)
 
 
 cdef void _act_run(int act, const floating* x, floating* y, idx_t n) noexcept nogil:
