@@ -1833,7 +1833,7 @@ def gen_layer(rng):
 # TypeError/ValueError, a valid forward/backward keeps shapes and dtypes, gives finite values on
 # finite input and leaves its inputs alone, in training and in eval mode.
 MORE_LAYERS = ("BatchNorm1d", "BatchNorm2d", "Dropout", "LeakyReLU", "GELU", "SiLU", "Softmax",
-               "LogSoftmax", "AdaptiveAvgPool2d", "Residual")
+               "LogSoftmax", "AdaptiveAvgPool2d", "Residual", "LSTM", "GRU", "RNN", "LastStep")
 
 
 def more_layer_setup(rng, kind, dtype):
@@ -1877,6 +1877,22 @@ def more_layer_setup(rng, kind, dtype):
                                     nn.Linear(f, f, dtype=dtype, rng=seed + 1) if shortcut
                                     else None))
         return make, (size(rng, 6, zero=0.05), f), None, f"Residual(Linear({f},{f}))"
+    if kind in ("LSTM", "GRU", "RNN"):
+        f, h = max(size(rng, 7), 1), max(size(rng, 7), 1)     # torch refuses 0 as well
+        t, n = size(rng, 5, zero=0.05), size(rng, 4, zero=0.05)
+        kw = {"num_layers": choice(rng, (1, 1, 2)), "bias": bool(rng.random() < 0.8),
+              "batch_first": bool(rng.random() < 0.5)}
+        if kind == "RNN":
+            kw["nonlinearity"] = choice(rng, ("tanh", "relu"))
+        seed = int(rng.integers(1 << 30))
+        lead = (n, t) if kw["batch_first"] else (t, n)
+        return (lambda: getattr(nn, kind)(f, h, dtype=dtype, rng=seed, **kw)), lead + (f,), \
+            lead + (h,), f"{kind}({f}, {h}, {kw})"
+    if kind == "LastStep":
+        bf = bool(rng.random() < 0.5)
+        t, n, f = max(size(rng, 5), 1), size(rng, 4, zero=0.05), size(rng, 5, zero=0.05)
+        return (lambda: nn.LastStep(batch_first=bf)), ((n, t, f) if bf else (t, n, f)), \
+            (n, f), f"LastStep(batch_first={bf})"
     return (lambda: getattr(nn, kind)()), shape, None, f"{kind}()"
 
 
@@ -1905,6 +1921,14 @@ def more_layer_bad_ctor(rng, kind):
         return lambda: nn.Residual(choice(rng, (3, None, "block")))
     if kind == "LeakyReLU":
         return lambda: nn.LeakyReLU(choice(rng, ("x", None, [0.1])))
+    if kind in ("LSTM", "GRU", "RNN"):
+        args = [3, 4]
+        args[int(rng.integers(2))] = choice(rng, (-1, 0, "3", 2.5, None))
+        kw = choice(rng, ({}, {"num_layers": choice(rng, (0, -1, "2", 1.5))},
+                          {"nonlinearity": "sigmoid"} if kind == "RNN" else {"num_layers": 0}))
+        return lambda: getattr(nn, kind)(*args, **kw) if kw else getattr(nn, kind)(*args)
+    if kind == "LastStep":
+        return lambda: nn.LastStep(batch_first=choice(rng, ("yes", 2, None)))
     return lambda: getattr(nn, kind)(bad)
 
 
@@ -1928,7 +1952,7 @@ def gen_more_layers(rng):
     if fault == "x_dtype":
         x = call.arg("x", array_fault(rng, call, "x", in_shape))
     elif fault == "x_rank" and kind in ("BatchNorm1d", "BatchNorm2d", "AdaptiveAvgPool2d",
-                                        "Residual"):
+                                        "Residual", "LSTM", "GRU", "RNN", "LastStep"):
         x = put(rng, call, "x", values(rng, in_shape + (2, 2, 2), xdt))
         call.invalid("x rank", ValueError)
     else:
@@ -1972,6 +1996,94 @@ def gen_more_layers(rng):
                                              f"expected {tuple(in_shape)}")
             if not np.isfinite(dx).all() and np.isfinite(xv).all():
                 raise Problem("wrong-result", f"{kind} backward: non-finite dx")
+    call.run, call.check = run, check
+    return call
+
+
+def random_sparse(rng, shape, dtype, idx_dtype, messy):
+    """A CSR matrix built from raw arrays (so duplicates and unsorted indices survive when
+    ``messy``), and its float64 dense value."""
+    import scipy.sparse as sp
+    rows, cols = shape
+    density = choice(rng, (0.0, 0.05, 0.3, 1.0))
+    per_row = [int(rng.binomial(cols, density)) if cols else 0 for _ in range(rows)]
+    indptr = np.concatenate(([0], np.cumsum(per_row))).astype(idx_dtype)
+    idx = []
+    for r in range(rows):
+        c = rng.choice(cols, per_row[r], replace=messy) if per_row[r] else np.zeros(0, int)
+        idx.append(c if messy else np.sort(c))
+    indices = (np.concatenate(idx) if idx else np.zeros(0)).astype(idx_dtype)
+    data = values(rng, (len(indices),), dtype)
+    mat = sp.csr_matrix((data, indices, indptr), shape=shape)
+    dense = np.zeros(shape)
+    for r in range(rows):
+        for j in range(indptr[r], indptr[r + 1]):
+            dense[r, indices[j]] += float(data[j])
+    return mat, dense
+
+
+def gen_spmm(rng):
+    """spmm with the sparse operand on either side, in any scipy format, messy or malformed."""
+    call = Call("spmm")
+    try:
+        import scipy.sparse  # noqa: F401
+    except ImportError:       # an optional dependency: nothing to fuzz without it
+        call.run, call.check = (lambda: None), None
+        return call
+    m, k, n = size(rng, 30), size(rng, 30), size(rng, 30)
+    dt_s, dt_d = fdtype(rng), fdtype(rng)
+    idx_dtype = choice(rng, (np.int32, np.int64))
+    sparse_left = rng.random() < 0.5
+    fault = pick(rng, 0.35, ("malformed", "both_sparse", "no_sparse", "inner", "dtype"))
+    s_shape = (m, k) if sparse_left else (k, n)
+    mat, sdense = random_sparse(rng, s_shape, dt_s, idx_dtype, rng.random() < 0.3)
+    fmt = choice(rng, ("csr", "csr", "csc", "coo", "lil", "T"))
+    if fmt == "T":            # a CSC transpose: free for the kernels
+        mat, sdense = mat.T.tocsc().T, sdense
+    elif fmt != "csr":
+        mat = mat.asformat(fmt)
+    d_shape = (k, n) if sparse_left else (m, k)
+    dv = values(rng, d_shape, dt_d)
+    if fault == "inner":
+        dv = values(rng, (d_shape[0] + 1, d_shape[1]) if sparse_left
+                     else (d_shape[0], d_shape[1] + 1), dt_d)
+        call.invalid("inner dimensions differ", ValueError)
+    if fault == "malformed" and mat.format in ("csr", "csc"):
+        kind = choice(rng, ("index", "indptr_order", "indptr_end"))
+        mat = mat.copy()
+        if kind == "index" and mat.nnz:
+            mat.indices[int(rng.integers(mat.nnz))] = choice(rng, (-1, 10 ** 6))
+        elif kind == "indptr_order" and len(mat.indptr) > 2 and mat.nnz:
+            mat.indptr[1] = mat.indptr[-1] + 1
+        else:
+            mat.indptr[-1] = mat.nnz + int(rng.integers(1, 4))
+        call.invalid(f"malformed {mat.format} ({kind})", ValueError)
+    dense = put(rng, call, "b" if sparse_left else "a", dv, ("C", "F", "strided", "neg",
+                                                          "readonly", "unaligned",
+                                                          "byteswapped"))
+    if fault == "dtype":
+        mat = mat.astype(np.int32)
+        call.invalid("sparse dtype int32", TypeError)
+    a, b = (mat, dense) if sparse_left else (dense, mat)
+    if fault == "both_sparse":
+        a, b = (mat, mat.T) if sparse_left else (mat.T, mat)
+        call.invalid("both sparse", TypeError, ValueError)
+    elif fault == "no_sparse":
+        a, b = (sdense, dense) if sparse_left else (dense, sdense)
+        call.invalid("neither sparse", TypeError)
+    call.args.append(f"{'sparse @ dense' if sparse_left else 'dense @ sparse'} "
+                     f"{mat.format} {mat.dtype} idx {idx_dtype.__name__} nnz={mat.nnz}")
+    alpha = choice(rng, (1.0, 1.0, -0.5, 0.0))
+    dt = np.result_type(native(dt_s), native(dt_d))
+
+    def run():
+        return mt.spmm(a, b, alpha=alpha)
+
+    def check(res):
+        da = f64(dense)
+        ref, bound = gemm_reference(sdense, da, alpha) if sparse_left else \
+            gemm_reference(da, sdense, alpha)
+        close(res, ref, bound, max(k, 1), dt, "spmm")
     call.run, call.check = run, check
     return call
 
@@ -2529,6 +2641,7 @@ GENERATORS = {
     "nn.loss": (gen_loss, 1.5), "nn.optimizer": (gen_optimizer, 1.5),
     "nn.gradcheck": (gen_gradcheck, 0.7), "nn.state_dict": (gen_state_dict, 0.8),
     "nn.save_load": (gen_save_load, 0.4), "nn.more_layers": (gen_more_layers, 2.0),
+    "spmm": (gen_spmm, 1.5),
 }
 
 

@@ -270,7 +270,7 @@ def test_errors():
         m(np.ones((2, 3, 2, 2), np.int64))
     for kw, exc in [({"momentum": 1.5}, ValueError), ({"momentum": float("nan")}, ValueError),
                     ({"eps": -1.0}, ValueError), ({"eps": "1"}, TypeError),
-                    ({"affine": 1}, TypeError), ({"dtype": np.int32}, TypeError),
+                    ({"affine": "yes"}, TypeError), ({"affine": 2}, TypeError), ({"dtype": np.int32}, TypeError),
                     ({"num_features": -1}, ValueError), ({"num_features": 2.0}, TypeError)]:
         kw = {"num_features": 3, **kw}
         with pytest.raises(exc):

@@ -323,6 +323,16 @@ def check_real(value, name, owner, lo=-math.inf, hi=math.inf):
     return v
 
 
+def check_bool(value, name, owner):
+    """``value`` as a bool: True/False, NumPy bools and the ints 0 and 1 (torch code often
+    passes ``batch_first=1``); TypeError for anything else ("yes" is not taken as True)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
+
+
 def as_parameter(value, name):
     if not isinstance(value, Parameter):
         raise TypeError(f"{name} must be a Parameter, got {type(value).__name__}")

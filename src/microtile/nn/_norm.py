@@ -7,7 +7,7 @@ from microtile._config._schema import ACTIVATIONS
 from microtile.nn import _norm_kernels as _kernels
 from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
-from microtile.nn._module import Module, check_int, check_real, per_thread
+from microtile.nn._module import Module, check_bool, check_int, check_real, per_thread
 from microtile.nn._parameter import Parameter, locked
 
 _F64 = np.dtype(np.float64)
@@ -44,8 +44,8 @@ class _BatchNorm(Module):
         # None: running estimates are the cumulative average of every batch (as torch).
         self.momentum = (None if momentum is None
                          else check_real(momentum, "momentum", owner, 0.0, 1.0))
-        self.affine = _check_bool(affine, "affine", owner)
-        self.track_running_stats = _check_bool(track_running_stats, "track_running_stats",
+        self.affine = check_bool(affine, "affine", owner)
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats",
                                                owner)
         self._dtype = dt = float_dtype(dtype, owner)
         c = self.num_features
@@ -159,12 +159,6 @@ class _BatchNorm(Module):
 
 def _data(param):
     return None if param is None else param.data
-
-
-def _check_bool(value, name, owner):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
-    return bool(value)
 
 
 class BatchNorm1d(_BatchNorm):

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from microtile.nn import _optim_kernels as _optim
+from microtile.nn._module import check_bool
 from microtile.nn._parameter import Parameter
 
 class _Required:
@@ -59,18 +60,10 @@ def _beta_pair(betas, owner):
     return (b1, b2)
 
 
-def _flag(value, name, owner):
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
-
-
 def _switch(value, name, owner):
     if value is None:
         return None
-    return _flag(value, name, owner)
+    return check_bool(value, name, owner)
 
 
 def _keys_error(owner, where, missing=(), unknown=()):
@@ -427,7 +420,7 @@ class SGD(Optimizer):
     def _check_hyper(self, group, owner):
         super()._check_hyper(group, owner)
         if "nesterov" in group:
-            group["nesterov"] = _flag(group["nesterov"], "nesterov", owner)
+            group["nesterov"] = check_bool(group["nesterov"], "nesterov", owner)
             if group["nesterov"] and group.get("momentum", 0.0) == 0:
                 raise ValueError(f"{owner}: Nesterov momentum needs a momentum > 0")
 
@@ -486,7 +479,7 @@ class Adam(Optimizer):
         if "betas" in group:
             group["betas"] = _beta_pair(group["betas"], owner)
         if "decoupled_weight_decay" in group:
-            group["decoupled_weight_decay"] = _flag(group["decoupled_weight_decay"],
+            group["decoupled_weight_decay"] = check_bool(group["decoupled_weight_decay"],
                                                     "decoupled_weight_decay", owner)
 
     def _update(self, p, group):
@@ -589,7 +582,7 @@ class RMSprop(Optimizer):
     def _check_hyper(self, group, owner):
         super()._check_hyper(group, owner)
         if "centered" in group:
-            group["centered"] = _flag(group["centered"], "centered", owner)
+            group["centered"] = check_bool(group["centered"], "centered", owner)
 
     def _wanted(self, group):
         names = ["square_avg"]

@@ -22,7 +22,7 @@ from microtile.linalg._api import gemm, linear_forward
 from microtile.nn._act_kernels import act_backward_colsum, colsum_work_size
 from microtile.nn._dtypes import as_grad, as_input, float_dtype
 from microtile.nn._init import as_generator
-from microtile.nn._module import Module, check_int, per_thread
+from microtile.nn._module import Module, check_bool, check_int, per_thread
 from microtile.nn._parameter import Parameter, locked
 from microtile.nn._rnn_kernels import (gru_backward, gru_forward, lstm_backward, lstm_forward,
                                        rnn_backward, rnn_forward)
@@ -33,12 +33,6 @@ _F64 = np.dtype(np.float64)
 # (LSTM i, f, g, o; GRU r, z, n).
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
-
-def _flag(value, name, owner):
-    """A bool argument (torch accepts any truthy value; so do we, but not an array)."""
-    if isinstance(value, np.ndarray):
-        raise TypeError(f"{owner}: {name} must be a bool, got an array")
-    return bool(value)
 
 
 class _RecurrentBase(Module):
@@ -55,8 +49,8 @@ class _RecurrentBase(Module):
         self.input_size = check_int(input_size, "input_size", owner)
         self.hidden_size = check_int(hidden_size, "hidden_size", owner, minimum=1)
         self.num_layers = check_int(num_layers, "num_layers", owner, minimum=1)
-        self.bias = _flag(bias, "bias", owner)
-        self.batch_first = _flag(batch_first, "batch_first", owner)
+        self.bias = check_bool(bias, "bias", owner)
+        self.batch_first = check_bool(batch_first, "batch_first", owner)
         dt = float_dtype(dtype, owner)
         gen = as_generator(rng)
         H = self.hidden_size
@@ -507,7 +501,7 @@ class LastStep(Module):
     _in_shape = per_thread()
 
     def __init__(self, batch_first=False):
-        self.batch_first = _flag(batch_first, "batch_first", "LastStep")
+        self.batch_first = check_bool(batch_first, "batch_first", "LastStep")
 
     def forward(self, x):
         x = as_float_array(x, "x")
