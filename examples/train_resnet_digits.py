@@ -36,7 +36,9 @@ def load_digits_16(seed=0):
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
 
-def resnet(seed=0):
+def resnet(seed=0, in_channels=1, width=16, dropout=0.1, classes=10):
+    """Stem (conv 3x3, BN, ReLU), a residual stage of ``width`` channels, one of twice that
+    at half the size (1x1 conv + BN shortcut), global average pool, Dropout, Linear."""
     def block(cin, cout, stride, s):
         body = nn.Sequential(
             nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False, rng=s),
@@ -45,15 +47,17 @@ def resnet(seed=0):
         short = None if stride == 1 and cin == cout else nn.Sequential(
             nn.Conv2d(cin, cout, 1, stride=stride, bias=False, rng=s + 2), nn.BatchNorm2d(cout))
         return nn.Residual(body, short)
+    w2 = 2 * width
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False, rng=seed), nn.BatchNorm2d(16), nn.ReLU(),
-        block(16, 16, 1, seed + 10), nn.ReLU(), block(16, 32, 2, seed + 20), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1, rng=seed + 30),
-        nn.Linear(32, 10, rng=seed + 40))
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False, rng=seed),
+        nn.BatchNorm2d(width), nn.ReLU(),
+        block(width, width, 1, seed + 10), nn.ReLU(), block(width, w2, 2, seed + 20), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout, rng=seed + 30),
+        nn.Linear(w2, classes, rng=seed + 40))
 
 
-def torch_resnet(model):
-    """The same architecture in torch, starting from microtile's weights (a state_dict)."""
+def torch_resnet(model, in_channels=1, width=16, dropout=0.1, classes=10):
+    """The same architecture in torch, starting from ``model``'s weights (its state_dict)."""
     import torch
     tnn = torch.nn
 
@@ -72,10 +76,11 @@ def torch_resnet(model):
         short = None if stride == 1 and cin == cout else tnn.Sequential(
             tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
         return Res(body, short)
-    t = tnn.Sequential(tnn.Conv2d(1, 16, 3, 1, 1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU(),
-                       block(16, 16, 1), tnn.ReLU(), block(16, 32, 2), tnn.ReLU(),
-                       tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Dropout(0.1),
-                       tnn.Linear(32, 10))
+    w2 = 2 * width
+    t = tnn.Sequential(tnn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                       tnn.BatchNorm2d(width), tnn.ReLU(), block(width, width, 1), tnn.ReLU(),
+                       block(width, w2, 2), tnn.ReLU(), tnn.AdaptiveAvgPool2d(1), tnn.Flatten(),
+                       tnn.Dropout(dropout), tnn.Linear(w2, classes))
     t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
     return t
 

@@ -2,7 +2,8 @@
 
 Issue 14's model: 32x32 RGB input, Conv3x3-BN-ReLU stem (32 channels), a residual stage of 32
 channels and one of 64 (stride 2, 1x1 conv + BN shortcut), global average pool, Linear to 10.
-One step = zero_grad, forward, cross-entropy, backward, SGD with momentum.  Same weights,
+The model is ``examples/train_resnet_digits.py``'s, at 3 input channels, width 32 and
+no dropout.  One step = zero_grad, forward, cross-entropy, backward, SGD with momentum.  Same weights,
 batch and threads for both; timed in alternating rounds, medians compared (float32), results
 checked (eval-mode outputs agree) before timing.
 
@@ -19,52 +20,19 @@ import numpy as np
 import microtile
 from microtile import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(_HERE, "..", "examples"))
 from bench_nn import time_pair  # noqa: E402  (one timing loop for the nn benchmarks)
+import train_resnet_digits as _example  # noqa: E402  (the model, and its torch mirror)
 
 
-def resnet(width=32, classes=10, seed=0):
-    def block(cin, cout, stride, s):
-        body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False, rng=s),
-            nn.BatchNorm2d(cout), nn.ReLU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False, rng=s + 1), nn.BatchNorm2d(cout))
-        short = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride=stride, bias=False, rng=s + 2), nn.BatchNorm2d(cout))
-        return nn.Residual(body, short)
-    w2 = 2 * width
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1, bias=False, rng=seed), nn.BatchNorm2d(width),
-        nn.ReLU(), block(width, width, 1, seed + 10), nn.ReLU(),
-        block(width, w2, 2, seed + 20), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(w2, classes, rng=seed + 30))
+def resnet():
+    return _example.resnet(in_channels=3, width=32, dropout=0.0)
 
 
-def torch_mirror(model, torch, width=32, classes=10):
-    tnn = torch.nn
-
-    class Res(tnn.Module):
-        def __init__(self, body, shortcut=None):
-            super().__init__()
-            self.block, self.shortcut = body, shortcut
-
-        def forward(self, x):
-            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
-
-    def block(cin, cout, stride):
-        body = tnn.Sequential(tnn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-                              tnn.BatchNorm2d(cout), tnn.ReLU(),
-                              tnn.Conv2d(cout, cout, 3, 1, 1, bias=False), tnn.BatchNorm2d(cout))
-        short = None if stride == 1 and cin == cout else tnn.Sequential(
-            tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
-        return Res(body, short)
-    w2 = 2 * width
-    t = tnn.Sequential(tnn.Conv2d(3, width, 3, 1, 1, bias=False), tnn.BatchNorm2d(width),
-                       tnn.ReLU(), block(width, width, 1), tnn.ReLU(), block(width, w2, 2),
-                       tnn.ReLU(), tnn.AdaptiveAvgPool2d(1), tnn.Flatten(),
-                       tnn.Linear(w2, classes))
-    t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
-    return t
+def torch_mirror(model, torch):
+    return _example.torch_resnet(model, in_channels=3, width=32, dropout=0.0)
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ import pytest
 import microtile
 from microtile import nn
 
+from _helpers import step_allocation
+
 F64 = np.float64
 FLOATS = (np.float32, np.float64)
 
@@ -518,30 +520,6 @@ def test_nn_is_a_subpackage():
     assert microtile.nn is nn
 
 
-def _step_allocation(model, loss, opt, x, labels):
-    """Peak bytes traced over three training steps, after two that settle the buffers."""
-    import tracemalloc
-
-    def step():
-        opt.zero_grad()
-        out = model.forward(x)
-        loss.forward(out, labels)
-        model.backward(loss.backward(), need_input_grad=False)
-        opt.step()
-    step()
-    step()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for _ in range(3):
-            step()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return peak - base
-
-
 @pytest.mark.parametrize("opt_name", ["SGD", "Adam", "AdaGrad", "RMSprop"])
 def test_training_step_allocates_no_arrays(opt_name):
     """Once shapes are known a step reuses every buffer: the traced peak stays far below the
@@ -554,7 +532,7 @@ def test_training_step_allocates_no_arrays(opt_name):
     loss = nn.CrossEntropyLoss()
     kw = dict(lr=0.01, momentum=0.9) if opt_name == "SGD" else {}
     opt = getattr(nn, opt_name)(model.parameters(), **kw)
-    assert _step_allocation(model, loss, opt, x, labels) < 16 * 1024
+    assert step_allocation(model, loss, opt, x, labels) < 16 * 1024
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
@@ -570,7 +548,7 @@ def test_cnn_training_step_allocates_no_arrays(pool):
     labels = rng.integers(0, 10, 8)
     loss = nn.CrossEntropyLoss()
     opt = nn.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    assert _step_allocation(model, loss, opt, x, labels) < 16 * 1024
+    assert step_allocation(model, loss, opt, x, labels) < 16 * 1024
 
 
 def test_fuzz_found_layer_edges():
@@ -628,4 +606,4 @@ def test_resnet_training_step_allocates_no_arrays(opt_name):
     labels = rng.integers(0, 10, 8)
     kw = dict(lr=0.01, momentum=0.9) if opt_name == "SGD" else dict(lr=1e-3)
     opt = getattr(nn, opt_name)(model.parameters(), **kw)
-    assert _step_allocation(model, nn.CrossEntropyLoss(), opt, x, labels) < 16 * 1024
+    assert step_allocation(model, nn.CrossEntropyLoss(), opt, x, labels) < 16 * 1024

@@ -23,6 +23,8 @@ import pytest
 import microtile
 from microtile import config_context, nn
 
+from _helpers import step_allocation
+
 torch = pytest.importorskip("torch")
 
 F64 = np.float64
@@ -508,32 +510,13 @@ def test_training_step_allocates_no_arrays(cell):
     """Once shapes are known a training step reuses every buffer (gates, states, stacked
     gate gradients, the batch-first copies): the traced peak over three steps stays far
     below one gate array (20 x 32 x 4*64 float32 = 640 KiB for the LSTM)."""
-    import tracemalloc
     rng = np.random.default_rng(16)
     model = nn.Sequential(getattr(nn, cell)(16, 64, num_layers=2, batch_first=True, rng=0),
                           nn.LastStep(batch_first=True), nn.Linear(64, 5, rng=1))
     x = rng.standard_normal((32, 20, 16)).astype(np.float32)
     labels = rng.integers(0, 5, 32)
-    loss = nn.CrossEntropyLoss()
     opt = nn.Adam(model.parameters())
-
-    def step():
-        opt.zero_grad()
-        loss.forward(model.forward(x), labels)
-        model.backward(loss.backward(), need_input_grad=False)
-        opt.step()
-    step()
-    step()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        for _ in range(3):
-            step()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert peak < 16 * 1024
+    assert step_allocation(model, nn.CrossEntropyLoss(), opt, x, labels) < 16 * 1024
 
 
 @pytest.mark.parametrize("cell", CELLS)
