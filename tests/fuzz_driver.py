@@ -2016,10 +2016,12 @@ def random_sparse(rng, shape, dtype, idx_dtype, messy):
     data = values(rng, (len(indices),), dtype)
     mat = sp.csr_matrix((data, indices, indptr), shape=shape)
     dense = np.zeros(shape)
+    magnitude = np.zeros(shape)     # duplicates' magnitudes added: what the bound must use
     for r in range(rows):
         for j in range(indptr[r], indptr[r + 1]):
             dense[r, indices[j]] += float(data[j])
-    return mat, dense
+            magnitude[r, indices[j]] += abs(float(data[j]))
+    return mat, (dense, magnitude)
 
 
 def gen_spmm(rng):
@@ -2036,7 +2038,7 @@ def gen_spmm(rng):
     sparse_left = rng.random() < 0.5
     fault = pick(rng, 0.35, ("malformed", "both_sparse", "no_sparse", "inner", "dtype"))
     s_shape = (m, k) if sparse_left else (k, n)
-    mat, sdense = random_sparse(rng, s_shape, dt_s, idx_dtype, rng.random() < 0.3)
+    mat, (sdense, smag) = random_sparse(rng, s_shape, dt_s, idx_dtype, rng.random() < 0.3)
     fmt = choice(rng, ("csr", "csr", "csc", "coo", "lil", "T"))
     if fmt == "T":            # a CSC transpose: free for the kernels
         mat, sdense = mat.T.tocsc().T, sdense
@@ -2081,8 +2083,9 @@ def gen_spmm(rng):
 
     def check(res):
         da = f64(dense)
-        ref, bound = gemm_reference(sdense, da, alpha) if sparse_left else \
-            gemm_reference(da, sdense, alpha)
+        ref = gemm_reference(sdense, da, alpha)[0] if sparse_left else \
+            gemm_reference(da, sdense, alpha)[0]
+        bound = abs(alpha) * (smag @ np.abs(da) if sparse_left else np.abs(da) @ smag)
         close(res, ref, bound, max(k, 1), dt, "spmm")
     call.run, call.check = run, check
     return call

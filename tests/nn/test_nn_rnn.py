@@ -563,6 +563,8 @@ def test_lstm_initial_state_must_be_a_pair():
 def test_constructor_errors():
     with pytest.raises(ValueError, match="hidden_size"):
         nn.LSTM(3, 0)
+    with pytest.raises(ValueError, match="input_size"):     # torch refuses 0 too (fuzz)
+        nn.LSTM(0, 4)
     with pytest.raises(ValueError, match="num_layers"):
         nn.GRU(3, 4, num_layers=0)
     with pytest.raises(TypeError, match="input_size"):

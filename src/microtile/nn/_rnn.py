@@ -46,7 +46,7 @@ class _RecurrentBase(Module):
 
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dtype, rng):
         owner = type(self).__name__
-        self.input_size = check_int(input_size, "input_size", owner)
+        self.input_size = check_int(input_size, "input_size", owner, minimum=1)   # as torch
         self.hidden_size = check_int(hidden_size, "hidden_size", owner, minimum=1)
         self.num_layers = check_int(num_layers, "num_layers", owner, minimum=1)
         self.bias = check_bool(bias, "bias", owner)
