@@ -13,16 +13,17 @@ ctypedef struct signal_poll:
     int64_t next_ns       # when the calling thread looks for signals next
     int64_t stop_step     # the step no thread starts (see poll_step); large until a raise
     void* exc_type        # the handler's exception, fetched (owned references) so that the
-    void* exc_value       # wrapper may run Python code to clean up before raise_pending
+    void* exc_value       # wrapper may run Python code to clean up before raise_for_rc
     void* exc_tb
 
 # The poll the calling thread opened (NULL on any other thread, or outside a public call).
 cdef signal_poll* caller_poll() noexcept nogil
 # For a public call's wrapper, with the GIL: open a poll in ``p`` if this is the main thread;
-# close it after the nogil block.  ``raise_pending`` re-raises the handler's exception.
+# close it after the nogil block.  ``raise_for_rc`` turns the driver's return code into the
+# exception: the handler's (INTERRUPTED), MemoryError naming ``func`` (any other nonzero).
 cdef void open_poll(signal_poll* p) noexcept
 cdef void close_poll() noexcept nogil
-cdef int raise_pending(signal_poll* p) except -1
+cdef int raise_for_rc(int rc, signal_poll* p, str func) except -1
 # For the calling thread only: run pending signal handlers when due; when one raised, mark
 # ``step + 1`` as the step no thread may start and return True.
 cdef bint poll_step(signal_poll* p, int64_t step) noexcept nogil

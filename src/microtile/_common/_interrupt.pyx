@@ -53,12 +53,16 @@ cdef void close_poll() noexcept nogil:
     mt_caller_poll = NULL
 
 
-cdef int raise_pending(signal_poll* p) except -1:
-    # The exception poll_step fetched is set again (PyErr_Restore takes the references);
-    # returning -1 propagates it.
-    PyErr_Restore(<PyObject*> p.exc_type, <PyObject*> p.exc_value, <PyObject*> p.exc_tb)
-    p.exc_type = p.exc_value = p.exc_tb = NULL
-    return -1
+cdef int raise_for_rc(int rc, signal_poll* p, str func) except -1:
+    if rc == INTERRUPTED:
+        # The exception poll_step fetched is set again (PyErr_Restore takes the references);
+        # returning -1 propagates it.
+        PyErr_Restore(<PyObject*> p.exc_type, <PyObject*> p.exc_value, <PyObject*> p.exc_tb)
+        p.exc_type = p.exc_value = p.exc_tb = NULL
+        return -1
+    if rc != 0:
+        raise MemoryError(f"microtile: out of memory in {func}")
+    return 0
 
 
 cdef bint poll_step(signal_poll* p, int64_t step) noexcept nogil:
@@ -71,7 +75,7 @@ cdef bint poll_step(signal_poll* p, int64_t step) noexcept nogil:
         return False
     with gil:
         rc = PyErr_CheckSignals()
-        if rc != 0:     # kept for raise_pending, not left set while the kernels finish
+        if rc != 0:     # kept for raise_for_rc, not left set while the kernels finish
             PyErr_Fetch(<PyObject**> &p.exc_type, <PyObject**> &p.exc_value,
                         <PyObject**> &p.exc_tb)
     p.next_ns = mt_now_ns() + POLL_NS

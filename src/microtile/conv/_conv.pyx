@@ -28,7 +28,7 @@ image in the backward pass, so col2im never adds into the same element from two 
 """
 from cython.parallel cimport prange, threadid
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
-                                           raise_pending, poll_step, stop_before, interrupted,
+                                           raise_for_rc, poll_step, stop_before, interrupted,
                                            INTERRUPTED)
 
 import threading
@@ -448,10 +448,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
                           <const double*> pb, <double*> py, <double*> pws)
             close_poll()
     _ws_put(wsbuf)
-    if rc == INTERRUPTED:
-        raise_pending(&poll)
-    if rc != 0:
-        raise MemoryError("microtile: could not allocate GEMM packing buffers")
+    raise_for_rc(rc, &poll, "conv2d")
 
 
 # ----------------------------------------------------------------------------- backward
@@ -693,9 +690,7 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     _ws_put(wsbuf)
     if rc != 0:
         _ws_put(dwpbuf)
-        if rc == INTERRUPTED:
-            raise_pending(&poll)
-        raise MemoryError("microtile: could not allocate GEMM packing buffers")
+        raise_for_rc(rc, &poll, "conv2d_backward")
     dw = None
     if need_w:
         # Reduced into the first partial (no temporary), then copied out of the blocks.

@@ -13,7 +13,7 @@ from cython.parallel cimport prange, threadid
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport elem_stride
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
-                                           raise_pending, poll_step, stop_before, interrupted,
+                                           raise_for_rc, poll_step, stop_before, interrupted,
                                            INTERRUPTED)
 from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_serial, gemm_epilogue,
                               ACT_NONE, ACT_RELU, ACT_SIGMOID, ACT_TANH)
@@ -67,17 +67,8 @@ cdef int run_gemm(cnp.ndarray A, bint ta, cnp.ndarray B, bint tb, double alpha, 
             rc = gemm_run(&prm, m, n, k, alpha, <const double*> pa, rs_a, cs_a,
                           <const double*> pb, rs_b, cs_b, beta, <double*> pc, rs_c, cs_c)
             close_poll()
-    return check_rc(rc, &poll, "gemm")
+    return raise_for_rc(rc, &poll, "gemm")
 
-
-cdef int check_rc(int rc, signal_poll* poll, str func) except -1:
-    """Raise for a driver's failure code: the pending exception of a signal handler that
-    raised during the call (Ctrl-C), or MemoryError."""
-    if rc == INTERRUPTED:
-        raise_pending(poll)
-    if rc != 0:
-        raise MemoryError(f"microtile: out of memory in {func}")
-    return 0
 
 
 cdef inline bint _weak(object v):
@@ -610,7 +601,7 @@ cdef int _run_batched(cnp.ndarray A, cnp.ndarray B, cnp.ndarray O, idx_t count, 
                           <double*> cnp.PyArray_DATA(B), rs_b, cs_b,
                           <double*> cnp.PyArray_DATA(O), rs_c, cs_c, &st)
             close_poll()
-    return check_rc(rc, &poll, "matmul")
+    return raise_for_rc(rc, &poll, "matmul")
 
 
 # The epilogue's C enum and the schema's codes are one list written twice (C needs its own).
@@ -698,5 +689,5 @@ def linear_forward(x, weight, bias=None, activation=None, out=None):
                              <const double*> pw, rs_b, cs_b, <double> 0, <double*> po, rs_c,
                              cs_c, &ep)
             close_poll()
-    check_rc(rc, &poll, "linear_forward")
+    raise_for_rc(rc, &poll, "linear_forward")
     return _deliver(out, T)

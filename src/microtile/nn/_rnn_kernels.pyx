@@ -30,8 +30,7 @@ split over threads when a step has enough elements to pay for a second thread.
 from cython.parallel cimport prange
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._common._interrupt cimport (signal_poll, open_poll, close_poll, raise_pending,
-                                           INTERRUPTED)
+from microtile._common._interrupt cimport signal_poll, open_poll, close_poll, raise_for_rc
 from microtile._config._params cimport current_params
 from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_epilogue,
                                      ACT_NONE, ACT_RELU, ACT_TANH)
@@ -266,13 +265,6 @@ cdef int _threads(int dtype_code, idx_t n, idx_t width, gemm_params* prm) except
     return prm.n_threads if prm.n_threads < n else <int> n
 
 
-cdef int _check_rc(int rc, signal_poll* poll) except -1:
-    if rc == INTERRUPTED:
-        raise_pending(poll)
-    if rc != 0:
-        raise MemoryError("microtile: out of memory in a recurrent layer's GEMM")
-    return 0
-
 
 cdef inline void _clear(floating* p, idx_t n) noexcept nogil:
     cdef idx_t i
@@ -371,7 +363,7 @@ def lstm_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] Cb,
         rc = _lstm_fwd_loop(&prm, nt, T, N, H, &G[0, 0], &Hb[0, 0], &Cb[0, 0], &W_hh[0, 0],
                             has_h0)
         close_poll()
-    _check_rc(rc, &poll)
+    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
 
 
 def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
@@ -403,7 +395,7 @@ def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
                             dY.strides[0] // isz, dY.strides[1] // isz, &W_hh[0, 0],
                             &dG[0, 0], &dh[0, 0], &dc[0, 0], need_dh0)
         close_poll()
-    _check_rc(rc, &poll)
+    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
 
 
 # -- GRU -------------------------------------------------------------------------------------
@@ -492,7 +484,7 @@ def gru_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] HN,
         rc = _gru_fwd_loop(&prm, nt, T, N, H, &G[0, 0], &Hb[0, 0], &HN[0, 0], &S[0, 0],
                            &W_hh[0, 0], &b_hh[0] if use_bias else NULL, has_h0)
         close_poll()
-    _check_rc(rc, &poll)
+    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
 
 
 def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
@@ -522,7 +514,7 @@ def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
                            dY.strides[0] // isz, dY.strides[1] // isz, &W_hh[0, 0],
                            &dGx[0, 0], &dGh[0, 0], &dh[0, 0], need_dh0)
         close_poll()
-    _check_rc(rc, &poll)
+    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
 
 
 # -- RNN (tanh or ReLU) ----------------------------------------------------------------------
@@ -593,7 +585,7 @@ def rnn_forward(floating[:, ::1] Hb, const floating[:, ::1] W_hh, idx_t N, int a
     with nogil:
         rc = _rnn_fwd_loop(&prm, T, N, H, &Hb[0, 0], &W_hh[0, 0], act, has_h0)
         close_poll()
-    _check_rc(rc, &poll)
+    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
 
 
 def rnn_backward(const floating[:, ::1] Hb, const floating[:, :, :] dY,
@@ -621,4 +613,4 @@ def rnn_backward(const floating[:, ::1] Hb, const floating[:, :, :] dY,
                            dY.strides[1] // isz, &W_hh[0, 0], &dG[0, 0], &dh[0, 0], act,
                            need_dh0)
         close_poll()
-    _check_rc(rc, &poll)
+    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
