@@ -578,38 +578,3 @@ def test_linear_relu_keeps_nan_as_torch(shape, dt, rng):
         assert np.isnan(got[0]).all() and np.isnan(got[:, -1]).all()
         np.testing.assert_array_equal(got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)])
         assert_close(got[fin], ref[fin], bound[fin], k + 1, dt, f"relu {out_layout}")
-
-
-# --- contention back-off state ---------------------------------------------------------------
-
-def test_contention_backoff_round_trips_and_is_shared_by_threads(rng):
-    """The back-off state lives in atomic 64-bit nanosecond counters (it is written by
-    concurrent callers); setting and reading it back is exact to the nanosecond, and
-    concurrent threaded calls still compute right while they update it."""
-    from microtile.linalg._gemm import _contention_backoff
-    old = _contention_backoff()
-    try:
-        assert _contention_backoff(late_seconds=123e-6, backoff_seconds=0.25) == old
-        assert _contention_backoff() == (pytest.approx(123e-6, abs=1e-9),
-                                         pytest.approx(0.25, abs=1e-9))
-        _contention_backoff(late_seconds=0.0)   # every threaded call may back off
-        a, b = rand(rng, (200, 150), np.float64), rand(rng, (150, 170), np.float64)
-        ref = a @ b
-        errors = []
-
-        def work():
-            try:
-                for _ in range(20):
-                    with config_context(threads=2, thread_mnk=0):
-                        np.testing.assert_allclose(gemm(a, b), ref, rtol=1e-12, atol=1e-12)
-            except Exception as exc:   # pragma: no cover - reported below
-                errors.append(exc)
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[0]
-    finally:
-        _contention_backoff(*old)
-    assert _contention_backoff() == old

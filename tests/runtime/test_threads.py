@@ -461,18 +461,81 @@ def test_threaded_phases_are_race_free(threads, dtype):
     # phases: a missing barrier shows as a result that differs from the one-thread result.
     # Each tile is summed in the same order whatever thread computes it, so results must be
     # bitwise equal.
-    from microtile.linalg._gemm import _contention_backoff
     rng = np.random.default_rng(threads)
     a = rng.standard_normal((301, 517)).astype(dtype)
     b = rng.standard_normal((517, 389)).astype(dtype)
     c0 = rng.standard_normal((301, 389)).astype(dtype)
     with microtile.config_context(threads=1, mc=24, kc=40, nc=64, thread_mnk=0):
         ref = microtile.gemm(a, b, alpha=0.5, beta=2.0, c=c0)
-    old = _contention_backoff(backoff_seconds=0.0)  # keep every call threaded
+    with microtile.config_context(threads=threads, mc=24, kc=40, nc=64, thread_mnk=0):
+        for _ in range(30):
+            got = microtile.gemm(a, b, alpha=0.5, beta=2.0, c=c0)
+            assert np.array_equal(got, ref)
+
+
+# --- microtile's own pool (issue 11) ---------------------------------------------------------
+
+@pytest.mark.parametrize("nt", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_items", [1, 7, 2000])
+def test_pool_runs_every_claimed_item_exactly_once(nt, n_items):
+    """The pool's contract: each item is claimed once, by a thread numbered below nt, and
+    pool_run returns only after every claimed item has run (runs are all 1 on return)."""
+    from microtile._common._pool import _claim_check
+    owner, runs, took = _claim_check(nt, n_items)
+    assert runs.min() == 1 and runs.max() == 1
+    assert owner.min() >= 0 and owner.max() < nt
+    assert 1 <= took <= nt
+    assert len(set(owner.tolist())) <= took
+
+
+def test_pool_info_and_spin_setting():
+    from microtile._common._pool import pool_info, set_pool_spin
+    info = pool_info()
+    assert info["threads"] and info["spin"] > 0
+    old = set_pool_spin(0.0)
     try:
-        with microtile.config_context(threads=threads, mc=24, kc=40, nc=64, thread_mnk=0):
-            for _ in range(30):
-                got = microtile.gemm(a, b, alpha=0.5, beta=2.0, c=c0)
-                assert np.array_equal(got, ref)
+        assert pool_info()["spin"] == 0.0
+        # Helpers that sleep at once after each job still compute right.
+        rng = np.random.default_rng(5)
+        a, b = rand(rng, (300, 200), np.float64), rand(rng, (200, 250), np.float64)
+        with config_context(threads=2, thread_mnk=0):
+            for _ in range(5):
+                assert_gemm(microtile.gemm(a, b), a, b)
+        with pytest.raises(ValueError):
+            set_pool_spin(-1)
     finally:
-        _contention_backoff(*old)
+        set_pool_spin(old)
+
+
+_HOG = "import time\nt = time.time() + 120\nwhile time.time() < t:\n    pass\n"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_exact_while_another_process_hogs_a_core(dtype):
+    """Another process busy on one core makes the helper late, or absent, for parts of calls:
+    every result must still be the one-thread result, bitwise (each tile sums in the same
+    order whichever thread computes it)."""
+    import subprocess
+    import sys
+    rng = np.random.default_rng(11)
+    shapes = [(256, 256, 256), (301, 389, 517), (32, 1024, 784), (1000, 64, 90), (97, 513, 1)]
+    cases = []
+    for m, n, k in shapes:
+        a, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype)
+        with config_context(threads=1):
+            cases.append((a, b, microtile.gemm(a, b)))
+    hog = subprocess.Popen([sys.executable, "-c", _HOG])
+    try:
+        with config_context(threads=2, thread_mnk=0):
+            for _ in range(20):
+                for a, b, ref in cases:
+                    assert np.array_equal(microtile.gemm(a, b), ref)
+        with config_context(threads=2, thread_mnk=0, mc=24, kc=40, nc=64):
+            a, b, _ = cases[1]
+            with config_context(threads=1):
+                ref = microtile.gemm(a, b)
+            for _ in range(20):
+                assert np.array_equal(microtile.gemm(a, b), ref)
+    finally:
+        hog.kill()
+        hog.wait()

@@ -1,12 +1,5 @@
 from microtile._common._typedefs cimport idx_t
 
-# OpenMP access for every module: one place with a fallback when the build has no OpenMP.
-cdef int mt_max_threads() noexcept nogil
-cdef int mt_thread_num() noexcept nogil
-cdef int mt_num_threads() noexcept nogil
-# Every thread of the current parallel region waits here for the others.
-cdef void mt_barrier() noexcept nogil
-
 # Each thread's share when n elements are split over nt threads: a multiple of 16 elements, so
 # shares start on whole vectors and cache lines.  Thread t takes [t * chunk, min(n, ...)).
 cdef inline idx_t mt_share(idx_t n, int nt) noexcept nogil:

@@ -14,8 +14,10 @@ override = contextvars.ContextVar("microtile_config_override", default=None)
 
 cdef gemm_params _base[2]
 cdef int _threads = 1
-# GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after
-# its parent used one hangs.  A forked child therefore runs every kernel on one thread.
+# A forked child runs every kernel on one thread: the usual reason to fork is a pool of worker
+# processes (multiprocessing), which already shares the cores out, and threads there would
+# oversubscribe them.  (microtile's own thread pool would work there: it starts empty in a
+# child, see mt_pool.h; GNU OpenMP's, used before, hung.)
 cdef bint _forked = False
 
 

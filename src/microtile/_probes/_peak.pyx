@@ -4,11 +4,11 @@ then shown as a fraction of this figure.
 """
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._kernels._ukernel cimport kernel_set_t, ukr_mr, ukr_nr, ukr_packed
 from microtile._kernels._dispatch cimport kernel_set
+from microtile._common._pool cimport pool_items
 
 cnp.import_array()
 
@@ -21,16 +21,45 @@ cdef void _spin(const kernel_set_t* ks, idx_t k, const floating* a, const floati
         ukr_packed(ks, k, a, b, c, nr, 1, 1.0, 1.0)
 
 
+ctypedef struct _team:
+    const kernel_set_t* ks
+    bint dbl
+    idx_t k, lda, ldb, ldc, reps
+    const void* a
+    const void* b
+    void* c
+
+
+cdef void _spin_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    cdef const _team* j = <const _team*> ctx
+    if j.dbl:
+        _spin(j.ks, j.k, (<const double*> j.a) + t * j.lda, (<const double*> j.b) + t * j.ldb,
+              (<double*> j.c) + t * j.ldc, j.reps)
+    else:
+        _spin(j.ks, j.k, (<const float*> j.a) + t * j.lda, (<const float*> j.b) + t * j.ldb,
+              (<float*> j.c) + t * j.ldc, j.reps)
+
+
 cdef void _spin_team(const kernel_set_t* ks, idx_t k, const floating* a, idx_t lda,
                      const floating* b, idx_t ldb, floating* c, idx_t ldc, idx_t reps,
                      int threads) noexcept nogil:
-    """_spin on each of ``threads`` threads, thread t on row t of a, b and c."""
-    cdef int t
+    """_spin for each of ``threads`` rows of a, b and c, the rows items on the pool (a
+    thread that does not come leaves its row to the others, and the figure shows it)."""
+    cdef _team j
     if threads == 1:
         _spin(ks, k, a, b, c, reps)
         return
-    for t in prange(threads, num_threads=threads, schedule="static", chunksize=1):
-        _spin(ks, k, a + t * lda, b + t * ldb, c + t * ldc, reps)
+    j.ks = ks
+    j.dbl = floating is double
+    j.k = k
+    j.lda = lda
+    j.ldb = ldb
+    j.ldc = ldc
+    j.reps = reps
+    j.a = a
+    j.b = b
+    j.c = c
+    pool_items(threads, threads, _spin_item, &j)
 
 
 def run(int isa, int dtype_code, Py_ssize_t k, Py_ssize_t reps, int threads=1):

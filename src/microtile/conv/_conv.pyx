@@ -26,7 +26,7 @@ Backward: dW = sum over chunks of dY_chunk @ cols_chunk^T, accumulated in one pa
 thread and reduced at the end; dX = col2im(W^T @ dY_chunk).  A thread owns all chunks of an
 image in the backward pass, so col2im never adds into the same element from two threads.
 """
-from cython.parallel cimport prange, threadid
+from libc.stdint cimport int64_t
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
                                            raise_for_rc, poll_step, stop_before, interrupted,
                                            INTERRUPTED)
@@ -44,6 +44,8 @@ from microtile._kernels._dispatch cimport kernel_set
 from microtile._kernels._ukernel cimport kernel_set_t
 from microtile.conv._im2col cimport conv_geom, im2col_rows, col2im_rows
 from microtile._common._scratch cimport SCRATCH_KEEP_MAX
+from microtile._common._pool cimport pool_items, pool_ranges
+from microtile._common._atomic64 cimport mt_atomic_add64
 
 cnp.import_array()
 
@@ -221,12 +223,22 @@ cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, 
                         idx_t k1, idx_t pq0, idx_t pq1, floating* cols, idx_t ld,
                         int nt) noexcept nogil:
     """Rows [k0, k1) of one image's column matrix, threads (nt > 1) taking channels."""
-    cdef idx_t c, RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS), a, b
+    cdef idx_t RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS)
+    cdef _conv_job jb
     if nt > 1 and c1 - c0 > 1 and (k1 - k0) * (pq1 - pq0) >= LOWER_THREAD_MIN:
-        for c in prange(c0, c1, num_threads=nt, schedule="static"):
-            a = imax(k0, c * RS)
-            b = imin(k1, (c + 1) * RS)
-            im2col_rows(g, x, xs[1], xs[2], xs[3], a, b, pq0, pq1, cols + (a - k0) * ld, ld)
+        jb.kind = CJ_IM2COL
+        jb.dbl = floating is double
+        jb.g = g
+        jb.x = x
+        jb.xs = xs
+        jb.k0 = k0
+        jb.k1 = k1
+        jb.pq0 = pq0
+        jb.pq1 = pq1
+        jb.c0 = c0
+        jb.ld = ld
+        jb.out = cols
+        pool_ranges(nt, c1 - c0, nt, 1, _conv_range, &jb)
     else:
         im2col_rows(g, x, xs[1], xs[2], xs[3], k0, k1, pq0, pq1, cols, ld)
 
@@ -234,12 +246,21 @@ cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, 
 cdef void _col2im_chunk(const conv_geom* g, const floating* cols, idx_t ld, idx_t k0,
                         idx_t k1, idx_t pq0, idx_t pq1, floating* dx, int nt) noexcept nogil:
     # Channels are disjoint planes of dx: splitting over them is race-free.
-    cdef idx_t c, RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS), a, b
+    cdef idx_t RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS)
+    cdef _conv_job jb
     if nt > 1 and c1 - c0 > 1 and (k1 - k0) * (pq1 - pq0) >= LOWER_THREAD_MIN:
-        for c in prange(c0, c1, num_threads=nt, schedule="static"):
-            a = imax(k0, c * RS)
-            b = imin(k1, (c + 1) * RS)
-            col2im_rows(g, cols + (a - k0) * ld, ld, a, b, pq0, pq1, dx, g.H * g.W, g.W, 1)
+        jb.kind = CJ_COL2IM
+        jb.dbl = floating is double
+        jb.g = g
+        jb.x = cols
+        jb.k0 = k0
+        jb.k1 = k1
+        jb.pq0 = pq0
+        jb.pq1 = pq1
+        jb.c0 = c0
+        jb.ld = ld
+        jb.out = dx
+        pool_ranges(nt, c1 - c0, nt, 1, _conv_range, &jb)
     else:
         col2im_rows(g, cols, ld, k0, k1, pq0, pq1, dx, g.H * g.W, g.W, 1)
 
@@ -334,19 +355,25 @@ cdef int _fwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
                   const floating* x, const idx_t* xs, const floating* w,
                   const floating* bias, floating* y, floating* ws) noexcept nogil:
     cdef idx_t u, units = pl.G * pl.n_chunks
-    cdef int fails = 0, tid, rc
+    cdef int rc
     cdef signal_poll* poll = caller_poll()
+    cdef _conv_job jb
     if pl.par:
-        for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
-            tid = threadid()
-            if tid == 0:        # the caller polls for signals between its chunks
-                poll_step(poll, 0)
-            if stop_before(poll, 1):
-                continue
-            rc = _fwd_chunk(pl, g, prm, u // pl.n_chunks, u % pl.n_chunks, x, xs, w, bias,
-                            y, ws + tid * pl.ws_elems)
-            fails += rc != 0 and rc != INTERRUPTED
-        if fails:
+        jb.kind = CJ_FWD
+        jb.dbl = floating is double
+        jb.pl = pl
+        jb.g = g
+        jb.prm = prm
+        jb.x = x
+        jb.xs = xs
+        jb.w = w
+        jb.bias = bias
+        jb.out = y
+        jb.ws = ws
+        jb.poll = poll
+        jb.fails = 0
+        pool_items(pl.nt, units, _conv_item, &jb)
+        if jb.fails:
             return -1
         return INTERRUPTED if interrupted(poll) else 0
     for u in range(units):
@@ -544,20 +571,28 @@ cdef int _bwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
                   const floating* dy, floating* dx, floating* dwp, floating* ws,
                   bint need_w, bint need_x) noexcept nogil:
     cdef idx_t u, units = pl.G * (pl.N if pl.cpi > 1 else pl.n_chunks)
-    cdef idx_t dw_elems = pl.K * (pl.CRS + pl.bias_col)
-    cdef int fails = 0, tid, rc
+    cdef int rc
     cdef signal_poll* poll = caller_poll()
+    cdef _conv_job jb
     if pl.par:
-        for u in prange(units, num_threads=pl.nt, schedule="dynamic", chunksize=1):
-            tid = threadid()
-            if tid == 0:        # the caller polls for signals between its units
-                poll_step(poll, 0)
-            if stop_before(poll, 1):
-                continue
-            rc = _bwd_unit(pl, g, prm, u, x, xs, w, dy, dx, dwp + tid * dw_elems,
-                           ws + tid * pl.ws_elems, need_w, need_x)
-            fails += rc != 0 and rc != INTERRUPTED
-        if fails:
+        jb.kind = CJ_BWD
+        jb.dbl = floating is double
+        jb.pl = pl
+        jb.g = g
+        jb.prm = prm
+        jb.x = x
+        jb.xs = xs
+        jb.w = w
+        jb.dy = dy
+        jb.out = dx
+        jb.dwp = dwp
+        jb.ws = ws
+        jb.need_w = need_w
+        jb.need_x = need_x
+        jb.poll = poll
+        jb.fails = 0
+        pool_items(pl.nt, units, _conv_item, &jb)
+        if jb.fails:
             return -1
         return INTERRUPTED if interrupted(poll) else 0
     for u in range(units):
@@ -569,14 +604,14 @@ cdef int _bwd_all(const conv_plan* pl, const conv_geom* g, const gemm_params* pr
     return 0
 
 
-cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* db,
-                     int nt) noexcept nogil:
+cdef void _bias_rows(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* db, idx_t k0,
+                     idx_t k1) noexcept nogil:
     # Accumulated in double (a float32 sum over N*P*Q terms would lose digits), in four
     # independent chains so the adds overlap.
     cdef idx_t k, n, j, j4
     cdef double a0, a1, a2, a3
     cdef const floating* row
-    for k in prange(K, num_threads=nt, schedule="static"):
+    for k in range(k0, k1):
         a0 = 0
         a1 = 0
         a2 = 0
@@ -592,6 +627,109 @@ cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* d
             for j in range(j4, PQ):
                 a0 = a0 + row[j]
         db[k] = <floating> ((a0 + a1) + (a2 + a3))
+
+
+cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* db,
+                     int nt) noexcept nogil:
+    cdef _conv_job jb
+    jb.kind = CJ_BIAS
+    jb.dbl = floating is double
+    jb.dy = dy
+    jb.k0 = N
+    jb.k1 = K
+    jb.pq0 = PQ
+    jb.out = db
+    pool_ranges(nt, K, nt, 1, _conv_range, &jb)
+
+
+# -- the pool's entry points ------------------------------------------------------------------
+
+cdef enum:
+    CJ_FWD = 0
+    CJ_BWD = 1
+    CJ_IM2COL = 2
+    CJ_COL2IM = 3
+    CJ_BIAS = 4
+
+ctypedef struct _conv_job:
+    int kind
+    bint dbl, need_w, need_x
+    const conv_plan* pl
+    const conv_geom* g
+    const gemm_params* prm
+    const void* x           # the input (im2col: the image; col2im: the columns)
+    const idx_t* xs
+    const void* w
+    const void* bias
+    const void* dy
+    void* out               # y, dx, the columns (im2col) or db
+    void* dwp
+    void* ws
+    idx_t k0, k1, pq0, pq1, c0, ld     # a lowering chunk (bias: N, K, PQ in k0, k1, pq0)
+    signal_poll* poll
+    int64_t fails           # atomic
+
+
+cdef void _conv_unit(_conv_job* j, idx_t u, int tid, const floating* x, const floating* w,
+                     const floating* bias, const floating* dy, floating* out, floating* dwp,
+                     floating* ws) noexcept nogil:
+    cdef const conv_plan* pl = j.pl
+    cdef int rc
+    if tid == 0:        # the caller polls for signals between its units
+        poll_step(j.poll, 0)
+    if stop_before(j.poll, 1):
+        return
+    if j.kind == CJ_FWD:
+        rc = _fwd_chunk(pl, j.g, j.prm, u // pl.n_chunks, u % pl.n_chunks, x, j.xs, w, bias,
+                        out, ws + tid * pl.ws_elems)
+    else:
+        rc = _bwd_unit(pl, j.g, j.prm, u, x, j.xs, w, dy, out,
+                       dwp + tid * pl.K * (pl.CRS + pl.bias_col), ws + tid * pl.ws_elems,
+                       j.need_w, j.need_x)
+    if rc != 0 and rc != INTERRUPTED:
+        mt_atomic_add64(&j.fails, 1)
+
+
+cdef void _conv_item(void* ctx, idx_t u, int tid) noexcept nogil:
+    """One unit of a convolution run with whole chunks per thread (plan ``par``)."""
+    cdef _conv_job* j = <_conv_job*> ctx
+    if j.dbl:
+        _conv_unit(j, u, tid, <const double*> j.x, <const double*> j.w,
+                   <const double*> j.bias, <const double*> j.dy, <double*> j.out,
+                   <double*> j.dwp, <double*> j.ws)
+    else:
+        _conv_unit(j, u, tid, <const float*> j.x, <const float*> j.w,
+                   <const float*> j.bias, <const float*> j.dy, <float*> j.out,
+                   <float*> j.dwp, <float*> j.ws)
+
+
+cdef void _conv_lines(const _conv_job* j, idx_t i0, idx_t i1, const floating* x,
+                      floating* out) noexcept nogil:
+    cdef idx_t RS, a, b
+    if j.kind == CJ_BIAS:
+        _bias_rows(<const floating*> j.dy, j.k0, j.k1, j.pq0, out, i0, i1)
+        return
+    # Channels c0 + i0 .. c0 + i1 of a lowering chunk: disjoint rows of the columns, and
+    # disjoint planes of dx, so the split is race-free.
+    RS = j.g.R * j.g.S
+    a = imax(j.k0, (j.c0 + i0) * RS)
+    b = imin(j.k1, (j.c0 + i1) * RS)
+    if a >= b:
+        return
+    if j.kind == CJ_IM2COL:
+        im2col_rows(j.g, x, j.xs[1], j.xs[2], j.xs[3], a, b, j.pq0, j.pq1,
+                    out + (a - j.k0) * j.ld, j.ld)
+    else:
+        col2im_rows(j.g, x + (a - j.k0) * j.ld, j.ld, a, b, j.pq0, j.pq1, out,
+                    j.g.H * j.g.W, j.g.W, 1)
+
+
+cdef void _conv_range(void* ctx, idx_t i0, idx_t i1, int tid) noexcept nogil:
+    cdef const _conv_job* j = <const _conv_job*> ctx
+    if j.dbl:
+        _conv_lines(j, i0, i1, <const double*> j.x, <double*> j.out)
+    else:
+        _conv_lines(j, i0, i1, <const float*> j.x, <float*> j.out)
 
 
 def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, idx_t groups,

@@ -5,7 +5,7 @@ convolution driver can fill workspace-sized chunks and parallelise over images o
 Per row, the valid output columns of each kernel offset are computed once (no per-element
 bounds test), and unit-stride rows are copied with memcpy.
 """
-from cython.parallel cimport prange
+from microtile._common._pool cimport pool_ranges
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -135,27 +135,68 @@ cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t 
         _col2im_row(g, cols + (k - k0) * ld, k, pq0, pq1, dx, xs_c, xs_h, xs_w)
 
 
+ctypedef struct _lower_job:
+    const conv_geom* g
+    bint dbl, up            # up: im2col (image to columns), else col2im
+    const void* src
+    void* dst
+    idx_t s_n, s_c, s_h, s_w, C
+
+
+cdef void _lower_planes(const _lower_job* j, idx_t u0, idx_t u1, const floating* src,
+                        floating* dst) noexcept nogil:
+    cdef const conv_geom* g = j.g
+    cdef idx_t u, n, c, PQ = g.P * g.Q, RS = g.R * g.S, HW = g.H * g.W
+    for u in range(u0, u1):
+        n = u // j.C
+        c = u - n * j.C
+        if j.up:
+            im2col_rows(g, src + n * j.s_n, j.s_c, j.s_h, j.s_w, c * RS, (c + 1) * RS, 0, PQ,
+                        dst + (n * j.C + c) * RS * PQ, PQ)
+        else:
+            # One (image, channel) plane per index: planes are disjoint, so no two threads
+            # ever add into the same element.
+            col2im_rows(g, src + n * j.s_n + c * RS * j.s_c, j.s_c, c * RS, (c + 1) * RS, 0,
+                        PQ, dst + n * j.C * HW, HW, g.W, 1)
+
+
+cdef void _lower_range(void* ctx, idx_t u0, idx_t u1, int tid) noexcept nogil:
+    cdef const _lower_job* j = <const _lower_job*> ctx
+    if j.dbl:
+        _lower_planes(j, u0, u1, <const double*> j.src, <double*> j.dst)
+    else:
+        _lower_planes(j, u0, u1, <const float*> j.src, <float*> j.dst)
+
+
 cdef void _im2col_all(const conv_geom* g, const floating* x, idx_t xs_n, idx_t xs_c,
                       idx_t xs_h, idx_t xs_w, idx_t N, idx_t C, floating* cols,
                       int nt) noexcept nogil:
-    cdef idx_t u, n, c, PQ = g.P * g.Q, RS = g.R * g.S
-    for u in prange(N * C, num_threads=nt, schedule="static"):
-        n = u // C
-        c = u - n * C
-        im2col_rows(g, x + n * xs_n, xs_c, xs_h, xs_w, c * RS, (c + 1) * RS, 0, PQ,
-                    cols + (n * C + c) * RS * PQ, PQ)
+    cdef _lower_job j
+    j.g = g
+    j.dbl = floating is double
+    j.up = True
+    j.src = x
+    j.dst = cols
+    j.s_n = xs_n
+    j.s_c = xs_c
+    j.s_h = xs_h
+    j.s_w = xs_w
+    j.C = C
+    pool_ranges(nt, N * C, nt, 1, _lower_range, &j)
 
 
 cdef void _col2im_all(const conv_geom* g, const floating* cols, idx_t cs_n, idx_t cs_r,
                       idx_t N, idx_t C, floating* dx, int nt) noexcept nogil:
-    # One (image, channel) plane per iteration: planes are disjoint, so no two threads ever
-    # add into the same element.
-    cdef idx_t u, n, c, PQ = g.P * g.Q, RS = g.R * g.S, HW = g.H * g.W
-    for u in prange(N * C, num_threads=nt, schedule="static"):
-        n = u // C
-        c = u - n * C
-        col2im_rows(g, cols + n * cs_n + c * RS * cs_r, cs_r, c * RS, (c + 1) * RS, 0, PQ,
-                    dx + n * C * HW, HW, g.W, 1)
+    cdef _lower_job j
+    j.g = g
+    j.dbl = floating is double
+    j.up = False
+    j.src = cols
+    j.dst = dx
+    j.s_n = cs_n
+    j.s_c = cs_r
+    j.C = C
+    pool_ranges(nt, N * C, nt, 1, _lower_range, &j)
 
 
 cdef conv_geom _geom(tuple gt):

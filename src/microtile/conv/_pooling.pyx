@@ -1,7 +1,7 @@
 """Max and average pooling over (H, W) planes, forward and backward (PyTorch's semantics).
 
-Every kernel works on one plane, and the drivers run planes in a ``prange``: planes are
-disjoint in both input and output, so the backward scatter-adds never race.
+Every kernel works on one plane, and the drivers run ranges of planes as items on the thread
+pool: planes are disjoint in both input and output, so the backward scatter-adds never race.
 
 Max: the window's first maximum in row-major order wins a tie (a later element must be
 strictly greater), a NaN always takes over (so NaN propagates, and the index is the last NaN
@@ -9,7 +9,7 @@ in the window, as on PyTorch's CPU), and the padding never wins (windows are cli
 plane; at most half a kernel of padding guarantees one real element).
 Average: the divisor is kh*kw with ``count_include_pad``, else the number of real elements.
 """
-from cython.parallel cimport prange
+from microtile._common._pool cimport pool_ranges
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 
@@ -134,38 +134,91 @@ cdef inline const floating* _plane(const floating* x, const idx_t* xs, idx_t u,
     return x + n * xs[0] + (u - n * C) * xs[1]
 
 
+cdef enum:
+    PJ_MAX = 0
+    PJ_AVG = 1
+    PJ_MAX_BWD = 2
+    PJ_AVG_BWD = 3
+
+ctypedef struct _pool_job:
+    int kind
+    bint dbl, include_pad
+    const pool_geom* g
+    const void* x
+    const idx_t* xs
+    const void* dy
+    int64_t* idx            # argmax indices (max forward: written; max backward: read)
+    void* out               # y (forward) or dx (backward)
+    idx_t C
+
+
+cdef void _pool_planes(const _pool_job* j, idx_t u0, idx_t u1, const floating* x,
+                       const floating* dy, floating* out) noexcept nogil:
+    cdef const pool_geom* g = j.g
+    cdef idx_t u, PQ = g.P * g.Q, HW = g.H * g.W
+    for u in range(u0, u1):
+        if j.kind == PJ_MAX:
+            _max_plane(g, _plane(x, j.xs, u, j.C), j.xs[2], j.xs[3], out + u * PQ,
+                       j.idx + u * PQ if j.idx != NULL else NULL)
+        elif j.kind == PJ_AVG:
+            _avg_plane(g, _plane(x, j.xs, u, j.C), j.xs[2], j.xs[3], out + u * PQ,
+                       j.include_pad)
+        elif j.kind == PJ_MAX_BWD:
+            if j.idx != NULL:
+                _max_plane_backward(g, dy + u * PQ, j.idx + u * PQ, out + u * HW)
+            else:
+                _max_plane_backward_x(g, dy + u * PQ, _plane(x, j.xs, u, j.C), j.xs[2],
+                                      j.xs[3], out + u * HW)
+        else:
+            _avg_plane_backward(g, dy + u * PQ, out + u * HW, j.include_pad)
+
+
+cdef void _pool_range(void* ctx, idx_t u0, idx_t u1, int tid) noexcept nogil:
+    cdef const _pool_job* j = <const _pool_job*> ctx
+    if j.dbl:
+        _pool_planes(j, u0, u1, <const double*> j.x, <const double*> j.dy, <double*> j.out)
+    else:
+        _pool_planes(j, u0, u1, <const float*> j.x, <const float*> j.dy, <float*> j.out)
+
+
+cdef void _run_planes(int kind, const pool_geom* g, const void* x, const idx_t* xs,
+                      const void* dy, int64_t* idx, void* out, idx_t planes, idx_t C,
+                      bint include_pad, bint dbl, int nt) noexcept nogil:
+    cdef _pool_job j
+    j.kind = kind
+    j.dbl = dbl
+    j.include_pad = include_pad
+    j.g = g
+    j.x = x
+    j.xs = xs
+    j.dy = dy
+    j.idx = idx
+    j.out = out
+    j.C = C
+    pool_ranges(nt, planes, nt, 1, _pool_range, &j)
+
+
 cdef void _max_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,
                    floating* y, int64_t* idx, int nt) noexcept nogil:
-    cdef idx_t u, PQ = g.P * g.Q
-    for u in prange(N * C, num_threads=nt, schedule="static"):
-        _max_plane(g, _plane(x, xs, u, C), xs[2], xs[3], y + u * PQ,
-                   idx + u * PQ if idx != NULL else NULL)
+    _run_planes(PJ_MAX, g, x, xs, NULL, idx, y, N * C, C, False, floating is double, nt)
 
 
 cdef void _avg_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,
                    floating* y, bint include_pad, int nt) noexcept nogil:
-    cdef idx_t u, PQ = g.P * g.Q
-    for u in prange(N * C, num_threads=nt, schedule="static"):
-        _avg_plane(g, _plane(x, xs, u, C), xs[2], xs[3], y + u * PQ, include_pad)
+    _run_planes(PJ_AVG, g, x, xs, NULL, NULL, y, N * C, C, include_pad, floating is double, nt)
 
 
 cdef void _max_bwd_all(const pool_geom* g, const floating* dy, const int64_t* idx,
                        const floating* x, const idx_t* xs, idx_t N, idx_t C, floating* dx,
                        int nt) noexcept nogil:
-    cdef idx_t u, PQ = g.P * g.Q, HW = g.H * g.W
-    for u in prange(N * C, num_threads=nt, schedule="static"):
-        if idx != NULL:
-            _max_plane_backward(g, dy + u * PQ, idx + u * PQ, dx + u * HW)
-        else:
-            _max_plane_backward_x(g, dy + u * PQ, _plane(x, xs, u, C), xs[2], xs[3],
-                                  dx + u * HW)
+    _run_planes(PJ_MAX_BWD, g, x, xs, dy, <int64_t*> idx, dx, N * C, C, False,
+                floating is double, nt)
 
 
 cdef void _avg_bwd_all(const pool_geom* g, const floating* dy, idx_t planes, floating* dx,
                        bint include_pad, int nt) noexcept nogil:
-    cdef idx_t u, PQ = g.P * g.Q, HW = g.H * g.W
-    for u in prange(planes, num_threads=nt, schedule="static"):
-        _avg_plane_backward(g, dy + u * PQ, dx + u * HW, include_pad)
+    _run_planes(PJ_AVG_BWD, g, NULL, NULL, dy, NULL, dx, planes, 1, include_pad,
+                floating is double, nt)
 
 
 cdef pool_geom _geom(tuple gt):

@@ -8,10 +8,12 @@ and ``nn``) because these calls are often tiny: a whole 4x4 ``gemm`` takes 1.0 u
 import numpy as np
 cimport numpy as cnp
 
-from cython.parallel cimport prange, threadid
+from libc.stdint cimport int64_t
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport elem_stride
+from microtile._common._pool cimport pool_ranges
+from microtile._common._atomic64 cimport mt_atomic_add64
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
                                            raise_for_rc, poll_step, stop_before, interrupted,
                                            INTERRUPTED)
@@ -438,6 +440,46 @@ cdef inline idx_t _offset(const _stack* st, idx_t i, const idx_t* strides) noexc
     return off
 
 
+ctypedef struct _batch_job:
+    const gemm_params* prm
+    bint dbl
+    idx_t m, n, k, rs_a, cs_a, rs_b, cs_b, rs_c, cs_c
+    void* a
+    void* b
+    void* c
+    const _stack* st
+    signal_poll* poll
+    int64_t fails       # atomic
+
+
+cdef int _batch_products(const _batch_job* j, idx_t i0, idx_t i1, int tid, floating* base_a,
+                         floating* base_b, floating* base_c) noexcept nogil:
+    cdef idx_t i
+    cdef int rc, fails = 0
+    for i in range(i0, i1):
+        if tid == 0:     # the caller
+            poll_step(j.poll, 0)
+        if stop_before(j.poll, 1):
+            break
+        rc = gemm_serial(j.prm, j.m, j.n, j.k, <floating> 1,
+                         base_a + _offset(j.st, i, j.st.sa), j.rs_a, j.cs_a,
+                         base_b + _offset(j.st, i, j.st.sb), j.rs_b, j.cs_b, <floating> 0,
+                         base_c + _offset(j.st, i, j.st.sc), j.rs_c, j.cs_c)
+        fails += rc != 0 and rc != INTERRUPTED
+    return fails
+
+
+cdef void _batch_range(void* ctx, idx_t i0, idx_t i1, int tid) noexcept nogil:
+    cdef _batch_job* j = <_batch_job*> ctx
+    cdef int fails
+    if j.dbl:
+        fails = _batch_products(j, i0, i1, tid, <double*> j.a, <double*> j.b, <double*> j.c)
+    else:
+        fails = _batch_products(j, i0, i1, tid, <float*> j.a, <float*> j.b, <float*> j.c)
+    if fails:
+        mt_atomic_add64(&j.fails, fails)
+
+
 cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k,
                   floating* base_a, idx_t rs_a, idx_t cs_a,
                   floating* base_b, idx_t rs_b, idx_t cs_b,
@@ -447,9 +489,10 @@ cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k
     product's place is computed from its index: offset arrays for a batch of 2**28 1x1
     products would take three times 2 GB."""
     cdef idx_t i, oa, ob, oc
-    cdef int nt = prm.n_threads, fails = 0, rc
+    cdef int nt = prm.n_threads, rc
     cdef double work = <double> m * <double> n * <double> k
     cdef signal_poll* poll = caller_poll()
+    cdef _batch_job jb
     if work >= prm.thread_mnk or nt <= 1 or work * count < prm.thread_mnk:
         for i in range(count):
             if poll_step(poll, 0):
@@ -464,18 +507,26 @@ cdef int _batched(const gemm_params* prm, idx_t count, idx_t m, idx_t n, idx_t k
         return 0
     if nt > count:
         nt = <int> count
-    for i in prange(count, num_threads=nt, schedule="static"):
-        if threadid() == 0:     # the caller
-            poll_step(poll, 0)
-        if stop_before(poll, 1):
-            continue
-        oa = _offset(st, i, st.sa)      # assigned here, so private to each thread
-        ob = _offset(st, i, st.sb)
-        oc = _offset(st, i, st.sc)
-        rc = gemm_serial(prm, m, n, k, <floating> 1, base_a + oa, rs_a, cs_a,
-                         base_b + ob, rs_b, cs_b, <floating> 0, base_c + oc, rs_c, cs_c)
-        fails += rc != 0 and rc != INTERRUPTED
-    if fails:
+    jb.prm = prm
+    jb.dbl = floating is double
+    jb.m = m
+    jb.n = n
+    jb.k = k
+    jb.a = base_a
+    jb.b = base_b
+    jb.c = base_c
+    jb.rs_a = rs_a
+    jb.cs_a = cs_a
+    jb.rs_b = rs_b
+    jb.cs_b = cs_b
+    jb.rs_c = rs_c
+    jb.cs_c = cs_c
+    jb.st = st
+    jb.poll = poll
+    jb.fails = 0
+    # Several products per item, several items per thread.
+    pool_ranges(nt, count, 4 * nt, 1, _batch_range, &jb)
+    if jb.fails:
         return -1
     return INTERRUPTED if interrupted(poll) else 0
 

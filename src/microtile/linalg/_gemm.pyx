@@ -6,13 +6,12 @@
           jr over nr columns    (one micro-panel of B stays in L1)
             ir over mr rows     (micro-kernel: mr x nr of C in registers)
 
-Threading (BLIS's way): for each (jc, pc) step the team packs B's block cooperatively into one
-shared buffer, then takes work items of the ic loop dynamically, each thread packing its A
-block into its own buffer.  Items are small enough that there are several per thread, so a
-thread that loses its core for a while does less of the work instead of holding up the call.
-When there are too few row blocks (small m, or split == "jc"), items also cut the jr loop.
-The whole call is one parallel region; Cython's worksharing loops inside it do not wait for
-each other, so an OpenMP barrier (``_mt_openmp.mt_barrier``) separates the phases.
+Threading: work items (a block of rows x a chunk of columns, every pass over k) are claimed
+from an atomic counter by whichever threads of microtile's pool are running (``_pool``), and
+B's micro-panels are packed lazily into a shared buffer by the first thread that needs each.
+There is no barrier: a thread that has lost its core does less of the work, and the caller
+never waits for a helper that has not started (see ``_threaded``).  When there are too few
+row blocks (small m, or split == "jc"), items also cut the jr loop.
 
 Small problems and skinny operands skip packing: the general micro-kernel reads A at any
 strides and B in place when its rows are contiguous, so only edge slivers are copied.
@@ -20,38 +19,26 @@ strides and B in place when its rows are contiguous, so only edge slivers are co
 An epilogue (bias, activation) is applied to each tile right after its last rank-kc update,
 while it is still in L1, which saves the separate pass over C that NumPy code would make.
 """
-from cython.parallel cimport prange, parallel
 from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t
 from libc.math cimport ceil, exp, tanh
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._common._inline cimport ceil_div, imin
+from microtile._common._inline cimport ceil_div, imin, imax
 from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr, ukr_packed,
                                  ukr_gen)
 from microtile._kernels._dispatch cimport kernel_set
 from microtile.linalg._pack cimport pack_a, pack_b
 from microtile.linalg._level2 cimport gemv_run
-from microtile._common._mt_openmp cimport mt_thread_num, mt_barrier
-from microtile._common._atomic64 cimport mt_atomic_load64, mt_atomic_store64
-from microtile._common._clock cimport mt_now, mt_now_ns
-from microtile._common._interrupt cimport (signal_poll, caller_poll, poll_step, stop_before,
-                                           interrupted, INTERRUPTED)
+from microtile._common._pool cimport pool_run
+from microtile._common._atomic64 cimport (mt_atomic_load64, mt_atomic_store64, mt_atomic_add64,
+                                          mt_atomic_load64_acq, mt_atomic_store64_rel,
+                                          mt_atomic_add64_rel, mt_atomic_cas64, mt_cpu_relax,
+                                          mt_yield)
+from microtile._common._interrupt cimport (signal_poll, caller_poll, poll_step, interrupted,
+                                           INTERRUPTED)
 from microtile._common._scratch cimport (scratch_get, scratch_trim, SCRATCH_PACK_A,
                                  SCRATCH_PACK_B, SCRATCH_EXTRA, SCRATCH_EXTRA2)
-
-
-# Threaded calls longer than the late limit whose team was idle over half the time back off
-# to one thread for the back-off time, doubling up to BACKOFF_MAX_NS (see _note_contention).
-# Every calling thread reads and writes this state without a lock, so each is a 64-bit
-# integer of nanoseconds accessed atomically (relaxed): no torn values, no data race.  Two
-# nearly simultaneous calls may still both double the back-off; that only changes which of
-# them backs off, as intended.
-cdef int64_t BACKOFF_MAX_NS = 2000000000
-cdef int64_t _late_ns = 200000              # 200 us
-cdef int64_t _backoff_base_ns = 50000000    # 50 ms
-cdef int64_t _backoff_ns = 50000000         # the next back-off's length
-cdef int64_t _solo_until_ns = 0             # calls run on one thread until then
 
 
 cdef inline floating _act(floating v, int act) noexcept nogil:
@@ -217,6 +204,15 @@ cdef int _vector_case(const kernel_set_t* ks, int nt, idx_t m, idx_t n, idx_t k,
     return rc
 
 
+# Work per threaded item: about 0.25 ms on one Zen3 core (80 GFLOP/s).
+cdef double ITEM_FLOPS = 2e7
+# Smallest item: rows in micro-panels, columns in micro-panels when items cut the columns
+# (a 256-column chunk for float32: A's block, packed per item, is then reused 256 times).
+cdef enum:
+    ITEM_MIN_PANELS = 8
+    CHUNK_MIN_PANELS = 16
+
+
 ctypedef struct _plan:
     # How one call is cut up; fixed before the loops start.
     int nt              # threads in the team (1: the calling thread alone)
@@ -247,15 +243,19 @@ cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, id
     pl.item_rows = pl.mc
     pl.n_jr = 1
     if nt > 1:
-        # Three items per thread or more, handed out dynamically, so a thread that loses its
-        # core for a while (another library's spinning workers, a noisy neighbour) does less.
+        # Enough items that a thread which loses its core holds little of the work: at least
+        # three per thread, and none much over ITEM_FLOPS, since the caller ends the call
+        # waiting for the last item a helper claimed.  Rows per item stay at least
+        # ITEM_MIN_PANELS micro-panels (each B micro-panel is reused from L1 by every row
+        # panel of an item); below that, items cut the columns instead.
+        want = imax(3 * nt, <idx_t> (2.0 * m * n * k / ITEM_FLOPS))
         micro_rows = ceil_div(m, mr)
-        want = 3 * nt
-        rows = ceil_div(micro_rows, want) * mr
+        rows = imax(ceil_div(micro_rows, want), imin(micro_rows, ITEM_MIN_PANELS)) * mr
         if rows < pl.item_rows:
-            pl.item_rows = rows if rows >= mr else mr
+            pl.item_rows = rows
         if prm.split == 2 or (prm.split == 0 and ceil_div(m, pl.item_rows) < want):
-            pl.n_jr = imin(ceil_div(want, ceil_div(m, pl.item_rows)), ceil_div(pl.nc, nr))
+            pl.n_jr = imin(ceil_div(want, ceil_div(m, pl.item_rows)),
+                           ceil_div(pl.nc, nr * (1 if prm.split == 2 else CHUNK_MIN_PANELS)))
             if pl.n_jr < 1:
                 pl.n_jr = 1
     pl.n_ic = ceil_div(m, pl.item_rows)
@@ -312,11 +312,8 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                     const floating* b, idx_t rs_b, idx_t cs_b,
                     floating beta, floating* c, idx_t rs_c, idx_t cs_c,
                     const gemm_epilogue* ep) noexcept nogil:
-    """The five loops.  One parallel region per call: for each (jc, pc) step the team packs
-    B's block into one shared buffer (a static worksharing loop, which Cython emits without
-    its implicit barrier, so ``mt_barrier`` ends the phase), then takes the ic/jr work items
-    dynamically, and a second barrier keeps B's buffer until every item is done.  With
-    nt == 1 no region is opened."""
+    """The five loops.  On one thread, in BLIS's order with one packed block of B at a time;
+    on more, work items on the thread pool (see ``_threaded``)."""
     cdef const kernel_set_t* ks = kernel_set(prm.isa)
     cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
     cdef _plan pl
@@ -325,12 +322,8 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
     cdef floating* bufB = NULL
     cdef const gemm_epilogue* ep_p
     cdef gemm_epilogue ep_t
-    cdef int tid, fails = 0
-    cdef double* entered
-    cdef double t_call, t_work
     cdef signal_poll* poll = caller_poll()
-    cdef int64_t step
-    cdef bint quit
+    cdef int rc
     if m <= 0 or n <= 0:
         return 0
     if alpha == 0 or k <= 0:
@@ -350,16 +343,15 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
         return _gemm_core(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
                           cs_c, rs_c, ep)
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
-                   or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt
-                   or mt_now_ns() < mt_atomic_load64(&_solo_until_ns)):
+                   or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt):
         nt = 1
     _make_plan(prm, nt, mr, nr, m, n, k, cs_b, &pl)
-    if pl.b_packed:
-        bufB = <floating*> scratch_get(SCRATCH_PACK_B, pl.kc * pl.nc * sizeof(floating))
-        if bufB == NULL:
-            return -1
     n_items = pl.n_ic * pl.n_jr
     if nt == 1:
+        if pl.b_packed:
+            bufB = <floating*> scratch_get(SCRATCH_PACK_B, pl.kc * pl.nc * sizeof(floating))
+            if bufB == NULL:
+                return -1
         for jc_i in range(ceil_div(n, pl.nc)):
             jc = jc_i * pl.nc
             nc_cur = imin(pl.nc, n - jc)
@@ -381,92 +373,210 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
         scratch_trim()
         return 0
 
-    # Per thread: when it entered the region, whether an item failed, seconds spent working.
-    entered = <double*> calloc(3 * nt, sizeof(double))
-    if entered == NULL:
-        return -1
-    t_call = mt_now()
-    with parallel(num_threads=nt):
-        tid = mt_thread_num()
-        entered[tid] = mt_now()
-        # Thread 0 is the caller: it polls for signals between its work items, and a raise
-        # there marks the next (jc, pc) step as the one no thread starts (see _interrupt).
-        step = 0
-        quit = False
-        for jc_i in range(ceil_div(n, pl.nc)):
-            jc = jc_i * pl.nc
-            nc_cur = imin(pl.nc, n - jc)
-            panels = ceil_div(nc_cur, nr)
-            for pc_i in range(ceil_div(k, pl.kc)):
-                quit = stop_before(poll, step)
-                if quit:
-                    break
-                pc = pc_i * pl.kc
-                kc_cur = imin(pl.kc, k - pc)
-                beta_p = beta if pc == 0 else 1
-                ep_p = ep if pc + kc_cur >= k else NULL
-                t_work = mt_now()
+    rc = _threaded(ks, prm, &pl, nt, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c,
+                   rs_c, cs_c, ep, poll)
+    scratch_trim()
+    return rc
+
+
+# The threaded driver.  Work items (a block of rows x a chunk of columns, every pass over k)
+# are claimed from an atomic counter by whichever thread is running, so a helper the OS has
+# not scheduled yet simply does no work; nothing waits for a given thread.  B is packed lazily
+# into a shared buffer: the first thread whose item needs a micro-panel packs it (claimed with
+# a compare-and-swap), the others wait only for a panel that is being packed right now.  The
+# buffer holds every pass of up to two blocks of columns, so there is no phase for all
+# threads to finish before the next begins: a thread starting block j waits only for the
+# items of block j - 2, which were claimed earlier by threads that were running.
+
+# Bytes of packed B per block of columns (all of k): two blocks sit in L3 with room for
+# A's blocks and C; above it the columns are cut into more blocks.
+cdef size_t B_BLOCK_BYTES = 8 * 1024 * 1024
+
+ctypedef struct _job:
+    const kernel_set_t* ks
+    const _plan* pl
+    idx_t m, n, k
+    idx_t n_pc          # passes over k, pl.kc deep (the last may be shorter)
+    idx_t nc_blk        # columns per block (whole micro-panels)
+    idx_t panels_blk    # micro-panels per block
+    int64_t per_blk     # items per block
+    int64_t n_items
+    int64_t next        # the next unclaimed item (atomic)
+    int64_t* done       # items finished, per block (atomic)
+    int64_t* flags      # per (block, pass, panel): 0 unpacked, 1 being packed, 2 ready
+    void* bufB          # two slots of n_pc * kc * nc_blk elements
+    idx_t slot_elems
+    int n_slots
+    bint dbl
+    double alpha, beta  # exact for float32 too
+    const void* a
+    const void* b
+    void* c
+    idx_t rs_a, cs_a, rs_b, cs_b, rs_c, cs_c
+    const gemm_epilogue* ep
+    signal_poll* poll
+    int64_t failed      # an item could not get scratch memory (atomic)
+
+
+cdef inline void _pause() noexcept nogil:
+    mt_cpu_relax()
+
+
+cdef void _ensure_panels(_job* jb, int64_t* flags, idx_t q0, idx_t q1, idx_t kc_cur,
+                         idx_t nc_cur, const floating* bsrc, floating* bblk) noexcept nogil:
+    """Micro-panels q0..q1-1 of one pass of one block packed and visible to this thread."""
+    cdef int nr = ukr_nr(jb.ks, bsrc)
+    cdef idx_t q
+    cdef int spins
+    for q in range(q0, q1):
+        if mt_atomic_load64_acq(&flags[q]) == 0 and mt_atomic_cas64(&flags[q], 0, 1):
+            pack_b(kc_cur, imin(nr, nc_cur - q * nr), bsrc + q * nr * jb.cs_b, jb.rs_b,
+                   jb.cs_b, nr, bblk + q * nr * kc_cur)
+            mt_atomic_store64_rel(&flags[q], 2)
+    for q in range(q0, q1):
+        spins = 0
+        while mt_atomic_load64_acq(&flags[q]) != 2:
+            # Another thread is packing this panel now (a microsecond of work).
+            spins += 1
+            if spins < 4096:
+                _pause()
+            else:
+                mt_yield()
+
+
+cdef void _work(_job* jb, int tid, floating alpha, floating beta) noexcept nogil:
+    cdef const _plan* pl = jb.pl
+    cdef int nr = ukr_nr(jb.ks, &alpha)
+    cdef const floating* a = <const floating*> jb.a
+    cdef const floating* b = <const floating*> jb.b
+    cdef floating* c = <floating*> jb.c
+    cdef floating* slot
+    cdef floating* bblk = NULL
+    cdef const gemm_epilogue* ep_p
+    cdef int64_t it, r, blk
+    cdef idx_t jc, nc_cur, p, pc, kc_cur, panels, per, q0, q1, chunk
+    cdef int spins
+    cdef bint ok
+    while True:
+        if mt_atomic_load64(&jb.failed) or interrupted(jb.poll):
+            return
+        if tid == 0 and poll_step(jb.poll, 0):
+            return
+        it = mt_atomic_add64(&jb.next, 1)
+        if it >= jb.n_items:
+            return
+        blk = it // jb.per_blk
+        r = it % jb.per_blk
+        if blk >= jb.n_slots:
+            # The slot is reused: block blk - 2's items were all claimed before this one, by
+            # threads that were running then; wait for them to finish.
+            spins = 0
+            while mt_atomic_load64_acq(&jb.done[blk - jb.n_slots]) < jb.per_blk:
+                spins += 1
+                if spins < 4096:
+                    _pause()
+                else:
+                    mt_yield()
+        jc = blk * jb.nc_blk
+        nc_cur = imin(jb.nc_blk, jb.n - jc)
+        slot = (<floating*> jb.bufB) + (blk % jb.n_slots) * jb.slot_elems
+        panels = ceil_div(nc_cur, nr)
+        per = ceil_div(panels, pl.n_jr)
+        chunk = r % pl.n_jr
+        q0 = chunk * per
+        q1 = imin(panels, q0 + per)
+        ok = True
+        if (r // pl.n_jr) * pl.item_rows < jb.m and q0 < q1:
+            for p in range(jb.n_pc):
+                pc = p * pl.kc
+                kc_cur = imin(pl.kc, jb.k - pc)
+                ep_p = jb.ep if p == jb.n_pc - 1 else NULL
                 if pl.b_packed:
-                    for p in prange(panels, schedule="static"):
-                        pack_b(kc_cur, imin(nr, nc_cur - p * nr),
-                               b + pc * rs_b + (jc + p * nr) * cs_b, rs_b, cs_b, nr,
-                               bufB + p * nr * kc_cur)
-                    entered[2 * nt + tid] += mt_now() - t_work
-                    mt_barrier()  # B's block complete before anyone multiplies with it
-                    t_work = mt_now()
-                for it in prange(n_items, schedule="dynamic", chunksize=1):
-                    if mt_thread_num() == 0:
-                        poll_step(poll, step)
-                    if stop_before(poll, step + 1):
-                        continue    # interrupted: the rest of this step's items are skipped
-                    if _item(ks, &pl, it, m, nc_cur, kc_cur, pc, jc, alpha, a, rs_a, cs_a,
-                             b, rs_b, bufB, beta_p, c, rs_c, cs_c, ep_p) != 0:
-                        entered[nt + mt_thread_num()] = 1
-                entered[2 * nt + tid] += mt_now() - t_work
-                mt_barrier()  # all products done before B's buffer or C's tiles are reused
-                step = step + 1
-            if quit:
-                break
-        # Past the last barrier no one reads B's shared buffer (the calling thread's, which
-        # is thread 0 of the team): every thread may drop its oversized scratch.
+                    bblk = slot + p * pl.kc * jb.nc_blk
+                    _ensure_panels(jb, jb.flags + (blk * jb.n_pc + p) * jb.panels_blk,
+                                   q0, q1, kc_cur, nc_cur, b + pc * jb.rs_b + jc * jb.cs_b, bblk)
+                if _item(jb.ks, pl, r, jb.m, nc_cur, kc_cur, pc, jc, alpha, a, jb.rs_a,
+                         jb.cs_a, b, jb.rs_b, bblk, beta if p == 0 else <floating> 1, c,
+                         jb.rs_c, jb.cs_c, ep_p) != 0:
+                    ok = False
+                    break
+        if not ok:
+            mt_atomic_store64(&jb.failed, 1)
+        # Counted even when it failed, so that no thread waits for it.
+        mt_atomic_add64_rel(&jb.done[blk], 1)
+
+
+cdef void _task(void* ctx, int tid) noexcept nogil:
+    cdef _job* jb = <_job*> ctx
+    if jb.dbl:
+        _work[double](jb, tid, jb.alpha, jb.beta)
+    else:
+        _work[float](jb, tid, <float> jb.alpha, <float> jb.beta)
+    if tid != 0:
+        # A helper's own oversized scratch; the caller's holds B and is trimmed after the job.
         scratch_trim()
-    for tid in range(nt):
-        fails += entered[nt + tid] != 0
-    _note_contention(entered, nt, mt_now() - t_call)
-    free(entered)
-    if fails:
+
+
+cdef int _threaded(const kernel_set_t* ks, const gemm_params* prm, const _plan* pl, int nt,
+                   idx_t m, idx_t n, idx_t k, floating alpha,
+                   const floating* a, idx_t rs_a, idx_t cs_a,
+                   const floating* b, idx_t rs_b, idx_t cs_b,
+                   floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                   const gemm_epilogue* ep, signal_poll* poll) noexcept nogil:
+    cdef int nr = ukr_nr(ks, a)
+    cdef _job jb
+    cdef idx_t n_jc, nc_blk
+    cdef size_t deep
+    jb.ks = ks
+    jb.pl = pl
+    jb.m = m
+    jb.n = n
+    jb.k = k
+    jb.n_pc = ceil_div(k, pl.kc)
+    deep = <size_t> (jb.n_pc * pl.kc) * sizeof(floating)
+    nc_blk = pl.nc
+    if pl.b_packed and <size_t> nc_blk * deep > B_BLOCK_BYTES:
+        nc_blk = imax(nr, <idx_t> (B_BLOCK_BYTES // deep) // nr * nr)
+    jb.nc_blk = nc_blk
+    jb.panels_blk = ceil_div(nc_blk, nr)
+    n_jc = ceil_div(n, nc_blk)
+    jb.per_blk = pl.n_ic * pl.n_jr
+    jb.n_items = n_jc * jb.per_blk
+    jb.next = 0
+    jb.n_slots = 2 if n_jc > 1 else 1
+    jb.slot_elems = jb.n_pc * pl.kc * nc_blk
+    jb.dbl = floating is double
+    jb.alpha = alpha
+    jb.beta = beta
+    jb.a = a
+    jb.b = b
+    jb.c = c
+    jb.rs_a = rs_a
+    jb.cs_a = cs_a
+    jb.rs_b = rs_b
+    jb.cs_b = cs_b
+    jb.rs_c = rs_c
+    jb.cs_c = cs_c
+    jb.ep = ep
+    jb.poll = poll
+    jb.failed = 0
+    jb.bufB = NULL
+    jb.flags = NULL
+    jb.done = <int64_t*> calloc(n_jc + (n_jc * jb.n_pc * jb.panels_blk if pl.b_packed else 0),
+                                sizeof(int64_t))
+    if jb.done == NULL:
+        return -1
+    jb.flags = jb.done + n_jc
+    if pl.b_packed:
+        jb.bufB = scratch_get(SCRATCH_PACK_B, jb.n_slots * jb.slot_elems * sizeof(floating))
+        if jb.bufB == NULL:
+            free(jb.done)
+            return -1
+    pool_run(nt, _task, &jb)
+    free(jb.done)
+    if jb.failed:
         return -1
     return INTERRUPTED if interrupted(poll) else 0
-
-
-cdef void _note_contention(const double* entered, int nt, double elapsed) noexcept nogil:
-    """Run the next calls on one thread for a while if the team could not run together.
-
-    A call whose threads mostly waited (for a late member, at its barriers) means a core was
-    taken (by another library's spinning workers, say OpenBLAS's for ~0.1-0.2 s
-    after each NumPy call, or by another process), and every barrier waits for the thread that
-    lost it: on two cores that made a 256^3 product 15x slower.  Backing off lets the calls
-    run at one core's speed meanwhile and leaves the other core to whoever took it.  The
-    back-off doubles while the contention lasts (up to BACKOFF_MAX_NS) and resets on a clean
-    call."""
-    cdef double busy = 0
-    cdef int t, members = 0
-    cdef int64_t backoff
-    for t in range(nt):
-        if entered[t] == 0:
-            continue  # the runtime gave a smaller team
-        members += 1
-        busy += entered[2 * nt + t]
-    # Lateness alone is no sign: a worker woken from sleep here often takes 0.5-4 ms to come
-    # in, but the others work meanwhile (the items are handed out dynamically).  What counts
-    # is the team's idle share: over half means one thread would have done as well.
-    if elapsed > 1e-9 * mt_atomic_load64(&_late_ns) and busy < 0.5 * members * elapsed:
-        backoff = mt_atomic_load64(&_backoff_ns)
-        mt_atomic_store64(&_solo_until_ns, mt_now_ns() + backoff)
-        mt_atomic_store64(&_backoff_ns, 2 * backoff if 2 * backoff < BACKOFF_MAX_NS
-                          else BACKOFF_MAX_NS)
-    else:
-        mt_atomic_store64(&_backoff_ns, mt_atomic_load64(&_backoff_base_ns))
 
 
 cdef int gemm_serial_ep(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
@@ -501,18 +611,3 @@ cdef int gemm_run(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating al
                   floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
     return _gemm_core(prm, prm.n_threads, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta,
                       c, rs_c, cs_c, NULL)
-
-
-def _contention_backoff(late_seconds=None, backoff_seconds=None):
-    """Get, or set, how late a team member may come in (s) before threaded calls back off to
-    one thread, and for how long (s).  Returns the previous pair (for tests and experiments)."""
-    cdef int64_t ns
-    old = (1e-9 * mt_atomic_load64(&_late_ns), 1e-9 * mt_atomic_load64(&_backoff_base_ns))
-    if late_seconds is not None:
-        mt_atomic_store64(&_late_ns, <int64_t> round(late_seconds * 1e9))
-    if backoff_seconds is not None:
-        ns = <int64_t> round(backoff_seconds * 1e9)
-        mt_atomic_store64(&_backoff_base_ns, ns)
-        mt_atomic_store64(&_backoff_ns, ns)
-        mt_atomic_store64(&_solo_until_ns, 0)
-    return old

@@ -5,9 +5,10 @@ unit stride: rows-contiguous matrices use fused four-row dot products that share
 of x, columns-contiguous ones fused four-column axpys that share the loads and stores of y.
 Strided vectors and rows are gathered into per-thread scratch GATHER_ELEMS elements at a
 time, so the scratch a call uses does not grow with its operands (a stride-0 vector of 2**31
-elements is 8 bytes of input and must not cost 16 GB).  Threads split the rows.
+elements is 8 bytes of input and must not cost 16 GB).  Row blocks are items on the
+thread pool.
 """
-from cython.parallel cimport prange
+from libc.stdint cimport int64_t
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport ceil_div, imin
@@ -15,6 +16,26 @@ from microtile._kernels._ukernel cimport (kernel_set_t, ukr_axpy, ukr_axpy4, ukr
                                           ukr_scal)
 from microtile._common._scratch cimport (scratch_get, scratch_trim, SCRATCH_EXTRA,
                                          SCRATCH_EXTRA2)
+from microtile._common._pool cimport pool_items
+from microtile._common._atomic64 cimport mt_atomic_add64
+
+# A row-split job on the pool (gemv or a rank-1 update); pointers untyped so one item
+# function serves both dtypes.
+cdef enum:
+    L2_GEMV = 0
+    L2_RANK1 = 1
+
+ctypedef struct _l2_job:
+    int kind
+    const kernel_set_t* ks
+    bint dbl, by_cols, assign
+    idx_t m, n, per, rs_a, cs_a, incx, incy
+    double alpha, beta      # exact for float32 too
+    const void* a           # the matrix (gemv) or A to update (rank 1)
+    const void* x
+    const void* y           # y out (gemv) or the contiguous y in (rank 1)
+    int64_t fails           # atomic
+
 
 # Below this many matrix elements a second thread costs more than it brings.
 cdef idx_t THREAD_MIN_ELEMS = 1 << 16
@@ -137,25 +158,30 @@ cdef int _gemv_contig_x(const kernel_set_t* ks, int nt, idx_t m, idx_t n, floati
                         floating beta, floating* y, idx_t incy) noexcept nogil:
     """y = alpha * A x + beta * y for a contiguous x, threads splitting the rows."""
     cdef bint by_cols = cs_a != 1 and rs_a == 1
-    cdef idx_t per, r0, r1
-    cdef int tid, fails = 0
+    cdef _l2_job jb
     if nt <= 1:
         if by_cols:
             return _gemv_cols(ks, 0, m, n, alpha, a, cs_a, x, beta, y, incy)
         return _gemv_rows(ks, 0, m, n, alpha, a, rs_a, cs_a, x, beta, y, incy)
     # Row blocks in multiples of 8 keep the four-row kernels and cache lines whole.
-    per = ((m + nt - 1) // nt + 7) // 8 * 8
-    for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = tid * per
-        r1 = r0 + per if r0 + per < m else m
-        if r0 < r1:
-            if by_cols:
-                fails += _gemv_cols(ks, r0, r1, n, alpha, a, cs_a, x, beta, y, incy) != 0
-            else:
-                fails += _gemv_rows(ks, r0, r1, n, alpha, a, rs_a, cs_a, x, beta, y,
-                                    incy) != 0
-        scratch_trim()
-    return -1 if fails else 0
+    jb.kind = L2_GEMV
+    jb.ks = ks
+    jb.dbl = floating is double
+    jb.m = m
+    jb.n = n
+    jb.per = ((m + nt - 1) // nt + 7) // 8 * 8
+    jb.alpha = alpha
+    jb.beta = beta
+    jb.a = a
+    jb.rs_a = rs_a
+    jb.cs_a = cs_a
+    jb.x = x
+    jb.y = y
+    jb.incy = incy
+    jb.by_cols = by_cols
+    jb.fails = 0
+    pool_items(nt, ceil_div(m, jb.per), _l2_item, &jb)
+    return -1 if jb.fails else 0
 
 
 cdef int gemv_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floating alpha,
@@ -208,13 +234,35 @@ cdef int _rank1_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, idx_t n, floati
     return 0
 
 
+cdef void _rank1_split(const kernel_set_t* ks, int nt, idx_t m, idx_t n, idx_t per,
+                       floating alpha, const floating* x, idx_t incx, const floating* y,
+                       floating* a, idx_t rs_a, bint assign) noexcept nogil:
+    """_rank1_rows over row blocks of ``per`` rows, items on the pool; y contiguous."""
+    cdef _l2_job jb
+    jb.kind = L2_RANK1
+    jb.ks = ks
+    jb.dbl = floating is double
+    jb.m = m
+    jb.n = n
+    jb.per = per
+    jb.alpha = alpha
+    jb.a = a
+    jb.rs_a = rs_a
+    jb.x = x
+    jb.incx = incx
+    jb.y = y
+    jb.assign = assign
+    jb.fails = 0
+    pool_items(nt, ceil_div(m, per), _l2_item, &jb)
+
+
 cdef int _rank1(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floating alpha,
                 const floating* x, idx_t incx, const floating* y, idx_t incy,
                 floating* a, idx_t rs_a, idx_t cs_a, bint assign) noexcept nogil:
     """A (+)= alpha * x y^T: the shared body of ger (assign False) and outer (True)."""
     cdef floating* yb
-    cdef idx_t i, j, j0, nb, per, r0, r1, blk
-    cdef int nt, tid
+    cdef idx_t i, j, j0, nb, per, blk
+    cdef int nt
     if m <= 0 or n <= 0:
         return 0
     if cs_a != 1 and rs_a == 1:
@@ -233,11 +281,7 @@ cdef int _rank1(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floatin
     if incy == 1 or n == 1:
         if nt <= 1:
             return _rank1_rows(ks, 0, m, n, alpha, x, incx, y, a, rs_a, assign)
-        for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-            r0 = tid * per
-            r1 = r0 + per if r0 + per < m else m
-            if r0 < r1:
-                _rank1_rows(ks, r0, r1, n, alpha, x, incx, y, a, rs_a, assign)
+        _rank1_split(ks, nt, m, n, per, alpha, x, incx, y, a, rs_a, assign)
         return 0
     # A strided y is gathered GATHER_ELEMS elements at a time, each block of A's columns
     # updated with its share.
@@ -251,11 +295,7 @@ cdef int _rank1(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n, floatin
         if nt <= 1:
             _rank1_rows(ks, 0, m, nb, alpha, x, incx, yb, a + j0, rs_a, assign)
         else:
-            for tid in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-                r0 = tid * per
-                r1 = r0 + per if r0 + per < m else m
-                if r0 < r1:
-                    _rank1_rows(ks, r0, r1, nb, alpha, x, incx, yb, a + j0, rs_a, assign)
+            _rank1_split(ks, nt, m, nb, per, alpha, x, incx, yb, a + j0, rs_a, assign)
     scratch_trim()
     return 0
 
@@ -272,3 +312,33 @@ cdef int outer_run(const kernel_set_t* ks, int n_threads, idx_t m, idx_t n,
                    const floating* x, idx_t incx, const floating* y, idx_t incy,
                    floating* a, idx_t rs_a, idx_t cs_a) noexcept nogil:
     return _rank1(ks, n_threads, m, n, <floating> 1, x, incx, y, incy, a, rs_a, cs_a, True)
+
+
+# -- the pool's entry point --------------------------------------------------------------------
+
+cdef int _l2_rows(const _l2_job* j, idx_t r0, idx_t r1, floating alpha, floating beta,
+                  const floating* a, const floating* x, floating* y) noexcept nogil:
+    if j.kind == L2_RANK1:
+        return _rank1_rows(j.ks, r0, r1, j.n, alpha, x, j.incx, <const floating*> j.y,
+                           <floating*> j.a, j.rs_a, j.assign)
+    if j.by_cols:
+        return _gemv_cols(j.ks, r0, r1, j.n, alpha, a, j.cs_a, x, beta, y, j.incy)
+    return _gemv_rows(j.ks, r0, r1, j.n, alpha, a, j.rs_a, j.cs_a, x, beta, y, j.incy)
+
+
+cdef void _l2_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    cdef _l2_job* j = <_l2_job*> ctx
+    cdef idx_t r0 = t * j.per, r1 = imin(j.m, r0 + j.per)
+    cdef int rc
+    if r0 >= r1:
+        return
+    if j.dbl:
+        rc = _l2_rows(j, r0, r1, <double> j.alpha, <double> j.beta, <const double*> j.a,
+                      <const double*> j.x, <double*> j.y)
+    else:
+        rc = _l2_rows(j, r0, r1, <float> j.alpha, <float> j.beta, <const float*> j.a,
+                      <const float*> j.x, <float*> j.y)
+    if rc != 0:
+        mt_atomic_add64(&j.fails, 1)
+    if tid != 0:
+        scratch_trim()      # a helper's own; the caller's holds a gathered x or y

@@ -6,18 +6,39 @@ torch; sigmoid: y(1 - y); tanh: 1 - y^2), so a layer that applied the activation
 write-back (a fused Linear + ReLU) needs to keep only the output for its backward pass.
 
 These are private helpers of ``microtile.nn``: the callers own the buffers (C-contiguous, one
-dtype), so the wrappers only check what the memoryview types do not.  Loops are split into
-per-thread contiguous chunks and the inner loops are plain pointer loops so that the compiler
-vectorises them; the activation is chosen outside the loops for the same reason.
+dtype), so the wrappers only check what the memoryview types do not.  Loops are cut into
+contiguous shares, items on the thread pool, and the inner loops are plain pointer loops so
+that the compiler vectorises them; the activation is chosen outside the loops for the same reason.
 """
-from cython.parallel cimport prange
 from libc.math cimport erf, erff, exp, expf, log, M_SQRT1_2, M_2_SQRTPI, sqrt, tanh, tanhf
 
-from microtile._common._mt_openmp cimport mt_share, mt_share_end
+from microtile._common._pool cimport pool_items, pool_ranges
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.nn._act_math cimport sigmoid as _sigmoid
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
+
+
+# One job description for every kernel here, so that one range function runs any of them
+# on the pool.
+cdef enum:
+    EW_ACT = 0
+    EW_COLSUM = 1
+    EW_DROPOUT = 2
+    EW_POINTWISE = 3
+    EW_SOFTMAX = 4
+
+ctypedef struct _ew:
+    int kind
+    int code            # activation or pointwise code
+    bint dbl
+    bint flag           # softmax: logarithm
+    double p0, p1       # dropout p and scale; pointwise alpha
+    const void* x
+    const void* u       # dy, or dropout's uniform draws
+    void* out
+    double* acc         # column sums per share (colsum)
+    idx_t length, inner, rows
 
 
 # Below this many elements a second thread costs more than it saves (a pass over ~256 KiB).
@@ -137,18 +158,18 @@ cdef void _act_part(int act, const floating* x, const floating* dy, floating* ou
 
 cdef void _act_split(int act, const floating* x, const floating* dy, floating* out, idx_t n,
                      int nt) noexcept nogil:
-    """_act_part over n elements on nt threads, each a contiguous share."""
-    cdef idx_t chunk, t0, t1
-    cdef int t
+    """_act_part over n elements on nt threads, each share of the elements an item."""
+    cdef _ew job
     if nt == 1:
         _act_part(act, x, dy, out, n)
         return
-    chunk = mt_share(n, nt)
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        t0 = t * chunk
-        t1 = mt_share_end(t0, chunk, n)
-        if t0 < t1:
-            _act_part(act, x + t0, NULL if dy == NULL else dy + t0, out + t0, t1 - t0)
+    job.kind = EW_ACT
+    job.code = act
+    job.dbl = floating is double
+    job.x = x
+    job.u = dy
+    job.out = out
+    pool_ranges(nt, n, nt, 16, _ew_range, &job)
 
 
 def act_forward(const floating[::1] x, floating[::1] out, int act):
@@ -185,9 +206,10 @@ def act_backward_colsum(int act, const floating[:, ::1] y, const floating[:, ::1
     blocks of rows, each with its own float64 sums in ``work`` (``t * cols`` onwards; as
     many threads as ``work`` has room for), reduced at the end.
     """
-    cdef idx_t rows = dy.shape[0], cols = dy.shape[1], j, per, r0, r1
+    cdef idx_t rows = dy.shape[0], cols = dy.shape[1], j, per
     cdef int nt, t
     cdef double s
+    cdef _ew job
     if act != 0 and (y is None or dz is None or y.shape[0] != rows or y.shape[1] != cols
                      or dz.shape[0] != rows or dz.shape[1] != cols):
         raise ValueError("act_backward_colsum: y, dy and dz must have one shape")
@@ -212,14 +234,18 @@ def act_backward_colsum(int act, const floating[:, ::1] y, const floating[:, ::1
         with nogil:
             _dact_colsum_rows(act, py, pdy, pdz, acc, 0, rows, cols)
     else:
-        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-            r0 = t * per
-            r1 = r0 + per
-            if r1 > rows:
-                r1 = rows
-            if r0 > rows:
-                r0 = rows
-            _dact_colsum_rows(act, py, pdy, pdz, acc + t * cols, r0, r1, cols)
+        job.kind = EW_COLSUM
+        job.code = act
+        job.dbl = floating is double
+        job.x = py
+        job.u = pdy
+        job.out = pdz
+        job.acc = acc
+        job.length = per
+        job.inner = cols
+        job.rows = rows
+        with nogil:
+            pool_items(nt, nt, _ew_item, &job)
     with nogil:
         for j in range(cols):
             s = 0
@@ -256,8 +282,9 @@ def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] ou
     ``u`` holds uniform [0, 1) draws, so each element is dropped with probability p; the
     same ``u`` applied to the output gradient gives the input gradient.  ``out`` may be x.
     """
-    cdef idx_t n = x.shape[0], chunk, t0, t1
-    cdef int nt, t
+    cdef idx_t n = x.shape[0]
+    cdef int nt
+    cdef _ew job
     if u.shape[0] != n or out.shape[0] != n:
         raise ValueError(f"dropout_apply: sizes {n}, {u.shape[0]}, {out.shape[0]} differ")
     if n == 0:
@@ -271,12 +298,15 @@ def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] ou
         with nogil:
             _dropout_part(px, pu, po, fp, fs, n)
         return
-    chunk = mt_share(n, nt)
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        t0 = t * chunk
-        t1 = mt_share_end(t0, chunk, n)
-        if t0 < t1:
-            _dropout_part(px + t0, pu + t0, po + t0, fp, fs, t1 - t0)
+    job.kind = EW_DROPOUT
+    job.dbl = floating is double
+    job.x = px
+    job.u = pu
+    job.out = po
+    job.p0 = p
+    job.p1 = scale
+    with nogil:
+        pool_ranges(nt, n, nt, 16, _ew_range, &job)
 
 
 # -- activations whose derivative needs the input -------------------------------------------
@@ -373,8 +403,9 @@ def pointwise(int code, double alpha, const floating[::1] x, const floating[::1]
               floating[::1] out):
     """out = f(x) (``dy`` None) or out = dy * f'(x), f = POINTWISE[name]; ``alpha`` is
     LeakyReLU's slope.  Flat C-contiguous arrays; out may be x (forward) or dy."""
-    cdef idx_t n = x.shape[0], chunk, t0, t1
-    cdef int nt, t
+    cdef idx_t n = x.shape[0]
+    cdef int nt
+    cdef _ew job
     if out.shape[0] != n or (dy is not None and dy.shape[0] != n):
         raise ValueError("pointwise: sizes differ")
     if code < PW_LEAKY or code > PW_SILU:
@@ -390,12 +421,15 @@ def pointwise(int code, double alpha, const floating[::1] x, const floating[::1]
         with nogil:
             _pw_part(code, a, px, pdy, po, n)
         return
-    chunk = mt_share(n, nt)
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        t0 = t * chunk
-        t1 = mt_share_end(t0, chunk, n)
-        if t0 < t1:
-            _pw_part(code, a, px + t0, NULL if pdy == NULL else pdy + t0, po + t0, t1 - t0)
+    job.kind = EW_POINTWISE
+    job.code = code
+    job.dbl = floating is double
+    job.x = px
+    job.u = pdy
+    job.out = po
+    job.p0 = alpha
+    with nogil:
+        pool_ranges(nt, n, nt, 16, _ew_range, &job)
 
 
 # -- softmax and log-softmax along one axis ---------------------------------------------------
@@ -459,8 +493,9 @@ def softmax(const floating[::1] x, const floating[::1] dy, floating[::1] out, id
     """Forward (``dy`` None: out = softmax or log-softmax of x) or backward (x is then the
     forward's output y, out = dx) along the middle axis of x viewed as (outer, length,
     inner); flat C-contiguous arrays."""
-    cdef idx_t n = x.shape[0], lines = outer * inner, per, l0, l1
-    cdef int nt, t
+    cdef idx_t n = x.shape[0], lines = outer * inner
+    cdef int nt
+    cdef _ew job
     if (outer < 0 or length < 0 or inner < 0 or outer * length * inner != n
             or out.shape[0] != n or (dy is not None and dy.shape[0] != n)):
         raise ValueError("softmax: inconsistent sizes")
@@ -479,14 +514,55 @@ def softmax(const floating[::1] x, const floating[::1] dy, floating[::1] out, id
             else:
                 _softmax_back_lines(px, pdy, po, 0, lines, length, inner, logarithm)
         return
-    per = (lines + nt - 1) // nt
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        l0 = t * per
-        l1 = l0 + per
-        if l1 > lines:
-            l1 = lines
-        if l0 < l1:
-            if pdy == NULL:
-                _softmax_lines(px, po, l0, l1, length, inner, logarithm)
-            else:
-                _softmax_back_lines(px, pdy, po, l0, l1, length, inner, logarithm)
+    job.kind = EW_SOFTMAX
+    job.dbl = floating is double
+    job.x = px
+    job.u = pdy
+    job.out = po
+    job.length = length
+    job.inner = inner
+    job.flag = logarithm
+    with nogil:
+        pool_ranges(nt, lines, nt, 1, _ew_range, &job)
+
+
+# -- the pool's entry points ------------------------------------------------------------------
+
+cdef void _ew_run(const _ew* j, idx_t i0, idx_t i1, const floating* x, const floating* u,
+                  floating* out) noexcept nogil:
+    if j.kind == EW_ACT:
+        _act_part(j.code, x + i0, NULL if u == NULL else u + i0, out + i0, i1 - i0)
+    elif j.kind == EW_DROPOUT:
+        _dropout_part(x + i0, u + i0, out + i0, <floating> j.p0, <floating> j.p1, i1 - i0)
+    elif j.kind == EW_POINTWISE:
+        _pw_part(j.code, <floating> j.p0, x + i0, NULL if u == NULL else u + i0, out + i0,
+                 i1 - i0)
+    elif j.kind == EW_SOFTMAX:
+        if u == NULL:
+            _softmax_lines(x, out, i0, i1, j.length, j.inner, j.flag)
+        else:
+            _softmax_back_lines(x, u, out, i0, i1, j.length, j.inner, j.flag)
+
+
+cdef void _ew_range(void* ctx, idx_t i0, idx_t i1, int tid) noexcept nogil:
+    cdef const _ew* j = <const _ew*> ctx
+    if j.dbl:
+        _ew_run(j, i0, i1, <const double*> j.x, <const double*> j.u, <double*> j.out)
+    else:
+        _ew_run(j, i0, i1, <const float*> j.x, <const float*> j.u, <float*> j.out)
+
+
+cdef void _ew_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    """Share t of the rows (length rows each) of act_backward_colsum, its sums at acc + t·cols."""
+    cdef const _ew* j = <const _ew*> ctx
+    cdef idx_t r0 = t * j.length, r1 = r0 + j.length
+    if r1 > j.rows:
+        r1 = j.rows
+    if r0 > j.rows:
+        r0 = j.rows
+    if j.dbl:
+        _dact_colsum_rows(j.code, <const double*> j.x, <const double*> j.u, <double*> j.out,
+                          j.acc + t * j.inner, r0, r1, j.inner)
+    else:
+        _dact_colsum_rows(j.code, <const float*> j.x, <const float*> j.u, <float*> j.out,
+                          j.acc + t * j.inner, r0, r1, j.inner)

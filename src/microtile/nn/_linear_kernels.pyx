@@ -1,18 +1,20 @@
-"""A Linear layer's two backward GEMMs run side by side on the OpenMP team.
+"""A Linear layer's two backward GEMMs run side by side on the thread pool.
 
 dW = dYᵀ·X and dX = dY·W read the same dY, share nothing else, and cost the same number of
-multiply-adds.  Instead of two threaded GEMMs one after the other (each synchronising its
-threads on shared packed panels), half the team computes row blocks of dW and the other half
-row blocks of dX, each thread with the single-threaded driver (``gemm_serial``) on its own
-block.  Both products are read in place through their strides: no transposed copies.
+multiply-adds.  Instead of two threaded GEMMs one after the other, row blocks of dW and of
+dX are work items that the running threads claim, each computed with the single-threaded
+driver (``gemm_serial``).  Both products are read in place through their strides: no transposed copies.
 """
-from cython.parallel cimport prange
+from libc.stdint cimport int64_t
 
 import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport elem_stride, imin
+from microtile._common._mt_openmp cimport mt_share
+from microtile._common._pool cimport pool_items
+from microtile._common._atomic64 cimport mt_atomic_add64
 from microtile.linalg._gemm cimport gemm_params, gemm_serial
 from microtile._config._params cimport current_params
 
@@ -22,31 +24,78 @@ cdef object F32 = np.dtype(np.float32)
 cdef object F64 = np.dtype(np.float64)
 
 
+ctypedef struct _pair_job:
+    const gemm_params* prm
+    bint dbl
+    idx_t batch, n_in, n_out, rs_x, cs_x, per_w, per_x, n_w
+    const void* dz
+    const void* x
+    const void* w
+    void* gw
+    void* dx
+    double beta_w
+    int64_t fails      # atomic
+
+
+cdef int _pair_block(_pair_job* jb, idx_t item, const floating* dz, const floating* x,
+                     const floating* w, floating* gw, floating* dx) noexcept nogil:
+    cdef idx_t r0, r1
+    if item < jb.n_w:
+        r0 = item * jb.per_w
+        r1 = imin(jb.n_out, r0 + jb.per_w)
+        if r0 >= r1:
+            return 0
+        # A = dzᵀ: row i of A is column i of dz (row stride 1, column stride n_out).
+        return gemm_serial(jb.prm, r1 - r0, jb.n_in, jb.batch, <floating> 1, dz + r0, 1,
+                           jb.n_out, x, jb.rs_x, jb.cs_x, <floating> jb.beta_w,
+                           gw + r0 * jb.n_in, jb.n_in, 1)
+    r0 = (item - jb.n_w) * jb.per_x
+    r1 = imin(jb.batch, r0 + jb.per_x)
+    if r0 >= r1:
+        return 0
+    return gemm_serial(jb.prm, r1 - r0, jb.n_in, jb.n_out, <floating> 1, dz + r0 * jb.n_out,
+                       jb.n_out, 1, w, jb.n_in, 1, <floating> 0, dx + r0 * jb.n_in, jb.n_in, 1)
+
+
+cdef void _pair_item(void* ctx, idx_t item, int tid) noexcept nogil:
+    cdef _pair_job* jb = <_pair_job*> ctx
+    cdef int rc
+    if jb.dbl:
+        rc = _pair_block(jb, item, <const double*> jb.dz, <const double*> jb.x,
+                         <const double*> jb.w, <double*> jb.gw, <double*> jb.dx)
+    else:
+        rc = _pair_block(jb, item, <const float*> jb.dz, <const float*> jb.x,
+                         <const float*> jb.w, <float*> jb.gw, <float*> jb.dx)
+    if rc != 0:
+        mt_atomic_add64(&jb.fails, 1)
+
+
 cdef int _pair(const gemm_params* prm, int nt, idx_t batch, idx_t n_in, idx_t n_out,
                const floating* dz, const floating* x, idx_t rs_x, idx_t cs_x,
                const floating* w, floating* gw, floating* dx, floating beta_w) noexcept nogil:
     """gw = dzᵀ·x + beta_w·gw and dx = dz·w; dz (batch, n_out), w and gw (n_out, n_in) and
-    dx (batch, n_in) C-contiguous.  Threads [0, nw) take dW rows, the rest dX rows."""
-    cdef int nw = nt // 2, nx = nt - nw, t, fails = 0
-    cdef idx_t per_w = ((n_out + nw - 1) // nw + 15) & ~(<idx_t> 15)
-    cdef idx_t per_x = ((batch + nx - 1) // nx + 15) & ~(<idx_t> 15)
-    cdef idx_t r0, r1
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        if t < nw:
-            r0 = t * per_w
-            r1 = imin(n_out, r0 + per_w)
-            if r0 < r1:
-                # A = dzᵀ: row i of A is column i of dz (row stride 1, column stride n_out).
-                fails += gemm_serial(prm, r1 - r0, n_in, batch, <floating> 1, dz + r0, 1, n_out,
-                                     x, rs_x, cs_x, beta_w, gw + r0 * n_in, n_in, 1) != 0
-        else:
-            r0 = (t - nw) * per_x
-            r1 = imin(batch, r0 + per_x)
-            if r0 < r1:
-                fails += gemm_serial(prm, r1 - r0, n_in, n_out, <floating> 1, dz + r0 * n_out,
-                                     n_out, 1, w, n_in, 1, <floating> 0, dx + r0 * n_in,
-                                     n_in, 1) != 0
-    return -1 if fails else 0
+    dx (batch, n_in) C-contiguous.  Each product is cut into nt row blocks; the 2·nt blocks
+    are items on the pool, so a thread that is not running leaves its blocks to the others."""
+    cdef _pair_job jb
+    jb.prm = prm
+    jb.dbl = floating is double
+    jb.batch = batch
+    jb.n_in = n_in
+    jb.n_out = n_out
+    jb.rs_x = rs_x
+    jb.cs_x = cs_x
+    jb.per_w = mt_share(n_out, nt)
+    jb.per_x = mt_share(batch, nt)
+    jb.n_w = nt
+    jb.dz = dz
+    jb.x = x
+    jb.w = w
+    jb.gw = gw
+    jb.dx = dx
+    jb.beta_w = beta_w
+    jb.fails = 0
+    pool_items(nt, 2 * nt, _pair_item, &jb)
+    return -1 if jb.fails else 0
 
 
 def linear_weight_and_input_grads(cnp.ndarray dz, cnp.ndarray x, cnp.ndarray w,

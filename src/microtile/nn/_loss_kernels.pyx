@@ -5,14 +5,46 @@ logits), the loss term is ``lse - x[label]``, and the gradient ``(softmax - oneh
 is written in the same sweep, so the backward pass costs nothing but returning the buffer.
 Sums are kept in float64 whatever the logits' dtype.
 """
-from cython.parallel cimport prange
 from libc.math cimport exp, expf, log
+from libc.stdlib cimport calloc, free
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
+from microtile._common._mt_openmp cimport mt_share, mt_share_end
+from microtile._common._pool cimport pool_items
 
 cdef idx_t PAR_MIN = 1 << 15
+
+
+ctypedef struct _xent_job:
+    bint dbl
+    idx_t n, c, share
+    const void* x
+    const Py_ssize_t* labels
+    void* g
+    double scale
+    double* totals      # one per share, summed in share order (the same total every run)
+
+
+cdef double _rows(const _xent_job* j, idx_t r0, idx_t r1, const floating* x,
+                  floating* g) noexcept nogil:
+    cdef idx_t i
+    cdef double total = 0
+    for i in range(r0, r1):
+        total += _row(x + i * j.c, j.c, j.labels[i], g + i * j.c, j.scale)
+    return total
+
+
+cdef void _xent_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    cdef _xent_job* j = <_xent_job*> ctx
+    cdef idx_t r0 = t * j.share, r1 = mt_share_end(r0, j.share, j.n)
+    if r0 >= r1:
+        return
+    if j.dbl:
+        j.totals[t] = _rows(j, r0, r1, <const double*> j.x, <double*> j.g)
+    else:
+        j.totals[t] = _rows(j, r0, r1, <const float*> j.x, <float*> j.g)
 
 
 cdef double _row(const floating* x, idx_t c, idx_t label, floating* g,
@@ -60,6 +92,7 @@ def softmax_xent(const floating[:, ::1] logits, const Py_ssize_t[::1] labels,
     cdef double total = 0
     cdef int nt = 1
     cdef gemm_params prm
+    cdef _xent_job job
     if labels.shape[0] != n or grad.shape[0] != n or grad.shape[1] != c:
         raise ValueError("softmax_xent: logits, labels and grad disagree in shape")
     if n == 0:
@@ -76,6 +109,20 @@ def softmax_xent(const floating[:, ::1] logits, const Py_ssize_t[::1] labels,
             for i in range(n):
                 total += _row(px + i * c, c, labels[i], pg + i * c, scale)
     else:
-        for i in prange(n, num_threads=nt, schedule="static", nogil=True):
-            total += _row(px + i * c, c, labels[i], pg + i * c, scale)
+        job.dbl = floating is double
+        job.n = n
+        job.c = c
+        job.share = mt_share(n, nt)
+        job.x = px
+        job.labels = &labels[0]
+        job.g = pg
+        job.scale = scale
+        job.totals = <double*> calloc(nt, sizeof(double))
+        if job.totals == NULL:
+            raise MemoryError("softmax_xent: out of memory")
+        with nogil:
+            pool_items(nt, (n + job.share - 1) // job.share, _xent_item, &job)
+            for i in range(nt):
+                total += job.totals[i]
+        free(job.totals)
     return total

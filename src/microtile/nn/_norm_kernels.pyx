@@ -2,10 +2,10 @@
 
 Every array is viewed as (N, C, S): S is L for (N, C, L) inputs, H*W for (N, C, H, W) and 1
 for (N, C), so a channel's data are N contiguous planes of S elements, C planes apart.
-Threads take contiguous ranges of the N*C planes (so the split works for a small batch of
-large images and for a large batch of vectors alike); each thread adds its per-channel
-sums into its own float64 slice of ``work`` (no sharing, no atomics), and the slices are
-reduced after the parallel region.
+Threads take contiguous shares of the N*C planes, items on the thread pool (so the split works
+for a small batch of large images and for a large batch of vectors alike); each share adds
+its per-channel sums into its own float64 slice of ``work`` (no sharing, no atomics), and the
+slices are reduced once every share has run.
 
 Statistics are taken in one pass from sums of ``d = x - K`` and ``d*d`` in float64, where
 ``K`` is the channel's first element: shifting by a value of the channel keeps
@@ -20,7 +20,7 @@ BatchNorm2d -> ReLU then costs no pass of its own either way.
 Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
 own the buffers.
 """
-from cython.parallel cimport prange
+from microtile._common._pool cimport pool_items
 from libc.math cimport sqrt
 
 from microtile._common._typedefs cimport idx_t, floating
@@ -111,26 +111,70 @@ cdef void _sums_part(const floating* x, const floating* u, const floating* g,
             c = 0
 
 
+ctypedef struct _norm_job:
+    bint sums, dbl, relu
+    const void* x
+    const void* u
+    const void* g
+    void* out
+    const double* shift
+    const double* mean
+    const double* ca
+    const double* cb
+    const double* cc
+    double* work
+    idx_t per, planes, nc, s
+
+
+cdef void _norm_share(const _norm_job* j, idx_t t, const floating* x, const floating* u,
+                      const floating* g, floating* out) noexcept nogil:
+    cdef idx_t p0 = t * j.per, p1 = p0 + j.per
+    if p1 > j.planes:
+        p1 = j.planes
+    if p0 > j.planes:
+        p0 = j.planes
+    if j.sums:
+        _sums_part(x, u, g, j.shift, j.work + 2 * j.nc * t, p0, p1, j.nc, j.s)
+    elif p0 < p1:
+        _affine_part(x, u, g, out, j.mean, j.ca, j.cb, j.cc, j.relu, p0, p1, j.nc, j.s)
+
+
+cdef void _norm_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    """Share t of the planes (each share an item on the pool)."""
+    cdef const _norm_job* j = <const _norm_job*> ctx
+    if j.dbl:
+        _norm_share(j, t, <const double*> j.x, <const double*> j.u, <const double*> j.g,
+                    <double*> j.out)
+    else:
+        _norm_share(j, t, <const float*> j.x, <const float*> j.u, <const float*> j.g,
+                    <float*> j.out)
+
+
 cdef void _sums(const floating* x, const floating* u, const floating* g, const double* shift,
                 double* out0, double* out1, double* work, idx_t n, idx_t nc, idx_t s,
                 int nt) noexcept nogil:
     """Per-channel sums of _sums_part over all N*C planes into out0[c] and out1[c], on nt
     threads (each with 2*nc doubles of ``work``)."""
-    cdef idx_t planes = n * nc, per, p0, p1, c
+    cdef idx_t planes = n * nc, c
     cdef int t
     cdef double a, b
+    cdef _norm_job j
     if nt == 1:
         _sums_part(x, u, g, shift, work, 0, planes, nc, s)
     else:
-        per = (planes + nt - 1) // nt
-        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-            p0 = t * per
-            p1 = p0 + per
-            if p1 > planes:
-                p1 = planes
-            if p0 > planes:
-                p0 = planes
-            _sums_part(x, u, g, shift, work + 2 * nc * t, p0, p1, nc, s)
+        # Every share runs (an empty one zeroes its sums), whichever thread takes it.
+        j.sums = True
+        j.dbl = floating is double
+        j.x = x
+        j.u = u
+        j.g = g
+        j.shift = shift
+        j.work = work
+        j.per = (planes + nt - 1) // nt
+        j.planes = planes
+        j.nc = nc
+        j.s = s
+        pool_items(nt, nt, _norm_item, &j)
     for c in range(nc):
         a = 0
         b = 0
@@ -188,19 +232,27 @@ cdef void _affine(const floating* x, const floating* u, const floating* g, float
                   const double* mean, const double* ca, const double* cb, const double* cc,
                   bint relu, idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
     """_affine_part over all N*C planes on nt threads."""
-    cdef idx_t planes = n * nc, per, p0, p1
-    cdef int t
+    cdef idx_t planes = n * nc
+    cdef _norm_job j
     if nt == 1:
         _affine_part(x, u, g, out, mean, ca, cb, cc, relu, 0, planes, nc, s)
         return
-    per = (planes + nt - 1) // nt
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        p0 = t * per
-        p1 = p0 + per
-        if p1 > planes:
-            p1 = planes
-        if p0 < p1:
-            _affine_part(x, u, g, out, mean, ca, cb, cc, relu, p0, p1, nc, s)
+    j.sums = False
+    j.dbl = floating is double
+    j.x = x
+    j.u = u
+    j.g = g
+    j.out = out
+    j.mean = mean
+    j.ca = ca
+    j.cb = cb
+    j.cc = cc
+    j.relu = relu
+    j.per = (planes + nt - 1) // nt
+    j.planes = planes
+    j.nc = nc
+    j.s = s
+    pool_items(nt, nt, _norm_item, &j)
 
 
 cdef bint _wrong_length(object arr, idx_t n):

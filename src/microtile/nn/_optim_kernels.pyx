@@ -9,10 +9,9 @@ A parameter is one flat C-contiguous array; so are its gradient and state buffer
 tensors are split into one contiguous chunk per thread; the inner loops are plain pointer
 loops whose loop-invariant branches the compiler unswitches, so they vectorise.
 """
-from cython.parallel cimport prange
 from libc.math cimport sqrt, sqrtf
 
-from microtile._common._mt_openmp cimport mt_share, mt_share_end
+from microtile._common._pool cimport pool_ranges
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
@@ -150,9 +149,10 @@ cdef floating* _ptr(floating[::1] s, idx_t n, str what) except? NULL:
 
 cdef int _run(int op, const hyper_t* h, floating[::1] p, const floating[::1] g,
               floating[::1] s1, floating[::1] s2, floating[::1] s3) except -1:
-    cdef idx_t n = p.shape[0], chunk, t0, t1
-    cdef int nt = 1, t
+    cdef idx_t n = p.shape[0]
+    cdef int nt = 1
     cdef gemm_params prm
+    cdef _opt_job job
     if g.shape[0] != n:
         raise ValueError("optimizer: parameter and gradient sizes differ")
     cdef floating* p1 = _ptr(s1, n, "a state buffer")
@@ -169,15 +169,44 @@ cdef int _run(int op, const hyper_t* h, floating[::1] p, const floating[::1] g,
         with nogil:
             _chunk(op, h, pp, pg, p1, p2, p3, n)
         return 0
-    chunk = mt_share(n, nt)
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        t0 = t * chunk
-        t1 = mt_share_end(t0, chunk, n)
-        if t0 < t1:
-            _chunk(op, h, pp + t0, pg + t0, (p1 + t0) if p1 != NULL else NULL,
-                   (p2 + t0) if p2 != NULL else NULL, (p3 + t0) if p3 != NULL else NULL,
-                   t1 - t0)
+    job.op = op
+    job.h = h
+    job.dbl = floating is double
+    job.p = pp
+    job.g = pg
+    job.s1 = p1
+    job.s2 = p2
+    job.s3 = p3
+    with nogil:
+        pool_ranges(nt, n, nt, 16, _opt_range, &job)
     return 0
+
+
+ctypedef struct _opt_job:
+    int op
+    const hyper_t* h
+    bint dbl
+    void* p
+    const void* g
+    void* s1
+    void* s2
+    void* s3
+
+
+cdef inline floating* _at(void* base, idx_t i, floating tag) noexcept nogil:
+    return (<floating*> base) + i if base != NULL else NULL
+
+
+cdef void _opt_range(void* ctx, idx_t i0, idx_t i1, int tid) noexcept nogil:
+    cdef const _opt_job* j = <const _opt_job*> ctx
+    cdef float f = 0
+    cdef double d = 0
+    if j.dbl:
+        _chunk(j.op, j.h, (<double*> j.p) + i0, (<const double*> j.g) + i0, _at(j.s1, i0, d),
+               _at(j.s2, i0, d), _at(j.s3, i0, d), i1 - i0)
+    else:
+        _chunk(j.op, j.h, (<float*> j.p) + i0, (<const float*> j.g) + i0, _at(j.s1, i0, f),
+               _at(j.s2, i0, f), _at(j.s3, i0, f), i1 - i0)
 
 
 cdef void _clear(hyper_t* h) noexcept:

@@ -3,14 +3,14 @@
 Output cell (i, j) of a (P, Q) result averages rows [floor(i*H/P), ceil((i+1)*H/P)) and
 columns [floor(j*W/Q), ceil((j+1)*W/Q)) of its plane: bins cover the input, neighbouring
 bins may overlap by one row or column when P does not divide H.  Planes are independent,
-so threads take contiguous ranges of planes and never write the same element (the
-backward's overlapping bins stay within one plane, hence one thread).  Sums are in float64.
+so threads take contiguous ranges of planes (items on the pool) and never write the same
+element (the backward's overlapping bins stay within one plane, hence one thread).  Sums are
+in float64.
 """
-from cython.parallel cimport prange
-
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
+from microtile._common._pool cimport pool_ranges
 
 # Below this many input elements a second thread costs more than it saves.
 cdef idx_t PAR_MIN = 1 << 15
@@ -69,13 +69,34 @@ cdef void _backward_planes(const floating* dy, floating* dx, idx_t p0, idx_t p1,
                         dxp[r * w + c] += g
 
 
+ctypedef struct _planes_job:
+    bint dbl, backward
+    const void* x
+    void* y
+    idx_t h, w, ph, pw
+
+
+cdef void _planes_range(void* ctx, idx_t p0, idx_t p1, int tid) noexcept nogil:
+    cdef const _planes_job* j = <const _planes_job*> ctx
+    if j.dbl:
+        if j.backward:
+            _backward_planes(<const double*> j.x, <double*> j.y, p0, p1, j.h, j.w, j.ph, j.pw)
+        else:
+            _forward_planes(<const double*> j.x, <double*> j.y, p0, p1, j.h, j.w, j.ph, j.pw)
+    elif j.backward:
+        _backward_planes(<const float*> j.x, <float*> j.y, p0, p1, j.h, j.w, j.ph, j.pw)
+    else:
+        _forward_planes(<const float*> j.x, <float*> j.y, p0, p1, j.h, j.w, j.ph, j.pw)
+
+
 def adaptive_avg_pool2d(const floating[:, :, ::1] x, floating[:, :, ::1] y, bint backward):
     """Forward (``backward`` False): y (planes, P, Q) = bin means of x (planes, H, W).
     Backward: x is dy (planes, P, Q) and y is dx (planes, H, W), overwritten.
     H and W must be positive when P and Q are."""
-    cdef idx_t planes = x.shape[0], h, w, ph, pw, per, p0, p1
-    cdef int nt = 1, t
+    cdef idx_t planes = x.shape[0], h, w, ph, pw, p0
+    cdef int nt = 1
     cdef gemm_params prm
+    cdef _planes_job j
     if backward:
         ph, pw, h, w = x.shape[1], x.shape[2], y.shape[1], y.shape[2]
     else:
@@ -102,14 +123,13 @@ def adaptive_avg_pool2d(const floating[:, :, ::1] x, floating[:, :, ::1] y, bint
             else:
                 _forward_planes(px, py, 0, planes, h, w, ph, pw)
         return
-    per = (planes + nt - 1) // nt
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1, nogil=True):
-        p0 = t * per
-        p1 = p0 + per
-        if p1 > planes:
-            p1 = planes
-        if p0 < p1:
-            if backward:
-                _backward_planes(px, py, p0, p1, h, w, ph, pw)
-            else:
-                _forward_planes(px, py, p0, p1, h, w, ph, pw)
+    j.dbl = floating is double
+    j.backward = backward
+    j.x = px
+    j.y = py
+    j.h = h
+    j.w = w
+    j.ph = ph
+    j.pw = pw
+    with nogil:
+        pool_ranges(nt, planes, nt, 1, _planes_range, &j)

@@ -27,7 +27,7 @@ Layout (time-major, C-contiguous, rows of N samples per step):
 The gate passes use numerically safe sigmoid and tanh (no overflow for any input).  Rows are
 split over threads when a step has enough elements to pay for a second thread.
 """
-from cython.parallel cimport prange
+from microtile._common._pool cimport pool_ranges
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._interrupt cimport signal_poll, open_poll, close_poll, raise_for_rc
@@ -244,17 +244,30 @@ cdef inline void _rows_part(int kind, const _step* s, idx_t r0, idx_t r1,
 cdef void _rows(int kind, const _step* s, idx_t n, int nt, floating tag) noexcept nogil:
     """One gate pass over the step's n rows, on nt threads (each a contiguous block of rows).
     ``tag`` only selects the dtype."""
-    cdef idx_t per, r0, r1
-    cdef int t
+    cdef _rows_job j
     if nt <= 1:
         _rows_part(kind, s, 0, n, tag)
         return
-    per = (n + nt - 1) // nt
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = t * per
-        r1 = r0 + per if r0 + per < n else n
-        if r0 < r1:
-            _rows_part(kind, s, r0, r1, tag)
+    j.kind = kind
+    j.s = s
+    j.dbl = floating is double
+    pool_ranges(nt, n, nt, 1, _rows_range, &j)
+
+
+ctypedef struct _rows_job:
+    int kind
+    const _step* s
+    bint dbl
+
+
+cdef void _rows_range(void* ctx, idx_t r0, idx_t r1, int tid) noexcept nogil:
+    cdef const _rows_job* j = <const _rows_job*> ctx
+    cdef float f = 0
+    cdef double d = 0
+    if j.dbl:
+        _rows_part(j.kind, j.s, r0, r1, d)
+    else:
+        _rows_part(j.kind, j.s, r0, r1, f)
 
 
 cdef int _threads(int dtype_code, idx_t n, idx_t width, gemm_params* prm) except -1:

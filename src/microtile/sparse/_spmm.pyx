@@ -15,12 +15,12 @@ reaches a kernel.
 import numpy as np
 cimport numpy as cnp
 
-from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset
 
 from microtile._common._typedefs cimport idx_t, floating, sp_index
 from microtile._common._mt_openmp cimport mt_share, mt_share_end
+from microtile._common._pool cimport pool_items
 from microtile._config._params cimport gemm_params, current_params
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._kernels._ukernel cimport (kernel_set_t, ukr_csr_gather, ukr_csr_scatter,
@@ -127,17 +127,13 @@ cdef void _gather_run(const kernel_set_t* ks, int nt, idx_t nrows, const sp_inde
     rows), so a few dense rows do not leave one thread with all the work; each owns its rows
     of Y."""
     cdef double total = <double> indptr[nrows] + <double> nrows
-    cdef idx_t r0, r1
-    cdef int t
     if nt > nrows:
         nt = <int> nrows
     if nt <= 1 or total * n < THREAD_MIN_WORK:
         _gather_rows(ks, 0, nrows, indptr, indices, data, x, rs_x, n, alpha, beta, y, rs_y)
         return
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = _row_at(indptr, nrows, total * t / nt)
-        r1 = nrows if t == nt - 1 else _row_at(indptr, nrows, total * (t + 1) / nt)
-        _gather_rows(ks, r0, r1, indptr, indices, data, x, rs_x, n, alpha, beta, y, rs_y)
+    _sp_items(False, ks, nt, nt, nrows, 0, indptr, indices, data, x, rs_x, n, alpha, beta,
+              y, rs_y, total, 0)
 
 
 cdef void _scatter_cols(const kernel_set_t* ks, idx_t j0, idx_t j1, idx_t nrows,
@@ -167,8 +163,7 @@ cdef void _scatter_run(const kernel_set_t* ks, int nt, idx_t nrows, idx_t ncols,
     vectors: multiples of 16 elements) and walks every nonzero for it, so the threads never
     write the same element and need no atomics; the work per thread is nnz times its slice."""
     cdef double work = (<double> indptr[nrows] + <double> ncols) * n
-    cdef idx_t chunk, j0
-    cdef int t
+    cdef idx_t chunk = n
     if nt > 1 and work >= THREAD_MIN_WORK:
         chunk = mt_share(n, nt)
         nt = <int> ((n + chunk - 1) // chunk)
@@ -176,10 +171,84 @@ cdef void _scatter_run(const kernel_set_t* ks, int nt, idx_t nrows, idx_t ncols,
         _scatter_cols(ks, 0, n, nrows, ncols, indptr, indices, data, x, rs_x, alpha, beta,
                       y, rs_y)
         return
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        j0 = t * chunk
-        _scatter_cols(ks, j0, mt_share_end(j0, chunk, n), nrows, ncols, indptr, indices,
-                      data, x, rs_x, alpha, beta, y, rs_y)
+    _sp_items(True, ks, nt, nt, nrows, ncols, indptr, indices, data, x, rs_x, n, alpha, beta,
+              y, rs_y, 0, chunk)
+
+
+# -- the pool's entry point: share t of the rows (gather) or of Y's columns (scatter) ------------
+
+ctypedef struct _sp_job:
+    bint scatter, dbl, i64
+    const kernel_set_t* ks
+    int shares
+    idx_t nrows, ncols, rs_x, n, rs_y, chunk
+    const void* indptr
+    const void* indices
+    const void* data
+    const void* x
+    void* y
+    double alpha, beta, total
+
+
+cdef void _sp_share(const _sp_job* j, idx_t t, const sp_index* indptr,
+                    const sp_index* indices, const floating* data, const floating* x,
+                    floating* y) noexcept nogil:
+    cdef idx_t r0, r1, j0
+    if j.scatter:
+        j0 = t * j.chunk
+        _scatter_cols(j.ks, j0, mt_share_end(j0, j.chunk, j.n), j.nrows, j.ncols, indptr,
+                      indices, data, x, j.rs_x, <floating> j.alpha, <floating> j.beta, y,
+                      j.rs_y)
+    else:
+        r0 = _row_at(indptr, j.nrows, j.total * t / j.shares)
+        r1 = j.nrows if t == j.shares - 1 else _row_at(indptr, j.nrows,
+                                                       j.total * (t + 1) / j.shares)
+        _gather_rows(j.ks, r0, r1, indptr, indices, data, x, j.rs_x, j.n,
+                     <floating> j.alpha, <floating> j.beta, y, j.rs_y)
+
+
+cdef void _sp_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    cdef const _sp_job* j = <const _sp_job*> ctx
+    if j.dbl and j.i64:
+        _sp_share(j, t, <const int64_t*> j.indptr, <const int64_t*> j.indices,
+                  <const double*> j.data, <const double*> j.x, <double*> j.y)
+    elif j.dbl:
+        _sp_share(j, t, <const int32_t*> j.indptr, <const int32_t*> j.indices,
+                  <const double*> j.data, <const double*> j.x, <double*> j.y)
+    elif j.i64:
+        _sp_share(j, t, <const int64_t*> j.indptr, <const int64_t*> j.indices,
+                  <const float*> j.data, <const float*> j.x, <float*> j.y)
+    else:
+        _sp_share(j, t, <const int32_t*> j.indptr, <const int32_t*> j.indices,
+                  <const float*> j.data, <const float*> j.x, <float*> j.y)
+
+
+cdef void _sp_items(bint scatter, const kernel_set_t* ks, int nt, int shares, idx_t nrows,
+                    idx_t ncols, const sp_index* indptr, const sp_index* indices,
+                    const floating* data, const floating* x, idx_t rs_x, idx_t n,
+                    floating alpha, floating beta, floating* y, idx_t rs_y, double total,
+                    idx_t chunk) noexcept nogil:
+    cdef _sp_job j
+    j.scatter = scatter
+    j.dbl = floating is double
+    j.i64 = sp_index is int64_t
+    j.ks = ks
+    j.shares = shares
+    j.nrows = nrows
+    j.ncols = ncols
+    j.rs_x = rs_x
+    j.n = n
+    j.rs_y = rs_y
+    j.chunk = chunk
+    j.indptr = indptr
+    j.indices = indices
+    j.data = data
+    j.x = x
+    j.y = y
+    j.alpha = alpha
+    j.beta = beta
+    j.total = total
+    pool_items(nt, shares, _sp_item, &j)
 
 
 cdef inline idx_t _row_stride(cnp.ndarray a):

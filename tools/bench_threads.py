@@ -1,0 +1,157 @@
+"""GEMM beside NumPy in the three conditions users meet (a benchmark, not a test).
+
+    alone        blocks of calls of one library, 0.3 s pause before each block: no
+                 interference, each library's best.
+    interleaved  single calls alternating microtile, NumPy, microtile, ... back to back:
+                 each call starts while the other library's workers may still spin.
+    loaded       a separate process keeps one core busy the whole time; each library at 1
+                 and at 2 threads, blocks interleaved.
+
+Both libraries are held to the same thread count (threadpoolctl); every timed result is
+checked against a float64 product.  Ratios are microtile / NumPy of median times.
+
+    python tools/bench_threads.py [--dtypes float32 float64] [--threads 1 2] [--rounds 7]
+                                  [--modes alone interleaved loaded] [--shapes 256x256x256 ...]
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import microtile as mt
+from microtile._bench import check_gemm
+
+SHAPES = ["256x256x256", "512x512x512", "1024x1024x1024", "256x4096x784", "4096x256x64",
+          "3136x64x576", "256x1024x784", "32x1024x784"]
+HOG = "while True:\n    pass\n"
+
+
+def _operands(shape, dtype, seed=0):
+    m, n, k = (int(v) for v in shape.split("x"))
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    return a, b, 2.0 * m * n * k
+
+
+def _calls(a, b):
+    out_mt = np.empty((a.shape[0], b.shape[1]), a.dtype)
+    out_np = np.empty_like(out_mt)
+    return (lambda: mt.gemm(a, b, out=out_mt)), (lambda: np.matmul(a, b, out=out_np)), \
+        out_mt, out_np
+
+
+def _block(fn, reps):
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def _reps(fn, budget):
+    fn()
+    return max(1, int(budget / max(_block(fn, 1), 1e-7)))
+
+
+def blocks(fns, rounds, budget, gap):
+    """Median seconds per call of each function, in blocks alternating between them."""
+    reps = [_reps(f, budget) for f in fns]
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            if gap:
+                time.sleep(gap)
+            times[i].append(_block(fns[i], reps[i]))
+    return [statistics.median(t) for t in times]
+
+
+def alternating(f_mt, f_np, calls):
+    """Median seconds per call when the two libraries' calls alternate one by one."""
+    t_mt, t_np = [], []
+    f_mt(), f_np()
+    for _ in range(calls):
+        for times, fn in ((t_mt, f_mt), (t_np, f_np)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(t_mt), statistics.median(t_np)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--shapes", nargs="+", default=SHAPES)
+    p.add_argument("--modes", nargs="+", default=["alone", "interleaved", "loaded"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--budget", type=float, default=0.08, help="seconds per block")
+    args = p.parse_args(argv)
+    print(f"microtile {mt.__version__}, isa {mt.get_config()['isa']}, "
+          f"profile {mt.get_config()['profile_status']}, {args.rounds} rounds, medians; "
+          f"ratio = microtile / NumPy GFLOP/s; loaded: GFLOP/s at 1 and 2 threads")
+    head = f"{'shape':>15} {'dtype':>8}"
+    for mode in args.modes:
+        if mode == "loaded":
+            head += f" | {'loaded mt 1t/2t':>16} {'np 1t/2t':>12}"
+        else:
+            head += " | " + " ".join(f"{mode[:5]} {t}t" for t in args.threads)
+    print(head)
+    hog = None
+    try:
+        for dtype in args.dtypes:
+            for shape in args.shapes:
+                a, b, flops = _operands(shape, dtype)
+                f_mt, f_np, out_mt, out_np = _calls(a, b)
+                row = f"{shape:>15} {dtype:>8}"
+                for mode in args.modes:
+                    if mode == "loaded":
+                        if hog is None:
+                            hog = subprocess.Popen([sys.executable, "-c", HOG])
+                            time.sleep(0.5)
+                        fns, labels = [], []
+                        for t in args.threads:
+                            def lim_mt(t=t):
+                                with mt.config_context(threads=t):
+                                    f_mt()
+
+                            def lim_np(t=t):
+                                with threadpool_limits(t):
+                                    f_np()
+                            fns += [lim_mt, lim_np]
+                        med = blocks(fns, args.rounds, args.budget, 0.0)
+                        g = [flops / s / 1e9 for s in med]
+                        row += (" | " + "/".join(f"{v:.1f}" for v in g[0::2]).rjust(16) + " "
+                                + "/".join(f"{v:.1f}" for v in g[1::2]).rjust(12))
+                    else:
+                        if hog is not None:
+                            hog.kill()
+                            hog.wait()
+                            hog = None
+                        cells = []
+                        for t in args.threads:
+                            with threadpool_limits(t), mt.config_context(threads=t):
+                                if mode == "alone":
+                                    s_mt, s_np = blocks([f_mt, f_np], args.rounds, args.budget,
+                                                        0.3)
+                                else:
+                                    calls = max(15, int(args.rounds * args.budget /
+                                                        max(_block(f_np, 1), 1e-6)))
+                                    s_mt, s_np = alternating(f_mt, f_np, min(calls, 400))
+                            cells.append(f"{s_np / s_mt:7.2f}")
+                        row += " | " + " ".join(cells)
+                    check_gemm(out_mt, a, b)
+                    check_gemm(out_np, a, b)
+                print(row, flush=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+
+
+if __name__ == "__main__":
+    main()
