@@ -53,7 +53,14 @@ def cnn(dtype, seed, bn=False):
     return nn.Sequential(*layers)
 
 
-MODELS = {"mlp": (mlp, (10,)), "cnn": (cnn, (2, 6, 6))}
+def wide(dtype, seed, bn=False):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.Linear(10, 512, dtype=dtype, rng=rng), nn.ReLU(),
+                         nn.Linear(512, 512, dtype=dtype, rng=rng), nn.ReLU(),
+                         nn.Linear(512, 4, dtype=dtype, rng=rng))
+
+
+MODELS = {"mlp": (mlp, (10,)), "cnn": (cnn, (2, 6, 6)), "wide": (wide, (10,))}
 
 
 def data(kind, n, seed, dtype=F64):
@@ -126,9 +133,13 @@ def identical_steps(r, p):
              ("cnn_bn_adam", "cnn", True, lambda ps: nn.Adam(ps, lr=1e-2)),
              ("cnn_sgd", "cnn", False,
               lambda ps: nn.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3))]
-    for name, kind, bn, make_opt in cases:
+    for name, kind, bn, make_opt in cases + [("wide_adam", "wide", False,
+                                              lambda ps: nn.Adam(ps, lr=1e-3))]:
         build = MODELS[kind][0]
-        ddp = DistributedDataParallel(build(F32, seed=r, bn=bn), bucket_cap_mb=0.002)
+        # A 1.2 MB bucket (default cap) for "wide": MPI libraries change allreduce
+        # algorithm with the message size, and every one must give every rank the same sum.
+        ddp = DistributedDataParallel(build(F32, seed=r, bn=bn),
+                                      bucket_cap_mb=25 if kind == "wide" else 0.002)
         opt = make_opt(ddp.parameters())
         loss = nn.CrossEntropyLoss()
         digests, local_losses, early = [], [], []

@@ -138,7 +138,10 @@ def test_wrapping_gives_every_rank_rank0s_weights_and_buffers(two):
     assert r0["same_arrays"] and r1["same_arrays"]  # in place: the optimizer still works
 
 
-@pytest.mark.parametrize("case", ["mlp_sgd", "mlp_adam", "cnn_bn_adam", "cnn_sgd"])
+CASES = ["mlp_sgd", "mlp_adam", "cnn_bn_adam", "cnn_sgd", "wide_adam"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_parameters_bitwise_identical_after_every_step(two, case):
     r0, r1 = (res[case] for res in scenario(two, "identical_steps"))
     assert r0["losses"] != r1["losses"]             # each rank had its own data
@@ -218,7 +221,7 @@ def test_ranks_share_the_cpus(two):
 
 # --- three ranks (not a power of two) ------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["mlp_sgd", "mlp_adam", "cnn_bn_adam", "cnn_sgd"])
+@pytest.mark.parametrize("case", CASES)
 def test_three_ranks_stay_bitwise_identical(three, case):
     results = [res[case] for res in scenario(three, "identical_steps")]
     assert len({json.dumps(r["losses"]) for r in results}) == 3

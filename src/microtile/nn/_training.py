@@ -175,6 +175,18 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     After each epoch (and its validation): ``scheduler.step()``, then every callback's
     ``on_epoch_end``.
 
+    With a ``microtile.distributed.DistributedDataParallel`` model on P ranks (every rank
+    calls ``fit`` with the same arguments), ``batch_size`` is per rank: each step covers
+    P * ``batch_size`` samples of the epoch's order (rank 0's, the same on every rank) and
+    each rank trains on its slice of them; a last, shorter step is split as evenly as
+    possible (a rank may get none) and every rank's gradient is weighted by its share of
+    the step's samples, so the step is the one a single process would take with batch
+    P * ``batch_size``.  The history holds the figures over all ranks' samples (the
+    validation set is split between the ranks), the same on every rank; progress is
+    shown (or reported) on rank 0 only, with rank 0's own running figures; rank 0's
+    buffers are copied into every rank at the end of each epoch; the ranks stop together
+    when any rank's callback asks.
+
     Parameters
     ----------
     model : layer (usually a Sequential)
@@ -189,7 +201,8 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         with MSELoss).
     epochs : int
     batch_size : int
-        The last batch of an epoch holds the remainder when N is not a multiple.
+        The last batch of an epoch holds the remainder when N is not a multiple.  Per rank
+        under data parallelism (above).
     shuffle : bool
         Visit the samples in a new random order each epoch.
     rng : numpy.random.Generator, int or None
