@@ -273,6 +273,32 @@ def test_fair_share_of_cpus(one):
     assert shares["5_on_2"] == [1, 1, 1, 1, 1]  # never zero threads
 
 
+# --- the example -------------------------------------------------------------------------
+
+def test_example_prints_the_one_process_accuracy(tmp_path):
+    require_mpirun()
+    if importlib.util.find_spec("sklearn") is None:
+        pytest.skip("the example's data set ships with scikit-learn")
+    example = os.path.join(HERE, "..", "..", "examples", "train_digits_distributed.py")
+    if not os.path.exists(example):
+        pytest.skip("the examples are not beside these tests")
+    cmd = ["mpirun", "-n", "2", "--oversubscribe", sys.executable, example, "--epochs", "2",
+           "--check"]
+    proc = subprocess.run(cmd, env=mpi_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    ranks = [ln for ln in lines if ln.startswith("2 rank(s):")]
+    alone = [ln for ln in lines if ln.startswith("1 process")]
+    assert len(ranks) == 1 and len(alone) == 1, proc.stdout   # printed by rank 0 only
+
+    def accuracy(line):
+        return line.split("test accuracy ")[1].split(";")[0]
+
+    assert accuracy(ranks[0]) == accuracy(alone[0])
+    assert float(alone[0].rsplit("difference ", 1)[1]) < 1e-12
+
+
 # --- without MPI -------------------------------------------------------------------------
 
 def _import_error(tmp_path, prelude):
