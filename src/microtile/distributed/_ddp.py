@@ -94,6 +94,10 @@ class DistributedDataParallel(Module):
     -----
     Construction is collective: every rank of ``comm`` must construct the wrapper, as it
     must call ``forward`` (in training mode) and ``backward`` as many times as the others.
+    A rank that dies of an exception leaves the others waiting: run scripts as
+    ``mpirun -n P python -m mpi4py train.py``, whose runner aborts every rank then.  A
+    ``backward`` that raises on every rank alike (no forward before it, a shape error)
+    raises on every rank and leaves the wrapper usable.
 
     Every rank's gradients of a step are summed even when a parameter received none on
     some rank (it counts as zero there): no rank waits for another forever.  The replicas
