@@ -406,6 +406,21 @@ def world_one(r, p, out_dir):
         h2 = nn.fit(ddp, loss, opts[1], X, y, epochs=2, batch_size=5, rng=2,
                     validation=(X[:7], y[:7]), progress=False)
         res[f"{kind}_fit_equal"] = (h1 == h2 and state_digest(plain) == state_digest(wrapped))
+    # A weight shared by two layers is complete only after the second one's backward.
+    tied = []
+    for _ in range(2):
+        first = nn.Linear(6, 6, dtype=F64, rng=1)
+        second = nn.Linear(6, 6, dtype=F64, rng=2)
+        second.weight = first.weight
+        tied.append(nn.Sequential(first, nn.Tanh(), second))
+    tied_ddp = DistributedDataParallel(tied[1], bucket_cap_mb=0.0001)
+    x = np.random.default_rng(0).standard_normal((4, 6))
+    for m in (tied[0], tied_ddp):
+        m.zero_grad()
+        y = m(x)
+        m.backward(np.ones_like(y))
+    res["tied_equal"] = all(np.array_equal(a.grad, b.grad) for a, b in
+                            zip(tied[0].parameters(), tied[1].parameters()))
     res["state_keys"] = sorted(ddp.state_dict()) == sorted(ddp.module.state_dict())
     res["param_names"] = ([n for n, _ in ddp.named_parameters()]
                           == [n for n, _ in ddp.module.named_parameters()])

@@ -247,7 +247,8 @@ def test_world_of_one_trains_as_the_module_alone(one):
     res = scenario(one, "world_one")[0]
     assert res["rank"] == 0 and res["world_size"] == 1
     for key in ("mlp_steps_equal", "cnn_steps_equal", "mlp_fit_equal", "cnn_fit_equal",
-                "state_keys", "param_names", "saved_keys", "eval", "train", "repr"):
+                "tied_equal", "state_keys", "param_names", "saved_keys", "eval", "train",
+                "repr"):
         assert res[key] is True, key
 
 
