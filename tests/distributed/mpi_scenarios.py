@@ -378,6 +378,26 @@ def no_gradient(r, p):
             "after_error": digest(q.data for q in fresh.parameters())}
 
 
+def mismatch(r, p):
+    """Ranks that disagree (model shapes, sample counts) get a ValueError on every rank,
+    not a hang."""
+    out = {}
+    try:
+        DistributedDataParallel(nn.Sequential(nn.Linear(4, 4 + r, rng=0)))
+        out["model"] = None
+    except ValueError as exc:
+        out["model"] = str(exc)
+    ddp = DistributedDataParallel(mlp(F64, seed=0))
+    X, y = data("mlp", 10 + r, seed=0)
+    try:
+        nn.fit(ddp, nn.CrossEntropyLoss(), nn.SGD(ddp.parameters(), lr=0.1), X, y,
+               batch_size=2, progress=False)
+        out["fit"] = None
+    except ValueError as exc:
+        out["fit"] = str(exc)
+    return out
+
+
 def threads(r, p):
     return {"threads": microtile.get_num_threads(),
             "env": os.environ.get("MICROTILE_NUM_THREADS")}
@@ -385,6 +405,7 @@ def threads(r, p):
 
 def world_one(r, p, out_dir):
     """Without mpirun: a world of one trains exactly as the module alone."""
+    from microtile.distributed import MPI
     from microtile.distributed._threads import fair_share
 
     res = {"rank": rank(), "world_size": world_size()}
@@ -444,7 +465,8 @@ def world_one(r, p, out_dir):
             ("cap_nan", lambda: DistributedDataParallel(mlp(F32, 0), bucket_cap_mb=float("nan"))),
             ("cap_inf", lambda: DistributedDataParallel(mlp(F32, 0), bucket_cap_mb=float("inf"))),
             ("cap_str", lambda: DistributedDataParallel(mlp(F32, 0), bucket_cap_mb="25")),
-            ("rank_comm", lambda: rank(comm=3))]:
+            ("rank_comm", lambda: rank(comm=3)),
+            ("comm_null", lambda: DistributedDataParallel(mlp(F32, 0), comm=MPI.COMM_NULL))]:
         try:
             call()
             errors[label] = None
@@ -464,7 +486,7 @@ def world_one(r, p, out_dir):
 
 SCENARIOS = {f.__name__: f for f in (broadcast_at_wrap, identical_steps, match_single,
                                      match_batchnorm, fit_uneven, save_once, bucket_sizes,
-                                     no_gradient, threads, world_one)}
+                                     no_gradient, mismatch, threads, world_one)}
 WITH_DIR = {"save_once", "world_one"}
 
 

@@ -28,7 +28,7 @@ SCENARIOS = os.path.join(HERE, "mpi_scenarios.py")
 TIMEOUT = 150
 
 ALL_TWO = ["broadcast_at_wrap", "identical_steps", "match_single", "match_batchnorm",
-           "fit_uneven", "save_once", "bucket_sizes", "no_gradient", "threads"]
+           "fit_uneven", "save_once", "bucket_sizes", "no_gradient", "mismatch", "threads"]
 ALL_THREE = ["identical_steps", "no_gradient", "threads"]
 
 
@@ -212,6 +212,14 @@ def test_parameter_without_gradient_on_a_rank_counts_as_zero(two):
     assert r0["after_error"] == r1["after_error"]
 
 
+def test_ranks_that_disagree_all_get_a_value_error(two):
+    r0, r1 = scenario(two, "mismatch")
+    assert r0["model"] == r1["model"]
+    assert "rank 1's model differs from rank 0's" in r0["model"] and "'0.weight'" in r0["model"]
+    assert r0["fit"] == r1["fit"]
+    assert "rank 1 has samples 11 but rank 0 has 10" in r0["fit"]
+
+
 def test_ranks_share_the_cpus(two):
     # Two unbound ranks on this machine split its usable CPUs (at least one thread each).
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -263,7 +271,8 @@ def test_bad_arguments(one):
     assert errors == {"not_module": "TypeError", "twice": "TypeError", "comm_type": "TypeError",
                       "cap_zero": "ValueError", "cap_negative": "ValueError",
                       "cap_nan": "ValueError", "cap_inf": "ValueError",
-                      "cap_str": "TypeError", "rank_comm": "TypeError"}
+                      "cap_str": "TypeError", "rank_comm": "TypeError",
+                      "comm_null": "ValueError"}
 
 
 def test_fair_share_of_cpus(one):
