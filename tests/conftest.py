@@ -3,8 +3,9 @@ helpers the tests import (references, error bounds, layouts, subprocesses) are i
 ``_helpers.py``; the tuner's tests also import ``autotune/autotune_env.py``.
 
 Layout: the folders mirror the library (``linalg/``, ``conv/``, ``nn/``, ``runtime/`` for
-configuration, threads and memory, ``autotune/`` for the tuner).  They are not packages (no
-``__init__.py``), so every test file's name must be unique across them.  pytest's default
+configuration, threads and memory, ``distributed/`` for MPI, ``autotune/`` for the tuner).
+They are not packages (no ``__init__.py``), so every test file's name must be unique across
+them.  pytest's default
 import mode puts this folder on ``sys.path`` when it loads this file, and each test file's
 folder before it imports that file: hence ``from _helpers import ...`` works from any folder
 and ``from autotune_env import ...`` from ``autotune/``, whether microtile is built in place

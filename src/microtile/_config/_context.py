@@ -22,6 +22,7 @@ _state = {
     "threads": 1,
     "force_threads": False,   # MICROTILE_FORCE_THREADS: every count is taken as given
     "forced_max": 0,          # the largest count set above the usable CPUs with force
+    "threads_chosen": False,  # a thread variable at import, or set_num_threads, chose it
     "profile": None,
     "profile_status": "missing",
     "defaults": {},      # dtype -> analytical + built-in values
@@ -85,6 +86,7 @@ def _init():
     n, var = _threads_from_env()
     _set_threads(n, force=_state["force_threads"], source=var and f"{var}={n}",
                  stacklevel=4)
+    _state["threads_chosen"] = var is not None
 
 
 def get_option(name):
@@ -140,6 +142,15 @@ def set_num_threads(n, *, force=False):
     ``config_context(threads=n)`` overrides the count for one block and is not capped.
     """
     _set_threads(n, force=bool(force) or _state["force_threads"], source=None, stacklevel=3)
+    _state["threads_chosen"] = True
+
+
+def threads_chosen():
+    """Whether the thread count was chosen (``MICROTILE_NUM_THREADS`` or ``OMP_NUM_THREADS``
+    at import, or ``set_num_threads``) rather than defaulted to the usable CPUs.
+    ``microtile.distributed`` divides the CPUs among the ranks of a machine only when it
+    was not (a ``threadpool_limits`` block is a temporary limit, not a choice)."""
+    return _state["threads_chosen"]
 
 
 def _set_threads(n, *, force, source, stacklevel, quiet=False):

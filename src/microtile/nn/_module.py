@@ -24,6 +24,17 @@ _eval_override = threading.local()
 
 
 @contextlib.contextmanager
+def _set_in_this_thread(local, name, value, unset):
+    """``local.name = value`` for the body, then back to what it was (``unset`` if it was
+    never set): a setting of the calling thread only, nested blocks restoring in turn."""
+    previous = getattr(local, name, unset)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        setattr(local, name, previous)
+
+
 def eval_in_this_thread():
     """Run the body with every layer computing as in eval mode, in the calling thread only.
 
@@ -32,12 +43,56 @@ def eval_in_this_thread():
     would switch a BatchNorm to batch statistics (or back) under another thread.  Layers
     whose result depends on the mode read it through ``Module._in_training()``.
     """
-    previous = getattr(_eval_override, "on", False)
-    _eval_override.on = True
-    try:
-        yield
-    finally:
-        _eval_override.on = previous
+    return _set_in_this_thread(_eval_override, "on", True, False)
+
+
+# The "gradients ready" callback of this thread's backward pass, or None (see below).
+_grads_ready = threading.local()
+
+
+def grads_ready_hook(callback):
+    """Call ``callback(layer)`` during every backward pass in this thread, as soon as a
+    layer's backward has returned (its parameters' gradients for this pass are then final).
+
+    ``Sequential`` and ``Residual`` make the calls, for each of their children except a
+    child that is itself such a container (it calls for its own children instead): the
+    layers named are those that ``backward_leaves`` lists (less an activation that ran
+    fused into the layer before it: it has no parameters and no backward of its own).
+    ``microtile.distributed`` uses it to start reducing a bucket of gradients while the
+    rest of backward still runs.  Per thread, so a ``predict`` or a backward pass in
+    another thread does not call it.
+    """
+    return _set_in_this_thread(_grads_ready, "callback", callback, None)
+
+
+def grads_ready_callback():
+    """This thread's ``grads_ready_hook`` callback, or None (read once per backward)."""
+    return getattr(_grads_ready, "callback", None)
+
+
+def backward_leaves(layer):
+    """``[leaf, ...]``: the layers for which a backward of ``layer`` calls the
+    ``grads_ready_hook`` callback, in the order it calls them.
+
+    A container (an object with ``_backward_children``: Sequential, Residual) is replaced
+    by its children in the order its backward visits them; anything else is a leaf.  A
+    layer that occurs twice occurs twice here, as it is called twice.  ``layer`` itself is
+    listed when it is a leaf (nothing calls the callback for it then: the caller of its
+    backward knows when that returns).
+    """
+    children = getattr(layer, "_backward_children", None)
+    if children is None:
+        return [layer]
+    out = []
+    for child in children():
+        out.extend(backward_leaves(child))
+    return out
+
+
+def hook_aware(layer):
+    """Whether ``layer`` calls the ``grads_ready_hook`` callback for its own children (so
+    its container must not call it for ``layer``)."""
+    return getattr(layer, "_backward_children", None) is not None
 
 
 class per_thread:

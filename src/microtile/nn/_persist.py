@@ -12,11 +12,23 @@ def save(model, path):
     The file is written next to its destination and renamed into place, so an interrupted
     save never leaves a truncated file behind.  ``path`` is used as given (no suffix added).
 
+    A ``microtile.distributed.DistributedDataParallel`` model is written by rank 0 alone,
+    with the wrapped module's keys; ``save`` returns on every rank once the file is
+    complete (and raises on every rank when rank 0 could not write it).
+
     Parameters
     ----------
     model : Module
     path : str or os.PathLike
     """
+    on_root = getattr(model, "_on_root", None)
+    if on_root is not None:
+        on_root(lambda: _write(model, path), "save")
+    else:
+        _write(model, path)
+
+
+def _write(model, path):
     state = model.state_dict()
     with atomic_open(path, "wb") as f:
         np.savez(f, **state)

@@ -5,17 +5,21 @@ from microtile._common._checks import as_float_array
 from microtile._config._schema import ACTIVATIONS
 from microtile.nn._act_kernels import act_backward, act_forward
 from microtile.nn._dtypes import as_grad
-from microtile.nn._module import Module, per_thread
+from microtile.nn._module import Module, grads_ready_callback, hook_aware, per_thread
 
 
 def _is_layer(obj):
     return callable(getattr(obj, "forward", None)) and callable(getattr(obj, "backward", None))
 
 
-def _backward(layer, dy, need_input_grad):
+def _backward(layer, dy, need_input_grad, ready):
     if isinstance(layer, Module):
-        return layer.backward(dy, need_input_grad=need_input_grad)
-    return layer.backward(dy)
+        out = layer.backward(dy, need_input_grad=need_input_grad)
+    else:
+        out = layer.backward(dy)
+    if ready is not None and not hook_aware(layer):
+        ready(layer)        # its gradients are final (see grads_ready_hook)
+    return out
 
 
 class Residual(Module):
@@ -69,6 +73,10 @@ class Residual(Module):
             out.append(("shortcut", self.shortcut))
         return out
 
+    def _backward_children(self):
+        """The paths in the order ``backward`` visits them (see ``grads_ready_hook``)."""
+        return (self.block,) if self.shortcut is None else (self.block, self.shortcut)
+
     def forward(self, x):
         """``block(x) + shortcut(x)`` (``+ x`` without a shortcut)."""
         return self._forward(x, None)
@@ -107,8 +115,9 @@ class Residual(Module):
             act_backward(self._act, y.reshape(-1), dy.reshape(-1), dz.reshape(-1))
             dy = dz
         need = bool(need_input_grad)
-        da = _backward(self.block, dy, need)
-        db = dy if self.shortcut is None else _backward(self.shortcut, dy, need)
+        ready = grads_ready_callback()
+        da = _backward(self.block, dy, need, ready)
+        db = dy if self.shortcut is None else _backward(self.shortcut, dy, need, ready)
         if not need:
             return None
         dx = self._buffer("dx", self._x_shape, self._x_dtype)

@@ -1,6 +1,6 @@
 """Sequential: layers applied in order, with an activation folded into the layer before it."""
 from microtile.nn._activation import _Activation
-from microtile.nn._module import Module, per_thread
+from microtile.nn._module import Module, grads_ready_callback, hook_aware, per_thread
 
 
 class Sequential(Module):
@@ -41,6 +41,10 @@ class Sequential(Module):
     def _named_children(self):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
+    def _backward_children(self):
+        """The layers in the order ``backward`` visits them (see ``grads_ready_hook``)."""
+        return self.layers[::-1]
+
     def forward(self, x):
         """Apply every layer; a ValueError names the layer (index and repr) it came from."""
         layers = self.layers
@@ -73,6 +77,7 @@ class Sequential(Module):
         plan = self._plan
         if plan is None:
             raise RuntimeError("Sequential: backward called before forward")
+        ready = grads_ready_callback()
         for k in range(len(plan) - 1, -1, -1):
             i, layer, _ = plan[k]
             need = need_input_grad or k > 0
@@ -85,6 +90,10 @@ class Sequential(Module):
                 raise ValueError(f"Sequential layer {i} ({layer!r}): {exc}") from exc
             if dy is None and need and not (k == 0 and getattr(layer, "_no_input_grad", False)):
                 raise RuntimeError(f"Sequential layer {i} ({layer!r}) returned no gradient")
+            if ready is not None and not hook_aware(layer):
+                # This layer's gradients are final: a data-parallel wrapper may start
+                # reducing them while the layers before it run their backward.
+                ready(layer)
         return dy
 
     @property

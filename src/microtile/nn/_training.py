@@ -85,6 +85,7 @@ class _Accuracy:
 
 
 def _evaluate(model, loss, X, y, labels, batch_size, acc):
+    """``(loss summed over the samples, hits or None)`` over ``(X, y)``."""
     n = X.shape[0]
     total = 0.0
     hits = 0 if labels else None
@@ -96,7 +97,41 @@ def _evaluate(model, loss, X, y, labels, batch_size, acc):
         if hits is not None:
             h = acc.hits(out, yb)
             hits = None if h is None else hits + h
-    return total / n, (hits / n if hits is not None else None)
+    return total, hits
+
+
+def _data_parallel(model):
+    """The model when it is a ``microtile.distributed.DistributedDataParallel`` of more
+    than one rank (fit then coordinates with the other ranks), else None.  Duck-typed, so
+    that nn never imports mpi4py."""
+    size = getattr(model, "_dist_size", None)
+    return model if isinstance(size, int) and size > 1 else None
+
+
+def _batches(n, batch_size, rank=0, size=1):
+    """``[(start, stop, step_samples, step_end), ...]``: this rank's batches as positions
+    in the epoch's order, each with the number of samples of its whole step (all ranks)
+    and the position where that step ends.
+
+    Step t covers positions [t * P * B, (t + 1) * P * B) (P ranks, B = ``batch_size``) and
+    rank r takes the r-th of P slices of it: B positions each or, in a last, shorter step
+    of R positions, R // P and one more for the first R % P ranks (a rank gets none when
+    R < P).  With P = 1 these are the batches of B.
+    """
+    out = []
+    per_step = batch_size * size
+    for first in range(0, n, per_step):
+        r = min(per_step, n - first)
+        base, extra = divmod(r, size)
+        start = first + rank * base + min(rank, extra)
+        out.append((start, start + base + (rank < extra), r, first + r))
+    return out
+
+
+def _over_ranks(dist, total, hits, count):
+    """``(total, hits, count)`` summed over every rank; hits None when any rank's is."""
+    s = dist._sum_over_ranks([total, 0 if hits is None else hits, count, hits is None])
+    return float(s[0]), (None if s[3] else int(s[1])), int(s[2])
 
 
 def _callback_list(callbacks):
@@ -140,6 +175,18 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     After each epoch (and its validation): ``scheduler.step()``, then every callback's
     ``on_epoch_end``.
 
+    With a ``microtile.distributed.DistributedDataParallel`` model on P ranks (every rank
+    calls ``fit`` with the same arguments), ``batch_size`` is per rank: each step covers
+    P * ``batch_size`` samples of the epoch's order (rank 0's, the same on every rank) and
+    each rank trains on its slice of them; a last, shorter step is split as evenly as
+    possible (a rank may get none) and every rank's gradient is weighted by its share of
+    the step's samples, so the step is the one a single process would take with batch
+    P * ``batch_size``.  The history holds the figures over all ranks' samples (the
+    validation set is split between the ranks), the same on every rank; progress is
+    shown (or reported) on rank 0 only, with rank 0's own running figures; rank 0's
+    buffers are copied into every rank at the end of each epoch; the ranks stop together
+    when any rank's callback asks.
+
     Parameters
     ----------
     model : layer (usually a Sequential)
@@ -154,7 +201,8 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         with MSELoss).
     epochs : int
     batch_size : int
-        The last batch of an epoch holds the remainder when N is not a multiple.
+        The last batch of an epoch holds the remainder when N is not a multiple.  Per rank
+        under data parallelism (above).
     shuffle : bool
         Visit the samples in a new random order each epoch.
     rng : numpy.random.Generator, int or None
@@ -202,6 +250,22 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         Xv, yv, vlabels = _prepare(model, Xv, yv, "fit validation", loss)
         if Xv.shape[0] == 0:
             raise ValueError("fit: validation set has no samples")
+    dist = _data_parallel(model)
+    rank, size = (dist._dist_rank, dist._dist_size) if dist is not None else (0, 1)
+    if dist is not None:
+        # Every step is a collective: ranks that disagree on these would wait forever.
+        dist._check_same("fit", {
+            "samples": n, "batch_size": batch_size, "epochs": epochs,
+            "shuffle": bool(shuffle), "integer labels": labels,
+            "validation samples": None if validation is None else Xv.shape[0]})
+        if validation is not None:
+            # Each rank evaluates its own slice of the validation set.
+            vstart, vstop, _, _ = _batches(Xv.shape[0], -(-Xv.shape[0] // size), rank,
+                                           size)[0]
+            Xv, yv = Xv[vstart:vstop], yv[vstart:vstop]
+        if rank != 0:
+            report = None           # only rank 0 shows progress
+            progress = False
     gen = as_generator(rng)
     history = {"loss": []}
     if labels:
@@ -212,7 +276,8 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
             history["val_accuracy"] = []
     acc = _Accuracy()
     bar = Progress(n, epochs, enabled=bool(progress) if report is None else False)
-    n_batches = -(-n // batch_size)
+    batches = _batches(n, batch_size, rank, size)
+    n_batches = len(batches)
     for cb in callbacks:
         if getattr(cb, "set_model", None) is not None:
             cb.set_model(model)
@@ -221,13 +286,24 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
     for epoch in range(epochs):
         if shuffle:
             gen.shuffle(order)
+            if dist is not None:
+                # Rank 0's order on every rank: the shards stay disjoint even when the
+                # ranks were given different generators (or none).
+                dist._broadcast_array(order)
         bar.start_epoch(epoch)
         _set_training(model, True)
         total = 0.0
         hits = 0 if labels else None
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
+        seen = 0
+        for b, (start, stop, step_samples, step_end) in enumerate(batches):
             m = stop - start
+            if m == 0:
+                # No samples for this rank in this step: it still takes part in the step's
+                # collectives (with a zero gradient) and steps with the others' average.
+                optimizer.zero_grad()
+                dist._empty_step()
+                optimizer.step()
+                continue
             if shuffle and is_sparse(X):
                 idx = order[start:stop]
                 xb = X[idx]             # a new CSR batch of those rows
@@ -247,18 +323,30 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
             optimizer.zero_grad()
             out = model.forward(xb)
             value = loss.forward(out, yb)
-            _backward(model, loss.backward())
+            if dist is None:
+                _backward(model, loss.backward())
+            else:
+                # The loss is a mean over this rank's m samples: weighted by m over the
+                # step's samples, the ranks' sum is the mean over the whole step.
+                dist._weighted_backward(loss.backward(), m / step_samples)
             optimizer.step()
             total += value * m
+            seen += m
             if hits is not None:
                 h = acc.hits(out, yb)
                 hits = None if h is None else hits + h
-            bar.update(stop, total / stop, None if hits is None else hits / stop)
+            # Under data parallelism (rank 0): all ranks' samples done, rank 0's figures.
+            bar.update(step_end, total / seen, None if hits is None else hits / seen)
             if report is not None:
-                running = {"loss": total / stop}
+                running = {"loss": total / seen}
                 if labels:
-                    running["accuracy"] = hits / stop if hits is not None else float("nan")
-                report(epoch, start // batch_size, n_batches, running)
+                    running["accuracy"] = hits / seen if hits is not None else float("nan")
+                report(epoch, b, n_batches, running)
+        if dist is not None:
+            total, hits, _ = _over_ranks(dist, total, hits, seen)
+            # Rank 0's running statistics on every rank: the validation below, the state
+            # a callback saves and the model fit leaves are then the same everywhere.
+            dist._sync_buffers()
         history["loss"].append(total / n)
         if labels:
             history["accuracy"].append(hits / n if hits is not None else float("nan"))
@@ -266,6 +354,11 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
         if validation is not None:
             with eval_in_this_thread():
                 vl, va = _evaluate(model, loss, Xv, yv, vlabels, max(batch_size, 256), acc)
+            nv = Xv.shape[0]
+            if dist is not None:
+                vl, va, nv = _over_ranks(dist, vl, va, nv)
+            vl /= nv
+            va = None if va is None else va / nv
             history["val_loss"].append(vl)
             extra = f" val_loss {vl:.4f}"
             if vlabels:
@@ -284,6 +377,8 @@ def fit(model, loss, optimizer, X, y, *, epochs=1, batch_size=32, shuffle=True, 
             # Every callback sees the epoch, even after one has asked to stop.
             if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)):
                 halt = True
+        if dist is not None:
+            halt = dist._any_over_ranks(halt)       # the ranks stop together
         if halt:
             break
     return history

@@ -1,0 +1,230 @@
+"""Gradient buckets: contiguous buffers reduced with non-blocking allreduces during backward.
+
+The parameters are laid out, once, in the order backward finishes them (a Sequential's last
+layer first; see ``microtile.nn._module.backward_leaves``) and cut into buckets of one dtype
+and at most ``cap_bytes`` each (a larger parameter gets a bucket of its own).  During a
+backward pass the layers report their gradients final through ``grads_ready_hook``; once
+every parameter of a bucket is final, its gradients are copied into the bucket's buffer
+(scaled by this rank's weight) and an ``Iallreduce`` (sum, in place) starts on it while the
+layers before keep computing.  ``finish`` starts whatever has not started, waits, and copies
+the sums back into the gradients.
+
+Every rank starts the buckets in the same order, bucket 0 first, whatever order its layers
+finish in: MPI requires collectives on one communicator to be started in the same order on
+every rank, and a bucket that is not ready yet holds back the ones after it.  A bucket
+always goes out, on every rank, in every step, even when a parameter of it received no
+gradient (it then contributes zeros): no rank can wait for a message that never comes.
+"""
+import time
+
+import numpy as np
+
+from microtile.distributed._mpi import MPI
+from microtile.nn._module import Module, backward_leaves
+
+
+def _leaf_parameters(leaf):
+    if isinstance(leaf, Module):
+        return leaf.parameters()
+    params = getattr(leaf, "parameters", None)
+    return list(params()) if callable(params) else []
+
+
+class _Bucket:
+    """One contiguous buffer and the parameter slices it holds."""
+
+    __slots__ = ("buffer", "entries", "size")
+
+    def __init__(self, dtype, params):
+        offsets = np.cumsum([0] + [p.size for p in params])
+        self.buffer = np.zeros(int(offsets[-1]), dtype)
+        self.entries = [(p, int(a), int(b)) for p, a, b in zip(params, offsets, offsets[1:])]
+        self.size = len(params)
+
+    @property
+    def nbytes(self):
+        return self.buffer.nbytes
+
+
+def plan_order(module, params):
+    """``(order, leaf_slots, owners)``: ``params`` in the order backward finishes them; for
+    each leaf (by id) the positions in ``order`` of its parameters; for each position the
+    number of leaf calls that finish it (0 for a parameter no leaf reports: it is reduced
+    at the end of backward)."""
+    wanted = {id(p): p for p in params}
+    order, position = [], {}
+    leaf_slots, owners = {}, []
+    for leaf in backward_leaves(module):
+        slots = leaf_slots.get(id(leaf))
+        if slots is None:
+            slots = []
+            for p in _leaf_parameters(leaf):
+                if id(p) not in wanted:
+                    continue
+                if id(p) not in position:
+                    position[id(p)] = len(order)
+                    order.append(p)
+                    owners.append(0)
+                if position[id(p)] not in slots:
+                    slots.append(position[id(p)])
+            leaf_slots[id(leaf)] = slots
+        # A leaf that occurs twice is reported twice: its parameters are final only then.
+        for pos in slots:
+            owners[pos] += 1
+    for p in params:
+        if id(p) not in position:
+            position[id(p)] = len(order)
+            order.append(p)
+            owners.append(0)
+    return order, {k: v for k, v in leaf_slots.items() if v}, owners
+
+
+def plan_buckets(order, cap_bytes):
+    """Cut ``order`` into runs of one dtype whose bytes stay within ``cap_bytes`` (a
+    parameter larger than that alone); returns ``[[param, ...], ...]``."""
+    runs, run, used = [], [], 0
+    for p in order:
+        nbytes = p.size * p.dtype.itemsize
+        if run and (p.dtype != run[0].dtype or used + nbytes > cap_bytes):
+            runs.append(run)
+            run, used = [], 0
+        run.append(p)
+        used += nbytes
+    if run:
+        runs.append(run)
+    return runs
+
+
+class GradientReducer:
+    """Averages the gradients of ``params`` over ``comm`` in buckets, during backward.
+
+    Use: ``begin(scale)`` before the backward pass, ``ready`` as its ``grads_ready_hook``
+    callback, ``finish()`` after it (also when it failed).  ``scale`` is this rank's weight
+    in the sum (``1 / world size`` for a plain average); ``begin(0.0, zero=True)`` then
+    ``finish()`` is the part of a rank that has no samples in a step.
+    """
+
+    def __init__(self, comm, module, params, cap_bytes):
+        self.comm = comm
+        order, self._leaf_slots, self._owners = plan_order(module, params)
+        runs = plan_buckets(order, cap_bytes)
+        self.buckets = [_Bucket(run[0].dtype, run) for run in runs]
+        where = {}
+        for b, run in enumerate(runs):
+            for p in run:
+                where[id(p)] = b
+        self._bucket_of = [where[id(p)] for p in order]
+        # Whether ready() starts buckets (False: all start in finish, after backward;
+        # tools/bench_distributed.py compares the two to see how much backward hides).
+        self.overlap = True
+        self.last_step = {}
+        self._requests = []
+        self._active = False
+        self._remaining = []
+        self._pending = []
+        self._next = 0
+        self._scale = 1.0
+        self._zero = False
+        self._late = False
+
+    # -- a step -------------------------------------------------------------------------
+    def begin(self, scale, zero=False):
+        if self._requests:
+            # A step interrupted by KeyboardInterrupt left reductions in flight: their
+            # buffers are about to be reused, so they must be complete first.
+            MPI.Request.Waitall(self._requests)
+            self._requests = []
+        self._remaining = list(self._owners)
+        self._pending = [b.size for b in self.buckets]
+        self._next = 0
+        self._scale = float(scale)
+        # A rank with no samples in this step sends zeros, whatever its gradients hold
+        # (0 * NaN would not be zero).
+        self._zero = bool(zero)
+        self._late = False
+        self._active = True
+        self._launch_seconds = 0.0
+        self._t_begin = time.perf_counter()
+
+    def ready(self, leaf):
+        """``grads_ready_hook`` callback: ``leaf``'s parameters are final."""
+        if not self._active:
+            return
+        slots = self._leaf_slots.get(id(leaf))
+        if slots:
+            remaining, pending, bucket_of = self._remaining, self._pending, self._bucket_of
+            for pos in slots:
+                left = remaining[pos] - 1
+                remaining[pos] = left
+                if left == 0:
+                    pending[bucket_of[pos]] -= 1
+                elif left < 0:
+                    # Reported once more than the model's structure says: gradient added
+                    # after its bucket left would be missing from the average.
+                    self._late = True
+            if self.overlap:
+                self._start_ready()
+        if self._requests:
+            # Open MPI moves a non-blocking collective along only inside MPI calls: a test
+            # between layers lets the reductions already started progress during backward.
+            MPI.Request.Testall(self._requests)
+
+    def finish(self, write=True):
+        """Start every bucket not yet started, wait for all, and (``write``) put the
+        averages into the gradients.  Returns this step's timings (also ``last_step``)."""
+        if not self._active:
+            raise RuntimeError("GradientReducer.finish without begin")
+        t_end = time.perf_counter()
+        started_early = self._next
+        while self._next < len(self.buckets):
+            self._start(self._next)
+        t0 = time.perf_counter()
+        MPI.Request.Waitall(self._requests)
+        t1 = time.perf_counter()
+        self._requests = []
+        self._active = False
+        if write:
+            for bucket in self.buckets:
+                buf = bucket.buffer
+                for p, a, b in bucket.entries:
+                    with p._lock:
+                        p._flat_grad[...] = buf[a:b]
+                        p._grad_is_zero = False
+        self.last_step = {
+            "backward_seconds": t_end - self._t_begin,
+            "launch_seconds": self._launch_seconds,
+            "wait_seconds": t1 - t0,
+            "buckets": len(self.buckets),
+            "started_during_backward": started_early,
+        }
+        if self._late:
+            raise RuntimeError(
+                "DistributedDataParallel: a layer's backward reported its gradients final "
+                "more often than the model's structure says (a layer run twice in one "
+                "forward, or the model changed after wrapping): its later gradient is not "
+                "in the average")
+        return self.last_step
+
+    # -- buckets --------------------------------------------------------------------------
+    def _start_ready(self):
+        pending = self._pending
+        while self._next < len(pending) and pending[self._next] == 0:
+            self._start(self._next)
+
+    def _start(self, b):
+        t0 = time.perf_counter()
+        bucket = self.buckets[b]
+        buf = bucket.buffer
+        scale = self._scale
+        for p, a, c in bucket.entries:
+            view = buf[a:c]
+            with p._lock:
+                if p._grad_is_zero or self._zero:
+                    view.fill(0)        # no gradient on this rank: it counts as zero
+                elif scale == 1.0:
+                    view[...] = p._flat_grad
+                else:
+                    np.multiply(p._flat_grad, scale, out=view)
+        self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+        self._next = b + 1
+        self._launch_seconds += time.perf_counter() - t0
