@@ -12,6 +12,11 @@ checked against a float64 product.  Ratios are microtile / NumPy of median times
 
     python tools/bench_threads.py [--dtypes float32 float64] [--threads 1 2] [--rounds 7]
                                   [--modes alone interleaved loaded] [--shapes 256x256x256 ...]
+    python tools/bench_threads.py --torch     # conv2d forward, CNN and MLP steps beside torch
+
+With ``--torch`` the other library is PyTorch (same threads, float32): a conv2d forward
+(ResNet 3x3, 64 channels, 56x56, batch 8), bench_nn.py's CNN training step and the
+784-1024-1024-10 MLP training step at batch 256; ratios are torch time / microtile time.
 """
 import argparse
 import statistics
@@ -82,6 +87,90 @@ def alternating(f_mt, f_np, calls):
     return statistics.median(t_mt), statistics.median(t_np)
 
 
+def _torch_cases():
+    """(label, microtile call, torch call, check) for --torch."""
+    import os
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_nn
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64, 56, 56)).astype(np.float32)
+    w = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    out = {}
+
+    def conv_mt():
+        out["mt"] = mt.conv2d(x, w, padding=1)
+
+    def conv_t():
+        with torch.no_grad():
+            out["t"] = torch.nn.functional.conv2d(tx, tw, padding=1)
+
+    def conv_check():
+        np.testing.assert_allclose(out["mt"], out["t"].numpy(), rtol=1e-3, atol=1e-3)
+    cases = [("conv2d fwd 3x3 C64 56x56 b8", conv_mt, conv_t, conv_check)]
+    model, tmodel = bench_nn.cnn_pair(torch)
+    cx = rng.standard_normal((bench_nn.CNN["batch"], 1, 28, 28)).astype(np.float32)
+    cy = rng.integers(0, 10, bench_nn.CNN["batch"])
+    f, g = bench_nn.steps(model, tmodel, cx, cy, torch)
+    cases.append(("CNN step b64", f, g, lambda: None))
+    model, tmodel = bench_nn.mlp_pair((784, 1024, 1024, 10), torch)
+    mx = rng.standard_normal((256, 784)).astype(np.float32)
+    my = rng.integers(0, 10, 256)
+    f, g = bench_nn.steps(model, tmodel, mx, my, torch)
+    cases.append(("MLP 784-1024-1024-10 step b256", f, g, lambda: None))
+    return cases, torch
+
+
+def torch_main(args):
+    cases, torch = _torch_cases()
+    print(f"microtile {mt.__version__} beside torch {torch.__version__}, float32, "
+          f"{args.rounds} rounds, medians; ratio = torch time / microtile time; loaded: "
+          f"ms at 1 and 2 threads")
+    print(f"{'case':>32} | " + " ".join(f"alone {t}t" for t in args.threads) + " | "
+          + " ".join(f"inter {t}t" for t in args.threads)
+          + f" | {'loaded mt ms 1t/2t':>18} {'torch 1t/2t':>13}")
+    hog = None
+    try:
+        for label, f_mt, f_t, check in cases:
+            row = f"{label:>32} |"
+            for mode in ("alone", "interleaved", "loaded"):
+                if mode == "loaded":
+                    hog = subprocess.Popen([sys.executable, "-c", HOG])
+                    time.sleep(0.5)
+                    # One thread count at a time: torch rebuilds its OpenMP team when
+                    # set_num_threads changes, which must not be timed.
+                    med = []
+                    for t in args.threads:
+                        torch.set_num_threads(t)
+                        with mt.config_context(threads=t):
+                            med += blocks([f_mt, f_t], args.rounds, args.budget, 0.0)
+                    row += (" | " + "/".join(f"{v * 1e3:.2f}" for v in med[0::2]).rjust(18)
+                            + " " + "/".join(f"{v * 1e3:.2f}" for v in med[1::2]).rjust(13))
+                    hog.kill()
+                    hog.wait()
+                    hog = None
+                    continue
+                cells = []
+                for t in args.threads:
+                    torch.set_num_threads(t)
+                    with mt.config_context(threads=t):
+                        if mode == "alone":
+                            s_mt, s_t = blocks([f_mt, f_t], args.rounds, args.budget, 0.3)
+                        else:
+                            calls = max(15, int(args.rounds * args.budget /
+                                                max(_block(f_t, 1), 1e-6)))
+                            s_mt, s_t = alternating(f_mt, f_t, min(calls, 300))
+                    cells.append(f"{s_t / s_mt:7.2f}")
+                row += " " + " ".join(cells)
+                check()
+            print(row, flush=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
@@ -90,7 +179,11 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=["alone", "interleaved", "loaded"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget", type=float, default=0.08, help="seconds per block")
+    p.add_argument("--torch", action="store_true",
+                   help="conv2d forward and CNN/MLP steps beside torch instead of GEMMs")
     args = p.parse_args(argv)
+    if args.torch:
+        return torch_main(args)
     print(f"microtile {mt.__version__}, isa {mt.get_config()['isa']}, "
           f"profile {mt.get_config()['profile_status']}, {args.rounds} rounds, medians; "
           f"ratio = microtile / NumPy GFLOP/s; loaded: GFLOP/s at 1 and 2 threads")

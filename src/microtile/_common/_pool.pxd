@@ -26,7 +26,8 @@ ctypedef void (*pool_item)(void* ctx, idx_t item, int tid) noexcept nogil
 
 cdef void pool_items(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil
 
-# Ranges: [0, n) cut into about ``pieces`` shares, each a multiple of ``grain`` (16 for
+# Ranges: [0, n) cut into about ``pieces`` shares (kernels ask for four per thread, so the
+# caller's wait for the last share a helper took is short), each a multiple of ``grain`` (16 for
 # elements, so shares start on whole vectors and cache lines; 1 for rows, channels, planes),
 # each an item: fn(ctx, i0, i1, tid) for every non-empty share.
 ctypedef void (*pool_range)(void* ctx, idx_t i0, idx_t i1, int tid) noexcept nogil

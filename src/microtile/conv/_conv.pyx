@@ -238,7 +238,7 @@ cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, 
         jb.c0 = c0
         jb.ld = ld
         jb.out = cols
-        pool_ranges(nt, c1 - c0, nt, 1, _conv_range, &jb)
+        pool_ranges(nt, c1 - c0, 4 * nt, 1, _conv_range, &jb)
     else:
         im2col_rows(g, x, xs[1], xs[2], xs[3], k0, k1, pq0, pq1, cols, ld)
 
@@ -260,7 +260,7 @@ cdef void _col2im_chunk(const conv_geom* g, const floating* cols, idx_t ld, idx_
         jb.c0 = c0
         jb.ld = ld
         jb.out = dx
-        pool_ranges(nt, c1 - c0, nt, 1, _conv_range, &jb)
+        pool_ranges(nt, c1 - c0, 4 * nt, 1, _conv_range, &jb)
     else:
         col2im_rows(g, cols, ld, k0, k1, pq0, pq1, dx, g.H * g.W, g.W, 1)
 
@@ -639,7 +639,7 @@ cdef void _bias_grad(const floating* dy, idx_t N, idx_t K, idx_t PQ, floating* d
     jb.k1 = K
     jb.pq0 = PQ
     jb.out = db
-    pool_ranges(nt, K, nt, 1, _conv_range, &jb)
+    pool_ranges(nt, K, 4 * nt, 1, _conv_range, &jb)
 
 
 # -- the pool's entry points ------------------------------------------------------------------

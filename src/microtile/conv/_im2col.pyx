@@ -182,7 +182,7 @@ cdef void _im2col_all(const conv_geom* g, const floating* x, idx_t xs_n, idx_t x
     j.s_h = xs_h
     j.s_w = xs_w
     j.C = C
-    pool_ranges(nt, N * C, nt, 1, _lower_range, &j)
+    pool_ranges(nt, N * C, 4 * nt, 1, _lower_range, &j)
 
 
 cdef void _col2im_all(const conv_geom* g, const floating* cols, idx_t cs_n, idx_t cs_r,
@@ -196,7 +196,7 @@ cdef void _col2im_all(const conv_geom* g, const floating* cols, idx_t cs_n, idx_
     j.s_n = cs_n
     j.s_c = cs_r
     j.C = C
-    pool_ranges(nt, N * C, nt, 1, _lower_range, &j)
+    pool_ranges(nt, N * C, 4 * nt, 1, _lower_range, &j)
 
 
 cdef conv_geom _geom(tuple gt):

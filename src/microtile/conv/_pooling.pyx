@@ -195,7 +195,7 @@ cdef void _run_planes(int kind, const pool_geom* g, const void* x, const idx_t* 
     j.idx = idx
     j.out = out
     j.C = C
-    pool_ranges(nt, planes, nt, 1, _pool_range, &j)
+    pool_ranges(nt, planes, 4 * nt, 1, _pool_range, &j)
 
 
 cdef void _max_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,

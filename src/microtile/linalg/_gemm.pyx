@@ -204,8 +204,10 @@ cdef int _vector_case(const kernel_set_t* ks, int nt, idx_t m, idx_t n, idx_t k,
     return rc
 
 
-# Work per threaded item: about 0.25 ms on one Zen3 core (80 GFLOP/s).
-cdef double ITEM_FLOPS = 2e7
+# Work per threaded item: about 0.12 ms on one Zen3 core (80 GFLOP/s): the caller ends a call
+# waiting for the last item a helper took, 0.3 ms per MLP step (11 calls) at this size, 0.6-0.8
+# ms at twice it.
+cdef double ITEM_FLOPS = 1e7
 # Smallest item: rows in micro-panels, columns in micro-panels when items cut the columns
 # (a 256-column chunk for float32: A's block, packed per item, is then reused 256 times).
 cdef enum:

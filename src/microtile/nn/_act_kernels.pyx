@@ -169,7 +169,7 @@ cdef void _act_split(int act, const floating* x, const floating* dy, floating* o
     job.x = x
     job.u = dy
     job.out = out
-    pool_ranges(nt, n, nt, 16, _ew_range, &job)
+    pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
 
 
 def act_forward(const floating[::1] x, floating[::1] out, int act):
@@ -306,7 +306,7 @@ def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] ou
     job.p0 = p
     job.p1 = scale
     with nogil:
-        pool_ranges(nt, n, nt, 16, _ew_range, &job)
+        pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
 
 
 # -- activations whose derivative needs the input -------------------------------------------
@@ -429,7 +429,7 @@ def pointwise(int code, double alpha, const floating[::1] x, const floating[::1]
     job.out = po
     job.p0 = alpha
     with nogil:
-        pool_ranges(nt, n, nt, 16, _ew_range, &job)
+        pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
 
 
 # -- softmax and log-softmax along one axis ---------------------------------------------------
@@ -523,7 +523,7 @@ def softmax(const floating[::1] x, const floating[::1] dy, floating[::1] out, id
     job.inner = inner
     job.flag = logarithm
     with nogil:
-        pool_ranges(nt, lines, nt, 1, _ew_range, &job)
+        pool_ranges(nt, lines, 4 * nt, 1, _ew_range, &job)
 
 
 # -- the pool's entry points ------------------------------------------------------------------

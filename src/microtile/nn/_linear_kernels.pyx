@@ -74,8 +74,8 @@ cdef int _pair(const gemm_params* prm, int nt, idx_t batch, idx_t n_in, idx_t n_
                const floating* dz, const floating* x, idx_t rs_x, idx_t cs_x,
                const floating* w, floating* gw, floating* dx, floating beta_w) noexcept nogil:
     """gw = dzᵀ·x + beta_w·gw and dx = dz·w; dz (batch, n_out), w and gw (n_out, n_in) and
-    dx (batch, n_in) C-contiguous.  Each product is cut into nt row blocks; the 2·nt blocks
-    are items on the pool, so a thread that is not running leaves its blocks to the others."""
+    dx (batch, n_in) C-contiguous.  Each product is cut into row blocks, items on the pool,
+    so a thread that is not running leaves its blocks to the others."""
     cdef _pair_job jb
     jb.prm = prm
     jb.dbl = floating is double
@@ -84,9 +84,11 @@ cdef int _pair(const gemm_params* prm, int nt, idx_t batch, idx_t n_in, idx_t n_
     jb.n_out = n_out
     jb.rs_x = rs_x
     jb.cs_x = cs_x
-    jb.per_w = mt_share(n_out, nt)
-    jb.per_x = mt_share(batch, nt)
-    jb.n_w = nt
+    # Four blocks per thread and product: when a helper starts late or loses its core, the
+    # caller's share of the tail is a small block, not half the work.
+    jb.per_w = mt_share(n_out, 4 * nt)
+    jb.per_x = mt_share(batch, 4 * nt)
+    jb.n_w = (n_out + jb.per_w - 1) // jb.per_w
     jb.dz = dz
     jb.x = x
     jb.w = w
@@ -94,7 +96,7 @@ cdef int _pair(const gemm_params* prm, int nt, idx_t batch, idx_t n_in, idx_t n_
     jb.dx = dx
     jb.beta_w = beta_w
     jb.fails = 0
-    pool_items(nt, 2 * nt, _pair_item, &jb)
+    pool_items(nt, jb.n_w + (batch + jb.per_x - 1) // jb.per_x, _pair_item, &jb)
     return -1 if jb.fails else 0
 
 

@@ -178,7 +178,7 @@ cdef int _run(int op, const hyper_t* h, floating[::1] p, const floating[::1] g,
     job.s2 = p2
     job.s3 = p3
     with nogil:
-        pool_ranges(nt, n, nt, 16, _opt_range, &job)
+        pool_ranges(nt, n, 4 * nt, 16, _opt_range, &job)
     return 0
 
 

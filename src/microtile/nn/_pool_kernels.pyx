@@ -132,4 +132,4 @@ def adaptive_avg_pool2d(const floating[:, :, ::1] x, floating[:, :, ::1] y, bint
     j.ph = ph
     j.pw = pw
     with nogil:
-        pool_ranges(nt, planes, nt, 1, _planes_range, &j)
+        pool_ranges(nt, planes, 4 * nt, 1, _planes_range, &j)

@@ -251,7 +251,7 @@ cdef void _rows(int kind, const _step* s, idx_t n, int nt, floating tag) noexcep
     j.kind = kind
     j.s = s
     j.dbl = floating is double
-    pool_ranges(nt, n, nt, 1, _rows_range, &j)
+    pool_ranges(nt, n, 4 * nt, 1, _rows_range, &j)
 
 
 ctypedef struct _rows_job:
