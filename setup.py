@@ -16,7 +16,6 @@ baseline ISA so that one wheel runs on any x86-64 (and builds on aarch64).
 
 Environment switches:
   MICROTILE_DEBUG=1     bounds, wraparound and initialisation checks on; -O0 -g, not stripped.
-  MICROTILE_NO_OPENMP=1 build without OpenMP even where the compiler has it.
   MICROTILE_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (GCC or Clang):
                         -fsanitize=address,undefined -fno-omit-frame-pointer -O1 -g, linked
                         with the same flags, not stripped (-O0 with MICROTILE_DEBUG=1).  The
@@ -25,11 +24,7 @@ Environment switches:
 """
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 
 import numpy as np
 from Cython.Build import cythonize
@@ -58,51 +53,6 @@ DIRECTIVES = {
 
 ISA_FLAGS = {"_avx2": ["-mavx2", "-mfma"]}
 
-OPENMP_TEST = r"""
-#include <omp.h>
-int main(void) {
-    int n = 0;
-    #pragma omp parallel reduction(+:n)
-    n += 1;
-    return n > 0 ? 0 : 1;
-}
-"""
-
-
-def _try_compile(compiler, cflags, ldflags):
-    """True when ``compiler`` builds and links a tiny OpenMP program with these flags."""
-    tmp = tempfile.mkdtemp()
-    try:
-        src = os.path.join(tmp, "omp_test.c")
-        with open(src, "w") as f:
-            f.write(OPENMP_TEST)
-        objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
-        compiler.link_executable(objs, os.path.join(tmp, "omp_test"), extra_postargs=ldflags)
-        return True
-    except Exception:
-        return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def openmp_flags(compiler):
-    """Find the OpenMP flags this compiler accepts; ``(None, None)`` when none works."""
-    if os.environ.get("MICROTILE_NO_OPENMP", "0") not in ("", "0"):
-        return None, None
-    ctype = getattr(compiler, "compiler_type", "")
-    if ctype == "msvc":
-        candidates = [(["/openmp"], [])]
-    else:
-        candidates = [
-            (["-fopenmp"], ["-fopenmp"]),
-            (["-Xpreprocessor", "-fopenmp"], ["-lomp"]),  # Apple clang with libomp
-        ]
-    for cflags, ldflags in candidates:
-        if _try_compile(compiler, cflags, ldflags):
-            return cflags, ldflags
-    return None, None
-
-
 def usable_cpus():
     """CPUs this process may run on (affinity), at least 1."""
     try:
@@ -119,10 +69,10 @@ class BuildExt(build_ext):
             self.parallel = usable_cpus()
 
     def build_extensions(self):
-        cflags, ldflags = openmp_flags(self.compiler)
-        if cflags is None:
-            print("microtile: OpenMP not found; building single-threaded kernels", file=sys.stderr)
         msvc = self.compiler.compiler_type == "msvc"
+        # Threads are microtile's own pool on POSIX threads (_common/mt_pool.h), not OpenMP:
+        # -pthread links libpthread where the C library does not include it (glibc < 2.34).
+        threads = [] if msvc else ["-pthread"]
         if SANITIZE and msvc:
             raise SystemExit("MICROTILE_SANITIZE=1 needs GCC or Clang")
         for ext in self.extensions:
@@ -143,9 +93,8 @@ class BuildExt(build_ext):
                 # No symbols beyond the dynamic ones the interpreter needs: the shared
                 # objects shrink about 3x.
                 ext.extra_link_args = ext.extra_link_args + ["-s"]
-            if cflags:
-                ext.extra_compile_args += cflags
-                ext.extra_link_args += ldflags
+            ext.extra_compile_args += threads
+            ext.extra_link_args += threads
         super().build_extensions()
 
 

@@ -4,7 +4,7 @@ Every kernel releases the GIL and is safe to call from several Python threads at
 See ``get_config()`` for the ISA, threads and blocking in use.
 """
 from microtile._version import __version__
-from microtile._common import _mt_openmp  # noqa: F401  (its file name is what threadpoolctl matches)
+from microtile._common import _mt_pool  # noqa: F401  (its file name is what threadpoolctl matches)
 from microtile._config._context import (config_context, get_config, get_num_threads,
                                         set_num_threads, _init as _init_config)
 from microtile._kernels._dispatch import available_isas

@@ -19,7 +19,7 @@ def main(argv=None):
     cfg = mt.get_config()
     print(f"microtile {cfg['version']}")
     print(f"  isa       {cfg['isa']} (available: {', '.join(mt.available_isas())})")
-    print(f"  threads   {cfg['threads']} (OpenMP {'on' if cfg['openmp'] else 'off'})")
+    print(f"  threads   {cfg['threads']}")
     print(f"  profile   {cfg['profile_status']}" + (f" ({cfg['profile']})" if cfg['profile'] else ""))
     print(f"  {'dtype':8} {'mr':>3} {'nr':>3} {'mc':>5} {'kc':>5} {'nc':>6} {'split':>6} "
           f"{'thread_mnk':>11}")

@@ -480,7 +480,7 @@ def test_threaded_phases_are_race_free(threads, dtype):
 def test_pool_runs_every_claimed_item_exactly_once(nt, n_items):
     """The pool's contract: each item is claimed once, by a thread numbered below nt, and
     pool_run returns only after every claimed item has run (runs are all 1 on return)."""
-    from microtile._common._pool import _claim_check
+    from microtile._common._mt_pool import _claim_check
     owner, runs, took = _claim_check(nt, n_items)
     assert runs.min() == 1 and runs.max() == 1
     assert owner.min() >= 0 and owner.max() < nt
@@ -489,7 +489,7 @@ def test_pool_runs_every_claimed_item_exactly_once(nt, n_items):
 
 
 def test_pool_info_and_spin_setting():
-    from microtile._common._pool import pool_info, set_pool_spin
+    from microtile._common._mt_pool import pool_info, set_pool_spin
     info = pool_info()
     assert info["threads"] and info["spin"] > 0
     old = set_pool_spin(0.0)

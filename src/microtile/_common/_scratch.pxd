@@ -1,4 +1,4 @@
-# Per-thread scratch buffers: each OS thread (an OpenMP worker or a Python thread calling a
+# Per-thread scratch buffers: each OS thread (a pool helper or a Python thread calling a
 # kernel) owns its buffers, so no two calls ever share one, and they are reused across calls
 # instead of being allocated each time.  Freed when the thread exits; a buffer larger than
 # SCRATCH_KEEP_MAX is freed at the end of the call that asked for it (scratch_trim), so one

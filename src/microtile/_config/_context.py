@@ -105,7 +105,7 @@ def get_num_threads():
     int
     """
     if _params.forked():
-        return 1  # see _params: OpenMP does not survive fork()
+        return 1  # see _params: a forked child runs on one thread
     ov = _params.override.get()
     if ov is not None and "threads" in ov:
         return ov["threads"]
@@ -208,7 +208,6 @@ def get_config():
         "threads": get_num_threads(),
         "profile": _state["profile"],
         "profile_status": _state["profile_status"],
-        "openmp": _openmp_enabled(),
     }
     out.update({name: get_option(name) for name in OPTIONS})
     for code, dtype in enumerate(DTYPES):
@@ -222,10 +221,6 @@ def get_config():
                       "split": SPLIT_NAMES[eff["split"]]}
     return out
 
-
-def _openmp_enabled():
-    from microtile._common._mt_openmp import openmp_enabled
-    return openmp_enabled()
 
 
 def defaults(dtype):

@@ -2,7 +2,7 @@
 ``threadpool_limits(n)`` limits it, like OpenBLAS's or OpenMP's.
 
 threadpoolctl finds libraries by the file names of loaded shared objects; the extension
-``_mt_openmp`` is microtile's, so its name is the prefix the controller claims.
+``_mt_pool`` is microtile's, so its name is the prefix the controller claims.
 """
 import threadpoolctl
 
@@ -10,7 +10,7 @@ import threadpoolctl
 class MicrotileController(threadpoolctl.LibController):
     user_api = "microtile"
     internal_api = "microtile"
-    filename_prefixes = ("_mt_openmp",)
+    filename_prefixes = ("_mt_pool",)
 
     def get_num_threads(self):
         from microtile._config._context import get_num_threads
@@ -30,7 +30,6 @@ class MicrotileController(threadpoolctl.LibController):
         from microtile._config._context import get_config
         cfg = get_config()
         self.isa = cfg["isa"]
-        self.openmp = cfg["openmp"]
 
 
 def register():

@@ -8,7 +8,7 @@ cimport numpy as cnp
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._kernels._ukernel cimport kernel_set_t, ukr_mr, ukr_nr, ukr_packed
 from microtile._kernels._dispatch cimport kernel_set
-from microtile._common._pool cimport pool_items
+from microtile._common._mt_pool cimport pool_items
 
 cnp.import_array()
 

@@ -44,7 +44,7 @@ from microtile._kernels._dispatch cimport kernel_set
 from microtile._kernels._ukernel cimport kernel_set_t
 from microtile.conv._im2col cimport conv_geom, im2col_rows, col2im_rows
 from microtile._common._scratch cimport SCRATCH_KEEP_MAX
-from microtile._common._pool cimport pool_items, pool_ranges
+from microtile._common._mt_pool cimport pool_items, pool_ranges
 from microtile._common._atomic64 cimport mt_atomic_add64
 
 cnp.import_array()

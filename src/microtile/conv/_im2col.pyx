@@ -5,7 +5,7 @@ convolution driver can fill workspace-sized chunks and parallelise over images o
 Per row, the valid output columns of each kernel offset are computed once (no per-element
 bounds test), and unit-stride rows are copied with memcpy.
 """
-from microtile._common._pool cimport pool_ranges
+from microtile._common._mt_pool cimport pool_ranges
 from libc.string cimport memcpy, memset
 
 import numpy as np

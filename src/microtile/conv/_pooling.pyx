@@ -9,7 +9,7 @@ in the window, as on PyTorch's CPU), and the padding never wins (windows are cli
 plane; at most half a kernel of padding guarantees one real element).
 Average: the divisor is kh*kw with ``count_include_pad``, else the number of real elements.
 """
-from microtile._common._pool cimport pool_ranges
+from microtile._common._mt_pool cimport pool_ranges
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 

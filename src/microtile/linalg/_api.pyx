@@ -12,7 +12,7 @@ from libc.stdint cimport int64_t
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport elem_stride
-from microtile._common._pool cimport pool_ranges
+from microtile._common._mt_pool cimport pool_ranges
 from microtile._common._atomic64 cimport mt_atomic_add64
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
                                            raise_for_rc, poll_step, stop_before, interrupted,

@@ -30,7 +30,7 @@ from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, 
 from microtile._kernels._dispatch cimport kernel_set
 from microtile.linalg._pack cimport pack_a, pack_b
 from microtile.linalg._level2 cimport gemv_run
-from microtile._common._pool cimport pool_run
+from microtile._common._mt_pool cimport pool_run
 from microtile._common._atomic64 cimport (mt_atomic_load64, mt_atomic_store64, mt_atomic_add64,
                                           mt_atomic_load64_acq, mt_atomic_store64_rel,
                                           mt_atomic_add64_rel, mt_atomic_cas64, mt_cpu_relax,

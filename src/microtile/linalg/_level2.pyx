@@ -16,7 +16,7 @@ from microtile._kernels._ukernel cimport (kernel_set_t, ukr_axpy, ukr_axpy4, ukr
                                           ukr_scal)
 from microtile._common._scratch cimport (scratch_get, scratch_trim, SCRATCH_EXTRA,
                                          SCRATCH_EXTRA2)
-from microtile._common._pool cimport pool_items
+from microtile._common._mt_pool cimport pool_items
 from microtile._common._atomic64 cimport mt_atomic_add64
 
 # A row-split job on the pool (gemv or a rank-1 update); pointers untyped so one item

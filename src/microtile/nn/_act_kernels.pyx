@@ -12,7 +12,7 @@ that the compiler vectorises them; the activation is chosen outside the loops fo
 """
 from libc.math cimport erf, erff, exp, expf, log, M_SQRT1_2, M_2_SQRTPI, sqrt, tanh, tanhf
 
-from microtile._common._pool cimport pool_items, pool_ranges
+from microtile._common._mt_pool cimport pool_items, pool_ranges
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.nn._act_math cimport sigmoid as _sigmoid
 from microtile.linalg._gemm cimport gemm_params

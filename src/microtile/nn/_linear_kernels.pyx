@@ -12,8 +12,8 @@ cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport elem_stride, imin
-from microtile._common._mt_openmp cimport mt_share
-from microtile._common._pool cimport pool_items
+from microtile._common._mt_pool cimport mt_share
+from microtile._common._mt_pool cimport pool_items
 from microtile._common._atomic64 cimport mt_atomic_add64
 from microtile.linalg._gemm cimport gemm_params, gemm_serial
 from microtile._config._params cimport current_params

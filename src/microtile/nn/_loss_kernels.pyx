@@ -11,8 +11,8 @@ from libc.stdlib cimport calloc, free
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
-from microtile._common._mt_openmp cimport mt_share, mt_share_end
-from microtile._common._pool cimport pool_items
+from microtile._common._mt_pool cimport mt_share, mt_share_end
+from microtile._common._mt_pool cimport pool_items
 
 cdef idx_t PAR_MIN = 1 << 15
 

@@ -20,7 +20,7 @@ BatchNorm2d -> ReLU then costs no pass of its own either way.
 Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
 own the buffers.
 """
-from microtile._common._pool cimport pool_items
+from microtile._common._mt_pool cimport pool_items
 from libc.math cimport sqrt
 
 from microtile._common._typedefs cimport idx_t, floating

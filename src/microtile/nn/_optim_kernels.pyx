@@ -11,7 +11,7 @@ loops whose loop-invariant branches the compiler unswitches, so they vectorise.
 """
 from libc.math cimport sqrt, sqrtf
 
-from microtile._common._pool cimport pool_ranges
+from microtile._common._mt_pool cimport pool_ranges
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params

@@ -10,7 +10,7 @@ in float64.
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
-from microtile._common._pool cimport pool_ranges
+from microtile._common._mt_pool cimport pool_ranges
 
 # Below this many input elements a second thread costs more than it saves.
 cdef idx_t PAR_MIN = 1 << 15

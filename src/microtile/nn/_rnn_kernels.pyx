@@ -27,7 +27,7 @@ Layout (time-major, C-contiguous, rows of N samples per step):
 The gate passes use numerically safe sigmoid and tanh (no overflow for any input).  Rows are
 split over threads when a step has enough elements to pay for a second thread.
 """
-from microtile._common._pool cimport pool_ranges
+from microtile._common._mt_pool cimport pool_ranges
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._interrupt cimport signal_poll, open_poll, close_poll, raise_for_rc

@@ -19,8 +19,8 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset
 
 from microtile._common._typedefs cimport idx_t, floating, sp_index
-from microtile._common._mt_openmp cimport mt_share, mt_share_end
-from microtile._common._pool cimport pool_items
+from microtile._common._mt_pool cimport mt_share, mt_share_end
+from microtile._common._mt_pool cimport pool_items
 from microtile._config._params cimport gemm_params, current_params
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._kernels._ukernel cimport (kernel_set_t, ukr_csr_gather, ukr_csr_scatter,

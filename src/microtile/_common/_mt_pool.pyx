@@ -1,9 +1,12 @@
-"""microtile's own thread pool (see ``_pool.pxd`` and ``mt_pool.h`` for why it exists)."""
+"""microtile's own thread pool (see ``_mt_pool.pxd`` and ``mt_pool.h`` for why it exists).
+
+Every threaded kernel runs on it.  This extension's file name is what threadpoolctl matches
+to list microtile's pool (see ``_config/_threadpool.py``), so keep its name stable.
+"""
 from libc.stdint cimport int64_t
 
 from microtile._common._typedefs cimport idx_t
 from microtile._common._atomic64 cimport mt_atomic_add64
-from microtile._common._mt_openmp cimport mt_share_end
 
 cdef extern from "mt_pool.h" nogil:
     int MT_POOL_THREADS
