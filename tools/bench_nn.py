@@ -106,7 +106,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.15, help="seconds per timed round")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--only", choices=["mlp", "cnn"], default=None)
+    ap.add_argument("--only", choices=["mlp", "cnn", "infer"], default=None,
+                    help="infer: the 784-1024-1024-10 MLP's forward (eval, no grad) at "
+                         "batch 1, 32 and 256 instead of training steps")
     ap.add_argument("--epilogue", choices=["fused", "separate"], default="fused",
                     help="Linear forward: the activation applied in the GEMM's write-back "
                          "(fused, what Sequential does), or as a layer of its own, a second "
@@ -133,6 +135,24 @@ def main(argv=None):
                       f"conv3x3x{CNN['filters']}+relu+pool2+fc", b,
                       lambda: cnn_pair(torch),
                       (b, CNN["channels"], CNN["size"], CNN["size"]), CNN["classes"]))
+    if args.only == "infer":
+        sizes = MLPS[0][0]
+        for batch in (1, 32, 256):
+            model, tmodel = mlp_pair(sizes, torch)
+            model.eval()
+            tmodel.eval()
+            x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+            tx = torch.from_numpy(x)
+
+            def g(tmodel=tmodel, tx=tx):
+                with torch.no_grad():
+                    return tmodel(tx)
+            f = (lambda model=model, x=x: model.forward(x))
+            np.testing.assert_allclose(f(), g().numpy(), rtol=1e-3, atol=1e-4)
+            tm, tt = time_pair(f, g, args.rounds, args.min_time)
+            rows.append(dict(model="-".join(map(str, sizes)) + " inference", batch=batch,
+                             microtile_ms=tm * 1e3, torch_ms=tt * 1e3, speedup=tt / tm,
+                             microtile_samples_per_s=batch / tm))
     for name, batch, make, xshape, classes in cases:
         model, tmodel = make()
         x = rng.standard_normal(xshape).astype(np.float32)
@@ -144,7 +164,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(dict(threads=args.threads, rows=rows), indent=2))
         return 0
-    print(f"training step, float32, {args.threads} threads, medians of {args.rounds} "
+    what = "inference (forward)" if args.only == "infer" else "training step"
+    print(f"{what}, float32, {args.threads} threads, medians of {args.rounds} "
           f"interleaved rounds (torch {torch.__version__}, microtile {microtile.__version__}, "
           f"Linear epilogue {args.epilogue})")
     print(f"{'model':44s} {'batch':>5s} {'microtile ms':>12s} {'torch ms':>9s} {'speedup':>8s}")

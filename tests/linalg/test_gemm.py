@@ -578,3 +578,28 @@ def test_linear_relu_keeps_nan_as_torch(shape, dt, rng):
         assert np.isnan(got[0]).all() and np.isnan(got[:, -1]).all()
         np.testing.assert_array_equal(got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)])
         assert_close(got[fin], ref[fin], bound[fin], k + 1, dt, f"relu {out_layout}")
+
+
+# --- small-batch Linear: the problem is turned so W is read in place ---------------------------
+
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("m", [2, 7, 32, 63, 64, 65])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_batch_linear_turned_matches_float64(m, threads, dt, rng):
+    """x @ W.T with m up to nopack_a_panels micro-panels is computed as (W @ x.T).T with C
+    written column by column: every activation, the bias per output column, C- and
+    F-ordered out, edge tiles in both directions (n = 257, k = 131)."""
+    from microtile.linalg._api import linear_forward
+    n, k = 257, 131
+    x, w, b = rand(rng, (m, k), dt), rand(rng, (n, k), dt), rand(rng, n, dt)
+    z = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    bound = np.abs(x.astype(np.float64)) @ np.abs(w.T.astype(np.float64)) + np.abs(b)
+    refs = {"none": z, "relu": np.maximum(z, 0), "tanh": np.tanh(z),
+            "sigmoid": 1 / (1 + np.exp(-z))}
+    with config_context(threads=threads, thread_mnk=0):
+        for act, ref in refs.items():
+            for layout in ("C", "F"):
+                out = with_layout(np.full((m, n), 7.0, dt), layout)
+                got = linear_forward(x, w, b, activation=act, out=out)
+                assert got is out
+                assert_close(got, ref, bound, k + 1, dt, f"{act} {layout}")

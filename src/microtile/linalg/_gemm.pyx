@@ -85,6 +85,23 @@ cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, id
                 for j in range(n):
                     row[j] = _act(row[j], act)
         return
+    if rs_c == 1 and (bias == NULL or (ep.bias_axis == 0 and ep.bias_inc == 1)):
+        # The same with C column-major (a turned Linear at a small batch, see _gemm_at):
+        # column loops over contiguous elements, one bias value per row.
+        bj = bias + row0 if bias != NULL else NULL
+        for j in range(n):
+            row = c + j * cs_c
+            if bj != NULL:
+                for i in range(m):
+                    row[i] = row[i] + bj[i]
+            if act == ACT_RELU:
+                for i in range(m):
+                    v = row[i]
+                    row[i] = 0 if v <= 0 else v
+            elif act != ACT_NONE:
+                for i in range(m):
+                    row[i] = _act(row[i], act)
+        return
     for i in range(m):
         for j in range(n):
             bv = 0
@@ -314,8 +331,18 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
                     const floating* b, idx_t rs_b, idx_t cs_b,
                     floating beta, floating* c, idx_t rs_c, idx_t cs_c,
                     const gemm_epilogue* ep) noexcept nogil:
+    return _gemm_at(prm, nt, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c, rs_c,
+                    cs_c, ep, False)
+
+
+cdef int _gemm_at(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, floating alpha,
+                  const floating* a, idx_t rs_a, idx_t cs_a,
+                  const floating* b, idx_t rs_b, idx_t cs_b,
+                  floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                  const gemm_epilogue* ep, bint turned) noexcept nogil:
     """The five loops.  On one thread, in BLIS's order with one packed block of B at a time;
-    on more, work items on the thread pool (see ``_threaded``)."""
+    on more, work items on the thread pool (see ``_threaded``).  ``turned``: the problem
+    was already transposed once (see below), and must not be turned back."""
     cdef const kernel_set_t* ks = kernel_set(prm.isa)
     cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
     cdef _plan pl
@@ -336,14 +363,21 @@ cdef int _gemm_core(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, f
     if m == 1 or n == 1:
         return _vector_case(ks, nt, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c,
                             rs_c, cs_c, ep)
-    # Rows of C contiguous is what the kernel's write-back wants; transpose the problem
-    # (C^T = B^T A^T) when C is column-major.
-    if cs_c != 1 and rs_c == 1:
+    # Transpose the problem (C^T = B^T A^T) when
+    # - C is column-major: rows of C contiguous is what the kernel's write-back wants;
+    # - A is short (m up to nopack_a_panels micro-panels of columns after the turn) and B
+    #   column-major, as in a Linear layer's x @ W.T at a small batch: packing B = W.T
+    #   means transposing all of W, as much work as the product when m is 32 (a third of a
+    #   32 x 1024 x 784 product's time); turned, W is the A operand the kernel reads in
+    #   place, and only x.T (k x m) is packed.  C^T is then written column by column.
+    if not turned and ((cs_c != 1 and rs_c == 1)
+                       or (rs_b == 1 and cs_b != 1 and cs_a == 1 and cs_c == 1 and m < n
+                           and m <= prm.nopack_a_panels * nr)):
         if ep != NULL:
             ep_t = _transposed(ep)
             ep = &ep_t
-        return _gemm_core(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
-                          cs_c, rs_c, ep)
+        return _gemm_at(prm, nt, n, m, k, alpha, b, cs_b, rs_b, a, cs_a, rs_a, beta, c,
+                        cs_c, rs_c, ep, True)
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
                    or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt):
         nt = 1
