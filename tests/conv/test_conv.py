@@ -539,11 +539,13 @@ def _weight(w, layout):
 def test_depth_slices_when_one_column_is_over_the_workspace(cfg, threads, layout):
     # With the smallest workspace a single output position's column (Cg*R*S elements) is
     # over one thread's budget: the depth is cut into slices whose GEMMs add into the same
-    # output block, and the workspace used stays under the cap.
+    # output block, and the workspace used stays under the cap.  (im2col forced: cfg1's
+    # four channels per group would take the direct kernel, which has no columns.)
     rng = np.random.default_rng(11)
     x, w, b = make(cfg, np.float64, rng)
     w = _weight(w, layout)
-    with mt.config_context(threads=threads, conv_workspace=64 << 10, conv_chunk=16 << 10):
+    with mt.config_context(threads=threads, conv_workspace=64 << 10, conv_chunk=16 << 10,
+                           conv_algorithm="im2col"):
         check_forward_backward(x, w, b, np.float64, **kw(cfg))
         plan = mt.conv._conv.last_plan()
         mt.conv2d(x, w, b, **kw(cfg))

@@ -89,14 +89,21 @@ _last = threading.local()
 
 
 cdef void _note_plan(const conv_plan* pl, idx_t ws_bytes):
-    _last.plan = {"images_per_chunk": pl.nb, "chunks_per_image": pl.cpi, "ncols": pl.ncols,
+    _last.plan = {"algorithm": "im2col", "images_per_chunk": pl.nb,
+                  "chunks_per_image": pl.cpi, "ncols": pl.ncols,
                   "depth_slices": pl.n_dc, "threads_over_chunks": bool(pl.par),
                   "direct": bool(pl.direct), "workspace_bytes": ws_bytes}
 
 
 def last_plan():
-    """How this thread's last conv2d forward or backward call was cut up (a dict), or None."""
+    """How this thread's last conv2d forward or backward call was cut up (a dict with its
+    ``"algorithm"``), or None."""
     return getattr(_last, "plan", None)
+
+
+def note_plan(dict plan):
+    """Record the plan of a call another driver ran (``_direct``), for ``last_plan``."""
+    _last.plan = plan
 
 # Output planes at least this wide use the no-im2col path for 1x1 convolutions; narrower
 # ones are batched over images by im2col (one copy) so the GEMM is not skinny.
