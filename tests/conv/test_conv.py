@@ -145,13 +145,17 @@ def check_forward_backward(x, w, b, dtype, **kwargs):
 
 # ------------------------------------------------------------------------ forward/backward
 
+@pytest.mark.parametrize("algorithm", ["auto", "im2col", "direct"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("seed", range(24))
-def test_random_configs(seed, dtype):
+def test_random_configs(seed, dtype, algorithm):
+    # Every configuration on both algorithms (each applies to any layer), and on the one
+    # the built-in rule picks.
     rng = np.random.default_rng(seed)
     cfg = random_config(rng)
     x, w, b = make(cfg, dtype, rng, bias=seed % 3 != 0)
-    check_forward_backward(x, w, b, dtype, **kw(cfg))
+    with mt.config_context(conv_algorithm=algorithm):
+        check_forward_backward(x, w, b, dtype, **kw(cfg))
 
 
 @pytest.mark.parametrize("layout", ["fortran", "reversed", "strided", "transposed"])
