@@ -406,6 +406,37 @@ def test_grouped_against_torch(cfg, algorithm, dtype):
             assert last_algorithm() == want
 
 
+@pytest.mark.parametrize("cfg", [
+    # (N, C, K, groups, H, pass): three groups of one image share two threads once each
+    # image is cut in two; 32 groups of a 7x7 plane with 32 filters each used to run one
+    # after another on GEMMs too small to be threaded (the backward's rule for "many
+    # filters, small planes" counted all K filters rather than a group's).
+    (1, 24, 24, 3, 28, "forward"),
+    (1, 40, 20, 5, 16, "forward"),
+    (1, 256, 256, 32, 7, "backward"),
+])
+def test_grouped_im2col_runs_groups_side_by_side(cfg):
+    N, C, K, groups, H, which = cfg
+    rng = np.random.default_rng(17)
+    x, w, b = make(rng, N, C, H, H, K, C // groups, 3, 3, F32)
+    with mt.config_context(threads=2):
+        y = mt.conv2d(x, w, b, padding=1, groups=groups)
+        fwd = _conv.last_plan()
+        dx, dw, db = mt.conv2d_backward(np.ones_like(y), x, w, padding=1, groups=groups)
+        bwd = _conv.last_plan()
+    plan = fwd if which == "forward" else bwd
+    assert plan["algorithm"] == "im2col" and plan["threads_over_chunks"], plan
+    with mt.config_context(threads=1):
+        check_against_torch(x, w, b, F32, padding=1, groups=groups)
+        y1 = mt.conv2d(x, w, b, padding=1, groups=groups)
+        dx1, dw1, db1 = mt.conv2d_backward(np.ones_like(y), x, w, padding=1, groups=groups)
+    # Each output is the same GEMM dot product however the positions are cut: the same
+    # bits; the gradients are summed over chunks in another order.
+    np.testing.assert_array_equal(y, y1)
+    for got, want in ((dx, dx1), (dw, dw1), (db, db1)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_direct_forced_on_an_ordinary_layer():
     # The direct kernel applies to any layer (groups=1 too), only slower on wide ones.
     rng = np.random.default_rng(13)
