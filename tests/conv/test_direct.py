@@ -8,7 +8,6 @@ to the same sum over |terms|; ``_helpers.assert_close`` checks 2*(k+2)*eps times
 elementwise, computed by torch in float64 on |x|, |w|, |dy|.
 """
 import itertools
-import threading
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import microtile as mt
 from microtile import nn
 from microtile.conv import _conv
 
-from _helpers import assert_close, run_python, step_allocation
+from _helpers import assert_close, run_in_threads, run_python, step_allocation
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -340,25 +339,16 @@ def test_results_are_deterministic_and_thread_safe():
     with mt.config_context(threads=2):
         first = mt.conv2d_backward(dy, x, w, padding=1, groups=16)
         y = mt.conv2d(x, w, padding=1, groups=16)
-    errors = []
 
-    def work():
-        try:
-            for _ in range(4):
-                with mt.config_context(threads=2):
-                    again = mt.conv2d_backward(dy, x, w, padding=1, groups=16)
-                    np.testing.assert_array_equal(mt.conv2d(x, w, padding=1, groups=16), y)
-                for a, b in zip(again, first):
-                    np.testing.assert_array_equal(a, b)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def work(_):
+        for _ in range(4):
+            with mt.config_context(threads=2):
+                again = mt.conv2d_backward(dy, x, w, padding=1, groups=16)
+                np.testing.assert_array_equal(mt.conv2d(x, w, padding=1, groups=16), y)
+            for a, b in zip(again, first):
+                np.testing.assert_array_equal(a, b)
 
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(work, n=6)
 
 
 def test_generic_isa_from_the_environment():

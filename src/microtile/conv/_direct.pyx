@@ -25,7 +25,7 @@ taps read are stored (``nph = min(sw, (S-1)*dw + 1)``), so a huge stride costs n
 
 Threads take (image, group, band) units, each with its own scratch: the forward and dx
 write disjoint parts of y and dx; dw and db go to one double partial per thread, summed in
-thread order at the end (static schedule), so a result does not depend on timing.
+thread order at the end.  The schedule is static, so a result does not depend on timing.
 """
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport malloc, calloc, free
@@ -159,31 +159,6 @@ cdef int _fwd_unit(const dplan* d, const kernel_set_t* ks, idx_t u, const floati
     return 0
 
 
-cdef int _fwd_all(const dplan* d, const kernel_set_t* ks, const floating* x, const idx_t* xs,
-                  const floating* w, const idx_t* off, const floating* bias,
-                  floating* y) noexcept nogil:
-    cdef idx_t u, units = d.N * d.G * d.nb
-    cdef int fails = 0, rc
-    cdef signal_poll* poll = caller_poll()
-    if d.nt > 1:
-        for u in prange(units, num_threads=d.nt, schedule="dynamic", chunksize=1):
-            if threadid() == 0:     # the caller polls for signals between its units
-                poll_step(poll, 0)
-            if stop_before(poll, 1):
-                continue
-            rc = _fwd_unit(d, ks, u, x, xs, w, off, bias, y)
-            fails += rc != 0
-        if fails:
-            return -1
-        return INTERRUPTED if interrupted(poll) else 0
-    for u in range(units):
-        if poll_step(poll, 0):
-            return INTERRUPTED
-        if _fwd_unit(d, ks, u, x, xs, w, off, bias, y) != 0:
-            return -1
-    return 0
-
-
 # ----------------------------------------------------------------------------- backward
 
 cdef void _db_band(const dplan* d, const floating* dy, idx_t n, idx_t g, idx_t p0, idx_t p1,
@@ -212,7 +187,7 @@ cdef void _dx_band(const dplan* d, const kernel_set_t* ks, const idx_t* rtab,
     """Rows a0 <= a < a1 of every phase of dx for (n, g), from dy's band in ``scr``.
     rtab: per kernel row r its phase alpha and dy row offset e_r (2R entries); stab: the same
     per kernel column (2S)."""
-    cdef idx_t alpha, beta, pa, wb, k, r, s, c, t, tph, a, b, RS = d.R * d.S
+    cdef idx_t alpha, beta, pa, wb, k, r, s, c, t, tph, a, b, RS = d.R * d.S, nr, ns
     cdef floating* o
     cdef floating* dxc
     cdef idx_t ors, oks
@@ -221,20 +196,17 @@ cdef void _dx_band(const dplan* d, const kernel_set_t* ks, const idx_t* rtab,
         pa = imin(a1, _div_up(d.H - alpha, d.sh)) - a0
         if pa <= 0:
             continue
+        nr = 0
+        for r in range(d.R):
+            nr += rtab[2 * r] == alpha
         for beta in range(d.nbeta):
             wb = _div_up(d.W - beta, d.sw)
-            # This phase's taps: (k, r, s) with r in phase alpha and s in phase beta.
-            tph = 0
-            for k in range(d.Kg):
-                for r in range(d.R):
-                    if rtab[2 * r] != alpha:
-                        continue
-                    for s in range(d.S):
-                        if stab[2 * s] != beta:
-                            continue
-                        offp[tph] = (k * d.dplane + (rtab[2 * r + 1] - d.emin) * d.ldy
-                                     + stab[2 * s + 1] - d.fmin)
-                        tph += 1
+            ns = 0
+            for s in range(d.S):
+                ns += stab[2 * s] == beta
+            # This phase's taps: (k, r, s) with r in phase alpha and s in phase beta; the
+            # weights as (input channel) x (tap) rows, the layout conv_rows reads.
+            tph = d.Kg * nr * ns
             t = 0
             for k in range(d.Kg):
                 for r in range(d.R):
@@ -243,6 +215,8 @@ cdef void _dx_band(const dplan* d, const kernel_set_t* ks, const idx_t* rtab,
                     for s in range(d.S):
                         if stab[2 * s] != beta:
                             continue
+                        offp[t] = (k * d.dplane + (rtab[2 * r + 1] - d.emin) * d.ldy
+                                   + stab[2 * s + 1] - d.fmin)
                         for c in range(d.Cg):
                             wph[c * tph + t] = w[((g * d.Kg + k) * d.Cg + c) * RS
                                                  + r * d.S + s]
@@ -307,23 +281,29 @@ cdef int _bwd_unit(const dplan* d, const kernel_set_t* ks, idx_t u, const floati
     return 0
 
 
-cdef int _bwd_all(const dplan* d, const kernel_set_t* ks, const floating* x, const idx_t* xs,
-                  const floating* w, const idx_t* off, const idx_t* rtab, const idx_t* stab,
-                  const floating* dy, floating* dx, double* dwp, double* dbp) noexcept nogil:
+cdef int _all(const dplan* d, const kernel_set_t* ks, bint backward, const floating* x,
+              const idx_t* xs, const floating* w, const idx_t* off, const floating* bias,
+              const idx_t* rtab, const idx_t* stab, const floating* dy, floating* out,
+              double* dwp, double* dbp) noexcept nogil:
+    """Every (image, group, band) unit of the forward (into ``out`` = y) or the backward
+    (``out`` = dx, and each thread's dw/db partials)."""
     cdef idx_t u, units = d.N * d.G * d.nb
     cdef idx_t kt = d.K * d.T
     cdef int fails = 0, rc, tid
     cdef signal_poll* poll = caller_poll()
     if d.nt > 1:
-        # Static: each thread's partial sums the same units in the same order every call.
+        # Static: each thread's partials sum the same units in the same order every call.
         for u in prange(units, num_threads=d.nt, schedule="static"):
             tid = threadid()
-            if tid == 0:
+            if tid == 0:        # the caller polls for signals between its units
                 poll_step(poll, 0)
             if stop_before(poll, 1):
                 continue
-            rc = _bwd_unit(d, ks, u, x, xs, w, off, rtab, stab, dy, dx, dwp + tid * kt,
-                           dbp + tid * d.K)
+            if backward:
+                rc = _bwd_unit(d, ks, u, x, xs, w, off, rtab, stab, dy, out, dwp + tid * kt,
+                               dbp + tid * d.K)
+            else:
+                rc = _fwd_unit(d, ks, u, x, xs, w, off, bias, out)
             fails += rc != 0
         if fails:
             return -1
@@ -331,7 +311,11 @@ cdef int _bwd_all(const dplan* d, const kernel_set_t* ks, const floating* x, con
     for u in range(units):
         if poll_step(poll, 0):
             return INTERRUPTED
-        if _bwd_unit(d, ks, u, x, xs, w, off, rtab, stab, dy, dx, dwp, dbp) != 0:
+        if backward:
+            rc = _bwd_unit(d, ks, u, x, xs, w, off, rtab, stab, dy, out, dwp, dbp)
+        else:
+            rc = _fwd_unit(d, ks, u, x, xs, w, off, bias, out)
+        if rc != 0:
             return -1
     return 0
 
@@ -346,6 +330,19 @@ cdef void _reduce(const double* parts, idx_t n, int nt, floating* out) noexcept 
         for t in range(1, nt):
             s += parts[t * n + j]
         out[j] = <floating> s
+
+
+cdef int _bwd_run(const dplan* d, const kernel_set_t* ks, const floating* x, const idx_t* xs,
+                  const floating* w, const idx_t* off, const idx_t* rtab, const idx_t* stab,
+                  const floating* dy, floating* dx, floating* dw, floating* db, double* dwp,
+                  double* dbp) noexcept nogil:
+    """The backward's units, then dw and db from the threads' partials."""
+    cdef int rc = _all(d, ks, True, x, xs, w, off, NULL, rtab, stab, dy, dx, dwp, dbp)
+    if rc == 0 and d.need_w:
+        _reduce(dwp, d.K * d.T, d.nt, dw)
+    if rc == 0 and d.need_b:
+        _reduce(dbp, d.K, d.nt, db)
+    return rc
 
 
 # ----------------------------------------------------------------------------- planning
@@ -420,9 +417,20 @@ cdef inline idx_t _tap_shift(idx_t reach, idx_t pad, idx_t stride) noexcept nogi
     return (_tap_phase(reach, pad, stride) + pad - reach) // stride
 
 
+cdef void _tap_offsets(const dplan* d, idx_t* off) noexcept nogil:
+    """off[(c*R + r)*S + s]: where tap (c, r, s) of output row 0 reads the forward scratch."""
+    cdef idx_t c, r, s, i = 0
+    for c in range(d.Cg):
+        for r in range(d.R):
+            for s in range(d.S):
+                off[i] = (c * d.fplane + r * d.dh * d.L + (s * d.dw) % d.sw * d.Lp
+                          + s * d.dw // d.sw)
+                i += 1
+
+
 cdef void _note(const dplan* d, bint backward):
     note_plan({"algorithm": "direct", "units": d.N * d.G * d.nb, "bands": d.nb,
-                     "threads": d.nt, "pass": "backward" if backward else "forward"})
+               "threads": d.nt, "pass": "backward" if backward else "forward"})
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -439,19 +447,13 @@ def forward(cnp.ndarray x, cnp.ndarray w, object bias, cnp.ndarray y, tuple geom
     cdef dplan d = _plan(x, y.shape[1], geom, groups, prm.n_threads, False, y.itemsize)
     cdef const kernel_set_t* ks = kernel_set(prm.isa)
     cdef idx_t xs[4]
-    cdef idx_t i, c, r, s
+    cdef int i
     for i in range(4):
         xs[i] = elem_stride(x, i)
     cdef idx_t* off = <idx_t*> malloc(d.T * sizeof(idx_t))
     if off == NULL:
         raise MemoryError("microtile: out of memory in conv2d")
-    i = 0
-    for c in range(d.Cg):
-        for r in range(d.R):
-            for s in range(d.S):
-                off[i] = (c * d.fplane + r * d.dh * d.L + (s * d.dw) % d.sw * d.Lp
-                          + s * d.dw // d.sw)
-                i += 1
+    _tap_offsets(&d, off)
     _note(&d, False)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pw = cnp.PyArray_DATA(w)
@@ -462,11 +464,11 @@ def forward(cnp.ndarray x, cnp.ndarray w, object bias, cnp.ndarray y, tuple geom
     open_poll(&poll)
     with nogil:
         if code == 0:
-            rc = _fwd_all(&d, ks, <const float*> px, xs, <const float*> pw, off,
-                          <const float*> pb, <float*> py)
+            rc = _all(&d, ks, False, <const float*> px, xs, <const float*> pw, off,
+                      <const float*> pb, NULL, NULL, NULL, <float*> py, NULL, NULL)
         else:
-            rc = _fwd_all(&d, ks, <const double*> px, xs, <const double*> pw, off,
-                          <const double*> pb, <double*> py)
+            rc = _all(&d, ks, False, <const double*> px, xs, <const double*> pw, off,
+                      <const double*> pb, NULL, NULL, NULL, <double*> py, NULL, NULL)
         close_poll()
         scratch_trim()
     free(off)
@@ -489,7 +491,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray w, tuple geom, idx_t gro
     d.need_b = need_b
     cdef const kernel_set_t* ks = kernel_set(prm.isa)
     cdef idx_t xs[4]
-    cdef idx_t i, c, r, s
+    cdef idx_t i, r, s
     for i in range(4):
         xs[i] = elem_stride(x, i)
     # One block: the forward offsets, the tap tables of dx, and the per-thread partials.
@@ -504,13 +506,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray w, tuple geom, idx_t gro
     cdef idx_t* stab = rtab + 2 * d.R
     cdef double* dwp = <double*> (block + _aligned(n_idx * sizeof(idx_t)))
     cdef double* dbp = dwp + <idx_t> d.nt * d.K * d.T
-    i = 0
-    for c in range(d.Cg):
-        for r in range(d.R):
-            for s in range(d.S):
-                off[i] = (c * d.fplane + r * d.dh * d.L + (s * d.dw) % d.sw * d.Lp
-                          + s * d.dw // d.sw)
-                i += 1
+    _tap_offsets(&d, off)
     for r in range(d.R):
         rtab[2 * r] = _tap_phase(r * d.dh, d.pt, d.sh)
         rtab[2 * r + 1] = _tap_shift(r * d.dh, d.pt, d.sh)
@@ -529,19 +525,13 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray w, tuple geom, idx_t gro
     open_poll(&poll)
     with nogil:
         if code == 0:
-            rc = _bwd_all(&d, ks, <const float*> px, xs, <const float*> pw, off, rtab, stab,
-                          <const float*> pdy, <float*> pdx, dwp, dbp)
-            if rc == 0 and need_w:
-                _reduce(dwp, d.K * d.T, d.nt, <float*> pdw)
-            if rc == 0 and need_b:
-                _reduce(dbp, d.K, d.nt, <float*> pdb)
+            rc = _bwd_run(&d, ks, <const float*> px, xs, <const float*> pw, off, rtab, stab,
+                          <const float*> pdy, <float*> pdx, <float*> pdw, <float*> pdb, dwp,
+                          dbp)
         else:
-            rc = _bwd_all(&d, ks, <const double*> px, xs, <const double*> pw, off, rtab,
-                          stab, <const double*> pdy, <double*> pdx, dwp, dbp)
-            if rc == 0 and need_w:
-                _reduce(dwp, d.K * d.T, d.nt, <double*> pdw)
-            if rc == 0 and need_b:
-                _reduce(dbp, d.K, d.nt, <double*> pdb)
+            rc = _bwd_run(&d, ks, <const double*> px, xs, <const double*> pw, off, rtab, stab,
+                          <const double*> pdy, <double*> pdx, <double*> pdw, <double*> pdb,
+                          dwp, dbp)
         close_poll()
         scratch_trim()
     free(block)
