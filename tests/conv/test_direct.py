@@ -279,6 +279,25 @@ def test_nan_propagates_where_read():
     assert np.isfinite(dx).all() and np.isnan(dw[1]).all() and np.isfinite(dw[0]).all()
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_weight_gives_torchs_dx(bad):
+    """The direct dx would multiply a weight by dy's zero padding too (0 * Inf = NaN where
+    torch has a number): weights holding Inf or NaN take im2col for dx, whose products are
+    torch's.  Without dx the direct kernel still runs."""
+    rng = np.random.default_rng(18)
+    x, w, b = make(rng, 2, 3, 9, 8, 3, 1, 3, 3, F64)
+    w[1, 0, 0, 2] = bad
+    kw = dict(padding=1, stride=(1, 2), groups=3)
+    y, dx, dw, db = check_against_torch(x, w, b, F64, **kw)
+    assert last_algorithm() == "im2col"
+    assert np.isfinite(dx[:, 1]).any() and not np.isfinite(dx[:, 1]).all()
+    mt.conv2d_backward(np.ones_like(y), x, w, need_input_grad=False, **kw)
+    assert last_algorithm() == "direct"
+    with mt.config_context(conv_algorithm="direct"):
+        check_against_torch(x, w, b, F64, need_x=False, **kw)
+        assert last_algorithm() == "direct"
+
+
 def test_huge_stride_costs_no_memory():
     # Only the column phases the taps read are stored: a stride of 2**31 - 1 keeps one
     # window per axis and needs a few rows of scratch.

@@ -21,7 +21,10 @@ taps read are stored (``nph = min(sw, (S-1)*dw + 1)``), so a huge stride costs n
   phase of dx is a stride-1 correlation of dy with that phase's taps (none: zeros), and
   the work is the forward's.  dy's band is copied into scratch (zero outside dy), one plane
   per output channel of the group, and the taps (k, r, s) are offsets into it; a phase is
-  written straight into dx when sw == 1, else through scratch.
+  written straight into dx when sw == 1, else through scratch.  Taps reaching past dy read
+  the scratch's zeros, products col2im never forms: with an Inf or NaN weight they would
+  be NaN where torch has a number, so the caller sends such weights to im2col
+  (``all_finite``).
 
 Threads take (image, group, band) units, each with its own scratch: the forward and dx
 write disjoint parts of y and dx; dw and db go to one double partial per thread, summed in
@@ -29,6 +32,7 @@ thread order at the end.  The schedule is static, so a result does not depend on
 """
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport malloc, calloc, free
+from libc.math cimport isfinite
 from libc.string cimport memset
 
 import numpy as np
@@ -434,6 +438,28 @@ cdef void _note(const dplan* d, bint backward):
 
 
 # ----------------------------------------------------------------------------- entry points
+
+cdef bint _finite(const floating* a, idx_t n) noexcept nogil:
+    cdef idx_t i
+    for i in range(n):
+        if not isfinite(a[i]):
+            return False
+    return True
+
+
+def all_finite(cnp.ndarray w):
+    """Whether every element of the C-contiguous float32/float64 array ``w`` is finite
+    (without the temporary array of ``numpy.isfinite(w).all()``)."""
+    cdef idx_t n = w.size
+    cdef void* p = cnp.PyArray_DATA(w)
+    cdef bint single = w.itemsize == 4, ok
+    with nogil:
+        if single:
+            ok = _finite(<const float*> p, n)
+        else:
+            ok = _finite(<const double*> p, n)
+    return ok
+
 
 def forward(cnp.ndarray x, cnp.ndarray w, object bias, cnp.ndarray y, tuple geom,
             idx_t groups):

@@ -235,11 +235,13 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
 
     Notes
     -----
-    The algorithm is chosen as in ``conv2d``.  On the direct kernel, dx is the transposed
-    convolution split by the phase of its elements modulo the stride (each phase a stride-1
-    correlation of dy with the taps that reach it), dw and db are sums over the image per
-    thread in double, added up in thread order; memory beyond the results: the per-thread
-    band of ``conv2d`` and (threads x (K·C/groups·R·S + K)) doubles.
+    The algorithm is chosen as in ``conv2d``, except that weights holding Inf or NaN take
+    im2col when dx is wanted (the direct dx would also multiply them by dy's zero padding,
+    giving NaN where the gradient is a number or Inf).  On the direct kernel, dx is the
+    transposed convolution split by the phase of its elements modulo the stride (each phase
+    a stride-1 correlation of dy with the taps that reach it), dw and db are sums over the
+    image per thread in double, added up in thread order; memory beyond the results: the
+    per-thread band of ``conv2d`` and (threads x (K·C/groups·R·S + K)) doubles.
 
     On im2col + GEMM the columns stay within ``conv_workspace`` as in ``conv2d``.  Other
     memory: the results,
@@ -266,7 +268,14 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
     db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
-    if _algorithm(N, Wt.shape[1], K, groups, P, Q) == "direct":
+    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q)
+    if algorithm == "direct":
+        Wc = _weight_rows(Wt, dt)
+        # The direct dx multiplies every weight by dy's zero padding too, a product col2im
+        # never forms: an Inf or NaN weight would give NaN where torch gives Inf or a number.
+        if need_input_grad and not _direct.all_finite(Wc):
+            algorithm = "im2col"
+    if algorithm == "direct":
         # Every element of the results is written: fresh ones need no clearing.
         dx = None
         if need_input_grad:
@@ -275,7 +284,7 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
         db = None
         if need_bias_grad:
             db = np.empty(K, dtype=dt) if db_out is None else db_out
-        _direct.backward(DY4, X4, _weight_rows(Wt, dt), geom, groups, True,
+        _direct.backward(DY4, X4, Wc, geom, groups, True,
                          bool(need_input_grad), bool(need_bias_grad), dx, dw.reshape(K, crs),
                          db)
         if dx is not None and unbatched:
