@@ -495,6 +495,15 @@ def test_unknown_algorithm_is_a_value_error(value):
             pass
 
 
+def test_profile_may_name_the_algorithm():
+    # A tuned profile's options may set it; an unknown name makes the profile invalid.
+    from microtile._config._profile import check_chosen
+    assert check_chosen({"options": {"conv_algorithm": "direct"}})["options"] == {
+        "conv_algorithm": "direct"}
+    with pytest.raises(ValueError, match="conv_algorithm"):
+        check_chosen({"options": {"conv_algorithm": "fft"}})
+
+
 def test_empty_problems_on_any_algorithm():
     for algorithm in ("auto", "direct"):
         with mt.config_context(conv_algorithm=algorithm):
