@@ -1510,13 +1510,15 @@ def gen_config_context(rng):
         kw["conv_workspace"] = choice(rng, (64 << 10, 1 << 20, 3 << 20))
     if rng.random() < 0.15:
         kw["isa"] = choice(rng, tuple(mt.available_isas()))
+    if rng.random() < 0.15:
+        kw["conv_algorithm"] = choice(rng, ("auto", "im2col", "direct"))
     fault = pick(rng, 0.45, ("unknown", "value", "dtype"))
     if fault == "unknown":
         kw[choice(rng, ("mr", "nr", "blocking", "thread", "MC", ""))] = 4
         call.invalid("unknown parameter", ValueError)
     elif fault == "value":
         name = choice(rng, ("mc", "kc", "nc", "threads", "nopack_a_panels", "split", "isa",
-                            "conv_workspace", "conv_chunk"))
+                            "conv_workspace", "conv_chunk", "conv_algorithm"))
         kw[name] = choice(rng, (-1, 2 ** 70, "96", None, 2.5, True, [4], float("nan"))
                           + ((0,) if name != "nopack_a_panels" else ()))
         if name == "split":
@@ -2650,7 +2652,8 @@ GENERATORS = {
 
 def random_context(rng):
     """config_context overrides for one call: a quarter on 2 threads (often with threading
-    forced on tiny sizes), some with small odd blocking or the smallest conv workspace."""
+    forced on tiny sizes), some with small odd blocking, the smallest conv workspace or a
+    forced convolution algorithm."""
     ctx = {}
     if rng.random() < 0.25:
         ctx["threads"] = 2
@@ -2663,6 +2666,8 @@ def random_context(rng):
         ctx["nopack_mnk"] = choice(rng, (0, 2 ** 40))
     if rng.random() < 0.1:
         ctx["conv_workspace"], ctx["conv_chunk"] = 64 << 10, 16 << 10
+    if rng.random() < 0.15:     # either algorithm on any layer (each applies to every one)
+        ctx["conv_algorithm"] = choice(rng, ("im2col", "direct"))
     return ctx
 
 

@@ -145,13 +145,17 @@ def check_forward_backward(x, w, b, dtype, **kwargs):
 
 # ------------------------------------------------------------------------ forward/backward
 
+@pytest.mark.parametrize("algorithm", ["auto", "im2col", "direct"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("seed", range(24))
-def test_random_configs(seed, dtype):
+def test_random_configs(seed, dtype, algorithm):
+    # Every configuration on both algorithms (each applies to any layer), and on the one
+    # the built-in rule picks.
     rng = np.random.default_rng(seed)
     cfg = random_config(rng)
     x, w, b = make(cfg, dtype, rng, bias=seed % 3 != 0)
-    check_forward_backward(x, w, b, dtype, **kw(cfg))
+    with mt.config_context(conv_algorithm=algorithm):
+        check_forward_backward(x, w, b, dtype, **kw(cfg))
 
 
 @pytest.mark.parametrize("layout", ["fortran", "reversed", "strided", "transposed"])
@@ -539,11 +543,13 @@ def _weight(w, layout):
 def test_depth_slices_when_one_column_is_over_the_workspace(cfg, threads, layout):
     # With the smallest workspace a single output position's column (Cg*R*S elements) is
     # over one thread's budget: the depth is cut into slices whose GEMMs add into the same
-    # output block, and the workspace used stays under the cap.
+    # output block, and the workspace used stays under the cap.  (im2col forced: cfg1's
+    # four channels per group would take the direct kernel, which has no columns.)
     rng = np.random.default_rng(11)
     x, w, b = make(cfg, np.float64, rng)
     w = _weight(w, layout)
-    with mt.config_context(threads=threads, conv_workspace=64 << 10, conv_chunk=16 << 10):
+    with mt.config_context(threads=threads, conv_workspace=64 << 10, conv_chunk=16 << 10,
+                           conv_algorithm="im2col"):
         check_forward_backward(x, w, b, np.float64, **kw(cfg))
         plan = mt.conv._conv.last_plan()
         mt.conv2d(x, w, b, **kw(cfg))

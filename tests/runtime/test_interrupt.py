@@ -35,6 +35,17 @@ elif CASE == "conv2d":
     w = rng.standard_normal((128, 64, 3, 3))
     out = np.full((8, 128, 128, 128), np.nan)
     call = lambda: mt.conv2d(x, w, padding=1, out=out)
+elif CASE == "depthwise":       # the direct kernel (a 41x41 filter per channel)
+    x = rng.standard_normal((4, 64, 192, 192))
+    w = rng.standard_normal((64, 1, 41, 41))
+    out = np.full((4, 64, 192, 192), np.nan)
+    call = lambda: mt.conv2d(x, w, padding=20, groups=64, out=out)
+elif CASE == "depthwise_backward":
+    x = rng.standard_normal((4, 64, 192, 192))
+    w = rng.standard_normal((64, 1, 41, 41))
+    dy = rng.standard_normal((4, 64, 192, 192))
+    out = np.full(x.shape, np.nan)
+    call = lambda: mt.conv2d_backward(dy, x, w, padding=20, groups=64, _dx=out)
 else:                           # conv2d_backward; its private _dx is the output watched
     x = rng.standard_normal((8, 64, 128, 128))
     w = rng.standard_normal((128, 64, 3, 3))
@@ -73,7 +84,8 @@ print(json.dumps({{"outcome": outcome, "unwritten": unwritten, "size": int(out.s
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", ["gemm", "matmul", "conv2d", "conv2d_backward"])
+@pytest.mark.parametrize("case", ["gemm", "matmul", "conv2d", "conv2d_backward", "depthwise",
+                                  "depthwise_backward"])
 def test_ctrl_c_stops_a_long_kernel(case, threads):
     res = run_python(_CHILD.format(case=case), env={"MICROTILE_NUM_THREADS": threads},
                      timeout=300)

@@ -258,6 +258,16 @@ def config_context(**overrides):
         Kernel set, one of ``microtile.available_isas()``.
     mc, kc, nc, nopack_mnk, thread_mnk, nopack_a_panels, split : optional
         Blocking and threading parameters (see ``get_config``).
+    conv_workspace, conv_chunk : int, optional
+        Bytes of im2col columns a convolution may use in all, and per thread at a time.
+    conv_algorithm : {"auto", "im2col", "direct"}, optional
+        How ``conv2d`` and ``conv2d_backward`` compute.  ``"auto"`` (the default) lets the
+        built-in rule choose per layer: the direct kernel for depthwise layers and grouped
+        ones with at most 4 input channels per group, im2col + GEMM otherwise.
+        ``"im2col"`` and ``"direct"`` force that algorithm; each applies to every layer
+        (the direct kernel is slow on layers with many channels per group, never wrong).
+    sparse_density : float, optional
+        Weight density at or below which a pruned ``Linear`` runs on the sparse kernel.
 
     Raises
     ------

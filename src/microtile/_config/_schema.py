@@ -46,9 +46,17 @@ DEFAULT_THRESHOLDS = {"nopack_mnk": 64 ** 3, "thread_mnk": 96 ** 3, "nopack_a_pa
 # the sparse kernel instead of the dense GEMM.  The default (a float, unlike the others) is
 # not measured yet: 0.1 puts a 90 %-pruned layer on the sparse kernel; the tuner is to
 # measure the crossover per machine.
+# conv_algorithm: how conv2d and conv2d_backward compute; one of CONV_ALGORITHMS (a name,
+# not a number: its bounds are None).
 OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),
            "conv_chunk": (2 << 20, 16 << 10, 1 << 32),
-           "sparse_density": (0.1, 0.0, 1.0)}
+           "sparse_density": (0.1, 0.0, 1.0),
+           "conv_algorithm": ("auto", None, None)}
+
+# The convolution algorithms: "auto" lets the built-in rule choose per layer; "im2col" is
+# im2col + the GEMM; "direct" the direct kernel (made for depthwise and small-group layers,
+# correct for any).  Both named algorithms apply to every layer (see conv.convolution).
+CONV_ALGORITHMS = ("auto", "im2col", "direct")
 
 # Thread counts a caller may ask for (set_num_threads, config_context).
 MAX_THREADS = 1 << 12
@@ -91,6 +99,10 @@ def validate(name, value):
         if value in (0, 1, 2) and not isinstance(value, bool):
             return int(value)
         raise ValueError(f"split must be one of {sorted(set(SPLITS))}, got {value!r}")
+    if name == "conv_algorithm":
+        if isinstance(value, str) and value in CONV_ALGORITHMS:
+            return value
+        raise ValueError(f"conv_algorithm must be one of {CONV_ALGORITHMS}, got {value!r}")
     if name in ("nopack_mnk", "thread_mnk") and isinstance(value, float) and value.is_integer():
         value = int(value)
     if name in OPTIONS:

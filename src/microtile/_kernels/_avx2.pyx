@@ -1,5 +1,5 @@
-"""AVX2/FMA kernels: the 6x16 (float32) and 6x8 (float64) GEMM micro-kernels and the
-level-1/2 kernels.
+"""AVX2/FMA kernels: the 6x16 (float32) and 6x8 (float64) GEMM micro-kernels, the
+level-1/2 and sparse-row kernels, and the direct-convolution row kernels.
 
 This translation unit is compiled with ``-mavx2 -mfma``, so the compiler may use those
 instructions anywhere in it, module initialisation included: ``_dispatch`` imports it only
@@ -13,7 +13,7 @@ from cpython.pycapsule cimport PyCapsule_New
 
 from libc.stdint cimport int32_t, int64_t
 
-from microtile._common._typedefs cimport idx_t, sp_index
+from microtile._common._typedefs cimport idx_t, floating, sp_index
 from microtile._kernels._ukernel cimport skernels_t, dkernels_t
 
 cdef extern from "<immintrin.h>" nogil:
@@ -49,6 +49,17 @@ cdef extern from "<immintrin.h>" nogil:
     double _mm_cvtsd_f64(__m128d)
     void _mm_prefetch(const char*, int)
     int _MM_HINT_T0
+    ctypedef long long __m256i
+    __m256i _mm256_set1_epi32(int)
+    __m256i _mm256_setr_epi32(int, int, int, int, int, int, int, int)
+    __m256i _mm256_cmpgt_epi32(__m256i, __m256i)
+    __m256i _mm256_set1_epi64x(long long)
+    __m256i _mm256_setr_epi64x(long long, long long, long long, long long)
+    __m256i _mm256_cmpgt_epi64(__m256i, __m256i)
+    __m256 _mm256_maskload_ps(const float*, __m256i)
+    void _mm256_maskstore_ps(float*, __m256i, __m256)
+    __m256d _mm256_maskload_pd(const double*, __m256i)
+    void _mm256_maskstore_pd(double*, __m256i, __m256d)
 
 
 # ----------------------------------------------------------------------------- float32 6x16
@@ -602,6 +613,467 @@ cdef void d_csr_scatter(idx_t nnz, const double* val, const sp_index* col, const
         j += 1
 
 
+# ----------------------------------------------------------------------------- direct conv
+# conv_rows (see _ukernel.pxd): a tile of KB outputs x M rows x V vectors keeps its KB*M*V
+# <= 8 sums in YMM registers while it walks the taps; per tap it broadcasts KB weights and
+# loads M*V input vectors, each feeding KB FMAs.  Eight independent sums are what two FMA
+# pipes of latency 4 need, so short rows are stacked (M rows of V vectors) rather than left
+# as a single latency-bound chain.  Loads are whole vectors (the caller pads its rows,
+# CONV_PAD); only the last vector of a row is stored under a mask.
+# conv_taps: TB tap sums in registers while one pass reads dy once and each tap's shifted
+# row, masked loads for the row's last partial vector (nothing past Q is read).
+#
+# Tile shapes and tap-block sizes are types: Cython compiles a fused function once per type
+# and decides ``if tile_t is ...`` at compile time, so in every copy the sizes are
+# constants, the loops over them unroll and the sums stay in registers.  (Sizes passed as
+# literal arguments to one inline function were not enough: GCC kept an out-of-line copy
+# for the many call sites, with the sums in memory.)
+
+cdef struct tile_1_1_8:
+    char unused
+cdef struct tile_1_1_7:
+    char unused
+cdef struct tile_1_1_6:
+    char unused
+cdef struct tile_1_1_5:
+    char unused
+cdef struct tile_1_1_4:
+    char unused
+cdef struct tile_1_1_3:
+    char unused
+cdef struct tile_1_1_2:
+    char unused
+cdef struct tile_1_1_1:
+    char unused
+cdef struct tile_1_2_4:
+    char unused
+cdef struct tile_1_2_3:
+    char unused
+cdef struct tile_1_2_2:
+    char unused
+cdef struct tile_1_2_1:
+    char unused
+cdef struct tile_1_4_2:
+    char unused
+cdef struct tile_1_4_1:
+    char unused
+cdef struct tile_1_8_1:
+    char unused
+cdef struct tile_4_1_2:
+    char unused
+cdef struct tile_4_1_1:
+    char unused
+cdef struct tile_2_1_2:
+    char unused
+cdef struct tile_2_1_1:
+    char unused
+
+ctypedef fused tile_t:
+    tile_1_1_8
+    tile_1_1_7
+    tile_1_1_6
+    tile_1_1_5
+    tile_1_1_4
+    tile_1_1_3
+    tile_1_1_2
+    tile_1_1_1
+    tile_1_2_4
+    tile_1_2_3
+    tile_1_2_2
+    tile_1_2_1
+    tile_1_4_2
+    tile_1_4_1
+    tile_1_8_1
+    tile_4_1_2
+    tile_4_1_1
+    tile_2_1_2
+    tile_2_1_1
+
+
+cdef inline void _tile_dims(const tile_t* shape, int* kb, int* m, int* v) noexcept nogil:
+    if tile_t is tile_1_1_8:
+        kb[0], m[0], v[0] = 1, 1, 8
+    elif tile_t is tile_1_1_7:
+        kb[0], m[0], v[0] = 1, 1, 7
+    elif tile_t is tile_1_1_6:
+        kb[0], m[0], v[0] = 1, 1, 6
+    elif tile_t is tile_1_1_5:
+        kb[0], m[0], v[0] = 1, 1, 5
+    elif tile_t is tile_1_1_4:
+        kb[0], m[0], v[0] = 1, 1, 4
+    elif tile_t is tile_1_1_3:
+        kb[0], m[0], v[0] = 1, 1, 3
+    elif tile_t is tile_1_1_2:
+        kb[0], m[0], v[0] = 1, 1, 2
+    elif tile_t is tile_1_1_1:
+        kb[0], m[0], v[0] = 1, 1, 1
+    elif tile_t is tile_1_2_4:
+        kb[0], m[0], v[0] = 1, 2, 4
+    elif tile_t is tile_1_2_3:
+        kb[0], m[0], v[0] = 1, 2, 3
+    elif tile_t is tile_1_2_2:
+        kb[0], m[0], v[0] = 1, 2, 2
+    elif tile_t is tile_1_2_1:
+        kb[0], m[0], v[0] = 1, 2, 1
+    elif tile_t is tile_1_4_2:
+        kb[0], m[0], v[0] = 1, 4, 2
+    elif tile_t is tile_1_4_1:
+        kb[0], m[0], v[0] = 1, 4, 1
+    elif tile_t is tile_1_8_1:
+        kb[0], m[0], v[0] = 1, 8, 1
+    elif tile_t is tile_4_1_2:
+        kb[0], m[0], v[0] = 4, 1, 2
+    elif tile_t is tile_4_1_1:
+        kb[0], m[0], v[0] = 4, 1, 1
+    elif tile_t is tile_2_1_2:
+        kb[0], m[0], v[0] = 2, 1, 2
+    elif tile_t is tile_2_1_1:
+        kb[0], m[0], v[0] = 2, 1, 1
+
+
+cdef struct taps_1:
+    char unused
+cdef struct taps_2:
+    char unused
+cdef struct taps_3:
+    char unused
+cdef struct taps_4:
+    char unused
+cdef struct taps_5:
+    char unused
+cdef struct taps_6:
+    char unused
+cdef struct taps_7:
+    char unused
+cdef struct taps_8:
+    char unused
+cdef struct taps_9:
+    char unused
+cdef struct taps_10:
+    char unused
+cdef struct taps_11:
+    char unused
+cdef struct taps_12:
+    char unused
+
+ctypedef fused taps_t:
+    taps_1
+    taps_2
+    taps_3
+    taps_4
+    taps_5
+    taps_6
+    taps_7
+    taps_8
+    taps_9
+    taps_10
+    taps_11
+    taps_12
+
+
+cdef inline int _taps_count(const taps_t* block) noexcept nogil:
+    if taps_t is taps_1:
+        return 1
+    elif taps_t is taps_2:
+        return 2
+    elif taps_t is taps_3:
+        return 3
+    elif taps_t is taps_4:
+        return 4
+    elif taps_t is taps_5:
+        return 5
+    elif taps_t is taps_6:
+        return 6
+    elif taps_t is taps_7:
+        return 7
+    elif taps_t is taps_8:
+        return 8
+    elif taps_t is taps_9:
+        return 9
+    elif taps_t is taps_10:
+        return 10
+    elif taps_t is taps_11:
+        return 11
+    elif taps_t is taps_12:
+        return 12
+    return 0
+
+
+cdef void _s_tile(const tile_t* shape, idx_t T, const idx_t* off, const float* w, idx_t ws,
+                  const float* bias, const float* src, idx_t srs, float* out, idx_t ors,
+                  idx_t oks, int tail) noexcept nogil:
+    cdef __m256 acc[8]
+    cdef __m256 wv[4]
+    cdef __m256 xv
+    cdef __m256i mask
+    cdef const float* sp
+    cdef float* o
+    cdef idx_t t
+    cdef int KB, M, V, k, m, v, i
+    _tile_dims(shape, &KB, &M, &V)
+    for k in range(KB):
+        wv[k] = _mm256_set1_ps(bias[k]) if bias != NULL else _mm256_setzero_ps()
+        for i in range(M * V):
+            acc[k * M * V + i] = wv[k]
+    for t in range(T):
+        sp = src + off[t]
+        for k in range(KB):
+            wv[k] = _mm256_broadcast_ss(w + k * ws + t)
+        for m in range(M):
+            for v in range(V):
+                xv = _mm256_loadu_ps(sp + m * srs + v * 8)
+                for k in range(KB):
+                    i = (k * M + m) * V + v
+                    acc[i] = _mm256_fmadd_ps(wv[k], xv, acc[i])
+    mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    for k in range(KB):
+        for m in range(M):
+            for v in range(V):
+                o = out + k * oks + m * ors + v * 8
+                i = (k * M + m) * V + v
+                if v == V - 1 and tail < 8:
+                    _mm256_maskstore_ps(o, mask, acc[i])
+                else:
+                    _mm256_storeu_ps(o, acc[i])
+
+
+cdef void _d_tile(const tile_t* shape, idx_t T, const idx_t* off, const double* w, idx_t ws,
+                  const double* bias, const double* src, idx_t srs, double* out, idx_t ors,
+                  idx_t oks, int tail) noexcept nogil:
+    cdef __m256d acc[8]
+    cdef __m256d wv[4]
+    cdef __m256d xv
+    cdef __m256i mask
+    cdef const double* sp
+    cdef double* o
+    cdef idx_t t
+    cdef int KB, M, V, k, m, v, i
+    _tile_dims(shape, &KB, &M, &V)
+    for k in range(KB):
+        wv[k] = _mm256_set1_pd(bias[k]) if bias != NULL else _mm256_setzero_pd()
+        for i in range(M * V):
+            acc[k * M * V + i] = wv[k]
+    for t in range(T):
+        sp = src + off[t]
+        for k in range(KB):
+            wv[k] = _mm256_broadcast_sd(w + k * ws + t)
+        for m in range(M):
+            for v in range(V):
+                xv = _mm256_loadu_pd(sp + m * srs + v * 4)
+                for k in range(KB):
+                    i = (k * M + m) * V + v
+                    acc[i] = _mm256_fmadd_pd(wv[k], xv, acc[i])
+    mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(tail), _mm256_setr_epi64x(0, 1, 2, 3))
+    for k in range(KB):
+        for m in range(M):
+            for v in range(V):
+                o = out + k * oks + m * ors + v * 4
+                i = (k * M + m) * V + v
+                if v == V - 1 and tail < 4:
+                    _mm256_maskstore_pd(o, mask, acc[i])
+                else:
+                    _mm256_storeu_pd(o, acc[i])
+
+
+cdef inline void _tile_f(const tile_t* shape, idx_t T, const idx_t* off, const floating* w,
+                         idx_t ws, const floating* bias, const floating* src, idx_t srs,
+                         floating* out, idx_t ors, idx_t oks, int tail) noexcept nogil:
+    if floating is float:
+        _s_tile(shape, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    else:
+        _d_tile(shape, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+
+
+cdef void _tile(int KB, int M, int V, idx_t T, const idx_t* off, const floating* w, idx_t ws,
+                const floating* bias, const floating* src, idx_t srs, floating* out,
+                idx_t ors, idx_t oks, int tail) noexcept nogil:
+    """The tile of KB outputs x M rows x V vectors (one of tile_t's shapes)."""
+    cdef int code = (KB * 10 + M) * 10 + V
+    if code == 118:
+        _tile_f(<tile_1_1_8*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 117:
+        _tile_f(<tile_1_1_7*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 116:
+        _tile_f(<tile_1_1_6*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 115:
+        _tile_f(<tile_1_1_5*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 114:
+        _tile_f(<tile_1_1_4*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 113:
+        _tile_f(<tile_1_1_3*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 112:
+        _tile_f(<tile_1_1_2*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 111:
+        _tile_f(<tile_1_1_1*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 124:
+        _tile_f(<tile_1_2_4*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 123:
+        _tile_f(<tile_1_2_3*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 122:
+        _tile_f(<tile_1_2_2*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 121:
+        _tile_f(<tile_1_2_1*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 142:
+        _tile_f(<tile_1_4_2*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 141:
+        _tile_f(<tile_1_4_1*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 181:
+        _tile_f(<tile_1_8_1*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 412:
+        _tile_f(<tile_4_1_2*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 411:
+        _tile_f(<tile_4_1_1*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 212:
+        _tile_f(<tile_2_1_2*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+    elif code == 211:
+        _tile_f(<tile_2_1_1*> NULL, T, off, w, ws, bias, src, srs, out, ors, oks, tail)
+
+
+cdef void conv_rows_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* w,
+                         idx_t nk, const floating* bias, const floating* src, idx_t srs,
+                         floating* out, idx_t ors, idx_t oks) noexcept nogil:
+    cdef int vw = 8 if floating is float else 4
+    cdef idx_t nv = (Q + vw - 1) // vw, p, j, k0
+    cdef int tail = <int> (Q - (nv - 1) * vw), V, M, KB
+    if P <= 0 or Q <= 0:
+        return
+    if nk == 1:
+        if nv >= 8:
+            # Long rows: blocks of eight vectors along the row, the last block shorter.
+            for p in range(P):
+                for j in range(0, nv, 8):
+                    V = <int> (nv - j if nv - j < 8 else 8)
+                    _tile(1, 1, V, T, off, w, T, bias, src + p * srs + j * vw, srs,
+                          out + p * ors + j * vw, ors, oks, tail if j + V == nv else vw)
+            return
+        # Short rows: as many rows as make up to eight vectors (a power of two), fewer at
+        # the bottom.
+        V = <int> nv
+        M = 8 if V == 1 else (4 if V == 2 else (2 if V <= 4 else 1))
+        p = 0
+        while p < P:
+            while M > P - p:
+                M //= 2
+            _tile(1, M, V, T, off, w, T, bias, src + p * srs, srs, out + p * ors, ors, oks,
+                  tail)
+            p += M
+        return
+    # Several outputs (grouped layers): four at a time share each input vector, two
+    # vectors along the row.
+    k0 = 0
+    while k0 < nk:
+        KB = 4 if nk - k0 >= 4 else (2 if nk - k0 >= 2 else 1)
+        for p in range(P):
+            for j in range(0, nv, 2):
+                V = <int> (nv - j if nv - j < 2 else 2)
+                _tile(KB, 1, V, T, off, w + k0 * T, T, NULL if bias == NULL else bias + k0,
+                      src + p * srs + j * vw, srs, out + k0 * oks + p * ors + j * vw, ors,
+                      oks, tail if j + V == nv else vw)
+        k0 += KB
+
+
+cdef void _s_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const float* src,
+                  idx_t srs, const float* dy, idx_t dys, double* acc) noexcept nogil:
+    cdef int TB = _taps_count(block), j
+    cdef __m256 a[12]
+    cdef __m256 d
+    cdef __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(<int> (Q % 8)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    cdef idx_t nfull = Q // 8, p, v
+    cdef const float* sp
+    cdef const float* r
+    for j in range(TB):
+        a[j] = _mm256_setzero_ps()
+    for p in range(P):
+        sp = src + p * srs
+        r = dy + p * dys
+        for v in range(nfull):
+            d = _mm256_loadu_ps(r + v * 8)
+            for j in range(TB):
+                a[j] = _mm256_fmadd_ps(d, _mm256_loadu_ps(sp + off[j] + v * 8), a[j])
+        if Q % 8:
+            d = _mm256_maskload_ps(r + nfull * 8, mask)
+            for j in range(TB):
+                a[j] = _mm256_fmadd_ps(d, _mm256_maskload_ps(sp + off[j] + nfull * 8, mask),
+                                       a[j])
+    for j in range(TB):
+        acc[j] += _hsum_ps(a[j])
+
+
+cdef void _d_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const double* src,
+                  idx_t srs, const double* dy, idx_t dys, double* acc) noexcept nogil:
+    cdef int TB = _taps_count(block), j
+    cdef __m256d a[12]
+    cdef __m256d d
+    cdef __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(Q % 4),
+                                          _mm256_setr_epi64x(0, 1, 2, 3))
+    cdef idx_t nfull = Q // 4, p, v
+    cdef const double* sp
+    cdef const double* r
+    for j in range(TB):
+        a[j] = _mm256_setzero_pd()
+    for p in range(P):
+        sp = src + p * srs
+        r = dy + p * dys
+        for v in range(nfull):
+            d = _mm256_loadu_pd(r + v * 4)
+            for j in range(TB):
+                a[j] = _mm256_fmadd_pd(d, _mm256_loadu_pd(sp + off[j] + v * 4), a[j])
+        if Q % 4:
+            d = _mm256_maskload_pd(r + nfull * 4, mask)
+            for j in range(TB):
+                a[j] = _mm256_fmadd_pd(d, _mm256_maskload_pd(sp + off[j] + nfull * 4, mask),
+                                       a[j])
+    for j in range(TB):
+        acc[j] += _hsum_pd(a[j])
+
+
+cdef inline void _taps_f(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
+                         const floating* src, idx_t srs, const floating* dy, idx_t dys,
+                         double* acc) noexcept nogil:
+    if floating is float:
+        _s_taps(block, P, Q, off, src, srs, dy, dys, acc)
+    else:
+        _d_taps(block, P, Q, off, src, srs, dy, dys, acc)
+
+
+cdef void conv_taps_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* src,
+                         idx_t srs, const floating* dy, idx_t dys, double* acc) noexcept nogil:
+    # Taps in nearly equal blocks of at most 12 (twelve sums, the dy vector and one load
+    # fit the sixteen registers): one pass over dy per block.
+    cdef idx_t nblk = (T + 11) // 12, b, t0, t1
+    if P <= 0 or Q <= 0:
+        return
+    for b in range(nblk):
+        t0 = b * T // nblk
+        t1 = (b + 1) * T // nblk
+        if t1 - t0 == 12:
+            _taps_f(<taps_12*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 11:
+            _taps_f(<taps_11*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 10:
+            _taps_f(<taps_10*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 9:
+            _taps_f(<taps_9*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 8:
+            _taps_f(<taps_8*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 7:
+            _taps_f(<taps_7*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 6:
+            _taps_f(<taps_6*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 5:
+            _taps_f(<taps_5*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 4:
+            _taps_f(<taps_4*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 3:
+            _taps_f(<taps_3*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 2:
+            _taps_f(<taps_2*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+        elif t1 - t0 == 1:
+            _taps_f(<taps_1*> NULL, P, Q, off + t0, src, srs, dy, dys, acc + t0)
+
+
 cdef skernels_t _s_table
 cdef dkernels_t _d_table
 _s_table.mr = 6
@@ -617,6 +1089,8 @@ _s_table.csr_gather32 = s_csr_gather[int32_t]
 _s_table.csr_gather64 = s_csr_gather[int64_t]
 _s_table.csr_scatter32 = s_csr_scatter[int32_t]
 _s_table.csr_scatter64 = s_csr_scatter[int64_t]
+_s_table.conv_rows = conv_rows_avx2[float]
+_s_table.conv_taps = conv_taps_avx2[float]
 _d_table.mr = 6
 _d_table.nr = 8
 _d_table.gemm = dgemm_6x8
@@ -630,6 +1104,8 @@ _d_table.csr_gather32 = d_csr_gather[int32_t]
 _d_table.csr_gather64 = d_csr_gather[int64_t]
 _d_table.csr_scatter32 = d_csr_scatter[int32_t]
 _d_table.csr_scatter64 = d_csr_scatter[int64_t]
+_d_table.conv_rows = conv_rows_avx2[double]
+_d_table.conv_taps = conv_taps_avx2[double]
 
 
 def tables():

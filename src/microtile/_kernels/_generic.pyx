@@ -175,6 +175,41 @@ cdef void csr_scatter_g(idx_t nnz, const floating* val, const sp_index* col,
             yr[j] += v * x[j]
 
 
+# Direct convolution.  conv_rows adds one tap at a time into the output row (an axpy the
+# compiler vectorizes with the baseline ISA; the row stays in L1 across the taps); conv_taps
+# is one dot product per tap and row, in dot_g's independent partial sums.
+
+cdef void conv_rows_g(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* w,
+                      idx_t nk, const floating* bias, const floating* src, idx_t srs,
+                      floating* out, idx_t ors, idx_t oks) noexcept nogil:
+    cdef idx_t k, p, q, t
+    cdef floating b, wt
+    cdef floating* o
+    cdef const floating* s
+    for k in range(nk):
+        b = bias[k] if bias != NULL else 0
+        for p in range(P):
+            o = out + k * oks + p * ors
+            for q in range(Q):
+                o[q] = b
+            for t in range(T):
+                wt = w[k * T + t]
+                s = src + p * srs + off[t]
+                for q in range(Q):
+                    o[q] += wt * s[q]
+
+
+cdef void conv_taps_g(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* src,
+                      idx_t srs, const floating* dy, idx_t dys, double* acc) noexcept nogil:
+    cdef idx_t t, p
+    cdef double a
+    for t in range(T):
+        a = 0
+        for p in range(P):
+            a += dot_g(Q, dy + p * dys, src + p * srs + off[t])
+        acc[t] += a
+
+
 cdef skernels_t _s_table
 cdef dkernels_t _d_table
 _s_table.mr = 4
@@ -190,6 +225,8 @@ _s_table.csr_gather32 = csr_gather_g[float, int32_t]
 _s_table.csr_gather64 = csr_gather_g[float, int64_t]
 _s_table.csr_scatter32 = csr_scatter_g[float, int32_t]
 _s_table.csr_scatter64 = csr_scatter_g[float, int64_t]
+_s_table.conv_rows = conv_rows_g[float]
+_s_table.conv_taps = conv_taps_g[float]
 _d_table.mr = 4
 _d_table.nr = 4
 _d_table.gemm = dgemm_4x4
@@ -203,6 +240,8 @@ _d_table.csr_gather32 = csr_gather_g[double, int32_t]
 _d_table.csr_gather64 = csr_gather_g[double, int64_t]
 _d_table.csr_scatter32 = csr_scatter_g[double, int32_t]
 _d_table.csr_scatter64 = csr_scatter_g[double, int64_t]
+_d_table.conv_rows = conv_rows_g[double]
+_d_table.conv_taps = conv_taps_g[double]
 
 
 def tables():

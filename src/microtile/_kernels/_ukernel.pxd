@@ -71,6 +71,32 @@ ctypedef void (*dcsr_scatter64_t)(idx_t nnz, const double* val, const int64_t* c
                                   const double* x, idx_t n, double alpha, double* y,
                                   idx_t rs_y) noexcept nogil
 
+# Direct convolution (``conv/_direct.pyx`` lays the operands out in its scratch so that
+# every tap of the filter is one offset into it; see that module for the layout).
+#   conv_rows: out[k*oks + p*ors + q] = b_k + sum_{t<T} w[k*T + t] * src[p*srs + off[t] + q]
+#              for k < nk, p < P, q < Q, with b_k = bias[k] (0 when bias is NULL, and the
+#              sum empty when T == 0).  Only q < Q of out is written, but a vector kernel
+#              reads src at every q < Q + CONV_PAD - 1 (whole vectors, no masked loads in
+#              the inner loop): the caller's rows must be readable that far.
+#   conv_taps: acc[t] += sum_{p<P, q<Q} dy[p*dys + q] * src[p*srs + off[t] + q], t < T,
+#              summed in the working precision within the call and added to acc in double;
+#              dy and src are read at q < Q only (a NaN or Inf beyond them never leaks in).
+# CONV_PAD: 16 elements, a 512-bit vector of float32, so one padding serves every ISA module
+# (the AVX2 kernels read at most 7 past Q).
+cdef enum:
+    CONV_PAD = 16
+
+ctypedef void (*sconv_rows_t)(idx_t P, idx_t Q, idx_t T, const idx_t* off, const float* w,
+                              idx_t nk, const float* bias, const float* src, idx_t srs,
+                              float* out, idx_t ors, idx_t oks) noexcept nogil
+ctypedef void (*dconv_rows_t)(idx_t P, idx_t Q, idx_t T, const idx_t* off, const double* w,
+                              idx_t nk, const double* bias, const double* src, idx_t srs,
+                              double* out, idx_t ors, idx_t oks) noexcept nogil
+ctypedef void (*sconv_taps_t)(idx_t P, idx_t Q, idx_t T, const idx_t* off, const float* src,
+                              idx_t srs, const float* dy, idx_t dys, double* acc) noexcept nogil
+ctypedef void (*dconv_taps_t)(idx_t P, idx_t Q, idx_t T, const idx_t* off, const double* src,
+                              idx_t srs, const double* dy, idx_t dys, double* acc) noexcept nogil
+
 # The largest micro-tile any ISA module may declare (sizes the drivers' stack buffers).
 cdef enum:
     MAX_MR = 8
@@ -90,6 +116,8 @@ ctypedef struct skernels_t:
     scsr_gather64_t csr_gather64
     scsr_scatter32_t csr_scatter32
     scsr_scatter64_t csr_scatter64
+    sconv_rows_t conv_rows
+    sconv_taps_t conv_taps
 
 ctypedef struct dkernels_t:
     int mr
@@ -105,6 +133,8 @@ ctypedef struct dkernels_t:
     dcsr_gather64_t csr_gather64
     dcsr_scatter32_t csr_scatter32
     dcsr_scatter64_t csr_scatter64
+    dconv_rows_t conv_rows
+    dconv_taps_t conv_taps
 
 # Both dtypes' tables for one ISA.
 ctypedef struct kernel_set_t:
@@ -213,6 +243,25 @@ cdef inline void ukr_csr_scatter(const kernel_set_t* ks, idx_t nnz, const floati
             ks.d.csr_scatter32(nnz, val, col, x, n, alpha, y, rs_y)
         else:
             ks.d.csr_scatter64(nnz, val, col, x, n, alpha, y, rs_y)
+
+
+cdef inline void ukr_conv_rows(const kernel_set_t* ks, idx_t P, idx_t Q, idx_t T,
+                               const idx_t* off, const floating* w, idx_t nk,
+                               const floating* bias, const floating* src, idx_t srs,
+                               floating* out, idx_t ors, idx_t oks) noexcept nogil:
+    if floating is float:
+        ks.s.conv_rows(P, Q, T, off, w, nk, bias, src, srs, out, ors, oks)
+    else:
+        ks.d.conv_rows(P, Q, T, off, w, nk, bias, src, srs, out, ors, oks)
+
+
+cdef inline void ukr_conv_taps(const kernel_set_t* ks, idx_t P, idx_t Q, idx_t T,
+                               const idx_t* off, const floating* src, idx_t srs,
+                               const floating* dy, idx_t dys, double* acc) noexcept nogil:
+    if floating is float:
+        ks.s.conv_taps(P, Q, T, off, src, srs, dy, dys, acc)
+    else:
+        ks.d.conv_taps(P, Q, T, off, src, srs, dy, dys, acc)
 
 
 # Panel copies at the micro-tile widths the kernel modules declare (mr 4 or 6; nr 4, 8 or

@@ -20,7 +20,10 @@ a pass over Y.
 
 Threads: when there are enough chunks, each thread takes whole chunks and runs the GEMM
 serially (``gemm_serial``); otherwise chunks run one after another with the GEMM threaded and
-im2col/col2im split over channels.  Either way at most ``n_threads`` threads run.
+im2col/col2im split over channels.  Either way at most ``n_threads`` threads run.  A grouped
+layer's units are (group, chunk) pairs: its chunks are cut finer when that makes the units
+share evenly, and its groups never run one after another on GEMMs too small to thread.
+(Depthwise and small-group layers usually take the direct kernel, ``_direct``, instead.)
 
 Backward: dW = sum over chunks of dY_chunk @ cols_chunk^T, accumulated in one partial per
 thread and reduced at the end; dX = col2im(W^T @ dY_chunk).  A thread owns all chunks of an
@@ -91,14 +94,21 @@ _last = threading.local()
 
 
 cdef void _note_plan(const conv_plan* pl, idx_t ws_bytes):
-    _last.plan = {"images_per_chunk": pl.nb, "chunks_per_image": pl.cpi, "ncols": pl.ncols,
+    _last.plan = {"algorithm": "im2col", "images_per_chunk": pl.nb,
+                  "chunks_per_image": pl.cpi, "ncols": pl.ncols,
                   "depth_slices": pl.n_dc, "threads_over_chunks": bool(pl.par),
                   "direct": bool(pl.direct), "workspace_bytes": ws_bytes}
 
 
 def last_plan():
-    """How this thread's last conv2d forward or backward call was cut up (a dict), or None."""
+    """How this thread's last conv2d forward or backward call was cut up (a dict with its
+    ``"algorithm"``), or None."""
     return getattr(_last, "plan", None)
+
+
+def note_plan(dict plan):
+    """Record the plan of a call another driver ran (``_direct``), for ``last_plan``."""
+    _last.plan = plan
 
 # Output planes at least this wide use the no-im2col path for 1x1 convolutions; narrower
 # ones are batched over images by im2col (one copy) so the GEMM is not skinny.
@@ -115,6 +125,12 @@ cdef enum:
 # parallel region costs more than it brings (on a loaded 2-core machine, tens of us each).
 cdef enum:
     LOWER_THREAD_MIN = 1 << 15
+
+# The fewest columns a slice of an image may have when a grouped layer's images are cut
+# only to share (group, chunk) units between threads: 8 panels of the 16-wide micro-tile,
+# so the GEMMs stay wide.
+cdef enum:
+    SLICE_MIN_COLS = 128
 
 
 ctypedef struct conv_plan:
@@ -181,11 +197,59 @@ cdef void _plan_chunks(conv_plan* pl, idx_t budget_elems, idx_t per_col_whole,
         pl.n_chunks = pl.N * pl.cpi
 
 
+cdef inline bint _shares_evenly(idx_t units, int nt) noexcept nogil:
+    """Whole units per thread keep every thread busy: a multiple of the threads, or enough
+    that the last round's imbalance is small."""
+    return units >= nt and (units % nt == 0 or units >= 4 * nt)
+
+
+cdef inline idx_t _units(const conv_plan* pl, bint backward) noexcept nogil:
+    # The backward hands a thread every chunk of an image (col2im stays race-free).
+    return pl.G * (pl.N if (backward and pl.cpi > 1) else pl.n_chunks)
+
+
+cdef void _more_chunks(conv_plan* pl, bint backward):
+    """A grouped layer whose (group, chunk) units do not share evenly between the threads:
+    cut its chunks finer until they do -- fewer images per chunk, then (forward only: the
+    backward keeps an image's slices on one thread) slices of each image's positions of at
+    least SLICE_MIN_COLS columns -- so that the groups run side by side on serial GEMMs
+    instead of one after another on small threaded ones.  Finer chunks only shrink the
+    workspace.  Leaves the plan as it was when no cut works."""
+    cdef idx_t nb, c, cpi, ncols, n_chunks
+    if pl.direct or pl.n_dc > 1:
+        return
+    for nb in range(pl.nb - 1, 0, -1):
+        n_chunks = ceil_div(pl.N, nb)
+        if _shares_evenly(pl.G * n_chunks, pl.nt):
+            pl.nb = ceil_div(pl.N, n_chunks)
+            pl.n_chunks = ceil_div(pl.N, pl.nb)
+            pl.ncols = pl.nb * pl.PQ
+            return
+    if backward:
+        if pl.nb > 1 and _shares_evenly(pl.G * pl.N, pl.nt):
+            pl.nb = 1
+            pl.n_chunks = pl.N
+            pl.ncols = pl.PQ
+        return
+    for c in range(pl.cpi + 1, pl.PQ // SLICE_MIN_COLS + 1):
+        ncols = ceil_div(pl.PQ, c)
+        cpi = ceil_div(pl.PQ, ncols)
+        if _shares_evenly(pl.G * pl.N * cpi, pl.nt):
+            pl.nb = 1
+            pl.cpi = cpi
+            pl.ncols = ncols
+            pl.n_chunks = pl.N * cpi
+            return
+
+
 cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
-                idx_t per_col_slice, bint backward, bint prefer_threaded):
+                idx_t per_col_slice, bint backward, bint prefer_threaded, double thread_mnk):
     """Chunking and threading.  Whole chunks per thread (serial GEMMs, the cap shared between
-    threads) when there are enough of them to share out evenly; otherwise chunks one after
-    another, each as large as the whole cap allows, with the GEMM threaded inside."""
+    threads) when there are enough of them to share out evenly (for grouped layers, cutting
+    chunks finer to get there); otherwise chunks one after another, each as large as the
+    whole cap allows, with the GEMM threaded inside -- unless the layer is grouped and its
+    GEMMs are too small to be threaded (``thread_mnk``), where an uneven share of whole units
+    still beats a single thread."""
     cdef idx_t units
     if pl.direct:
         pl.nb = 1
@@ -197,9 +261,13 @@ cdef void _plan(conv_plan* pl, idx_t workspace, idx_t isz, idx_t per_col_whole,
         if not pl.direct:
             _plan_chunks(pl, max(imin(workspace // pl.nt, pl.chunk) // isz, 1),
                          per_col_whole, per_col_slice, ceil_div(pl.nt, pl.G))
-        # The backward hands a thread every chunk of an image (col2im stays race-free).
-        units = pl.G * (pl.N if (backward and pl.cpi > 1) else pl.n_chunks)
-        if units >= pl.nt and (units % pl.nt == 0 or units >= 4 * pl.nt):
+        units = _units(pl, backward)
+        if not _shares_evenly(units, pl.nt) and pl.G > 1:
+            _more_chunks(pl, backward)
+            units = _units(pl, backward)
+        if _shares_evenly(units, pl.nt) or (
+                pl.G > 1 and units >= pl.nt
+                and <double> pl.Kg * pl.CRS * pl.N * pl.PQ < thread_mnk):
             pl.par = True
             return
     pl.par = False
@@ -445,7 +513,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray wm, object bias, cnp.ndarray y, tu
         bias = np.ascontiguousarray(wm[:, pl.CRS])    # the 1x1 path adds it to the output
     pl.rs_w = elem_stride(wm, 0)
     pl.cs_w = elem_stride(wm, 1)
-    _plan(&pl, workspace, isz, pl.CRS + 1 + pl.Kg, pl.CRS + 1, False, False)
+    _plan(&pl, workspace, isz, pl.CRS + 1 + pl.Kg, pl.CRS + 1, False, False, prm.thread_mnk)
     # Column rows held at once: the whole depth (with room for the row of ones), or a slice.
     pl.ws_tmp = (pl.dk if pl.n_dc > 1 else pl.CRS + 1) * pl.ncols
     if pl.direct:
@@ -780,10 +848,14 @@ def conv2d_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray wm, tuple geom, i
     ks = kernel_set(prm.isa)
     pl.dw_trans = pl.Kg <= prm.nopack_a_panels * (ks.s.nr if code == 0 else ks.d.nr)
     per_col = pl.CRS + pl.bias_col
-    # Per-thread dW partials cost a reduction of nt * K * CRS elements: when that is large
-    # next to the columns (many filters, small planes), thread inside the GEMMs instead.
+    # Per-thread dW partials cost a reduction of nt * K * CRS elements (CRS per group): when
+    # that is large next to the columns, G * CRS * N * PQ (many filters per group, small
+    # planes), thread inside the GEMMs instead -- unless the layer is grouped and those
+    # GEMMs are too small to be threaded at all.
     _plan(&pl, workspace, isz, per_col + pl.Kg, per_col, True,
-          need_w and pl.nt * pl.K * 8 > pl.N * pl.PQ)
+          need_w and pl.nt * pl.Kg * 8 > pl.N * pl.PQ
+          and (pl.G == 1 or <double> pl.Kg * pl.CRS * pl.N * pl.PQ >= prm.thread_mnk),
+          prm.thread_mnk)
     if pl.direct:
         pl.ws_elems = 0
         pl.ws_tmp = 0

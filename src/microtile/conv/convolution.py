@@ -1,10 +1,12 @@
-"""Public 2-D convolution functions (NCHW, PyTorch's semantics): argument rules and layouts.
+"""Public 2-D convolution functions (NCHW, PyTorch's semantics): argument rules, layouts and
+the choice of algorithm.
 
-The arithmetic lives in ``_conv`` (GEMM drivers) and ``_im2col`` (the lowering kernels).
+The arithmetic lives in ``_conv`` (im2col + GEMM drivers), ``_im2col`` (the lowering
+kernels) and ``_direct`` (the direct kernel for depthwise and small-group layers).
 """
 import numpy as np
 
-from microtile.conv import _conv, _im2col
+from microtile.conv import _conv, _direct, _im2col
 from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
 from microtile._config._context import get_num_threads, get_option
 from microtile.conv._nchw import (as_nchw, check_result, conv_padding, count, out_size, pair,
@@ -19,6 +21,37 @@ def _sizes():
     # both L2-sized ones (more GEMM calls, weights re-packed) and 8 MiB ones (columns fall out
     # of cache between im2col and the GEMM) by 10-40%; the tuner may set it per machine.
     return get_option("conv_workspace"), get_option("conv_chunk")
+
+
+# Input channels per group up to which the built-in rule runs a grouped layer on the direct
+# kernel: its work per output is Cg*R*S taps read straight from the input, against im2col
+# writing Cg*R*S rows of columns and a GEMM with only K/groups rows (a 6-row micro-kernel
+# wastes most of a tile on 1-4 filters).  Depthwise layers (Cg == 1) are the main case.
+DIRECT_MAX_CG = 4
+
+
+def _algorithm(N, Cg, K, groups, P, Q):
+    """"im2col" or "direct" for a layer: ``config_context(conv_algorithm=...)`` when it names
+    one, else the built-in rule (direct for depthwise layers and grouped ones with at most
+    DIRECT_MAX_CG input channels per group).
+
+    Both algorithms apply to every layer, so a forced one is always used; an algorithm that
+    applies to some layers only (a Winograd kernel, say) is to fall back to the rule on the
+    others rather than fail, so that one setting can cover a whole model.  Empty problems
+    (a zero size anywhere) always take the im2col driver, whose zero-size rules are the
+    tested ones."""
+    if N == 0 or Cg == 0 or K == 0 or P == 0 or Q == 0:
+        return "im2col"
+    forced = get_option("conv_algorithm")
+    if forced != "auto":
+        return forced
+    return "direct" if groups > 1 and Cg <= DIRECT_MAX_CG else "im2col"
+
+
+def _weight_rows(Wt, dt):
+    """w (K, Cg, R, S) as the C-contiguous (K, Cg·R·S) matrix the direct kernel reads (a view
+    of a C-contiguous w, else a copy of w's logical size)."""
+    return np.ascontiguousarray(as_dtype(Wt, dt)).reshape(Wt.shape[0], -1)
 
 
 def _weight_matrix(Wt, dt):
@@ -100,6 +133,10 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
 
     Notes
     -----
+    Two algorithms; ``config_context(conv_algorithm=...)`` picks one, and by default the
+    direct kernel runs depthwise layers and grouped ones with at most 4 input channels per
+    group, im2col + GEMM the others.
+
     im2col + GEMM per group, in chunks whose columns fit ``conv_workspace`` bytes (see
     ``config_context``) whatever the geometry: when fewer than a few output positions'
     columns fit in it, the depth is cut too.  Beyond the cap and the result, memory goes only to
@@ -108,6 +145,12 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     (K, C·R·S) matrix (as large as w; more than w's own memory only for a view broadcast
     along some but not all of C, R, S), and w with the bias as one more column when that
     costs at most a quarter of the output.
+
+    The direct kernel copies a band of each input plane at a time with its padding (about
+    128 KiB per thread; more only when the rows a single output row reads are larger) and
+    reads every filter tap from it, vectorised along the output width; threads take (image,
+    group, band) units.  Memory beyond the result: that per-thread band, and a C-contiguous
+    copy of w when it is not one.
     """
     X = as_float_array(x, "x")
     Wt = as_float_array(w, "w")
@@ -128,6 +171,27 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
             if arr is not None and overlaps(O, arr):
                 raise ValueError(f"conv2d: out overlaps {name}")
     X4 = as_dtype(X4, dt)
+    # Written in place when out is what the drivers write (C order, native, aligned); else
+    # the result is computed apart and copied in (as NumPy does for a byte-swapped out).
+    in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
+                and O.dtype.isnative)
+    Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
+    if _algorithm(N, Wt.shape[1], K, groups, P, Q) == "direct":
+        _direct.forward(X4, _weight_rows(Wt, dt), None if B is None else
+                        np.ascontiguousarray(B, dtype=dt), Y, geom, groups)
+    else:
+        _conv_im2col(X4, Wt, B, Y, geom, groups, dt)
+    if O is not None:
+        if not in_place:
+            O[...] = Y.reshape(shape)
+        return O
+    return Y[0] if unbatched else Y
+
+
+def _conv_im2col(X4, Wt, B, Y, geom, groups, dt):
+    """conv2d's im2col + GEMM path into Y (N, K, P, Q), C-contiguous."""
+    N, K = Y.shape[0], Y.shape[1]
+    P, Q = Y.shape[2], Y.shape[3]
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
     # The bias rides in the GEMM as one more weight column when copying the weights costs
     # little next to the output (at most a quarter of it); otherwise it is added to the
@@ -142,17 +206,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
         Wm = _weight_matrix(Wt, dt)
         if B is not None:
             Bc = np.ascontiguousarray(B, dtype=dt)
-    # Written in place when out is what the driver writes (C order, native, aligned); else
-    # the result is computed apart and copied in (as NumPy does for a byte-swapped out).
-    in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
-                and O.dtype.isnative)
-    Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
     _conv.conv2d_forward(X4, Wm, Bc, Y, geom, groups, bias_col, *_sizes())
-    if O is not None:
-        if not in_place:
-            O[...] = Y.reshape(shape)
-        return O
-    return Y[0] if unbatched else Y
 
 
 def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
@@ -181,7 +235,16 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
 
     Notes
     -----
-    The columns stay within ``conv_workspace`` as in ``conv2d``.  Other memory: the results,
+    The algorithm is chosen as in ``conv2d``, except that weights holding Inf or NaN take
+    im2col when dx is wanted (the direct dx would also multiply them by dy's zero padding,
+    giving NaN where the gradient is a number or Inf).  On the direct kernel, dx is the
+    transposed convolution split by the phase of its elements modulo the stride (each phase
+    a stride-1 correlation of dy with the taps that reach it), dw and db are sums over the
+    image per thread in double, added up in thread order; memory beyond the results: the
+    per-thread band of ``conv2d`` and (threads x (K·C/groups·R·S + K)) doubles.
+
+    On im2col + GEMM the columns stay within ``conv_workspace`` as in ``conv2d``.  Other
+    memory: the results,
     one dW-sized partial per thread that works on its own chunks (summed into dw at the end;
     a single one when the threads work inside the GEMMs), a C-ordered copy of dy unless it
     is one already (dy is as large as the forward's output), and the weight copies
@@ -201,11 +264,33 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     DY4 = np.ascontiguousarray(as_dtype(DY, dt)).reshape((N, K, P, Q))
     X4 = as_dtype(X4, dt)
     crs = Wt.shape[1] * Wt.shape[2] * Wt.shape[3]
-    Wm = _weight_matrix(Wt, dt)
     what = "conv2d_backward"
     dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
     db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
+    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q)
+    if algorithm == "direct":
+        Wc = _weight_rows(Wt, dt)
+        # The direct dx multiplies every weight by dy's zero padding too, a product col2im
+        # never forms: an Inf or NaN weight would give NaN where torch gives Inf or a number.
+        if need_input_grad and not _direct.all_finite(Wc):
+            algorithm = "im2col"
+    if algorithm == "direct":
+        # Every element of the results is written: fresh ones need no clearing.
+        dx = None
+        if need_input_grad:
+            dx = np.empty(X4.shape, dtype=dt) if dx_out is None else dx_out
+        dw = np.empty(Wt.shape, dtype=dt) if dw_out is None else dw_out
+        db = None
+        if need_bias_grad:
+            db = np.empty(K, dtype=dt) if db_out is None else db_out
+        _direct.backward(DY4, X4, Wc, geom, groups, True,
+                         bool(need_input_grad), bool(need_bias_grad), dx, dw.reshape(K, crs),
+                         db)
+        if dx is not None and unbatched:
+            dx = dx[0]
+        return dx, dw, db
+    Wm = _weight_matrix(Wt, dt)
     dx, dwm, db = _conv.conv2d_backward(DY4, X4, Wm, geom, groups, True,
                                         bool(need_input_grad), bool(need_bias_grad),
                                         *_sizes(), dx_out,
