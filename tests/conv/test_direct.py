@@ -12,6 +12,8 @@ import itertools
 import numpy as np
 import pytest
 
+from microtile.conv.convolution import DIRECT_MAX_CG
+
 import microtile as mt
 from microtile import nn
 from microtile.conv import _conv
@@ -398,8 +400,8 @@ print(json.dumps({"isas": list(mt.available_isas()), "algo": algo, "err": err}))
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("cfg", [
-    # (C, K, groups): 2, 3 and 4 channels per group (direct by the rule) with 1 to 6
-    # filters per group, and 8 or 16 per group (im2col by the rule).
+    # (C, K, groups): 2 to 8 channels per group (direct by the rule) with 1 to 6 filters per
+    # group, and 16 per group (im2col by the rule).
     (8, 8, 4), (9, 6, 3), (12, 18, 3), (16, 12, 4), (6, 36, 3), (32, 16, 4), (32, 64, 2),
 ])
 @pytest.mark.parametrize("algorithm", ["auto", "im2col", "direct"])
@@ -411,7 +413,7 @@ def test_grouped_against_torch(cfg, algorithm, dtype):
         with mt.config_context(threads=threads, conv_algorithm=algorithm):
             check_against_torch(x, w, b, dtype, stride=stride, padding=1, groups=groups)
             want = algorithm if algorithm != "auto" else (
-                "direct" if C // groups <= 4 else "im2col")
+                "direct" if C // groups <= DIRECT_MAX_CG else "im2col")
             assert last_algorithm() == want
 
 
@@ -428,14 +430,15 @@ def test_grouped_im2col_runs_groups_side_by_side(cfg):
     N, C, K, groups, H, which = cfg
     rng = np.random.default_rng(17)
     x, w, b = make(rng, N, C, H, H, K, C // groups, 3, 3, F32)
-    with mt.config_context(threads=2):
+    # im2col named: 8 channels per group would take the direct kernel by the rule.
+    with mt.config_context(threads=2, conv_algorithm="im2col"):
         y = mt.conv2d(x, w, b, padding=1, groups=groups)
         fwd = _conv.last_plan()
         dx, dw, db = mt.conv2d_backward(np.ones_like(y), x, w, padding=1, groups=groups)
         bwd = _conv.last_plan()
     plan = fwd if which == "forward" else bwd
     assert plan["algorithm"] == "im2col" and plan["threads_over_chunks"], plan
-    with mt.config_context(threads=1):
+    with mt.config_context(threads=1, conv_algorithm="im2col"):
         check_against_torch(x, w, b, F32, padding=1, groups=groups)
         y1 = mt.conv2d(x, w, b, padding=1, groups=groups)
         dx1, dw1, db1 = mt.conv2d_backward(np.ones_like(y), x, w, padding=1, groups=groups)
@@ -461,7 +464,8 @@ def test_direct_forced_on_an_ordinary_layer():
     ((8, 1), 8, "direct"),          # depthwise
     ((16, 1), 8, "direct"),         # depthwise, channel multiplier 2
     ((8, 4), 2, "direct"),          # 4 channels per group
-    ((10, 5), 2, "im2col"),         # 5 per group
+    ((16, 8), 2, "direct"),         # 8 per group, the limit
+    ((18, 9), 2, "im2col"),         # 9 per group
     ((4, 4), 1, "im2col"),          # not grouped
     ((4, 1), 1, "im2col"),          # one input channel, not grouped
 ])
