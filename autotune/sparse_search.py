@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from autotune import tuning
+from microtile import nn
 
 # (out_features, in_features) of the layers timed, batch BATCH: a pruned 4096x4096 layer (the
 # issue's measure) and a common 1024-wide one.  --quick times the smaller one only.
@@ -53,7 +54,6 @@ class PrunedLinear:
     """
 
     def __init__(self, out_features, in_features, batch, seed=0):
-        from microtile import nn
         self.shape = (out_features, in_features)
         self.layer = nn.Linear(in_features, out_features, dtype=np.float32, rng=seed)
         self.x = np.random.default_rng(seed + 1).uniform(
@@ -77,7 +77,6 @@ class PrunedLinear:
         ----------
         density : float
         """
-        from microtile import nn
         nn.prune(self.layer, 1.0 - density)
         self.density = density
         x64 = self.x[::CHECK_STRIDE].astype(np.float64)
