@@ -128,8 +128,8 @@ def _sparse_ladder(ev):
     if not isinstance(ev, dict) or not ev.get("densities"):
         return ""
     ladder = " ".join(f"{d:g}:{r:.2f}x" for d, r in zip(ev["densities"], ev["combined"]))
-    return (f"  (pruned Linear layers at or below it run sparse; sparse forward speed-up by "
-            f"density: {ladder})")
+    return (" (a pruned Linear at or below it runs sparse)\n  forward speed, sparse over "
+            f"dense, by density: {ladder}")
 
 
 def gflops_table(rows, conditions=None):
