@@ -43,9 +43,9 @@ DEFAULT_THRESHOLDS = {"nopack_mnk": 64 ** 3, "thread_mnk": 96 ** 3, "nopack_a_pa
 # conv_chunk: column bytes one thread lowers and multiplies at a time within that cap
 # (1-2 MiB measured best on a Zen3 with 512 KiB L2; the tuner may set it per machine).
 # sparse_density: the weight density at or below which a pruned Linear runs its forward on
-# the sparse kernel instead of the dense GEMM.  The default (a float, unlike the others) is
-# not measured yet: 0.1 puts a 90 %-pruned layer on the sparse kernel; the tuner is to
-# measure the crossover per machine.
+# the sparse kernel instead of the dense GEMM.  The tuner measures the crossover per machine
+# (autotune/sparse_search.py); the default (a float, unlike the others) for a machine without
+# a profile, 0.1, puts a 90 %-pruned layer on the sparse kernel.
 OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),
            "conv_chunk": (2 << 20, 16 << 10, 1 << 32),
            "sparse_density": (0.1, 0.0, 1.0)}
