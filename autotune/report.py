@@ -113,9 +113,23 @@ def params_table(doc):
             m = model[dt]
             lines.append(f"{'  model':10}{'':>8}{m['mc']:>7}{m['kc']:>7}{m['nc']:>7}")
     opts = chosen.get("options") or {}
+    search = doc.get("measured", {}).get("search", {})
+    found = search.get("options", {}) if isinstance(search, dict) else {}
     for name, value in opts.items():
         lines.append(f"{name} = {value}")
+        if name == "sparse_density":
+            lines[-1] += _sparse_ladder(found.get("sparse_density"))
     return "\n".join(lines)
+
+
+def _sparse_ladder(ev):
+    """What sparse_density was chosen from, when the run measured it: the sparse forward's
+    speed over the dense one down the density ladder."""
+    if not isinstance(ev, dict) or not ev.get("densities"):
+        return ""
+    ladder = " ".join(f"{d:g}:{r:.2f}x" for d, r in zip(ev["densities"], ev["combined"]))
+    return (" (a pruned Linear at or below it runs sparse)\n  forward speed, sparse over "
+            f"dense, by density: {ladder}")
 
 
 def gflops_table(rows, conditions=None):

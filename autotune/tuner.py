@@ -5,7 +5,7 @@ import time
 from threadpoolctl import threadpool_limits
 
 import microtile
-from autotune import conv_search, plan, probes, profile, report, tuning
+from autotune import conv_search, plan, probes, profile, report, sparse_search, tuning
 from microtile._config import _blocking, _context as _config
 from microtile._config._schema import DTYPES, ITEMSIZE, SPLIT_NAMES
 from microtile._kernels import _dispatch
@@ -69,6 +69,14 @@ def run(*, quick=False, threads=None, dtypes=DTYPES, say=None, path=None, seed=0
                               hard_deadline=hard, seed=seed, quiet=quiet)
             options["conv_chunk"] = conv_search.search_conv_chunk(
                 t, microtile.conv2d, _config.get_option("conv_chunk"))
+            if time.perf_counter() < hard:
+                # Against the dense GEMM as this run tuned it.
+                density = sparse_search.search_sparse_density(t, base=chosen.get("float32"))
+                if density is not None:
+                    options["sparse_density"] = density
+            else:
+                say("sparse_density: out of time; keeping the default")
+                t.evidence["sparse_density"] = {"skipped": "out of time"}
             evidence["options"] = t.evidence
     if path is not None:
         previous = profile.previous_chosen(path, isa)

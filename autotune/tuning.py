@@ -30,13 +30,13 @@ SETTINGS = {
         "factors": (1.41, 1.19), "max_moves": 2, "rounds": 3, "top": 3, "extra": 2,
         "finalists": 2, "final_rounds": 3, "sweep_rounds": 5,
         "budget": {"blocking": 8.0, "nc": 2.0, "split": 2.0, "threads": 2.0,
-                   "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0},
+                   "nopack": 1.0, "nopack_a": 1.0, "conv": 3.0, "sparse": 3.0},
     },
     False: {  # full run
         "factors": (1.41, 1.19, 1.09), "max_moves": 4, "rounds": 7, "top": 3, "extra": 3,
         "finalists": 4, "final_rounds": 11, "sweep_rounds": 9,
         "budget": {"blocking": 100.0, "nc": 20.0, "split": 15.0, "threads": 12.0,
-                   "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0},
+                   "nopack": 8.0, "nopack_a": 8.0, "conv": 20.0, "sparse": 40.0},
     },
 }
 

@@ -7,7 +7,7 @@ import pytest
 
 import microtile
 from autotune import __main__ as cli
-from autotune import plan, probes, report, tuner
+from autotune import plan, probes, report, sparse_search, tuner
 from microtile._config import _profile
 
 ISA = microtile.get_config()["isa"]
@@ -131,8 +131,14 @@ def fake_measurements(monkeypatch):
                  "microtile_gflops": 1.0, "numpy_gflops": 1.0, "percent_of_peak": 1.0}
                 for dt in dtypes]
 
+    def search_sparse_density(t, base=None):
+        t.evidence["sparse_density"] = {"densities": [0.5, 0.1, 0.05],
+                                        "combined": [0.4, 0.95, 1.7], "chosen": 0.05}
+        return 0.05
+
     monkeypatch.setattr(probes, "probe", probe)
     monkeypatch.setattr(plan, "tune_dtype", tune_dtype)
+    monkeypatch.setattr(sparse_search, "search_sparse_density", search_sparse_density)
     monkeypatch.setattr(report, "reference_table", reference_table)
     return calls
 
@@ -142,9 +148,11 @@ def test_run_writes_a_profile_import_accepts(profile_path, capsys, fake_measurem
     out, err = capsys.readouterr()
     assert "float32 searching" in err                      # progress goes to stderr
     assert "microtile" in out and "NumPy" in out and "mc" in out   # the final table
+    assert "sparse_density = 0.05" in out and "0.1:0.95x 0.05:1.70x" in out
     status, data = _profile.read(profile_path)
     assert status == "loaded"
     assert data["chosen"]["float32"]["mc"] == 48
+    assert data["chosen"]["options"]["sparse_density"] == 0.05
     assert data["tuner"]["mode"] == "quick" and data["tuner"]["threads"] == 1
 
 

@@ -35,6 +35,15 @@ def test_quick_run_end_to_end(tmp_path):
         assert {"mc", "kc", "nc", "thread_mnk", "nopack_mnk", "split"} <= set(doc["chosen"][dt])
         assert any(r["dtype"] == dt and r["numpy_gflops"] > 0 and r["microtile_gflops"] > 0
                    for r in doc["measured"]["reference"])
+    # sparse_density was measured (or, on a machine too busy for it, left at the default
+    # with the reason recorded), and the profile holds a usable value either way.
+    sparse = doc["measured"]["search"].get("options", {}).get("sparse_density",
+                                                              {"skipped": "no options step"})
+    assert (sparse.get("noisy") or sparse.get("skipped")
+            or sparse["chosen"] in (None, 0.0, *sparse["densities"]))
+    if "sparse_density" in doc["chosen"].get("options", {}):
+        assert 0.0 <= doc["chosen"]["options"]["sparse_density"] <= 1.0
+        assert sparse["chosen"] == doc["chosen"]["options"]["sparse_density"]
     assert doc["probed"]["caches"]["latency_curve"]
     assert doc["probed"]["peak_gflops"]["float32"]["1"] > 0
 

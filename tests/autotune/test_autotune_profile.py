@@ -130,12 +130,39 @@ def test_out_of_range_values_are_rejected(tmp_path, dtype, bad):
     assert "rejected" in reason
 
 
-def test_bad_option_is_rejected(tmp_path):
+@pytest.mark.parametrize("option,bad", [("conv_workspace", 12), ("sparse_density", 1.5),
+                                        ("sparse_density", -0.1), ("sparse_density", "0.1"),
+                                        ("sparse_density", None)])
+def test_bad_option_is_rejected(tmp_path, option, bad):
     doc = good_doc()
-    doc["chosen"]["options"]["conv_workspace"] = 12
+    doc["chosen"]["options"][option] = bad
     path = tmp_path / "p.json"
     path.write_text(json.dumps(doc))
     assert _profile.read(str(path))[0] == "invalid"
+
+
+def test_sparse_density_round_trip(tmp_path):
+    """The tuner's sparse_density, written by the tuner's own writer, is what a fresh
+    interpreter uses: get_config reports it and a pruned Linear follows it."""
+    doc = good_doc(options={"conv_workspace": 4 << 20, "sparse_density": 0.25})
+    path = str(tmp_path / "p.json")
+    tprofile.write(path, doc)
+    script = ("import json, numpy as np, microtile\n"
+              "from microtile import nn\n"
+              "import microtile.nn._linear as L\n"
+              "calls = []\n"
+              "real = L.Linear._forward_pruned\n"
+              "L.Linear._forward_pruned = lambda self, *a: (calls.append(1), real(self, *a))\n"
+              "x = np.ones((2, 20), np.float32)\n"
+              "nn.prune(nn.Linear(20, 10, rng=0), 0.8)(x)\n"     # density 0.2: sparse
+              "nn.prune(nn.Linear(20, 10, rng=0), 0.7)(x)\n"     # density 0.3: dense
+              "c = microtile.get_config()\n"
+              "print(json.dumps({'status': c['profile_status'], "
+              "'sparse_density': c['sparse_density'], 'calls': len(calls)}))")
+    r = subprocess.run([sys.executable, "-c", script], env=env_for(path), capture_output=True,
+                       text=True, timeout=60, cwd=os.path.dirname(ROOT))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"status": "loaded", "sparse_density": 0.25, "calls": 1}
 
 
 def test_builder_refuses_what_import_would_reject():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import microtile
-from autotune import (blocking_search, conv_search, measure, plan, probes, thresholds,
-                      tuning)
+from autotune import (blocking_search, conv_search, measure, plan, probes, sparse_search,
+                      thresholds, tuning)
 
 ISA = microtile.get_config()["isa"]
 
@@ -309,3 +309,108 @@ def test_joint_verdict_sees_nc_on_the_wide_gemm(monkeypatch):
     assert pick == {"mc": 12, "kc": 512, "nc": 1024}
     assert [p[0] for p in t.evidence["joint"]["parts"]] == [[1024] * 3, [1024] * 3,
                                                             list(blocking_search.WIDE)]
+
+
+# ---- sparse_density ----------------------------------------------------------------------
+
+LADDER = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
+
+
+@pytest.mark.parametrize("speedups,chosen", [
+    ((0.3, 0.5, 0.8, 1.6, 3.0, 6.0), 0.1),        # wins from 0.1 down
+    ((0.3, 0.5, 1.05, 1.6, 3.0, 6.0), 0.1),       # 5 % at 0.2 is inside the margin
+    ((0.3, 0.5, 1.2, 1.6, 3.0, 6.0), 0.2),        # 20 % is not
+    ((1.2, 1.5, 2.0, 3.0, 4.0, 5.0), 0.5),        # wins on the whole ladder
+    ((0.1, 0.2, 0.3, 0.5, 0.8, 1.05), 0.0),       # nowhere by the margin: stay dense
+    ((0.3, 0.5, 1.4, 0.95, 3.0, 6.0), 0.2),       # one noisy density does not cut it short
+])
+def test_choose_density_on_given_timings(speedups, chosen):
+    assert sparse_search.choose_density(LADDER, speedups) == chosen
+    # The order the ladder was measured in does not matter.
+    assert sparse_search.choose_density(LADDER[::-1], speedups[::-1]) == chosen
+
+
+def test_choose_density_margin_and_errors():
+    assert sparse_search.choose_density((0.2, 0.1), (1.3, 2.0), margin=1.5) == 0.1
+    assert sparse_search.choose_density((0.2, 0.1), (1.3, 2.0), margin=1.0) == 0.2
+    with pytest.raises(ValueError, match="speed-ups"):
+        sparse_search.choose_density((0.2, 0.1), (1.3,))
+
+
+def fake_linear_speed(crossover):
+    """measure.gflops for PrunedLinear problems: the dense forward at 100 GFLOP/s whatever
+    the density, the sparse one at 100 * crossover / density (equal at ``crossover``)."""
+    seen = []
+
+    def gflops(prob, ov, min_seconds=0):
+        seen.append((prob.density, ov["sparse_density"], ov["threads"]))
+        if ov["sparse_density"] == 0.0:
+            return 100.0
+        return 100.0 * crossover / prob.density
+    return gflops, seen
+
+
+def test_sparse_density_search_on_given_timings(monkeypatch):
+    """The step's plumbing with the real nn.Linear (both paths run and are checked against
+    float64) and the clock replaced: sparse and dense equal at 0.2, so 0.1 (2x) is the
+    largest density won by the margin."""
+    gflops, seen = fake_linear_speed(0.2)
+    monkeypatch.setattr(measure, "gflops", gflops)
+    t = tuning.Tuning("float32", 1, 1, 2, quick=True)
+    value = sparse_search.search_sparse_density(t, base={"mc": 48}, shapes=[(40, 33),
+                                                                           (16, 70)],
+                                                densities=(0.3, 0.2, 0.1, 0.05), batch=35)
+    assert value == 0.1
+    ev = t.evidence["sparse_density"]
+    assert ev["densities"] == [0.3, 0.2, 0.1, 0.05] and ev["complete"]
+    assert ev["speedup"]["40x33"] == [pytest.approx(0.667, abs=1e-3), 1.0, 2.0, 4.0]
+    assert ev["chosen"] == 0.1 and ev["threads"] == 2
+    assert {(d, s) for d, s, _ in seen} == {(d, s) for d in (0.3, 0.2, 0.1, 0.05)
+                                            for s in (0.0, 1.0)}
+    assert {th for _, _, th in seen} == {2}
+
+
+def test_pruned_linear_problem_is_pruned_and_checked():
+    p = sparse_search.PrunedLinear(30, 50, 40, seed=1)
+    p.prune_to(0.2)
+    assert (p.layer.weight.data != 0).sum() == round(0.2 * 30 * 50)
+    for density_option in (0.0, 1.0):              # the dense and the sparse path
+        assert measure.check(p, {"sparse_density": density_option}) <= 1.0
+    p.out[2 * sparse_search.CHECK_STRIDE, 3] += 1e-3           # a checked row
+    assert p.error() > 1.0
+    p.prune_to(0.1)                               # further: the earlier pruning stays
+    assert (p.layer.weight.data != 0).sum() == round(0.1 * 30 * 50)
+    assert measure.check(p, {"sparse_density": 1.0}) <= 1.0
+
+
+def test_sparse_density_search_refuses_a_wrong_sparse_path(monkeypatch):
+    import microtile.nn._linear as linear_module
+    real = linear_module.csr_product
+
+    def wrong(scatter, indptr, indices, data, ncols, X, Y, alpha, beta):
+        real(scatter, indptr, indices, data, ncols, X, Y, alpha, beta)
+        Y[0, 0] += 1.0
+
+    monkeypatch.setattr(linear_module, "csr_product", wrong)
+    t = tuning.Tuning("float32", 1, 1, 1, quick=True)
+    with pytest.raises(RuntimeError, match="wrong result"):
+        sparse_search.search_sparse_density(t, shapes=[(20, 30)], densities=(0.1,), batch=8)
+
+
+def test_sparse_density_search_keeps_the_default_when_noisy_or_out_of_time(monkeypatch):
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(measure, "gflops",
+                        lambda prob, ov, min_seconds=0: 50.0 * rng.choice([0.3, 1.0, 3.0]))
+    t = tuning.Tuning("float32", 1, 1, 1, quick=True)
+    assert sparse_search.search_sparse_density(t, shapes=[(20, 30)], batch=8) is None
+    assert t.evidence["sparse_density"]["noisy"]
+    # Out of time after the first density, where sparse lost: nothing can be said.
+    gflops, seen = fake_linear_speed(0.01)
+    monkeypatch.setattr(measure, "gflops", gflops)
+    t = tuning.Tuning("float32", 1, 1, 1, quick=True, hard_deadline=0.0)
+    assert sparse_search.search_sparse_density(t, shapes=[(20, 30)], batch=8) is None
+    assert t.evidence["sparse_density"]["densities"] == [0.5]
+    assert not t.evidence["sparse_density"]["complete"]
+    # The whole ladder measured and sparse lost everywhere: 0.0, pruned layers stay dense.
+    t = tuning.Tuning("float32", 1, 1, 1, quick=True)
+    assert sparse_search.search_sparse_density(t, shapes=[(20, 30)], batch=8) == 0.0

@@ -232,6 +232,26 @@ def test_prune_nothing_and_everything(rng):
     np.testing.assert_array_equal(y, np.broadcast_to(layer.bias.data, (5, 4)))
 
 
+@pytest.mark.parametrize("values", ("distinct", "ties", "specials"))
+def test_prune_selection_is_a_stable_sort_prefix(values, rng):
+    """prune picks the smallest magnitudes by selection, not a sort: the same positions as
+    the first ``count`` of a stable argsort, ties by position, NaN last (after +inf)."""
+    from microtile.nn._prune import _smallest
+    if values == "distinct":
+        key = rng.standard_normal(1000)
+    elif values == "ties":
+        key = rng.integers(0, 5, 1000).astype(np.float64)
+        key[rng.random(1000) < 0.3] = -1.0                  # earlier pruned
+    else:
+        key = rng.integers(0, 4, 1000).astype(np.float64)
+        key[rng.random(1000) < 0.2] = np.inf
+        key[rng.random(1000) < 0.2] = np.nan
+    order = np.argsort(key, kind="stable")
+    for count in (1, 2, 37, 500, 799, 999, 1000):
+        got = np.sort(_smallest(key, count))
+        np.testing.assert_array_equal(got, np.sort(order[:count]), err_msg=str(count))
+
+
 def test_prune_errors():
     with pytest.raises(TypeError, match="Module"):
         nn.prune(object(), 0.5)

@@ -43,9 +43,9 @@ DEFAULT_THRESHOLDS = {"nopack_mnk": 64 ** 3, "thread_mnk": 96 ** 3, "nopack_a_pa
 # conv_chunk: column bytes one thread lowers and multiplies at a time within that cap
 # (1-2 MiB measured best on a Zen3 with 512 KiB L2; the tuner may set it per machine).
 # sparse_density: the weight density at or below which a pruned Linear runs its forward on
-# the sparse kernel instead of the dense GEMM.  The default (a float, unlike the others) is
-# not measured yet: 0.1 puts a 90 %-pruned layer on the sparse kernel; the tuner is to
-# measure the crossover per machine.
+# the sparse kernel instead of the dense GEMM.  The tuner measures the crossover per machine
+# (autotune/sparse_search.py); the default (a float, unlike the others) for a machine without
+# a profile, 0.1, puts a 90 %-pruned layer on the sparse kernel.
 # conv_algorithm: how conv2d and conv2d_backward compute; one of CONV_ALGORITHMS (a name,
 # not a number: its bounds are None).
 OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),

@@ -48,6 +48,22 @@ class PrunedStructure:
         return weight.reshape(-1).take(self.flat)
 
 
+def _smallest(key, count):
+    """Positions of the ``count`` smallest entries of the 1-D ``key``, ties broken by
+    position: the first ``count`` of a stable argsort, found by selection in O(size) instead
+    (a stable sort of a 4096x4096 layer's magnitudes took 6 s, and the tuner prunes such
+    layers)."""
+    if count >= key.size:
+        return np.arange(key.size)
+    kth = np.partition(key, count - 1)[count - 1]
+    if np.isnan(kth):
+        # NaN magnitudes sort last, after +inf, which comparisons cannot tell apart.
+        return np.argsort(key, kind="stable")[:count]
+    below = np.flatnonzero(key < kth)
+    ties = np.flatnonzero(key == kth)[:count - below.size]
+    return np.concatenate((below, ties))
+
+
 def _targets(module):
     """Every Linear and Conv2d in ``module`` (itself included), each once."""
     seen, out = set(), []
@@ -116,9 +132,9 @@ def prune(module, amount):
             pruned[old] = True
         if n_prune:
             # Already-pruned weights first (whatever a state load put there), then by
-            # magnitude; a stable sort breaks ties by position.
+            # magnitude, ties broken by position.
             key = np.where(pruned, -1.0, np.abs(flat.astype(np.float64)))
-            pruned[np.argsort(key, kind="stable")[:n_prune]] = True
+            pruned[_smallest(key, n_prune)] = True
         idx = np.flatnonzero(pruned)
         w._prune = idx if idx.size else None
         flat[idx] = 0

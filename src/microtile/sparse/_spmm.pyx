@@ -11,6 +11,10 @@ X and Y must have contiguous rows (any row stride); the public layer copies when
 ``check_csr`` runs before either kernel on every call: O(R + nnz), one pass, and nothing
 malformed (indices out of range, ``indptr`` not monotonic, too short ``indices``/``data``)
 reaches a kernel.
+
+Ctrl-C (see ``_common/_interrupt.pxd``): both kernels walk rows of M, and between blocks of
+rows worth about POLL_WORK multiply-adds the calling thread polls for signals and every thread
+looks whether to stop, so a long product stops within a block of work of a KeyboardInterrupt.
 """
 import numpy as np
 cimport numpy as cnp
@@ -19,8 +23,10 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset
 
 from microtile._common._typedefs cimport idx_t, floating, sp_index
-from microtile._common._mt_pool cimport mt_share, mt_share_end
-from microtile._common._mt_pool cimport pool_items
+from microtile._common._mt_pool cimport mt_share, mt_share_end, pool_items
+from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
+                                           raise_for_rc, poll_step, stop_before, interrupted,
+                                           INTERRUPTED)
 from microtile._config._params cimport gemm_params, current_params
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._kernels._ukernel cimport (kernel_set_t, ukr_csr_gather, ukr_csr_scatter,
@@ -35,6 +41,11 @@ cdef object I64 = np.dtype(np.int64)
 # Multiply-adds (plus one per output row) below which a second thread costs more than it
 # brings; a guess from the level-2 drivers' threshold, not yet measured for these kernels.
 cdef double THREAD_MIN_WORK = 1 << 16
+# Multiply-adds (plus one per row) between two looks for a stop: about 0.05-0.1 ms of a row
+# kernel, small beside the 50 ms between the caller's polls, while a look (an atomic load, and
+# a clock read on the caller) costs nothing beside it.  Counted by work, not rows, so a
+# power-law matrix's dense rows or a wide X cannot stretch the time between looks.
+cdef idx_t POLL_WORK = 1 << 18
 
 
 cdef int _check(idx_t nrows, idx_t ncols, const sp_index* indptr, const sp_index* indices,
@@ -108,41 +119,64 @@ cdef inline idx_t _row_at(const sp_index* indptr, idx_t nrows, double target) no
     return lo
 
 
-cdef void _gather_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, const sp_index* indptr,
+cdef bint _stop_here(signal_poll* poll, bint caller) noexcept nogil:
+    """Whether this thread should stop taking work: the caller first runs the signal handlers
+    when due (poll_step); every thread then sees a stop that any poll has marked."""
+    if caller:
+        poll_step(poll, 0)
+    return stop_before(poll, 1)
+
+
+cdef bint _gather_rows(const kernel_set_t* ks, idx_t r0, idx_t r1, const sp_index* indptr,
                        const sp_index* indices, const floating* data, const floating* x,
                        idx_t rs_x, idx_t n, floating alpha, floating beta, floating* y,
-                       idx_t rs_y) noexcept nogil:
-    cdef idx_t i, p0
+                       idx_t rs_y, signal_poll* poll, bint caller) noexcept nogil:
+    """Rows r0..r1 of Y = alpha * M @ X + beta * Y; True when stopped by an interrupt (rows
+    from there on are left as they were)."""
+    cdef idx_t i, p0, since = 0
     for i in range(r0, r1):
         p0 = indptr[i]
         ukr_csr_gather(ks, indptr[i + 1] - p0, data + p0, indices + p0, x, rs_x, n, alpha,
                        beta, y + i * rs_y)
+        since += (indptr[i + 1] - p0 + 1) * n
+        if since >= POLL_WORK:
+            since = 0
+            if _stop_here(poll, caller):
+                return True
+    return False
 
 
-cdef void _gather_run(const kernel_set_t* ks, int nt, idx_t nrows, const sp_index* indptr,
-                      const sp_index* indices, const floating* data, const floating* x,
-                      idx_t rs_x, idx_t n, floating alpha, floating beta, floating* y,
-                      idx_t rs_y) noexcept nogil:
+cdef int _gather_run(const kernel_set_t* ks, int nt, idx_t nrows, const sp_index* indptr,
+                     const sp_index* indices, const floating* data, const floating* x,
+                     idx_t rs_x, idx_t n, floating alpha, floating beta, floating* y,
+                     idx_t rs_y) noexcept nogil:
     """Y = alpha * M @ X + beta * Y.  Threads take runs of rows of equal nonzeros (plus
     rows), so a few dense rows do not leave one thread with all the work; each owns its rows
-    of Y."""
+    of Y.  Returns 0, or INTERRUPTED when a signal handler raised."""
     cdef double total = <double> indptr[nrows] + <double> nrows
+    cdef signal_poll* poll = caller_poll()
     if nt > nrows:
         nt = <int> nrows
     if nt <= 1 or total * n < THREAD_MIN_WORK:
-        _gather_rows(ks, 0, nrows, indptr, indices, data, x, rs_x, n, alpha, beta, y, rs_y)
-        return
+        if _gather_rows(ks, 0, nrows, indptr, indices, data, x, rs_x, n, alpha, beta, y,
+                        rs_y, poll, True):
+            return INTERRUPTED
+        return 0
     _sp_items(False, ks, nt, nt, nrows, 0, indptr, indices, data, x, rs_x, n, alpha, beta,
-              y, rs_y, total, 0)
+              y, rs_y, total, 0, poll)
+    return INTERRUPTED if interrupted(poll) else 0
 
 
-cdef void _scatter_cols(const kernel_set_t* ks, idx_t j0, idx_t j1, idx_t nrows,
+cdef bint _scatter_cols(const kernel_set_t* ks, idx_t j0, idx_t j1, idx_t nrows,
                         idx_t ncols, const sp_index* indptr, const sp_index* indices,
                         const floating* data, const floating* x, idx_t rs_x,
-                        floating alpha, floating beta, floating* y,
-                        idx_t rs_y) noexcept nogil:
-    """Columns j0..j1 of Y = alpha * M.T @ X + beta * Y."""
-    cdef idx_t i, p0, w = j1 - j0
+                        floating alpha, floating beta, floating* y, idx_t rs_y,
+                        signal_poll* poll, bint caller) noexcept nogil:
+    """Columns j0..j1 of Y = alpha * M.T @ X + beta * Y; True when stopped by an interrupt.
+
+    One chunk of columns may be all of them (one thread), and every nonzero of M adds into
+    it, so the looks for a stop come between blocks of M's rows, not only between chunks."""
+    cdef idx_t i, p0, w = j1 - j0, since = 0
     for i in range(ncols):
         if beta == 0:
             memset(y + i * rs_y + j0, 0, w * sizeof(floating))
@@ -153,26 +187,36 @@ cdef void _scatter_cols(const kernel_set_t* ks, idx_t j0, idx_t j1, idx_t nrows,
         if indptr[i + 1] > p0:
             ukr_csr_scatter(ks, indptr[i + 1] - p0, data + p0, indices + p0,
                             x + i * rs_x + j0, w, alpha, y + j0, rs_y)
+        since += (indptr[i + 1] - p0) * w + 1
+        if since >= POLL_WORK:
+            since = 0
+            if _stop_here(poll, caller):
+                return True
+    return False
 
 
-cdef void _scatter_run(const kernel_set_t* ks, int nt, idx_t nrows, idx_t ncols,
-                       const sp_index* indptr, const sp_index* indices, const floating* data,
-                       const floating* x, idx_t rs_x, idx_t n, floating alpha,
-                       floating beta, floating* y, idx_t rs_y) noexcept nogil:
+cdef int _scatter_run(const kernel_set_t* ks, int nt, idx_t nrows, idx_t ncols,
+                      const sp_index* indptr, const sp_index* indices, const floating* data,
+                      const floating* x, idx_t rs_x, idx_t n, floating alpha,
+                      floating beta, floating* y, idx_t rs_y) noexcept nogil:
     """Y = alpha * M.T @ X + beta * Y.  Each thread owns a slice of Y's columns (whole
     vectors: multiples of 16 elements) and walks every nonzero for it, so the threads never
-    write the same element and need no atomics; the work per thread is nnz times its slice."""
+    write the same element and need no atomics; the work per thread is nnz times its slice.
+    Returns 0, or INTERRUPTED when a signal handler raised."""
     cdef double work = (<double> indptr[nrows] + <double> ncols) * n
     cdef idx_t chunk = n
+    cdef signal_poll* poll = caller_poll()
     if nt > 1 and work >= THREAD_MIN_WORK:
         chunk = mt_share(n, nt)
         nt = <int> ((n + chunk - 1) // chunk)
     if nt <= 1 or work < THREAD_MIN_WORK:
-        _scatter_cols(ks, 0, n, nrows, ncols, indptr, indices, data, x, rs_x, alpha, beta,
-                      y, rs_y)
-        return
+        if _scatter_cols(ks, 0, n, nrows, ncols, indptr, indices, data, x, rs_x, alpha, beta,
+                         y, rs_y, poll, True):
+            return INTERRUPTED
+        return 0
     _sp_items(True, ks, nt, nt, nrows, ncols, indptr, indices, data, x, rs_x, n, alpha, beta,
-              y, rs_y, 0, chunk)
+              y, rs_y, 0, chunk, poll)
+    return INTERRUPTED if interrupted(poll) else 0
 
 
 # -- the pool's entry point: share t of the rows (gather) or of Y's columns (scatter) ------------
@@ -188,38 +232,42 @@ ctypedef struct _sp_job:
     const void* x
     void* y
     double alpha, beta, total
+    signal_poll* poll       # the caller's (helpers have none of their own to look at)
 
 
-cdef void _sp_share(const _sp_job* j, idx_t t, const sp_index* indptr,
+cdef void _sp_share(const _sp_job* j, idx_t t, bint caller, const sp_index* indptr,
                     const sp_index* indices, const floating* data, const floating* x,
                     floating* y) noexcept nogil:
     cdef idx_t r0, r1, j0
+    if _stop_here(j.poll, caller):      # a share not yet begun is not begun after a stop
+        return
     if j.scatter:
         j0 = t * j.chunk
         _scatter_cols(j.ks, j0, mt_share_end(j0, j.chunk, j.n), j.nrows, j.ncols, indptr,
                       indices, data, x, j.rs_x, <floating> j.alpha, <floating> j.beta, y,
-                      j.rs_y)
+                      j.rs_y, j.poll, caller)
     else:
         r0 = _row_at(indptr, j.nrows, j.total * t / j.shares)
         r1 = j.nrows if t == j.shares - 1 else _row_at(indptr, j.nrows,
                                                        j.total * (t + 1) / j.shares)
         _gather_rows(j.ks, r0, r1, indptr, indices, data, x, j.rs_x, j.n,
-                     <floating> j.alpha, <floating> j.beta, y, j.rs_y)
+                     <floating> j.alpha, <floating> j.beta, y, j.rs_y, j.poll, caller)
 
 
 cdef void _sp_item(void* ctx, idx_t t, int tid) noexcept nogil:
+    # tid 0 is the calling thread (the pool's contract): the only one that polls.
     cdef const _sp_job* j = <const _sp_job*> ctx
     if j.dbl and j.i64:
-        _sp_share(j, t, <const int64_t*> j.indptr, <const int64_t*> j.indices,
+        _sp_share(j, t, tid == 0, <const int64_t*> j.indptr, <const int64_t*> j.indices,
                   <const double*> j.data, <const double*> j.x, <double*> j.y)
     elif j.dbl:
-        _sp_share(j, t, <const int32_t*> j.indptr, <const int32_t*> j.indices,
+        _sp_share(j, t, tid == 0, <const int32_t*> j.indptr, <const int32_t*> j.indices,
                   <const double*> j.data, <const double*> j.x, <double*> j.y)
     elif j.i64:
-        _sp_share(j, t, <const int64_t*> j.indptr, <const int64_t*> j.indices,
+        _sp_share(j, t, tid == 0, <const int64_t*> j.indptr, <const int64_t*> j.indices,
                   <const float*> j.data, <const float*> j.x, <float*> j.y)
     else:
-        _sp_share(j, t, <const int32_t*> j.indptr, <const int32_t*> j.indices,
+        _sp_share(j, t, tid == 0, <const int32_t*> j.indptr, <const int32_t*> j.indices,
                   <const float*> j.data, <const float*> j.x, <float*> j.y)
 
 
@@ -227,7 +275,7 @@ cdef void _sp_items(bint scatter, const kernel_set_t* ks, int nt, int shares, id
                     idx_t ncols, const sp_index* indptr, const sp_index* indices,
                     const floating* data, const floating* x, idx_t rs_x, idx_t n,
                     floating alpha, floating beta, floating* y, idx_t rs_y, double total,
-                    idx_t chunk) noexcept nogil:
+                    idx_t chunk, signal_poll* poll) noexcept nogil:
     cdef _sp_job j
     j.scatter = scatter
     j.dbl = floating is double
@@ -248,6 +296,7 @@ cdef void _sp_items(bint scatter, const kernel_set_t* ks, int nt, int shares, id
     j.alpha = alpha
     j.beta = beta
     j.total = total
+    j.poll = poll
     pool_items(nt, shares, _sp_item, &j)
 
 
@@ -267,12 +316,15 @@ def csr_product(bint scatter, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarr
 
     ``data``, ``X`` and ``Y`` are native, aligned arrays of one float dtype, ``data``
     contiguous; X and Y 2-D with contiguous rows; ``beta == 0`` means Y is not read.  The
-    structure is checked first (ValueError for a malformed one).
+    structure is checked first (ValueError for a malformed one).  A KeyboardInterrupt
+    (Ctrl-C on the main thread) stops the product part-way and is raised here, Y then being
+    partly written.
     """
     cdef idx_t nrows, n, rs_x, rs_y
     cdef gemm_params prm
     cdef const kernel_set_t* ks
-    cdef int nt
+    cdef int nt, rc
+    cdef signal_poll poll
     cdef bint i32, f32
     cdef float af = <float> alpha, bf = <float> beta
     cdef void* ip
@@ -309,38 +361,41 @@ def csr_product(bint scatter, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarr
     pd = cnp.PyArray_DATA(data)
     px = cnp.PyArray_DATA(X)
     py = cnp.PyArray_DATA(Y)
+    open_poll(&poll)
     with nogil:
         if f32:
             if scatter and i32:
-                _scatter_run(ks, nt, nrows, ncols, <const int32_t*> ip, <const int32_t*> ix,
-                             <const float*> pd, <const float*> px, rs_x, n, af, bf,
-                             <float*> py, rs_y)
+                rc = _scatter_run(ks, nt, nrows, ncols, <const int32_t*> ip, <const int32_t*> ix,
+                                  <const float*> pd, <const float*> px, rs_x, n, af, bf,
+                                  <float*> py, rs_y)
             elif scatter:
-                _scatter_run(ks, nt, nrows, ncols, <const int64_t*> ip, <const int64_t*> ix,
-                             <const float*> pd, <const float*> px, rs_x, n, af, bf,
-                             <float*> py, rs_y)
+                rc = _scatter_run(ks, nt, nrows, ncols, <const int64_t*> ip, <const int64_t*> ix,
+                                  <const float*> pd, <const float*> px, rs_x, n, af, bf,
+                                  <float*> py, rs_y)
             elif i32:
-                _gather_run(ks, nt, nrows, <const int32_t*> ip, <const int32_t*> ix,
-                            <const float*> pd, <const float*> px, rs_x, n, af, bf,
-                            <float*> py, rs_y)
+                rc = _gather_run(ks, nt, nrows, <const int32_t*> ip, <const int32_t*> ix,
+                                 <const float*> pd, <const float*> px, rs_x, n, af, bf,
+                                 <float*> py, rs_y)
             else:
-                _gather_run(ks, nt, nrows, <const int64_t*> ip, <const int64_t*> ix,
-                            <const float*> pd, <const float*> px, rs_x, n, af, bf,
-                            <float*> py, rs_y)
+                rc = _gather_run(ks, nt, nrows, <const int64_t*> ip, <const int64_t*> ix,
+                                 <const float*> pd, <const float*> px, rs_x, n, af, bf,
+                                 <float*> py, rs_y)
         else:
             if scatter and i32:
-                _scatter_run(ks, nt, nrows, ncols, <const int32_t*> ip, <const int32_t*> ix,
-                             <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
-                             <double*> py, rs_y)
+                rc = _scatter_run(ks, nt, nrows, ncols, <const int32_t*> ip, <const int32_t*> ix,
+                                  <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
+                                  <double*> py, rs_y)
             elif scatter:
-                _scatter_run(ks, nt, nrows, ncols, <const int64_t*> ip, <const int64_t*> ix,
-                             <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
-                             <double*> py, rs_y)
+                rc = _scatter_run(ks, nt, nrows, ncols, <const int64_t*> ip, <const int64_t*> ix,
+                                  <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
+                                  <double*> py, rs_y)
             elif i32:
-                _gather_run(ks, nt, nrows, <const int32_t*> ip, <const int32_t*> ix,
-                            <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
-                            <double*> py, rs_y)
+                rc = _gather_run(ks, nt, nrows, <const int32_t*> ip, <const int32_t*> ix,
+                                 <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
+                                 <double*> py, rs_y)
             else:
-                _gather_run(ks, nt, nrows, <const int64_t*> ip, <const int64_t*> ix,
-                            <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
-                            <double*> py, rs_y)
+                rc = _gather_run(ks, nt, nrows, <const int64_t*> ip, <const int64_t*> ix,
+                                 <const double*> pd, <const double*> px, rs_x, n, alpha, beta,
+                                 <double*> py, rs_y)
+        close_poll()
+    raise_for_rc(rc, &poll, "spmm")
