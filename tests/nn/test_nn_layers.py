@@ -607,3 +607,31 @@ def test_resnet_training_step_allocates_no_arrays(opt_name):
     kw = dict(lr=0.01, momentum=0.9) if opt_name == "SGD" else dict(lr=1e-3)
     opt = getattr(nn, opt_name)(model.parameters(), **kw)
     assert step_allocation(model, nn.CrossEntropyLoss(), opt, x, labels) < 16 * 1024
+
+
+def test_float32_sigmoid_and_tanh_within_3_ulp_everywhere():
+    """float32 sigmoid and tanh have their own exp (no libm call, so the gate loops
+    vectorise): within 3 ulp of the float64 value over [-120, 120] and at the edges of its
+    ranges (the polynomial's switch at 0.55, the clamps at -104 and 88, subnormal results),
+    NaN kept, +-inf saturated, the sign of -0 kept by tanh."""
+    from microtile.nn._act_kernels import act_forward
+    edges = [0.0, -0.0, 1e-30, -1e-30, 0.5499999, 0.55, 0.5500001, 87.0, 88.0, 88.5, -87.0,
+             -88.0, -89.0, -103.0, -104.0, -105.0, 1e4, -1e4]
+    x = np.concatenate([np.linspace(-120, 120, 200001), edges]).astype(np.float32)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0], np.float32)
+    for code, name, ref in ((2, "sigmoid", lambda v: 1 / (1 + np.exp(-v))), (3, "tanh", np.tanh)):
+        out = np.empty_like(x)
+        act_forward(x, out, code)
+        with np.errstate(over="ignore"):
+            r = ref(x.astype(np.float64))
+        tiny = np.abs(r) < np.finfo(np.float32).tiny       # subnormal or zero: absolute
+        ulp = np.spacing(np.abs(r).astype(np.float32)).astype(np.float64)
+        err = np.abs(out.astype(np.float64) - r)
+        assert np.all(err[~tiny] <= 3 * ulp[~tiny]), (name, x[~tiny][np.argmax(err[~tiny] / ulp[~tiny])])
+        assert np.all(err[tiny] <= 2 * np.finfo(np.float32).smallest_subnormal), name
+        sp = np.empty_like(special)
+        act_forward(special, sp, code)
+        assert np.isnan(sp[0])
+        assert sp[1] == 1.0 and sp[2] == (0.0 if code == 2 else -1.0)
+        if code == 3:
+            assert sp[3] == 0.0 and np.signbit(sp[3])

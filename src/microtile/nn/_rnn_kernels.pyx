@@ -76,24 +76,25 @@ cdef void _lstm_fwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept n
     cdef const floating* cp
     cdef floating* c
     cdef floating* h
-    cdef floating ig, fg, gg, og, cv
+    cdef floating cv
     for r in range(r0, r1):
         g = <floating*> s.g + r * 4 * H
         cp = <const floating*> s.cprev + r * H
         c = <floating*> s.c + r * H
         h = <floating*> s.h + r * H
+        # One loop per gate block, each an in-place map over contiguous elements that the
+        # compiler vectorises (one loop over all four blocks and c, h did not: too many
+        # possible overlaps to check), then the cell update.
+        for j in range(2 * H):
+            g[j] = sigmoid(g[j])
+        for j in range(2 * H, 3 * H):
+            g[j] = tanh_(g[j])
+        for j in range(3 * H, 4 * H):
+            g[j] = sigmoid(g[j])
         for j in range(H):
-            ig = sigmoid(g[j])
-            fg = sigmoid(g[H + j])
-            gg = tanh_(g[2 * H + j])
-            og = sigmoid(g[3 * H + j])
-            g[j] = ig
-            g[H + j] = fg
-            g[2 * H + j] = gg
-            g[3 * H + j] = og
-            cv = fg * cp[j] + ig * gg
+            cv = g[H + j] * cp[j] + g[j] * g[2 * H + j]
             c[j] = cv
-            h[j] = og * tanh_(cv)
+            h[j] = g[3 * H + j] * tanh_(cv)
 
 
 cdef void _lstm_bwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept nogil:
