@@ -287,50 +287,30 @@ cdef inline int _gemm(bint threaded, const gemm_params* prm, idx_t m, idx_t n, i
                        c, rs_c, 1)
 
 
-cdef void _im2col_chunk(const conv_geom* g, const floating* x, const idx_t* xs, idx_t k0,
-                        idx_t k1, idx_t pq0, idx_t pq1, floating* cols, idx_t ld,
-                        int nt) noexcept nogil:
-    """Rows [k0, k1) of one image's column matrix, threads (nt > 1) taking channels."""
+cdef void _lower_chunk(int kind, const conv_geom* g, const floating* src, const idx_t* xs,
+                       idx_t k0, idx_t k1, idx_t pq0, idx_t pq1, floating* dst, idx_t ld,
+                       int nt) noexcept nogil:
+    """Rows [k0, k1) of one image's column matrix: written from the image ``src`` (strides
+    ``xs``; kind CJ_IM2COL) or added from the columns ``src`` into dx (CJ_COL2IM).  Threads
+    (nt > 1) take channels: disjoint rows of the columns and disjoint planes of dx."""
     cdef idx_t RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS)
     cdef _conv_job jb
+    jb.kind = kind
+    jb.dbl = floating is double
+    jb.g = g
+    jb.x = src
+    jb.xs = xs
+    jb.k0 = k0
+    jb.k1 = k1
+    jb.pq0 = pq0
+    jb.pq1 = pq1
+    jb.c0 = c0
+    jb.ld = ld
+    jb.out = dst
     if nt > 1 and c1 - c0 > 1 and (k1 - k0) * (pq1 - pq0) >= LOWER_THREAD_MIN:
-        jb.kind = CJ_IM2COL
-        jb.dbl = floating is double
-        jb.g = g
-        jb.x = x
-        jb.xs = xs
-        jb.k0 = k0
-        jb.k1 = k1
-        jb.pq0 = pq0
-        jb.pq1 = pq1
-        jb.c0 = c0
-        jb.ld = ld
-        jb.out = cols
         pool_ranges(nt, c1 - c0, 4 * nt, 1, _conv_range, &jb)
     else:
-        im2col_rows(g, x, xs[1], xs[2], xs[3], k0, k1, pq0, pq1, cols, ld)
-
-
-cdef void _col2im_chunk(const conv_geom* g, const floating* cols, idx_t ld, idx_t k0,
-                        idx_t k1, idx_t pq0, idx_t pq1, floating* dx, int nt) noexcept nogil:
-    # Channels are disjoint planes of dx: splitting over them is race-free.
-    cdef idx_t RS = g.R * g.S, c0 = k0 // RS, c1 = ceil_div(k1, RS)
-    cdef _conv_job jb
-    if nt > 1 and c1 - c0 > 1 and (k1 - k0) * (pq1 - pq0) >= LOWER_THREAD_MIN:
-        jb.kind = CJ_COL2IM
-        jb.dbl = floating is double
-        jb.g = g
-        jb.x = cols
-        jb.k0 = k0
-        jb.k1 = k1
-        jb.pq0 = pq0
-        jb.pq1 = pq1
-        jb.c0 = c0
-        jb.ld = ld
-        jb.out = dx
-        pool_ranges(nt, c1 - c0, 4 * nt, 1, _conv_range, &jb)
-    else:
-        col2im_rows(g, cols, ld, k0, k1, pq0, pq1, dx, g.H * g.W, g.W, 1)
+        _conv_lines(&jb, 0, c1 - c0, src, dst)
 
 
 cdef inline void _chunk(const conv_plan* pl, idx_t ch, idx_t* n0, idx_t* nb, idx_t* pq0,
@@ -363,8 +343,8 @@ cdef const floating* _columns(const conv_plan* pl, const conv_geom* g, const flo
         return xg + n0 * xs[0] + pq0 * xs[3] + d0 * xs[1]
     if d0 < pl.CRS:
         for i in range(nb):
-            _im2col_chunk(g, xg + (n0 + i) * xs[0], xs, d0, imin(d1, pl.CRS), pq0, pq1,
-                          cols + i * wcols, ncur, 1 if pl.par else pl.nt)
+            _lower_chunk(CJ_IM2COL, g, xg + (n0 + i) * xs[0], xs, d0, imin(d1, pl.CRS), pq0,
+                         pq1, cols + i * wcols, ncur, 1 if pl.par else pl.nt)
     if pl.bias_col and d1 > pl.CRS:
         for j in range(ncur):
             cols[(pl.CRS - d0) * ncur + j] = 1
@@ -611,8 +591,8 @@ cdef int _bwd_chunk(const conv_plan* pl, const conv_geom* g, const gemm_params* 
                 if rc != 0:
                     return rc
                 for i in range(nb):
-                    _col2im_chunk(g, cols + i * wcols, ncur, d0, e1, pq0, pq1,
-                                  dxg + (n0 + i) * pl.C * pl.HW, 1 if pl.par else pl.nt)
+                    _lower_chunk(CJ_COL2IM, g, cols + i * wcols, NULL, d0, e1, pq0, pq1,
+                                 dxg + (n0 + i) * pl.C * pl.HW, ncur, 1 if pl.par else pl.nt)
     return 0
 
 
