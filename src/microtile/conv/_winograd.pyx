@@ -51,7 +51,7 @@ from microtile._common._atomic64 cimport mt_atomic_add64
 from microtile._config._params cimport current_params, gemm_params
 from microtile.linalg._gemm cimport gemm_serial, ACT_NONE, ACT_RELU
 
-from microtile.conv._conv import note_plan
+from microtile.conv._conv import give_workspace, note_plan, take_workspace
 from microtile.conv._cook_toom import matrices
 from microtile._kernels._dispatch import available_isas, isa_id
 
@@ -107,7 +107,7 @@ cdef bint _plan(wplan* p, idx_t isz, idx_t cap, idx_t chunk) noexcept:
     p.nkb = ceil_div(p.K, p.kb)
     p.kb = ceil_div(p.K, p.nkb)
     per_tile = p.a2 * (p.C + p.kb) * isz
-    rem = cap - scr - per_filter * p.kb
+    rem = cap - scr - per_filter * p.kb - 256      # 256: alignment of U, V, M
     T = rem // per_tile if rem > 0 else 0
     if T < 1:
         return False
@@ -126,7 +126,7 @@ cdef bint _plan(wplan* p, idx_t isz, idx_t cap, idx_t chunk) noexcept:
     p.cg = p.C
     if nsb < 4 * p.nt:
         p.cg = max(1, ceil_div(p.C, ceil_div(4 * p.nt, nsb)))
-    p.ws_bytes = scr + per_filter * p.kb + per_tile * p.T
+    p.ws_bytes = scr + per_filter * p.kb + per_tile * p.T + 256
     return True
 
 
@@ -300,6 +300,14 @@ def fits(tuple geom, idx_t N, idx_t C, idx_t K, idx_t m, idx_t itemsize, idx_t w
     return _setup(&p, geom, N, C, K, m, itemsize, workspace, chunk, threads)
 
 
+# forward's results.
+OK, NOT_FINITE, NO_FIT = 0, 1, 2
+
+
+cdef idx_t _al(idx_t nbytes) noexcept nogil:
+    return (nbytes + 63) // 64 * 64
+
+
 def forward(cnp.ndarray x, cnp.ndarray w, object bias, cnp.ndarray y, tuple geom, idx_t m,
             idx_t workspace, idx_t chunk, int act=ACT_NONE):
     """y (N, K, P, Q) C-contiguous  <-  the correlation of x with the 3x3 filters w (+ bias,
@@ -307,21 +315,23 @@ def forward(cnp.ndarray x, cnp.ndarray w, object bias, cnp.ndarray y, tuple geom
 
     x: (N, C, H, W) and w: (K, C, 3, 3) of y's dtype at any strides (w may be a flipped or
     transposed view); bias: (K,) contiguous or None; geom: (H, W, pt, pl, P, Q), pt and pl
-    any integers (negative: a crop).  Returns False, with y undefined, when a transform
-    made a non-finite value (the caller recomputes on another algorithm); True otherwise.
-    Raises ValueError when the layer does not fit ``workspace`` (check ``fits`` first).
+    any integers (negative: a crop).  Returns OK; NOT_FINITE when a transform made a value
+    that is not finite (y is then undefined: the caller recomputes on another algorithm);
+    NO_FIT, without touching y, when the layer does not fit ``workspace`` bytes.
     """
     cdef gemm_params prm
     cdef int code = 0 if y.dtype == np.float32 else 1
     cdef wplan p
     cdef int i, rc
+    cdef idx_t isz = y.itemsize, ub, vb, mb
     if act != ACT_NONE and act != ACT_RELU:
         raise ValueError(f"winograd: activation code {act} is not supported")
+    if m not in TILES:
+        raise ValueError(f"winograd: tile {m} is not one of {TILES}")
     current_params(code, &prm)
-    if not _setup(&p, geom, x.shape[0], x.shape[1], w.shape[0], m, y.itemsize, workspace,
-                  chunk, prm.n_threads):
-        raise ValueError(f"winograd: F({m}x{m},3x3) of this layer does not fit "
-                         f"{workspace} bytes of workspace")
+    if not _setup(&p, geom, x.shape[0], x.shape[1], w.shape[0], m, isz, workspace, chunk,
+                  prm.n_threads):
+        return NO_FIT
     p.act = act
     BT, G, AT = matrices(m)
     for i in range(p.a2):
@@ -336,24 +346,26 @@ def forward(cnp.ndarray x, cnp.ndarray w, object bias, cnp.ndarray y, tuple geom
     note_plan({"algorithm": "winograd", "tile": int(m), "tiles_per_chunk": int(p.T),
                "chunks": int(p.nch), "filter_blocks": int(p.nkb),
                "workspace_bytes": int(p.ws_bytes)})
-    isz = y.itemsize
-    Ub = np.empty(p.a2 * p.kb * p.C * isz, dtype=np.uint8)
-    Vb = np.empty(p.a2 * p.C * p.T * isz, dtype=np.uint8)
-    Mb = np.empty(p.a2 * p.kb * p.T * isz, dtype=np.uint8)
+    # U, V and M in one buffer kept between calls (a fresh one costs a page fault per
+    # 4 KiB: about 1 ms of a 3 ms batch-1 layer here).
+    ub = _al(p.a2 * p.kb * p.C * isz)
+    vb = _al(p.a2 * p.C * p.T * isz)
+    mb = _al(p.a2 * p.kb * p.T * isz)
+    buf = take_workspace(ub + vb + mb + 64)
+    cdef char* base = <char*> cnp.PyArray_DATA(buf)
+    base = base + (64 - (<size_t> base) % 64) % 64
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pw = cnp.PyArray_DATA(w)
     cdef void* pb = NULL if bias is None else cnp.PyArray_DATA(<cnp.ndarray> bias)
     cdef void* py = cnp.PyArray_DATA(y)
-    cdef void* pU = cnp.PyArray_DATA(Ub)
-    cdef void* pV = cnp.PyArray_DATA(Vb)
-    cdef void* pM = cnp.PyArray_DATA(Mb)
     cdef signal_poll poll
     open_poll(&poll)
     with nogil:
-        rc = _run(&p, &prm, code == 1, px, pw, pb, py, pU, pV, pM)
+        rc = _run(&p, &prm, code == 1, px, pw, pb, py, base, base + ub, base + ub + vb)
         close_poll()
         scratch_trim()
+    give_workspace(buf)
     if rc == NONFINITE:
-        return False
+        return NOT_FINITE
     raise_for_rc(rc, &poll, "conv2d")
-    return True
+    return OK

@@ -2,11 +2,12 @@
 the choice of algorithm.
 
 The arithmetic lives in ``_conv`` (im2col + GEMM drivers), ``_im2col`` (the lowering
-kernels) and ``_direct`` (the direct kernel for depthwise and small-group layers).
+kernels), ``_direct`` (the direct kernel for depthwise and small-group layers) and
+``_winograd`` (Winograd F(2x2,3x3) / F(4x4,3x3) for 3x3 stride-1 layers).
 """
 import numpy as np
 
-from microtile.conv import _conv, _direct, _im2col
+from microtile.conv import _conv, _direct, _im2col, _winograd
 from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
 from microtile._config._context import get_num_threads, get_option
 from microtile.conv._nchw import (as_nchw, check_result, conv_padding, count, out_size, pair,
@@ -32,22 +33,69 @@ def _sizes():
 DIRECT_MAX_CG = 8
 
 
-def _algorithm(N, Cg, K, groups, P, Q):
-    """"im2col" or "direct" for a layer: ``config_context(conv_algorithm=...)`` when it names
-    one, else the built-in rule (direct for depthwise layers and grouped ones with at most
-    DIRECT_MAX_CG input channels per group).
+# Winograd (``_winograd``) for 3x3, stride-1, undilated, ungrouped layers.
+#
+# Error: |y_winograd - y| <= WINOGRAD_ERROR[m] * (C*9) * eps * max|x| * max|w| (plus the
+# bias's rounding), the constant measured over C = 1, 8, 64, 256 on normal data, heavy-tailed
+# trained-like data (Student t with 2 degrees of freedom, x scaled by 100 and w by 10) and
+# two adversarial sets (all-positive values near 1e4 and 1e3; checkerboard signs at 1e3), in
+# float32 against a float64 reference (tests/conv/test_winograd.py checks it).  Largest
+# error / ((C*9) * eps * max|x| * max|w|) measured: im2col 4.9, F(2x2) 5.7, F(4x4) on the
+# points 0, +-1, 1/2, -2: 10.7 (on normal data 0.10-0.32, against 0.35-0.74 for the points
+# 0, +-1, +-2 of Lavin and Gray, whose worst case was 9.5).  The constants allow 1.5x on
+# those.  F(4x4) is used in float32 only up to WINOGRAD_F4_MAX_C input channels (the range
+# measured, where its constant is ~2x im2col's); above it F(2x2).  float64 always F(4x4).
+WINOGRAD_ERROR = {2: 8.0, 4: 16.0}
+WINOGRAD_F4_MAX_C = 256
+# The built-in rule takes Winograd for layers with at least WINOGRAD_MIN_C input and
+# output channels and at least WINOGRAD_MIN_TILES output tiles (of F(4x4): 16 outputs each;
+# measured, 2 threads, float32, ms, winograd / im2col / torch (see the commit log for the
+# runs): C64 56x56 b8 <wino-c64b8>; C128 28x28 b8 <wino-c128b8>; C256 14x14 b8 <wino-c256b8>;
+# at batch 1 (196, 49 and 16 tiles) im2col was as fast or faster: C64 56x56 <wino-c64b1>,
+# C128 28x28 <wino-c128b1>, C256 14x14 <wino-c256b1>.
+WINOGRAD_MIN_C = 32
+WINOGRAD_MIN_TILES = 392
 
-    Both algorithms apply to every layer, so a forced one is always used; an algorithm that
-    applies to some layers only (a Winograd kernel, say) is to fall back to the rule on the
-    others rather than fail, so that one setting can cover a whole model.  Empty problems
-    (a zero size anywhere) always take the im2col driver, whose zero-size rules are the
-    tested ones."""
+
+def _winograd_tile(N, C, K, geom, groups, dt):
+    """Winograd's tile size m for this layer, or None where it does not apply: 3x3 filters,
+    stride 1, dilation 1, groups 1, and its transforms within the ``conv_workspace`` cap."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    if groups != 1 or (R, S, sh, sw, dh, dw) != (3, 3, 1, 1, 1, 1):
+        return None
+    m = 4 if (np.dtype(dt) == np.float64 or C <= WINOGRAD_F4_MAX_C) else 2
+    if not _winograd.fits((H, W, pt, pl, P, Q), N, C, K, m, np.dtype(dt).itemsize,
+                          *_sizes(), get_num_threads()):
+        return None
+    return m
+
+
+def _algorithm(N, Cg, K, groups, P, Q, geom=None, dt=np.float32):
+    """"im2col", "direct" or "winograd" for a layer: ``config_context(conv_algorithm=...)``
+    when it names one that applies, else the built-in rule (direct for depthwise layers and
+    grouped ones with at most DIRECT_MAX_CG input channels per group; Winograd for 3x3
+    stride-1 ungrouped layers with at least WINOGRAD_MIN_C channels in and out and
+    WINOGRAD_MIN_TILES F(4x4) tiles; im2col otherwise).
+
+    im2col and direct apply to every layer, so a forced one is always used; Winograd applies
+    to 3x3, stride-1, undilated, ungrouped layers whose transforms fit the workspace cap
+    (``_winograd_tile``), and on the others falls back to the rule, so that one setting can
+    cover a whole model.  Empty problems (a zero size anywhere) always take the im2col
+    driver, whose zero-size rules are the tested ones."""
     if N == 0 or Cg == 0 or K == 0 or P == 0 or Q == 0:
         return "im2col"
     forced = get_option("conv_algorithm")
-    if forced != "auto":
+    if forced in ("im2col", "direct"):
         return forced
-    return "direct" if groups > 1 and Cg <= DIRECT_MAX_CG else "im2col"
+    wino = geom is not None and _winograd_tile(N, Cg * groups, K, geom, groups, dt)
+    if forced == "winograd" and wino:
+        return "winograd"
+    if groups > 1 and Cg <= DIRECT_MAX_CG:
+        return "direct"
+    if (wino and Cg >= WINOGRAD_MIN_C and K >= WINOGRAD_MIN_C
+            and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES):
+        return "winograd"
+    return "im2col"
 
 
 def _weight_rows(Wt, dt):
@@ -135,9 +183,18 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
 
     Notes
     -----
-    Two algorithms; ``config_context(conv_algorithm=...)`` picks one, and by default the
+    Three algorithms; ``config_context(conv_algorithm=...)`` picks one, and by default the
     direct kernel runs depthwise layers and grouped ones with at most 8 input channels per
-    group, im2col + GEMM the others.
+    group, Winograd the 3x3 stride-1 ungrouped layers with at least 32 channels in and out
+    and enough output (``WINOGRAD_MIN_TILES`` 4x4 tiles), im2col + GEMM the others.
+
+    Winograd F(4x4, 3x3) (F(2x2, 3x3) in float32 above 256 input channels) applies only to
+    3x3, stride-1, undilated, ungrouped layers; forced on any other layer, the built-in rule
+    chooses instead.  Its error is at most ``WINOGRAD_ERROR[m] * (C*9) * eps * max|x| *
+    max|w|`` (measured constants; see ``convolution.WINOGRAD_ERROR``), a few times that of
+    im2col.  Its transforms use at most ``conv_workspace`` bytes (the transformed filters,
+    by blocks of filters when needed, and one chunk of transformed tiles); a layer that
+    does not fit, or whose transforms meet Inf or NaN, is computed on im2col.
 
     im2col + GEMM per group, in chunks whose columns fit ``conv_workspace`` bytes (see
     ``config_context``) whatever the geometry: when fewer than a few output positions'
@@ -178,7 +235,10 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
                 and O.dtype.isnative)
     Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
-    if _algorithm(N, Wt.shape[1], K, groups, P, Q) == "direct":
+    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q, geom, dt)
+    if algorithm == "winograd" and _conv_winograd(X4, as_dtype(Wt, dt), B, Y, geom, dt):
+        pass
+    elif algorithm == "direct":
         _direct.forward(X4, _weight_rows(Wt, dt), None if B is None else
                         np.ascontiguousarray(B, dtype=dt), Y, geom, groups)
     else:
@@ -188,6 +248,20 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
             O[...] = Y.reshape(shape)
         return O
     return Y[0] if unbatched else Y
+
+
+def _conv_winograd(X4, Wt, B, Y, geom, dt):
+    """conv2d's Winograd path into Y (N, K, P, Q), C-contiguous; False (Y undefined) when
+    the caller is to compute it on im2col instead: a transform made Inf or NaN (one in a
+    tile's input spreads to all its outputs, where the direct sum may have a number), or
+    the layer did not fit the workspace after all."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    m = _winograd_tile(X4.shape[0], X4.shape[1], Wt.shape[0], geom, 1, dt)
+    if m is None:
+        return False
+    Bc = None if B is None else np.ascontiguousarray(B, dtype=dt)
+    return _winograd.forward(X4, Wt, Bc, Y, (H, W, pt, pl, P, Q), m,
+                             *_sizes()) == _winograd.OK
 
 
 def _conv_im2col(X4, Wt, B, Y, geom, groups, dt):
@@ -270,7 +344,10 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
     db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
-    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q)
+    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q, geom, dt)
+    if algorithm == "winograd":
+        return _backward_winograd(DY4, X4, Wt, geom, dt, unbatched, bool(need_input_grad),
+                                  bool(need_bias_grad), dx_out, dw_out, db_out)
     if algorithm == "direct":
         Wc = _weight_rows(Wt, dt)
         # The direct dx multiplies every weight by dy's zero padding too, a product col2im
@@ -302,6 +379,38 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     if dx is not None and unbatched:
         dx = dx[0]
     return dx, dw, db
+
+
+def _backward_winograd(DY4, X4, Wt, geom, dt, unbatched, need_x, need_b, dx_out, dw_out,
+                       db_out):
+    """conv2d_backward when the rule chose Winograd: dx is the stride-1 3x3 correlation of
+    dy with the weights flipped and transposed (K <-> C), its padding 2 - p (a negative one
+    crops), run on the Winograd forward; dw and db stay on im2col (their GEMMs have depth
+    N*P*Q, no 3x3 structure to exploit on the output side)."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    N, K = DY4.shape[0], DY4.shape[1]
+    C = X4.shape[1]
+    crs = C * 9
+    dx = None
+    if need_x:
+        dx = np.empty(X4.shape, dtype=dt) if dx_out is None else dx_out
+        # A view: w'[c, k, r, s] = w[k, c, 2 - r, 2 - s].
+        Wf = as_dtype(Wt, dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+        geom_t = (P, Q, 3, 3, 1, 1, 2 - pt, 2 - pl, 1, 1, H, W)
+        if not _conv_winograd(DY4, Wf, None, dx, geom_t, dt):
+            dx = None
+    Wm = _weight_matrix(Wt, dt)
+    # im2col computes dx too when Winograd could not (Inf or NaN in dy or w).
+    dx2, dwm, db = _conv.conv2d_backward(DY4, X4, Wm, geom, 1, True, need_x and dx is None,
+                                         need_b, *_sizes(),
+                                         dx_out if need_x and dx is None else None,
+                                         None if dw_out is None else dw_out.reshape(K, crs),
+                                         db_out)
+    if need_x and dx is None:
+        dx = dx2
+    if dx is not None and unbatched:
+        dx = dx[0]
+    return dx, dwm.reshape(Wt.shape), db
 
 
 def _unfold_args(kernel_size, stride, padding, dilation):
