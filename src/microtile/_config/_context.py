@@ -264,7 +264,7 @@ def config_context(**overrides):
         How ``conv2d`` and ``conv2d_backward`` compute.  ``"auto"`` (the default) lets the
         built-in rule choose per layer: the direct kernel for depthwise layers and grouped
         ones with at most 8 input channels per group, Winograd for 3x3 stride-1 ungrouped
-        layers with at least 32 channels in and out and enough output positions, im2col +
+        layers with at least 64 channels in and out and enough output positions, im2col +
         GEMM otherwise.  ``"im2col"`` and ``"direct"`` force that algorithm; each applies to
         every layer (the direct kernel is slow on layers with many channels per group,
         never wrong).  ``"winograd"`` forces Winograd where it applies (3x3 filters, stride

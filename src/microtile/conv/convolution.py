@@ -48,13 +48,17 @@ DIRECT_MAX_CG = 8
 WINOGRAD_ERROR = {2: 8.0, 4: 16.0}
 WINOGRAD_F4_MAX_C = 256
 # The built-in rule takes Winograd for layers with at least WINOGRAD_MIN_C input and
-# output channels and at least WINOGRAD_MIN_TILES output tiles (of F(4x4): 16 outputs each;
-# measured, 2 threads, float32, ms, winograd / im2col / torch (see the commit log for the
-# runs): C64 56x56 b8 <wino-c64b8>; C128 28x28 b8 <wino-c128b8>; C256 14x14 b8 <wino-c256b8>;
-# at batch 1 (196, 49 and 16 tiles) im2col was as fast or faster: C64 56x56 <wino-c64b1>,
-# C128 28x28 <wino-c128b1>, C256 14x14 <wino-c256b1>.
-WINOGRAD_MIN_C = 32
-WINOGRAD_MIN_TILES = 392
+# output channels and at least WINOGRAD_MIN_TILES output tiles of 4x4 (N * ceil(P/4) *
+# ceil(Q/4)): the filter transform (K*C*36 values per call) is paid whatever the batch, the
+# saving grows with the tiles.  Measured here, float32, 2 threads, medians of 11 interleaved
+# calls (tools/bench_conv_inference.py --algorithm im2col,winograd), ms winograd / im2col /
+# torch:  C64 56x56 b8 (1568 tiles) 11.0 / 20.8 / 13.7;  C128 28x28 b8 (392) 9.0 / 20.6 /
+# 13.6;  C256 14x14 b8 (128) 9.1 / 18.0 / 13.3;  C64 56x56 b1 (196) 2.5 / 3.7 / 1.9;
+# C128 28x28 b1 (49) 2.6 / 4.1 / 2.1;  C256 14x14 b1 (16 tiles) 4.7 / 4.0 / 2.5, where the
+# 2.4M transformed filter values (three blocks of filters within the 8 MiB cap) are most
+# of the work.  Layers with fewer than 64 channels were not measured and stay on im2col.
+WINOGRAD_MIN_C = 64
+WINOGRAD_MIN_TILES = 32
 
 
 def _winograd_tile(N, C, K, geom, groups, dt):
@@ -185,7 +189,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     -----
     Three algorithms; ``config_context(conv_algorithm=...)`` picks one, and by default the
     direct kernel runs depthwise layers and grouped ones with at most 8 input channels per
-    group, Winograd the 3x3 stride-1 ungrouped layers with at least 32 channels in and out
+    group, Winograd the 3x3 stride-1 ungrouped layers with at least 64 channels in and out
     and enough output (``WINOGRAD_MIN_TILES`` 4x4 tiles), im2col + GEMM the others.
 
     Winograd F(4x4, 3x3) (F(2x2, 3x3) in float32 above 256 input channels) applies only to
