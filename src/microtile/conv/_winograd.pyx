@@ -44,7 +44,8 @@ cimport numpy as cnp
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport ceil_div, elem_stride, imin
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
-                                           raise_for_rc, poll_step, INTERRUPTED)
+                                           raise_for_rc, poll_step, stop_before, interrupted,
+                                           INTERRUPTED)
 from microtile._common._scratch cimport scratch_get, scratch_trim, SCRATCH_EXTRA
 from microtile._common._mt_pool cimport pool_items
 from microtile._common._atomic64 cimport mt_atomic_add64
@@ -146,6 +147,7 @@ ctypedef struct wjob:
     void* V
     void* M
     idx_t k0, kcur, t0, tcur, nsb, ncgi
+    signal_poll* poll
     int64_t fails           # atomic: no scratch
     int64_t nonfinite       # atomic: a transform made Inf or NaN
 
@@ -166,6 +168,8 @@ cdef void _item(wjob* j, idx_t u, const floating* x, const floating* w,
     cdef bint bad = False
     cdef int rc
     if j.phase == PH_GEMM:
+        # The GEMM polls on the calling thread itself, and returns INTERRUPTED (not a
+        # failure) when a handler raised.
         xi = u // p.ncs
         cs = u - xi * p.ncs
         wcols = ceil_div(ceil_div(j.tcur, p.ncs), 16) * 16
@@ -177,7 +181,7 @@ cdef void _item(wjob* j, idx_t u, const floating* x, const floating* w,
                          U + xi * j.kcur * p.C, p.C, 1,
                          V + xi * p.C * p.T + w0, p.T, 1,
                          <floating> 0, M + xi * j.kcur * p.T + w0, p.T, 1)
-        if rc != 0:
+        if rc != 0 and rc != INTERRUPTED:
             mt_atomic_add64(&j.fails, 1)
         return
     scr = <floating*> scratch_get(SCRATCH_EXTRA, (2 * p.a2 + 1) * WINO_TB * sizeof(floating))
@@ -219,6 +223,10 @@ cdef void _item(wjob* j, idx_t u, const floating* x, const floating* w,
 
 cdef void _pool_item(void* ctx, idx_t u, int tid) noexcept nogil:
     cdef wjob* j = <wjob*> ctx
+    if tid == 0:        # the caller polls for signals between its items
+        poll_step(j.poll, 0)
+    if stop_before(j.poll, 1):
+        return
     if j.dbl:
         _item(j, u, <const double*> j.x, <const double*> j.w, <const double*> j.bias,
               <double*> j.y, <double*> j.U, <double*> j.V, <double*> j.M)
@@ -245,6 +253,7 @@ cdef int _run(const wplan* p, const gemm_params* prm, bint dbl, const void* x,
     j.U = U
     j.V = V
     j.M = M
+    j.poll = poll
     j.fails = 0
     j.nonfinite = 0
     j.ncgi = ceil_div(p.C, p.cg)
@@ -254,7 +263,7 @@ cdef int _run(const wplan* p, const gemm_params* prm, bint dbl, const void* x,
         j.phase = PH_FILTER
         pool_items(p.nt, j.kcur, _pool_item, &j)
         for ch in range(p.nch):
-            if poll_step(poll, 0):
+            if poll_step(poll, 0) or interrupted(poll):
                 return INTERRUPTED
             j.t0 = ch * p.T
             j.tcur = imin(p.T, p.ntiles - j.t0)
@@ -267,6 +276,8 @@ cdef int _run(const wplan* p, const gemm_params* prm, bint dbl, const void* x,
             pool_items(p.nt, j.kcur, _pool_item, &j)
             if j.fails:
                 return -1
+    if interrupted(poll):
+        return INTERRUPTED
     if j.nonfinite:
         return NONFINITE
     return 0
