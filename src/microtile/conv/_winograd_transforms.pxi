@@ -1,36 +1,33 @@
 # The Winograd transforms (see ``_winograd``'s notes), included by ``_winograd`` (baseline
 # ISA) and ``_winograd_avx2`` (-mavx2 -mfma): the same plain loops, which GCC vectorises
-# 4 wide (SSE2) or 8 wide with FMA.  Every step is ``_comb``: a row of n contiguous values
-# (n tiles, or n channels for the filters) as a combination of a few such rows, so any
+# 4 wide (SSE2) or 8 wide with FMA.  Every step is ``_apply``: rows of n contiguous values
+# (n tiles, or n channels for the filters) as combinations of a few such rows, so any
 # point set vectorises; only gathering an input window and scattering an output tile are
 # scalar.  Measured F(4x4) C64 56x56 batch 8, 1 thread: the transforms took 2x the GEMMs
 # with a gather that found each tile's place by division per channel and SSE2 loops.
 #
 # Requires: idx_t, floating, wplan, WINO_TB, WINO_MAX_ALPHA, ACT_RELU, imin in scope.
 
-cdef inline void _comb(floating* dst, const double* cf, idx_t ncf, const floating* src,
-                       idx_t sstep, idx_t n, floating base) noexcept nogil:
-    """dst[t] = base + sum_q cf[q] * src[q*sstep + t] for t < n (zero coefficients
-    skipped; the first nonzero one assigns, so dst is written once per term)."""
-    cdef idx_t q, t
-    cdef floating c
-    cdef bint first = True
-    cdef const floating* s
-    for q in range(ncf):
-        c = <floating> cf[q]
-        if c == 0:
-            continue
-        s = src + q * sstep
-        if first:
-            for t in range(n):
-                dst[t] = base + c * s[t]
-            first = False
-        else:
-            for t in range(n):
-                dst[t] = dst[t] + c * s[t]
-    if first:
-        for t in range(n):
-            dst[t] = base
+cdef extern from "_winograd_apply.h" nogil:
+    void wino_apply_f(float* dst, idx_t dstep, const float* src, idx_t sstep,
+                      const double* cf, int rows, int ncf, idx_t n, float base)
+    void wino_apply_d(double* dst, idx_t dstep, const double* src, idx_t sstep,
+                      const double* cf, int rows, int ncf, idx_t n, double base)
+    void wino_gather_f(float* D, idx_t tb, const float* x0, idx_t xs2, idx_t xs3, int a)
+    void wino_gather_d(double* D, idx_t tb, const double* x0, idx_t xs2, idx_t xs3, int a)
+    void wino_scatter_f(float* y0, idx_t ldy, const float* O, idx_t tb, int m)
+    void wino_scatter_d(double* y0, idx_t ldy, const double* O, idx_t tb, int m)
+
+
+cdef inline void _apply(floating* dst, idx_t dstep, const floating* src, idx_t sstep,
+                        const double* cf, idx_t rows, idx_t ncf, idx_t n,
+                        floating base) noexcept nogil:
+    """dst[i*dstep + t] = base + sum_q cf[i*ncf + q] * src[q*sstep + t] for i < rows,
+    t < n (``_winograd_apply.h``); the rows of dst and src do not overlap."""
+    if floating is float:
+        wino_apply_f(dst, dstep, src, sstep, cf, <int> rows, <int> ncf, n, base)
+    else:
+        wino_apply_d(dst, dstep, src, sstep, cf, <int> rows, <int> ncf, n, base)
 
 
 cdef inline void _nonfinite_acc(floating* Z, const floating* v, idx_t n) noexcept nogil:
@@ -76,14 +73,14 @@ cdef void _filter_t(const wplan* p, const floating* w, idx_t k, idx_t kk, idx_t 
             for r in range(3):
                 for s in range(3):
                     gk[(r * 3 + s) * WINO_TB + ci] = wp[r * p.ws[2] + s * p.ws[3]]
+        # t[i*3 + s] = sum_r G[i, r] g[r*3 + s]
+        for s in range(3):
+            _apply(t + s * WINO_TB, 3 * WINO_TB, gk + s * WINO_TB, 3 * WINO_TB, p.g, a, 3,
+                   nc, 0)
+        # U[i*a + j] = sum_s G[j, s] t[i*3 + s]
         for i in range(a):
-            for s in range(3):
-                _comb(t + (i * 3 + s) * WINO_TB, &p.g[i * 3], 3, gk + s * WINO_TB,
-                      3 * WINO_TB, nc, 0)
-        for i in range(a):
-            for j in range(a):
-                _comb(U + ((i * a + j) * kcur + kk) * p.C + c0, &p.g[j * 3], 3,
-                      t + i * 3 * WINO_TB, WINO_TB, nc, 0)
+            _apply(U + (i * a * kcur + kk) * p.C + c0, kcur * p.C, t + i * 3 * WINO_TB,
+                   WINO_TB, p.g, a, 3, nc, 0)
 
 
 cdef bint _input_t(const wplan* p, const floating* x, idx_t c0, idx_t c1, idx_t t0,
@@ -116,10 +113,10 @@ cdef bint _input_t(const wplan* p, const floating* x, idx_t c0, idx_t c1, idx_t 
         # Gather: D[r*a + s][tl] = x[n, c, rr + r, cc + s], zero outside x.
         for tl in range(nb):
             if inside[tl]:
-                for r in range(a):
-                    row = xc + off[tl] + r * xs2
-                    for s in range(a):
-                        D[(r * a + s) * WINO_TB + tl] = row[s * xs3]
+                if floating is float:
+                    wino_gather_f(D + tl, WINO_TB, xc + off[tl], xs2, xs3, <int> a)
+                else:
+                    wino_gather_d(D + tl, WINO_TB, xc + off[tl], xs2, xs3, <int> a)
                 continue
             for r in range(a):
                 h = rr[tl] + r
@@ -132,16 +129,15 @@ cdef bint _input_t(const wplan* p, const floating* x, idx_t c0, idx_t c1, idx_t 
                     col = cc[tl] + s
                     D[(r * a + s) * WINO_TB + tl] = row[s * xs3] if 0 <= col < p.W else 0
         # Rows: E[i*a + s] = sum_r BT[i, r] D[r*a + s].
-        for i in range(a):
-            for s in range(a):
-                _comb(E + (i * a + s) * WINO_TB, &p.bt[i * a], a, D + s * WINO_TB,
-                      a * WINO_TB, nb, 0)
+        for s in range(a):
+            _apply(E + s * WINO_TB, a * WINO_TB, D + s * WINO_TB, a * WINO_TB, p.bt, a, a,
+                   nb, 0)
         # Columns: V[i*a + j][c] = sum_s BT[j, s] E[i*a + s].
         for i in range(a):
+            v = V + (i * a * p.C + c) * p.T + b0
+            _apply(v, p.C * p.T, E + i * a * WINO_TB, WINO_TB, p.bt, a, a, nb, 0)
             for j in range(a):
-                v = V + ((i * a + j) * p.C + c) * p.T + b0
-                _comb(v, &p.bt[j * a], a, E + i * a * WINO_TB, WINO_TB, nb, 0)
-                _nonfinite_acc(Z, v, nb)
+                _nonfinite_acc(Z, v + j * p.C * p.T, nb)
     return _any_nan(Z, nb)
 
 
@@ -171,26 +167,27 @@ cdef bint _output_t(const wplan* p, const floating* M, idx_t k0, idx_t kk0, idx_
     for kk in range(kk0, kk1):
         bk = 0 if bias == NULL else bias[k0 + kk]
         # Rows: F[i2*a + j] = sum_i AT[i2, i] M[i*a + j].
-        for i2 in range(m):
-            for j in range(a):
-                _comb(F + (i2 * a + j) * WINO_TB, &p.at[i2 * a], a,
-                      M + (j * kcur + kk) * p.T + b0, a * kcur * p.T, nb, 0)
+        for j in range(a):
+            _apply(F + j * WINO_TB, a * WINO_TB, M + (j * kcur + kk) * p.T + b0,
+                   a * kcur * p.T, p.at, m, a, nb, 0)
         # Columns: O[i2*m + j2] = bias + sum_j AT[j2, j] F[i2*a + j].
         for i2 in range(m):
-            for j2 in range(m):
-                o = O + (i2 * m + j2) * WINO_TB
-                _comb(o, &p.at[j2 * a], a, F + i2 * a * WINO_TB, WINO_TB, nb, bk)
-                _nonfinite_acc(Z, o, nb)
-                if p.act == ACT_RELU:
-                    for t in range(nb):
-                        if o[t] < 0:
-                            o[t] = 0
+            _apply(O + i2 * m * WINO_TB, WINO_TB, F + i2 * a * WINO_TB, WINO_TB, p.at, m, a,
+                   nb, bk)
+        for i2 in range(m * m):
+            o = O + i2 * WINO_TB
+            _nonfinite_acc(Z, o, nb)
+            if p.act == ACT_RELU:
+                for t in range(nb):
+                    if o[t] < 0:
+                        o[t] = 0
         yk = y + (k0 + kk) * PQ
         for tl in range(nb):
             if nr[tl] == m and ncl[tl] == m:
-                for i2 in range(m):
-                    for j2 in range(m):
-                        yk[yoff[tl] + i2 * p.Q + j2] = O[(i2 * m + j2) * WINO_TB + tl]
+                if floating is float:
+                    wino_scatter_f(yk + yoff[tl], p.Q, O + tl, WINO_TB, <int> m)
+                else:
+                    wino_scatter_d(yk + yoff[tl], p.Q, O + tl, WINO_TB, <int> m)
             else:
                 for i2 in range(nr[tl]):
                     for j2 in range(ncl[tl]):
