@@ -1,8 +1,9 @@
 """Convolution forward (inference) beside PyTorch's oneDNN on the layers of issue 12.
 
-float32, both libraries held to the same threads, calls interleaved (torch, microtile, ...),
-medians; every microtile result is checked against torch's.  ``--backward`` also times the
-depthwise and grouped layers' forward + backward (dx, dw, db).  Ratio = torch / microtile.
+float32, both libraries held to the same threads, calls interleaved (torch, microtile, ...,
+in a random order each repetition), medians; every microtile result is checked against
+torch's.  ``--backward`` also times each layer's forward + backward (dx, dw, db).
+Ratio = torch / microtile.
 
 ``--algorithm`` forces microtile's algorithm through ``config_context(conv_algorithm=...)``
 (a comma-separated list times each, interleaved with torch: ``--algorithm
@@ -14,6 +15,7 @@ whose name contains any of the given comma-separated words.
         [--algorithm auto] [--layers "3x3 C"]
 """
 import argparse
+import random
 import statistics
 import time
 
@@ -90,17 +92,24 @@ def main(argv=None):
             np.testing.assert_allclose(y, ty.numpy(), rtol=1e-3, atol=1e-3)
             used.append((last_plan() or {}).get("algorithm", "?"))
             fns.append(f_mt)
-        t_mt, t_t = [[] for _ in fns], []
-        for _ in range(args.reps):
-            t_t.append(_median(f_t, 1))
-            for i, f in enumerate(fns):
-                t_mt[i].append(_median(f, 1))
-        m_t = statistics.median(t_t)
+        # The call right after another library's is slowed by that library's threads
+        # still spinning (measured: the same Winograd call 19.4 ms right after torch, 13.8
+        # ms after another microtile call), so every repetition runs the calls in a fresh
+        # random order (a rotation would keep the same neighbours).
+        calls = [f_t] + fns
+        times = [[] for _ in calls]
+        order = list(range(len(calls)))
+        shuffle = random.Random(12).shuffle
+        for rep in range(args.reps):
+            shuffle(order)
+            for i in order:
+                times[i].append(_median(calls[i], 1))
+        m_t = statistics.median(times[0])
         for i, f_mt in enumerate(fns):
-            m_mt = statistics.median(t_mt[i])
+            m_mt = statistics.median(times[i + 1])
             row = (f"{name:>34} {used[i]:>9} {m_mt * 1e3:8.3f} {m_t * 1e3:9.3f} "
                    f"{m_t / m_mt:6.2f}")
-            if args.backward and g > 1:
+            if args.backward:
                 row += " " + _fwd_bwd(x, wt, b, s, p, g, y.shape, tx, tw, tb, rng,
                                       args.reps, algorithms[i])
             print(row, flush=True)
@@ -130,9 +139,10 @@ def _fwd_bwd(x, wt, b, s, p, g, yshape, tx, tw, tb, rng, reps, algo):
     for a, e in zip(got, ref):
         np.testing.assert_allclose(a, e.numpy(), rtol=1e-3, atol=1e-2)
     tb_mt, tb_t = [], []
-    for _ in range(reps):
-        tb_t.append(_median(b_t, 1))
-        tb_mt.append(_median(b_mt, 1))
+    for rep in range(reps):
+        pair = ((b_t, tb_t), (b_mt, tb_mt))
+        for f, acc in (pair if rep % 2 == 0 else pair[::-1]):
+            acc.append(_median(f, 1))
     return f"{statistics.median(tb_t) / statistics.median(tb_mt):8.2f}"
 
 

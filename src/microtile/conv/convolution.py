@@ -50,13 +50,16 @@ WINOGRAD_F4_MAX_C = 256
 # The built-in rule takes Winograd for layers with at least WINOGRAD_MIN_C input and
 # output channels and at least WINOGRAD_MIN_TILES output tiles of 4x4 (N * ceil(P/4) *
 # ceil(Q/4)): the filter transform (K*C*36 values per call) is paid whatever the batch, the
-# saving grows with the tiles.  Measured here, float32, 2 threads, medians of 11 interleaved
-# calls (tools/bench_conv_inference.py --algorithm im2col,winograd), ms winograd / im2col /
-# torch:  C64 56x56 b8 (1568 tiles) 11.0 / 20.8 / 13.7;  C128 28x28 b8 (392) 9.0 / 20.6 /
-# 13.6;  C256 14x14 b8 (128) 9.1 / 18.0 / 13.3;  C64 56x56 b1 (196) 2.5 / 3.7 / 1.9;
-# C128 28x28 b1 (49) 2.6 / 4.1 / 2.1;  C256 14x14 b1 (16 tiles) 4.7 / 4.0 / 2.5, where the
-# 2.4M transformed filter values (three blocks of filters within the 8 MiB cap) are most
-# of the work.  Layers with fewer than 64 channels were not measured and stay on im2col.
+# saving grows with the tiles.  Measured here, float32, 2 threads, medians of 15 calls in
+# random interleaved order (tools/bench_conv_inference.py --algorithm winograd,im2col,auto),
+# ms winograd / im2col / torch:  C64 56x56 b8 (1568 tiles) 8.5 / 19.1 / 12.9;  C128 28x28
+# b8 (392) 8.4 / 17.0 / 11.3;  C256 14x14 b8 (128) 8.0 / 16.9 / 11.2;  C64 56x56 b1 (196)
+# 1.18 / 3.25 / 1.87;  C128 28x28 b1 (49) 0.98 / 2.79 / 2.21;  C256 14x14 b1 (16 tiles)
+# 3.2 / 2.9 / 2.4, where the 2.4M transformed filter values (three blocks of filters within
+# the 8 MiB cap) are most of the work.  This shared VM is noisy (the same call differed by
+# up to 1.7x within a run); Winograd beat im2col on the first five layers in all five runs
+# made, and never on the last.  Layers with fewer than 64 channels were not measured and
+# stay on im2col.
 WINOGRAD_MIN_C = 64
 WINOGRAD_MIN_TILES = 32
 
