@@ -17,6 +17,7 @@ from microtile.conv import _winograd
 from microtile.conv._conv import last_plan
 from microtile.conv.convolution import WINOGRAD_ERROR, WINOGRAD_F4_MAX_C
 
+from _helpers import run_in_threads
 from test_conv import ref_conv, ref_conv_backward
 
 torch = pytest.importorskip("torch")
@@ -300,24 +301,14 @@ def test_layer_over_the_cap_takes_im2col():
 
 
 def test_threads_from_python():
-    import threading
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 16, 20, 20)).astype(F32)
     w = rng.standard_normal((16, 16, 3, 3)).astype(F32)
     want = ref_conv(x, w, padding=1)
-    errors = []
 
-    def work():
-        try:
-            with mt.config_context(conv_algorithm="winograd"):
-                for _ in range(5):
-                    y = mt.conv2d(x, w, padding=1)
-                    assert np.abs(y - want).max() <= bound(16, x, w, None, F32)
-        except Exception as e:          # pragma: no cover - reported below
-            errors.append(e)
-    ts = [threading.Thread(target=work) for _ in range(3)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors, errors
+    def work(i):
+        with mt.config_context(conv_algorithm="winograd"):
+            for _ in range(5):
+                y = mt.conv2d(x, w, padding=1)
+                assert np.abs(y - want).max() <= bound(16, x, w, None, F32)
+    run_in_threads(work, n=3)

@@ -21,7 +21,7 @@ of the convolution itself.
 Which points: the error of Winograd convolution grows with the tile, and for a given tile
 depends on the points (Barabasz, Anderson, Soodhalter and Gregg 2018, "Error analysis and
 improving the accuracy of Winograd convolution for deep neural networks").  The sets below
-were measured on this machine in float32 (see ``_winograd``'s notes for the figures).
+were measured on this machine in float32 (figures beside ``convolution.WINOGRAD_ERROR``).
 """
 from fractions import Fraction
 
@@ -29,8 +29,9 @@ import numpy as np
 
 # m -> the finite points (the last point is always infinity).
 #   F(2x2, 3x3): 0, 1, -1 (Lavin and Gray 2016); its entries are 0, +-1, +-1/2.
-#   F(4x4, 3x3): 0, +-1, 1/2, -2 was measured the most accurate of the sets tried
-#   (see _winograd.ERROR_CONSTANT's notes; Lavin's 0, +-1, +-2 is ~1.3x worse).
+#   F(4x4, 3x3): 0, +-1, 1/2, -2.  Of the sets tried (0,+-1,+-2 of Lavin and Gray;
+#   0,+-1,+-1/2; 0,+-1,2,-1/2; this one) its error was the smallest on normal data (2-4x
+#   below Lavin's) and about Lavin's on adversarial data (see convolution.WINOGRAD_ERROR).
 POINTS = {
     2: (Fraction(0), Fraction(1), Fraction(-1)),
     4: (Fraction(0), Fraction(1), Fraction(-1), Fraction(1, 2), Fraction(-2)),

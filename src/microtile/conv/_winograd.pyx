@@ -5,7 +5,7 @@ alpha x alpha window of x whose corner is (i*m - pt, j*m - pl), zero outside x, 
 padding (and the crops of the transposed convolution that dx is) is just an offset.  With
 the matrices of ``_cook_toom``:
 
-* filter transform  U[xi] (K x C)   = (G w[k, c] GT)[xi]           (in double, rounded once)
+* filter transform  U[xi] (K x C)   = (G w[k, c] GT)[xi]
 * input transform   V[xi] (C x T)   = (BT d[c, t] B)[xi]           for the T tiles of a chunk
 * alpha**2 GEMMs    M[xi] (K x T)   = U[xi] @ V[xi]                (microtile's GEMM)
 * output transform  y[k, tile t]    = (AT M[., k, t] A) + bias[k]  (edge tiles clipped)
@@ -21,13 +21,15 @@ filter and one tile fit are reported as not fitting, and the caller falls back t
 algorithm.
 
 Threads (microtile's pool only): each phase of a chunk is split over the pool -- filters for
-the filter and output transforms, (channel, tile block) pairs for the input transform, and
+the filter and output transforms, (tile block, channel group) pairs for the input transform, and
 (point, column block) pairs for the GEMMs, each run by ``gemm_serial`` -- so a batch-1 layer
 with a single chunk keeps every thread busy.  Phases write disjoint parts of U, V, M and y.
 
-The transforms work on blocks of TB tiles laid out tile-minor, so every step is a loop over
-TB contiguous values times a matrix coefficient, which GCC vectorises for any point set; only
-the gather of the input window and the scatter of the output tile are scalar.
+The transforms (``_winograd_transforms.pxi`` over ``_winograd_apply.h``) work on blocks of TB
+tiles laid out tile-minor, so every step is a small matrix applied to rows of TB contiguous
+values, which the compiler vectorises for any point set; only the gather of the input window
+and the scatter of the output tile are scalar.  The matrices are the exact ones of
+``_cook_toom`` rounded once to the working precision.
 
 Non-finite values: one Inf in a tile's input reaches every transform point of the tile, and
 the output transform's sums of them give NaN where the direct sum has Inf or a number.
