@@ -20,7 +20,7 @@ BatchNorm2d -> ReLU then costs no pass of its own either way.
 Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
 own the buffers.
 """
-from microtile._common._mt_pool cimport pool_items
+from microtile._common._mt_pool cimport pool_items, pool_ranges
 from libc.math cimport sqrt
 
 from microtile._common._typedefs cimport idx_t, floating
@@ -338,6 +338,155 @@ cdef void _affine(const floating* x, const floating* u, const floating* g, float
     pool_items(nt, nt, _norm_item, &j)
 
 
+# -- channel by channel ------------------------------------------------------------------------
+# When there are channels enough for every thread, each channel is finished by one thread:
+# its sums over its N planes, its coefficients, then its output planes, while those planes
+# are still in L2 or L3 (one channel of a (32, 64, 56, 56) batch is 392 KiB).  Passing over
+# the whole batch twice instead read it from memory twice: BatchNorm2d forward+backward on
+# (32, 64, 56, 56) moved 8 passes' worth of bytes for 5 passes of data.
+
+# Channels per thread below which the whole-batch passes split by planes are used instead
+# (a thread then would wait for another's last channel), and the smallest plane taken
+# channel by channel (smaller planes are rows of a BatchNorm1d batch: one call per element).
+cdef idx_t CHAN_PER_THREAD = 2
+cdef idx_t CHAN_MIN_PLANE = 16
+
+ctypedef struct _chan_job:
+    bint dbl, fwd, batch_stats, update, relu, acc_w, acc_b
+    const void* x
+    const void* u           # backward: dy
+    const void* g           # backward: the fused ReLU's output, or NULL
+    void* out               # y or dx (NULL: no dx)
+    const void* w           # weight (or NULL)
+    const void* b           # forward: bias (or NULL)
+    void* rm                # forward: running mean / var (or NULL)
+    void* rv
+    void* gw                # backward: weight / bias gradients (or NULL)
+    void* gb
+    double factor, eps
+    double* saved           # (SAVED_ROWS, nc)
+    double* coef            # backward: (COEF_ROWS, nc)
+    idx_t n, nc, s
+
+
+cdef void _chan_sums(const floating* x, const floating* u, const floating* g, double k,
+                     idx_t n, idx_t nc, idx_t s, idx_t c, double* s0,
+                     double* s1) noexcept nogil:
+    """_sums_part's two sums for channel c alone (its N planes, in order)."""
+    cdef idx_t i, off
+    cdef double a, b
+    s0[0] = 0
+    s1[0] = 0
+    for i in range(n):
+        off = (i * nc + c) * s
+        if floating is float:
+            mt_bn_sums_f(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, k, s, &a, &b)
+        else:
+            mt_bn_sums_d(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, k, s, &a, &b)
+        s0[0] += a
+        s1[0] += b
+
+
+cdef void _chan_affine(const floating* x, const floating* u, const floating* g, floating* out,
+                       double m, double a, double b, double k, bint relu, idx_t n, idx_t nc,
+                       idx_t s, idx_t c) noexcept nogil:
+    """_affine_part's write for channel c alone."""
+    cdef idx_t i, off
+    for i in range(n):
+        off = (i * nc + c) * s
+        if floating is float:
+            mt_bn_affine_f(x + off, NULL if u == NULL else u + off,
+                           NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
+        else:
+            mt_bn_affine_d(x + off, NULL if u == NULL else u + off,
+                           NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
+
+
+cdef void _chan_fwd(const _chan_job* j, idx_t c, const floating* x, floating* y,
+                    const floating* w, const floating* bias, floating* rm,
+                    floating* rv) noexcept nogil:
+    """batch_norm_forward for channel c: the same formulas, applied to one channel."""
+    cdef double m = <double> j.n * <double> j.s, mu, var, inv, k, s0, s1
+    cdef double* sv = j.saved
+    if j.batch_stats:
+        k = x[c * j.s]          # the shift K: the channel's first element
+        _chan_sums(x, <const floating*> NULL, <const floating*> NULL, k, j.n, j.nc, j.s, c,
+                   &s0, &s1)
+        mu = s0 / m
+        var = s1 / m - mu * mu
+        if var < 0:
+            var = 0
+        mu = mu + k
+        if j.update:
+            rm[c] = <floating> ((1 - j.factor) * rm[c] + j.factor * mu)
+            rv[c] = <floating> ((1 - j.factor) * rv[c]
+                                + j.factor * var * (m / (m - 1) if m > 1 else 1))
+    else:
+        mu = rm[c]
+        var = rv[c]
+    inv = 1 / sqrt(var + j.eps)
+    sv[MEAN * j.nc + c] = mu
+    sv[INVSTD * j.nc + c] = inv
+    sv[SCALE * j.nc + c] = inv * (w[c] if w != NULL else 1)
+    sv[SHIFT * j.nc + c] = bias[c] if bias != NULL else 0
+    _chan_affine(x, <const floating*> NULL, <const floating*> NULL, y, mu, 0,
+                 sv[SCALE * j.nc + c], sv[SHIFT * j.nc + c], j.relu, j.n, j.nc, j.s, c)
+
+
+cdef void _chan_bwd(const _chan_job* j, idx_t c, const floating* x, const floating* dy,
+                    const floating* g, floating* dx, const floating* w, floating* gw,
+                    floating* gb) noexcept nogil:
+    """batch_norm_backward for channel c: the same formulas, applied to one channel."""
+    cdef double m = <double> j.n * <double> j.s, wc, inv, sdy, sdyx, ca, cb, cc
+    cdef double mean = j.saved[MEAN * j.nc + c]
+    inv = j.saved[INVSTD * j.nc + c]
+    _chan_sums(x, dy, g, mean, j.n, j.nc, j.s, c, &sdy, &sdyx)
+    if gw != NULL:
+        gw[c] = <floating> ((gw[c] if j.acc_w else 0) + sdyx * inv)
+    if gb != NULL:
+        gb[c] = <floating> ((gb[c] if j.acc_b else 0) + sdy)
+    wc = w[c] if w != NULL else 1
+    ca = wc * inv
+    if j.batch_stats:
+        cb = -wc * inv * inv * inv * sdyx / m
+        cc = -wc * inv * sdy / m
+    else:
+        cb = 0
+        cc = 0
+    j.coef[SUM_DY * j.nc + c] = sdy
+    j.coef[SUM_DYX * j.nc + c] = sdyx
+    j.coef[COEF_A * j.nc + c] = ca
+    j.coef[COEF_B * j.nc + c] = cb
+    j.coef[COEF_C * j.nc + c] = cc
+    if dx != NULL:
+        _chan_affine(x, dy, g, dx, mean, ca, cb, cc, False, j.n, j.nc, j.s, c)
+
+
+cdef void _chan_range(void* ctx, idx_t c0, idx_t c1, int tid) noexcept nogil:
+    cdef const _chan_job* j = <const _chan_job*> ctx
+    cdef idx_t c
+    for c in range(c0, c1):
+        if j.dbl and j.fwd:
+            _chan_fwd(j, c, <const double*> j.x, <double*> j.out, <const double*> j.w,
+                      <const double*> j.b, <double*> j.rm, <double*> j.rv)
+        elif j.fwd:
+            _chan_fwd(j, c, <const float*> j.x, <float*> j.out, <const float*> j.w,
+                      <const float*> j.b, <float*> j.rm, <float*> j.rv)
+        elif j.dbl:
+            _chan_bwd(j, c, <const double*> j.x, <const double*> j.u, <const double*> j.g,
+                      <double*> j.out, <const double*> j.w, <double*> j.gw, <double*> j.gb)
+        else:
+            _chan_bwd(j, c, <const float*> j.x, <const float*> j.u, <const float*> j.g,
+                      <float*> j.out, <const float*> j.w, <float*> j.gw, <float*> j.gb)
+
+
+cdef bint _by_channel(idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
+    """Whether a pass goes channel by channel (see above)."""
+    return nt > 1 and n > 0 and s >= CHAN_MIN_PLANE and nc >= CHAN_PER_THREAD * nt
+
+
 cdef bint _wrong_length(object arr, idx_t n):
     """A per-channel array (None allowed) whose length is not n."""
     return arr is not None and len(arr) != n
@@ -385,6 +534,28 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef int nt = _threads_for(n * nc * s, n * nc)
     if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
         nt = <int> (work.shape[0] // (2 * nc))
+    cdef _chan_job cj
+    if _by_channel(n, nc, s, nt):
+        cj.dbl = floating is double
+        cj.fwd = True
+        cj.batch_stats = batch_stats
+        cj.update = update
+        cj.relu = relu
+        cj.x = px
+        cj.out = py
+        cj.w = pw
+        cj.b = pb
+        cj.rm = prm
+        cj.rv = prv
+        cj.factor = factor
+        cj.eps = eps
+        cj.saved = sv
+        cj.n = n
+        cj.nc = nc
+        cj.s = s
+        with nogil:
+            pool_ranges(nt, nc, 4 * nt, 1, _chan_range, &cj)
+        return
     with nogil:
         if batch_stats:
             # The shift K of each channel: its first element (see the module docstring).
@@ -474,6 +645,28 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
     cdef int nt = _threads_for(n * nc * s, n * nc)
     if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
         nt = <int> (work.shape[0] // (2 * nc))
+    cdef _chan_job cj
+    if _by_channel(n, nc, s, nt):
+        cj.dbl = floating is double
+        cj.fwd = False
+        cj.batch_stats = batch_stats
+        cj.acc_w = accumulate_weight
+        cj.acc_b = accumulate_bias
+        cj.x = px
+        cj.u = pdy
+        cj.g = pg
+        cj.out = pdx
+        cj.w = pw
+        cj.gw = pgw
+        cj.gb = pgb
+        cj.saved = <double*> &saved[0, 0]
+        cj.coef = &coef[0, 0]
+        cj.n = n
+        cj.nc = nc
+        cj.s = s
+        with nogil:
+            pool_ranges(nt, nc, 4 * nt, 1, _chan_range, &cj)
+        return
     with nogil:
         if m > 0:
             _sums(px, pdy, pg, mean, sdy, sdyx, &work[0], n, nc, s, nt)
