@@ -3,8 +3,19 @@
 The layer (``_rnn.py``) does what is done once per sequence: the input projection of all
 steps as one GEMM before the loop, and after the backward loop the weight gradients of all
 steps as one GEMM per weight and the input gradient as one more.  What is left is
-sequential, and runs here in one nogil call per layer so that no step goes back to Python:
-per step, the recurrent product on microtile's GEMM, then one pass over the gates.
+sequential, and runs here in one nogil call per layer so that no step goes back to Python.
+
+LSTM and GRU: one pool job per step, whose items are blocks of nr hidden units (the
+micro-kernel's width) by blocks of rows.  An item forms its part of the step's product with
+the micro-kernel on W_hh packed once per call (``gemm_pack_b_full``) and applies the whole
+cell to it while it is in L1: forward, the product's gate tiles go straight into the
+nonlinearities and the state update; backward, the tile of dh for step t-1 goes straight
+into step t-1's gate derivatives.  So a step is one pass over the gates and one job.  For
+this the forward packing puts the gate panels of one block of units side by side (i, f, g, o
+of units j..j+nr), which is what lets one item see every gate of its units.  Rows that do
+not fill a micro-panel (all of them at batch 1) take dot products on the weight's rows
+instead (``dot4``: four outputs share the loads of the state): padding them to a panel
+would multiply the work of a batch-1 step by mr.
 
 Layout (time-major, C-contiguous, rows of N samples per step):
 
@@ -16,45 +27,74 @@ Layout (time-major, C-contiguous, rows of N samples per step):
   the recurrent weight's gradient is one GEMM with).  ``Cb`` likewise for the LSTM's cells.
 * ``dG`` (T*N, k*H): the backward pass's gradients with respect to the gate pre-activations,
   stacked over the steps for the weight-gradient GEMMs.
-* ``dh`` and ``dc`` (N, H): the gradients carried from step t to step t-1; on return they
-  hold dh0 and dc0 (dh0 only when ``need_dh0``: otherwise step 0's recurrent product,
-  which nothing but dh0 reads, is skipped).
+* ``dh`` and ``dc`` (N, H): on return dh0 (when ``need_dh0``: otherwise step 0's recurrent
+  product, which nothing but dh0 reads, is skipped) and dc0.  The GRU carries dh z in dh
+  between steps.
 * GRU: ``HN`` (T*N, H) keeps each step's h W_hn^T + b_hn (what r multiplied), and backward
   writes two gradient arrays, ``dGx`` for the input side and ``dGh`` for the hidden side
   (they differ in the n block, by the factor r).  RNN: no ``G``; the projection goes into
   ``Hb[N:]`` and each step's GEMM applies the activation in its write-back.
+* ``work``: the packed weight (and for backward with rows outside whole micro-panels, W_hh
+  transposed), sized by ``work_size``; the layer keeps it between calls.
 
-The gate passes use numerically safe sigmoid and tanh (no overflow for any input).  Rows are
-split over threads when a step has enough elements to pay for a second thread.
+The gate passes use numerically safe sigmoid and tanh (no overflow for any input).
 """
-from microtile._common._mt_pool cimport pool_ranges
+from libc.string cimport memset
+
+from microtile._common._mt_pool cimport pool_ranges, pool_items
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._common._interrupt cimport signal_poll, open_poll, close_poll, raise_for_rc
+from microtile._common._inline cimport ceil_div, imin
+from microtile._common._interrupt cimport (signal_poll, open_poll, close_poll, raise_for_rc,
+                                           caller_poll, poll_step, INTERRUPTED)
 from microtile._config._params cimport current_params
+from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr,
+                                          ukr_gen, ukr_dot, ukr_dot4)
+from microtile._kernels._dispatch cimport kernel_set
 from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_epilogue,
+                                     gemm_pack_b_full, gemm_packed_b_size,
                                      ACT_NONE, ACT_RELU, ACT_TANH)
 from microtile.nn._act_math cimport sigmoid, tanh_
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define mt_prefetch(p) __builtin_prefetch((const void*) (p))
+    #else
+    #define mt_prefetch(p) ((void) 0)
+    #endif
+    """
+    void mt_prefetch(const void* p) nogil
 
 
 # A step's gate pass goes to more than one thread from this many gate elements (N * k * H)
 # on: below it the team's start costs more than the pass (the element-wise kernels' bound).
 cdef idx_t PAR_MIN = 1 << 15
+# A fused LSTM/GRU step goes to the pool from this many multiply-adds (N * k*H * H) on.
+cdef double STEP_PAR_MIN = 65536
+# Items per thread in a step's job, where the units and rows allow: the caller ends each
+# step waiting for the last item a helper took.
+cdef int ITEMS_PER_THREAD = 4
+# Gate blocks per cell at most (LSTM), and row groups per item at most: size the items'
+# stack tiles (12 KiB of float32 with 6x16 tiles, 24 KiB of float64 with 6x8).
+cdef enum:
+    MAX_GATES = 4
+    MAX_ITEM_GROUPS = 8
 
-# Which pass ``_rows`` runs.
+# Which pass ``_rows`` runs (the RNN's) / which cell an item applies.
 cdef enum:
     LSTM_FWD = 0
     LSTM_BWD = 1
     GRU_FWD = 2
     GRU_BWD = 3
     RNN_BWD = 4
+    DH0 = 5         # the last backward product: dh0 (+)= the tile
 
-# The operands of one step's gate pass (row 0 of each block; rows are ``H`` or ``k*H`` long).
-# Untyped so that one struct serves both dtypes; the row functions cast to theirs.
+# The operands of one step's cell (row 0 of each block; rows are ``H`` or ``k*H`` long).
+# Untyped so that one struct serves both dtypes; the functions cast to theirs.
 ctypedef struct _step:
     void* g         # gate block (N, k*H): pre-activations in, activations out (forward)
-    void* s         # GRU: the hidden projection h W_hh^T + b_hh (N, 3H)
-    void* hn        # GRU: its n part, kept for backward (N, H)
+    void* hn        # GRU: the n part of h W_hh^T + b_hh, kept for backward (N, H)
     void* hprev     # h_{t-1} (N, H)
     void* h         # h_t (N, H)
     void* cprev     # LSTM: c_{t-1}
@@ -65,142 +105,610 @@ ctypedef struct _step:
     void* dc        # LSTM: carried dc (N, H)
     void* dgx       # gate gradients (N, k*H), and for the GRU those of the hidden side:
     void* dgh
+    const void* b_hh  # GRU forward: b_hh (3H,) added to the product, or NULL
     idx_t H
     int act         # RNN: ACT_TANH or ACT_RELU
 
 
-cdef void _lstm_fwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept nogil:
-    """Gates i, f, g, o from their pre-activations; c = f*c_prev + i*g; h = o*tanh(c)."""
-    cdef idx_t H = s.H, r, j
-    cdef floating* g
-    cdef const floating* cp
-    cdef floating* c
-    cdef floating* h
-    cdef floating cv
-    for r in range(r0, r1):
-        g = <floating*> s.g + r * 4 * H
-        cp = <const floating*> s.cprev + r * H
-        c = <floating*> s.c + r * H
-        h = <floating*> s.h + r * H
-        # One loop per gate block, each an in-place map over contiguous elements that the
-        # compiler vectorises (one loop over all four blocks and c, h did not: too many
-        # possible overlaps to check), then the cell update.
-        for j in range(2 * H):
-            g[j] = sigmoid(g[j])
-        for j in range(2 * H, 3 * H):
-            g[j] = tanh_(g[j])
-        for j in range(3 * H, 4 * H):
-            g[j] = sigmoid(g[j])
-        for j in range(H):
-            cv = g[H + j] * cp[j] + g[j] * g[2 * H + j]
-            c[j] = cv
-            h[j] = g[3 * H + j] * tanh_(cv)
+# -- the cells, applied to one row's units j0 .. j0+w-1 ---------------------------------------
+# ``t`` is the row's product tile: gate q's w values at t + q * ts.
+
+cdef void _lstm_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
+                         idx_t ts) noexcept nogil:
+    """Gates i, f, g, o from the projection plus the product; c = f*c_prev + i*g;
+    h = o*tanh(c)."""
+    cdef idx_t H = s.H, j
+    cdef floating* g = <floating*> s.g + r * 4 * H + j0
+    cdef const floating* cp = <const floating*> s.cprev + r * H + j0
+    cdef floating* c = <floating*> s.c + r * H + j0
+    cdef floating* h = <floating*> s.h + r * H + j0
+    cdef const floating* t1 = t + ts
+    cdef const floating* t2 = t + 2 * ts
+    cdef const floating* t3 = t + 3 * ts
+    # One loop per gate, each a map over contiguous elements that the compiler vectorises
+    # (one loop over all four and c, h did not: too many possible overlaps to check).
+    for j in range(w):
+        g[j] = sigmoid(g[j] + t[j])
+    for j in range(w):
+        g[H + j] = sigmoid(g[H + j] + t1[j])
+    for j in range(w):
+        g[2 * H + j] = tanh_(g[2 * H + j] + t2[j])
+    for j in range(w):
+        g[3 * H + j] = sigmoid(g[3 * H + j] + t3[j])
+    # The cell update in three simple loops through the (local) tile row, which the compiler
+    # vectorises; as one loop it stayed scalar (14 % of an LSTM step, perf).
+    for j in range(w):
+        t[j] = g[H + j] * cp[j] + g[j] * g[2 * H + j]
+    for j in range(w):
+        c[j] = t[j]
+    for j in range(w):
+        h[j] = g[3 * H + j] * tanh_(t[j])
 
 
-cdef void _lstm_bwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept nogil:
-    """From dh = dy + carried dh and the carried dc: the four gate pre-activation gradients;
-    the carried dc becomes dc * f (its share for step t-1)."""
-    cdef idx_t H = s.H, r, j
-    cdef const floating* g
-    cdef const floating* cp
-    cdef const floating* c
-    cdef const floating* dy
-    cdef const floating* dhc
-    cdef floating* dc
-    cdef floating* dg
+cdef void _lstm_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
+                         idx_t ts) noexcept nogil:
+    """From dh = dy + the product (dG_{t+1} W_hh) and the carried dc: the four gate
+    pre-activation gradients; the carried dc becomes dc * f (its share for step t-1)."""
+    cdef idx_t H = s.H, j
+    cdef const floating* g = <const floating*> s.g + r * 4 * H + j0
+    cdef const floating* cp = <const floating*> s.cprev + r * H + j0
+    cdef const floating* c = <const floating*> s.c + r * H + j0
+    cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
+    cdef floating* dc = <floating*> s.dc + r * H + j0
+    cdef floating* dg = <floating*> s.dgx + r * 4 * H + j0
     cdef floating ig, fg, gg, og, tc, dh, dcv
-    for r in range(r0, r1):
-        g = <const floating*> s.g + r * 4 * H
-        cp = <const floating*> s.cprev + r * H
-        c = <const floating*> s.c + r * H
-        dy = <const floating*> s.dy + r * s.dy_rs
-        dhc = <const floating*> s.dh + r * H
-        dc = <floating*> s.dc + r * H
-        dg = <floating*> s.dgx + r * 4 * H
-        for j in range(H):
-            ig = g[j]
-            fg = g[H + j]
-            gg = g[2 * H + j]
-            og = g[3 * H + j]
-            # tanh(c) again rather than kept from forward: one more array of T*N*H saved for
-            # a tanh per element.
-            tc = tanh_(c[j])
-            dh = dy[j] + dhc[j]
-            dcv = dc[j] + dh * og * (1 - tc * tc)
-            dg[j] = dcv * gg * (ig * (1 - ig))
-            dg[H + j] = dcv * cp[j] * (fg * (1 - fg))
-            dg[2 * H + j] = dcv * ig * (1 - gg * gg)
-            dg[3 * H + j] = dh * tc * (og * (1 - og))
-            dc[j] = dcv * fg
+    for j in range(w):
+        ig = g[j]
+        fg = g[H + j]
+        gg = g[2 * H + j]
+        og = g[3 * H + j]
+        # tanh(c) again rather than kept from forward: one more array of T*N*H saved for
+        # a tanh per element.
+        tc = tanh_(c[j])
+        dh = dy[j] + t[j]
+        dcv = dc[j] + dh * og * (1 - tc * tc)
+        dg[j] = dcv * gg * (ig * (1 - ig))
+        dg[H + j] = dcv * cp[j] * (fg * (1 - fg))
+        dg[2 * H + j] = dcv * ig * (1 - gg * gg)
+        dg[3 * H + j] = dh * tc * (og * (1 - og))
+        dc[j] = dcv * fg
 
 
-cdef void _gru_fwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept nogil:
-    """r = sig(x_r + s_r), z = sig(x_z + s_z), n = tanh(x_n + r * s_n), h = n + z (h_prev - n)
-    (torch's form of (1 - z) n + z h_prev), with s = h_prev W_hh^T + b_hh."""
-    cdef idx_t H = s.H, r, j
-    cdef floating* g
-    cdef const floating* sv
-    cdef const floating* hp
-    cdef floating* h
-    cdef floating* hn
-    cdef floating rg, zg, ng, hnv
-    for r in range(r0, r1):
-        g = <floating*> s.g + r * 3 * H
-        sv = <const floating*> s.s + r * 3 * H
-        hp = <const floating*> s.hprev + r * H
-        h = <floating*> s.h + r * H
-        hn = <floating*> s.hn + r * H
-        for j in range(H):
-            rg = sigmoid(g[j] + sv[j])
-            zg = sigmoid(g[H + j] + sv[H + j])
-            hnv = sv[2 * H + j]
-            ng = tanh_(g[2 * H + j] + rg * hnv)
-            g[j] = rg
-            g[H + j] = zg
-            g[2 * H + j] = ng
-            hn[j] = hnv
-            h[j] = ng + zg * (hp[j] - ng)
+cdef void _gru_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
+                        idx_t ts) noexcept nogil:
+    """With p = h_prev W_hh^T + b_hh (the tiles plus the bias): r = sig(x_r + p_r),
+    z = sig(x_z + p_z), n = tanh(x_n + r * p_n), h = n + z (h_prev - n) (torch's form of
+    (1 - z) n + z h_prev)."""
+    cdef idx_t H = s.H, j
+    cdef floating* g = <floating*> s.g + r * 3 * H + j0
+    cdef const floating* hp = <const floating*> s.hprev + r * H + j0
+    cdef floating* h = <floating*> s.h + r * H + j0
+    cdef floating* hn = <floating*> s.hn + r * H + j0
+    cdef const floating* b = <const floating*> s.b_hh
+    cdef floating* t1 = t + ts
+    cdef floating* t2 = t + 2 * ts
+    if b != NULL:
+        b += j0
+        for j in range(w):
+            t[j] += b[j]
+            t1[j] += b[H + j]
+            t2[j] += b[2 * H + j]
+    # Loops of two or three operands each, which the compiler vectorises.
+    for j in range(w):
+        g[j] = sigmoid(g[j] + t[j])
+    for j in range(w):
+        g[H + j] = sigmoid(g[H + j] + t1[j])
+    for j in range(w):
+        hn[j] = t2[j]
+    for j in range(w):
+        g[2 * H + j] = tanh_(g[2 * H + j] + g[j] * t2[j])
+    for j in range(w):
+        h[j] = g[2 * H + j] + g[H + j] * (hp[j] - g[2 * H + j])
 
 
-cdef void _gru_bwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept nogil:
-    """Gate gradients on the input side (dgx) and the hidden side (dgh: the n part scaled by
-    r, which multiplies the hidden projection); the carried dh becomes dh * z, to which the
-    caller's GEMM adds dgh W_hh."""
-    cdef idx_t H = s.H, r, j
-    cdef const floating* g
-    cdef const floating* hp
-    cdef const floating* hn
-    cdef const floating* dy
-    cdef floating* dhc
-    cdef floating* dgx
-    cdef floating* dgh
+cdef void _gru_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
+                        idx_t ts) noexcept nogil:
+    """dh = dy + the product (dGh_{t+1} W_hh) + the carried dh z; gate gradients on the
+    input side (dgx) and the hidden side (dgh: the n part scaled by r, which multiplies the
+    hidden projection); the carried dh becomes dh * z."""
+    cdef idx_t H = s.H, j
+    cdef const floating* g = <const floating*> s.g + r * 3 * H + j0
+    cdef const floating* hp = <const floating*> s.hprev + r * H + j0
+    cdef const floating* hn = <const floating*> s.hn + r * H + j0
+    cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
+    cdef floating* dhc = <floating*> s.dh + r * H + j0
+    cdef floating* dgx = <floating*> s.dgx + r * 3 * H + j0
+    cdef floating* dgh = <floating*> s.dgh + r * 3 * H + j0
     cdef floating rg, zg, ng, dh, dn, dz, dan, daz, dar
-    for r in range(r0, r1):
-        g = <const floating*> s.g + r * 3 * H
-        hp = <const floating*> s.hprev + r * H
-        hn = <const floating*> s.hn + r * H
-        dy = <const floating*> s.dy + r * s.dy_rs
-        dhc = <floating*> s.dh + r * H
-        dgx = <floating*> s.dgx + r * 3 * H
-        dgh = <floating*> s.dgh + r * 3 * H
-        for j in range(H):
-            rg = g[j]
-            zg = g[H + j]
-            ng = g[2 * H + j]
-            dh = dy[j] + dhc[j]
-            dn = dh * (1 - zg)
-            dz = dh * (hp[j] - ng)
-            dan = dn * (1 - ng * ng)
-            daz = dz * (zg * (1 - zg))
-            dar = dan * hn[j] * (rg * (1 - rg))
-            dgx[j] = dar
-            dgx[H + j] = daz
-            dgx[2 * H + j] = dan
-            dgh[j] = dar
-            dgh[H + j] = daz
-            dgh[2 * H + j] = dan * rg
-            dhc[j] = dh * zg
+    for j in range(w):
+        rg = g[j]
+        zg = g[H + j]
+        ng = g[2 * H + j]
+        dh = dy[j] + t[j] + dhc[j]
+        dn = dh * (1 - zg)
+        dz = dh * (hp[j] - ng)
+        dan = dn * (1 - ng * ng)
+        daz = dz * (zg * (1 - zg))
+        dar = dan * hn[j] * (rg * (1 - rg))
+        dgx[j] = dar
+        dgx[H + j] = daz
+        dgx[2 * H + j] = dan
+        dgh[j] = dar
+        dgh[H + j] = daz
+        dgh[2 * H + j] = dan * rg
+        dhc[j] = dh * zg
 
+
+cdef inline void _cell(int kind, const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
+                       idx_t ts) noexcept nogil:
+    cdef floating* dh
+    cdef idx_t j
+    if kind == LSTM_FWD:
+        _lstm_fwd_cell(s, r, j0, w, t, ts)
+    elif kind == LSTM_BWD:
+        _lstm_bwd_cell(s, r, j0, w, t, ts)
+    elif kind == GRU_FWD:
+        _gru_fwd_cell(s, r, j0, w, t, ts)
+    elif kind == GRU_BWD:
+        _gru_bwd_cell(s, r, j0, w, t, ts)
+    else:
+        # DH0: the carried part (GRU: dh z of step 0; LSTM: zeros) plus the product.
+        dh = <floating*> s.dh + r * s.H + j0
+        for j in range(w):
+            dh[j] += t[j]
+
+
+# -- one step: a pool job of (block of units) x (block of rows) items ------------------------
+
+ctypedef struct _loop:
+    const kernel_set_t* ks
+    int kind
+    bint dbl
+    int nq              # product tiles per block of units: the gates (forward) or 1 (backward)
+    idx_t N, H
+    idx_t k             # the product's depth: H (forward) or k*H (backward)
+    idx_t n_blocks      # blocks of nr units
+    idx_t n_groups      # row groups of mr rows (the last may be partial)
+    idx_t groups_per_item
+    const void* bp      # the packed weight: block b's tile q at bp + (b * nq + q) * k * nr
+    const void* e       # rows for the partial row group: output column q*H + j's weights
+                        # at e + (q * H + j) * k
+    const void* a       # the product's left operand (N, k), rows lda apart; NULL: no
+    idx_t lda           # product this step (the tiles are zero)
+    _step s
+
+
+cdef void _dots(const kernel_set_t* ks, idx_t k, const floating* e, idx_t w, const floating* x,
+                floating* out) noexcept nogil:
+    """out[j] = e[j*k : j*k + k] . x for j < w: four rows at a time sharing the loads of x."""
+    cdef idx_t j = 0
+    while j + 4 <= w:
+        ukr_dot4(ks, k, e + j * k, k, x, out + j)
+        j += 4
+    while j < w:
+        out[j] = ukr_dot(ks, k, e + j * k, x)
+        j += 1
+
+
+cdef inline void _pf(const void* p, idx_t stride, int n, idx_t span) noexcept nogil:
+    """The first and last byte of n spans of ``span`` bytes, ``stride`` bytes apart."""
+    cdef int q
+    for q in range(n):
+        mt_prefetch(<const char*> p + q * stride)
+        mt_prefetch(<const char*> p + q * stride + span - 1)
+
+
+cdef void _prefetch_cell(const _loop* L, idx_t r, idx_t j0, idx_t w, floating tag) noexcept nogil:
+    """Ask for the lines row r's cell reads (and its gate gradients, which it writes), before
+    the row group's product: each row's gates are a few lines 4H elements apart in the big
+    G, dG arrays, a pattern the hardware prefetcher does not follow, and the loads waiting
+    for them were 30 % of an LSTM step (perf, 128->256, batch 32)."""
+    cdef const _step* s = &L.s
+    cdef idx_t H = L.H, sz = sizeof(floating), span = w * sizeof(floating)
+    cdef idx_t gh = (4 if L.kind == LSTM_FWD or L.kind == LSTM_BWD else 3) * H
+    cdef idx_t off = (r * H + j0) * sz
+    cdef idx_t goff = (r * gh + j0) * sz
+    cdef int ng = <int> (gh // H)
+    if L.kind == DH0:
+        return
+    _pf(<const char*> s.g + goff, H * sz, ng, span)
+    if L.kind == LSTM_FWD:
+        _pf(<const char*> s.cprev + off, 0, 1, span)
+    elif L.kind == GRU_FWD:
+        _pf(<const char*> s.hprev + off, 0, 1, span)
+    else:
+        _pf(<const char*> s.dy + (r * s.dy_rs + j0) * sz, 0, 1, span)
+        _pf(<const char*> s.dgx + goff, H * sz, ng, span)
+        if L.kind == LSTM_BWD:
+            _pf(<const char*> s.cprev + off, 0, 1, span)
+            _pf(<const char*> s.c + off, 0, 1, span)
+        else:
+            _pf(<const char*> s.hprev + off, 0, 1, span)
+            _pf(<const char*> s.hn + off, 0, 1, span)
+            _pf(<const char*> s.dgh + goff, H * sz, ng, span)
+
+
+cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
+    """Block it % n_blocks of units on row groups (it // n_blocks) * groups_per_item ...: the
+    product's tiles of every group, one gate panel at a time (so that the panel, k x nr,
+    stays in L1 while the groups' rows stream past it: group by group, the four panels of an
+    LSTM block took turns in L1 and the product ran at half the micro-kernel's speed), then
+    the cell row by row."""
+    cdef const kernel_set_t* ks = L.ks
+    cdef int mr = ukr_mr(ks, &tag), nr = ukr_nr(ks, &tag)
+    cdef idx_t b = it % L.n_blocks
+    cdef idx_t g0 = (it // L.n_blocks) * L.groups_per_item
+    cdef idx_t ng = imin(L.n_groups, g0 + L.groups_per_item) - g0
+    cdef idx_t j0 = b * nr, w = imin(nr, L.H - b * nr), k = L.k
+    cdef idx_t r0 = g0 * mr, n_rows = imin(L.N, (g0 + ng) * mr) - r0
+    cdef idx_t full = n_rows // mr           # whole groups; a partial one is the last
+    cdef idx_t gs = mr * nr, ts = ng * gs    # a tile; a gate's tiles (gate q at q * ts)
+    cdef idx_t gl, i, q
+    cdef const floating* a = <const floating*> L.a
+    cdef const floating* bp = <const floating*> L.bp
+    cdef const floating* e = <const floating*> L.e
+    cdef const floating* panel
+    cdef floating tmp[MAX_GATES * MAX_ITEM_GROUPS * MAX_MR * MAX_NR]
+    for i in range(n_rows):
+        _prefetch_cell(L, r0 + i, j0, w, tag)
+    if a == NULL:
+        memset(tmp, 0, L.nq * ts * sizeof(floating))
+    else:
+        for q in range(L.nq):
+            panel = bp + (b * L.nq + q) * k * nr
+            for gl in range(full):
+                ukr_gen(ks, k, a + (r0 + gl * mr) * L.lda, L.lda, 1, panel, nr,
+                        tmp + q * ts + gl * gs, nr, 1, <floating> 1, <floating> 0)
+            for i in range(full * mr, n_rows):
+                # Rows of a partial group: dot products on the weight's rows (see the top).
+                _dots(ks, k, e + (q * L.H + j0) * k, w, a + (r0 + i) * L.lda,
+                      tmp + q * ts + i * nr)
+    for i in range(n_rows):
+        _cell(L.kind, &L.s, r0 + i, j0, w, tmp + i * nr, ts)
+
+
+cdef void _item_task(void* ctx, idx_t it, int tid) noexcept nogil:
+    cdef const _loop* L = <const _loop*> ctx
+    if L.dbl:
+        _item(L, it, <double> 0)
+    else:
+        _item(L, it, <float> 0)
+
+
+cdef int _plan(_loop* L, const gemm_params* prm, int kind, int nq, idx_t N, idx_t H,
+               idx_t k, bint dbl) noexcept nogil:
+    """Fill the loop's fixed fields; return the steps' thread count."""
+    cdef int mr, nr, nt = prm.n_threads
+    cdef idx_t want, n_items
+    L.ks = kernel_set(prm.isa)
+    mr = L.ks.d.mr if dbl else L.ks.s.mr
+    nr = L.ks.d.nr if dbl else L.ks.s.nr
+    L.kind = kind
+    L.dbl = dbl
+    L.nq = nq
+    L.N = N
+    L.H = H
+    L.k = k
+    L.n_blocks = ceil_div(H, nr)
+    L.n_groups = ceil_div(N, mr)
+    if nt > 1 and <double> N * <double> k * <double> H * nq < STEP_PAR_MIN:
+        nt = 1
+    want = ITEMS_PER_THREAD * nt if nt > 1 else 1
+    L.groups_per_item = ceil_div(L.n_groups, imin(L.n_groups, ceil_div(want, L.n_blocks)))
+    if L.groups_per_item > MAX_ITEM_GROUPS:
+        L.groups_per_item = MAX_ITEM_GROUPS
+    n_items = L.n_blocks * ceil_div(L.n_groups, L.groups_per_item)
+    return nt if nt < n_items else <int> n_items
+
+
+cdef inline void _step_job(_loop* L, int nt) noexcept nogil:
+    pool_items(nt, L.n_blocks * ceil_div(L.n_groups, L.groups_per_item), _item_task, L)
+
+
+cdef inline idx_t _mr(const gemm_params* prm, bint dbl) noexcept nogil:
+    cdef const kernel_set_t* ks = kernel_set(prm.isa)
+    return ks.d.mr if dbl else ks.s.mr
+
+
+cdef idx_t _work_size(const gemm_params* prm, idx_t N, idx_t H, int nq, bint backward,
+                      bint dbl) noexcept nogil:
+    """Elements of ``work``: the packed weight when some row group is whole, and for
+    backward with a partial group W_hh transposed."""
+    cdef float ft = 0
+    cdef double dt = 0
+    cdef idx_t mr = _mr(prm, dbl), size = 0, k = nq * H if backward else H
+    if N >= mr:
+        # Forward packs each gate's blocks separately: every gate's columns round up.
+        size = (gemm_packed_b_size(prm, k, H, &dt) if dbl else
+                gemm_packed_b_size(prm, k, H, &ft)) * (1 if backward else nq)
+    if backward and N % mr:
+        size += nq * H * H
+    return size
+
+
+def work_size(str kind, idx_t N, idx_t H, bint backward, bint dbl):
+    """Elements of the ``work`` array the LSTM or GRU (``kind``) time loop needs for batch N
+    and hidden size H (at least 1), with the current parameters."""
+    cdef gemm_params prm
+    current_params(1 if dbl else 0, &prm)
+    return max(1, _work_size(&prm, N, H, 4 if kind == "LSTM" else 3, backward, dbl))
+
+
+cdef void _pack_forward(_loop* L, const gemm_params* prm, const floating* W,
+                        floating* work) noexcept nogil:
+    """W_hh^T's panels with the gates of each block of units side by side (see _loop.bp),
+    when some row group is whole; the partial group reads W_hh's rows (gate q, unit j: row
+    q*H + j), in place."""
+    cdef int mr = ukr_mr(L.ks, W), nr = ukr_nr(L.ks, W)
+    cdef idx_t H = L.H, b, q, j0
+    L.e = W
+    L.bp = work
+    if L.N < mr:
+        return
+    for b in range(L.n_blocks):
+        j0 = b * nr
+        for q in range(L.nq):
+            # Columns q*H + j0 .. of B = W_hh^T: rows of W_hh, so B's rows are contiguous
+            # down W_hh's columns (rs 1) and its columns H apart.
+            gemm_pack_b_full(prm, H, imin(nr, H - j0), W + (q * H + j0) * H, 1, H,
+                             work + (b * L.nq + q) * H * nr)
+
+
+cdef void _pack_backward(_loop* L, const gemm_params* prm, const floating* W,
+                         floating* work) noexcept nogil:
+    """W_hh (k*H x H) as panels of nr columns, when some row group is whole; W_hh^T for the
+    partial group's dot products, when there is one."""
+    cdef int mr = ukr_mr(L.ks, W)
+    cdef idx_t H = L.H, K = L.k, i, j
+    cdef floating* wt = work
+    L.bp = work
+    if L.N >= mr:
+        gemm_pack_b_full(prm, K, H, W, H, 1, work)
+        wt = work + gemm_packed_b_size(prm, K, H, W)
+    L.e = wt
+    if L.N % mr:
+        for j in range(H):
+            for i in range(K):
+                wt[j * K + i] = W[i * H + j]
+
+
+cdef inline int _poll() noexcept nogil:
+    return INTERRUPTED if poll_step(caller_poll(), 0) else 0
+
+
+cdef inline void _clear(floating* p, idx_t n) noexcept nogil:
+    cdef idx_t i
+    for i in range(n):
+        p[i] = 0
+
+
+def _check(cond, what):
+    if not cond:
+        raise ValueError(f"_rnn_kernels: {what}")
+
+
+cdef int _check_dy(const floating[:, :, :] dY) except -1:
+    """The output gradient, indexed (T, N, H), may have any step and sample strides (a
+    batch-first array is read in place) but its rows must be contiguous."""
+    if dY.shape[2] > 1 and dY.strides[2] != sizeof(floating):
+        raise ValueError("_rnn_kernels: the output gradient's rows must be contiguous")
+    return 0
+
+
+cdef int _check_work(const gemm_params* prm, idx_t size, idx_t N, idx_t H, int nq,
+                     bint backward, bint dbl) except -1:
+    if size < _work_size(prm, N, H, nq, backward, dbl):
+        raise ValueError("_rnn_kernels: work is too small (see work_size)")
+    return 0
+
+
+# -- LSTM and GRU forward ----------------------------------------------------------------------
+
+cdef int _fwd_loop(_loop* L, int nt, idx_t T, floating* G, floating* Hb, floating* Cb,
+                   floating* HN, bint has_h0) noexcept nogil:
+    cdef idx_t N = L.N, H = L.H, t
+    cdef int gates = L.nq
+    for t in range(T):
+        L.s.g = G + t * N * gates * H
+        L.s.hprev = Hb + t * N * H
+        L.s.h = Hb + (t + 1) * N * H
+        if Cb != NULL:
+            L.s.cprev = Cb + t * N * H
+            L.s.c = Cb + (t + 1) * N * H
+        if HN != NULL:
+            L.s.hn = HN + t * N * H
+        # No initial state: step 0's product is zero (its tiles are zeros).
+        L.a = NULL if (t == 0 and not has_h0) else L.s.hprev
+        L.lda = H
+        _step_job(L, nt)
+        if _poll() != 0:
+            return INTERRUPTED
+    return 0
+
+
+def lstm_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] Cb,
+                 const floating[:, ::1] W_hh, idx_t N, bint has_h0, floating[::1] work):
+    """Run the LSTM's steps.  G (T*N, 4H) holds x W_ih^T + b_ih + b_hh on entry and the gate
+    activations on exit; Hb and Cb ((T+1)*N, H) hold the initial state in their first N rows
+    (zeros when ``has_h0`` is False) and get every step's h and c after it.  ``work`` has
+    ``work_size("LSTM", N, H, False, ...)`` elements."""
+    cdef idx_t H = W_hh.shape[1], T
+    cdef gemm_params prm
+    cdef signal_poll poll
+    cdef _loop L
+    cdef int rc, nt
+    cdef bint dbl = floating is double
+    _check(H > 0 and N > 0 and W_hh.shape[0] == 4 * H and G.shape[1] == 4 * H
+           and G.shape[0] % N == 0, "LSTM gate shapes")
+    T = G.shape[0] // N
+    _check(Hb.shape[0] == (T + 1) * N and Hb.shape[1] == H and Cb.shape[0] == Hb.shape[0]
+           and Cb.shape[1] == H, "LSTM state shapes")
+    if T == 0:
+        return
+    current_params(1 if dbl else 0, &prm)
+    _check_work(&prm, work.shape[0], N, H, 4, False, dbl)
+    nt = _plan(&L, &prm, LSTM_FWD, 4, N, H, H, dbl)
+    L.s.H = H
+    open_poll(&poll)
+    with nogil:
+        _pack_forward(&L, &prm, &W_hh[0, 0], &work[0])
+        rc = _fwd_loop(&L, nt, T, &G[0, 0], &Hb[0, 0], &Cb[0, 0], NULL, has_h0)
+        close_poll()
+    raise_for_rc(rc, &poll, "a recurrent layer")
+
+
+def gru_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] HN,
+                const floating[:, ::1] W_hh, const floating[::1] b_hh, bint use_bias,
+                idx_t N, bint has_h0, floating[::1] work):
+    """Run the GRU's steps.  G (T*N, 3H) holds x W_ih^T + b_ih on entry and the gate
+    activations r, z, n on exit; Hb ((T+1)*N, H) as for the LSTM; HN (T*N, H) gets each
+    step's h W_hn^T + b_hn (backward needs it).  ``b_hh`` (3H,) is read only when
+    ``use_bias``.  ``work`` has ``work_size("GRU", N, H, False, ...)`` elements."""
+    cdef idx_t H = W_hh.shape[1], T
+    cdef gemm_params prm
+    cdef signal_poll poll
+    cdef _loop L
+    cdef int rc, nt
+    cdef bint dbl = floating is double
+    _check(H > 0 and N > 0 and W_hh.shape[0] == 3 * H and G.shape[1] == 3 * H
+           and G.shape[0] % N == 0 and b_hh.shape[0] == 3 * H, "GRU gate shapes")
+    T = G.shape[0] // N
+    _check(Hb.shape[0] == (T + 1) * N and Hb.shape[1] == H and HN.shape[0] == T * N
+           and HN.shape[1] == H, "GRU state shapes")
+    if T == 0:
+        return
+    current_params(1 if dbl else 0, &prm)
+    _check_work(&prm, work.shape[0], N, H, 3, False, dbl)
+    nt = _plan(&L, &prm, GRU_FWD, 3, N, H, H, dbl)
+    L.s.H = H
+    # b_hh goes in with the product (its n part is multiplied by r, so it cannot be folded
+    # into the input projection as the other biases are).
+    L.s.b_hh = &b_hh[0] if use_bias else NULL
+    open_poll(&poll)
+    with nogil:
+        _pack_forward(&L, &prm, &W_hh[0, 0], &work[0])
+        rc = _fwd_loop(&L, nt, T, &G[0, 0], &Hb[0, 0], NULL, &HN[0, 0], has_h0)
+        close_poll()
+    raise_for_rc(rc, &poll, "a recurrent layer")
+
+
+# -- LSTM and GRU backward ---------------------------------------------------------------------
+
+cdef int _bwd_loop(_loop* L, int nt, idx_t T, const floating* G, const floating* Hb,
+                   const floating* Cb, const floating* HN, const floating* dy, idx_t dy_ts,
+                   floating* dGx, floating* dGh, bint need_dh0) noexcept nogil:
+    """Step T-1's cell with no product, then per step t-1 the product dG_t W_hh (GRU: dGh_t)
+    with step t-1's cell in its write-back, and last (for dh0) dG_0 W_hh alone."""
+    cdef idx_t N = L.N, H = L.H, gh = L.k, t
+    cdef int kind = L.kind
+    for t in range(T - 1, -1, -1):
+        L.s.g = <void*> (G + t * N * gh)
+        if Cb != NULL:
+            L.s.cprev = <void*> (Cb + t * N * H)
+            L.s.c = <void*> (Cb + (t + 1) * N * H)
+        else:
+            L.s.hprev = <void*> (Hb + t * N * H)
+            L.s.hn = <void*> (HN + t * N * H)
+        L.s.dy = <void*> (dy + t * dy_ts)
+        L.s.dgx = dGx + t * N * gh
+        L.s.dgh = dGh + t * N * gh
+        L.a = NULL if t == T - 1 else <const void*> (dGh + (t + 1) * N * gh)
+        L.lda = gh
+        _step_job(L, nt)
+        if _poll() != 0:
+            return INTERRUPTED
+    if need_dh0:
+        L.kind = DH0
+        L.a = dGh
+        _step_job(L, nt)
+        L.kind = kind
+    return 0
+
+
+def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
+                  const floating[:, :, :] dY, const floating[:, ::1] W_hh,
+                  floating[:, ::1] dG, floating[:, ::1] dh, floating[:, ::1] dc,
+                  bint need_dh0, floating[::1] work):
+    """Back through the LSTM's steps, from the forward's G (activations) and Cb.  dY is the
+    output gradient indexed (T, N, H) (any strides but the last).  Writes dG (T*N, 4H); dh
+    and dc (N, H) end as dh0 (when ``need_dh0``) and dc0.  ``work`` has
+    ``work_size("LSTM", N, H, True, ...)`` elements."""
+    cdef idx_t H = W_hh.shape[1], N = dY.shape[1], T = dY.shape[0]
+    cdef gemm_params prm
+    cdef signal_poll poll
+    cdef _loop L
+    cdef int rc, nt
+    cdef idx_t isz = sizeof(floating)
+    cdef bint dbl = floating is double
+    _check(H > 0 and W_hh.shape[0] == 4 * H and G.shape[0] == T * N and G.shape[1] == 4 * H
+           and dG.shape[0] == T * N and dG.shape[1] == 4 * H and dY.shape[2] == H
+           and Cb.shape[0] == (T + 1) * N and Cb.shape[1] == H and dh.shape[0] == N
+           and dh.shape[1] == H and dc.shape[0] == N and dc.shape[1] == H,
+           "LSTM backward shapes")
+    _check_dy(dY)
+    if T == 0 or N == 0:
+        dh[:, :] = 0
+        dc[:, :] = 0
+        return
+    current_params(1 if dbl else 0, &prm)
+    _check_work(&prm, work.shape[0], N, H, 4, True, dbl)
+    nt = _plan(&L, &prm, LSTM_BWD, 1, N, H, 4 * H, dbl)
+    L.s.H = H
+    L.s.dy_rs = dY.strides[1] // isz
+    L.s.dh = &dh[0, 0]
+    L.s.dc = &dc[0, 0]
+    open_poll(&poll)
+    with nogil:
+        _pack_backward(&L, &prm, &W_hh[0, 0], &work[0])
+        _clear(&dh[0, 0], N * H)
+        _clear(&dc[0, 0], N * H)
+        rc = _bwd_loop(&L, nt, T, &G[0, 0], NULL, &Cb[0, 0], NULL, &dY[0, 0, 0],
+                       dY.strides[0] // isz, &dG[0, 0], &dG[0, 0], need_dh0)
+        close_poll()
+    raise_for_rc(rc, &poll, "a recurrent layer")
+
+
+def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
+                 const floating[:, ::1] HN, const floating[:, :, :] dY,
+                 const floating[:, ::1] W_hh, floating[:, ::1] dGx, floating[:, ::1] dGh,
+                 floating[:, ::1] dh, bint need_dh0, floating[::1] work):
+    """Back through the GRU's steps.  Writes the input-side gate gradients dGx and the
+    hidden-side ones dGh (T*N, 3H); dh (N, H) ends as dh0 when ``need_dh0``.  ``work`` has
+    ``work_size("GRU", N, H, True, ...)`` elements."""
+    cdef idx_t H = W_hh.shape[1], N = dY.shape[1], T = dY.shape[0]
+    cdef gemm_params prm
+    cdef signal_poll poll
+    cdef _loop L
+    cdef int rc, nt
+    cdef idx_t isz = sizeof(floating)
+    cdef bint dbl = floating is double
+    _check(H > 0 and W_hh.shape[0] == 3 * H and G.shape[0] == T * N and G.shape[1] == 3 * H
+           and dGx.shape[0] == T * N and dGx.shape[1] == 3 * H and dGh.shape[0] == T * N
+           and dGh.shape[1] == 3 * H and dY.shape[2] == H and Hb.shape[0] == (T + 1) * N
+           and Hb.shape[1] == H and HN.shape[0] == T * N and HN.shape[1] == H
+           and dh.shape[0] == N and dh.shape[1] == H, "GRU backward shapes")
+    _check_dy(dY)
+    if T == 0 or N == 0:
+        dh[:, :] = 0
+        return
+    current_params(1 if dbl else 0, &prm)
+    _check_work(&prm, work.shape[0], N, H, 3, True, dbl)
+    nt = _plan(&L, &prm, GRU_BWD, 1, N, H, 3 * H, dbl)
+    L.s.H = H
+    L.s.dy_rs = dY.strides[1] // isz
+    L.s.dh = &dh[0, 0]
+    open_poll(&poll)
+    with nogil:
+        _pack_backward(&L, &prm, &W_hh[0, 0], &work[0])
+        _clear(&dh[0, 0], N * H)
+        rc = _bwd_loop(&L, nt, T, &G[0, 0], &Hb[0, 0], NULL, &HN[0, 0], &dY[0, 0, 0],
+                       dY.strides[0] // isz, &dGx[0, 0], &dGh[0, 0], need_dh0)
+        close_poll()
+    raise_for_rc(rc, &poll, "a recurrent layer")
+
+
+# -- the RNN's gate pass (its forward needs none: the GEMM's write-back applies the
+# activation) -----------------------------------------------------------------------------------
 
 cdef void _rnn_bwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept nogil:
     """da = (dy + carried dh) * act'(h), the derivative written through the output h
@@ -228,47 +736,29 @@ cdef void _rnn_bwd(const _step* s, idx_t r0, idx_t r1, floating tag) noexcept no
                 dg[j] = dh * (1 - hv * hv)
 
 
-cdef inline void _rows_part(int kind, const _step* s, idx_t r0, idx_t r1,
-                            floating tag) noexcept nogil:
-    if kind == LSTM_FWD:
-        _lstm_fwd(s, r0, r1, tag)
-    elif kind == LSTM_BWD:
-        _lstm_bwd(s, r0, r1, tag)
-    elif kind == GRU_FWD:
-        _gru_fwd(s, r0, r1, tag)
-    elif kind == GRU_BWD:
-        _gru_bwd(s, r0, r1, tag)
-    else:
-        _rnn_bwd(s, r0, r1, tag)
-
-
-cdef void _rows(int kind, const _step* s, idx_t n, int nt, floating tag) noexcept nogil:
-    """One gate pass over the step's n rows, on nt threads (each a contiguous block of rows).
-    ``tag`` only selects the dtype."""
-    cdef _rows_job j
-    if nt <= 1:
-        _rows_part(kind, s, 0, n, tag)
-        return
-    j.kind = kind
-    j.s = s
-    j.dbl = floating is double
-    pool_ranges(nt, n, 4 * nt, 1, _rows_range, &j)
-
-
 ctypedef struct _rows_job:
-    int kind
     const _step* s
     bint dbl
 
 
 cdef void _rows_range(void* ctx, idx_t r0, idx_t r1, int tid) noexcept nogil:
     cdef const _rows_job* j = <const _rows_job*> ctx
-    cdef float f = 0
-    cdef double d = 0
     if j.dbl:
-        _rows_part(j.kind, j.s, r0, r1, d)
+        _rnn_bwd(j.s, r0, r1, <double> 0)
     else:
-        _rows_part(j.kind, j.s, r0, r1, f)
+        _rnn_bwd(j.s, r0, r1, <float> 0)
+
+
+cdef void _rows(const _step* s, idx_t n, int nt, floating tag) noexcept nogil:
+    """The RNN's gate pass over the step's n rows, on nt threads (each a contiguous block of
+    rows).  ``tag`` only selects the dtype."""
+    cdef _rows_job j
+    if nt <= 1:
+        _rnn_bwd(s, 0, n, tag)
+        return
+    j.s = s
+    j.dbl = floating is double
+    pool_ranges(nt, n, 4 * nt, 1, _rows_range, &j)
 
 
 cdef int _threads(int dtype_code, idx_t n, idx_t width, gemm_params* prm) except -1:
@@ -277,258 +767,6 @@ cdef int _threads(int dtype_code, idx_t n, idx_t width, gemm_params* prm) except
     if n < 2 or n * width < PAR_MIN or prm.n_threads < 2:
         return 1
     return prm.n_threads if prm.n_threads < n else <int> n
-
-
-
-cdef inline void _clear(floating* p, idx_t n) noexcept nogil:
-    cdef idx_t i
-    for i in range(n):
-        p[i] = 0
-
-
-def _check(cond, what):
-    if not cond:
-        raise ValueError(f"_rnn_kernels: {what}")
-
-
-cdef int _check_dy(const floating[:, :, :] dY) except -1:
-    """The output gradient, indexed (T, N, H), may have any step and sample strides (a
-    batch-first array is read in place) but its rows must be contiguous."""
-    if dY.shape[2] > 1 and dY.strides[2] != sizeof(floating):
-        raise ValueError("_rnn_kernels: the output gradient's rows must be contiguous")
-    return 0
-
-
-# -- LSTM ------------------------------------------------------------------------------------
-
-cdef int _lstm_fwd_loop(const gemm_params* prm, int nt, idx_t T, idx_t N, idx_t H,
-                        floating* G, floating* Hb, floating* Cb, const floating* W,
-                        bint has_h0) noexcept nogil:
-    cdef _step s
-    cdef idx_t t
-    cdef int rc
-    cdef floating alpha
-    s.H = H
-    for t in range(T):
-        s.g = G + t * N * 4 * H
-        s.hprev = Hb + t * N * H
-        s.h = Hb + (t + 1) * N * H
-        s.cprev = Cb + t * N * H
-        s.c = Cb + (t + 1) * N * H
-        # gates += h_{t-1} W_hh^T (W_hh is (4H, H): its transpose has strides 1 and H).
-        # With no initial state step 0's product is zero: alpha = 0 skips it.
-        alpha = 0 if (t == 0 and not has_h0) else 1
-        rc = gemm_run(prm, N, 4 * H, H, alpha, <const floating*> s.hprev, H, 1, W, 1, H,
-                      <floating> 1, <floating*> s.g, 4 * H, 1)
-        if rc != 0:
-            return rc
-        _rows(LSTM_FWD, &s, N, nt, <floating> 0)
-    return 0
-
-
-cdef int _lstm_bwd_loop(const gemm_params* prm, int nt, idx_t T, idx_t N, idx_t H,
-                        const floating* G, const floating* Cb, const floating* dy,
-                        idx_t dy_ts, idx_t dy_rs, const floating* W, floating* dG,
-                        floating* dh, floating* dc, bint need_dh0) noexcept nogil:
-    cdef _step s
-    cdef idx_t t
-    cdef int rc
-    s.H = H
-    s.dy_rs = dy_rs
-    s.dh = dh
-    s.dc = dc
-    _clear(dh, N * H)
-    _clear(dc, N * H)
-    for t in range(T - 1, -1, -1):
-        s.g = <void*> (G + t * N * 4 * H)
-        s.cprev = <void*> (Cb + t * N * H)
-        s.c = <void*> (Cb + (t + 1) * N * H)
-        s.dy = <void*> (dy + t * dy_ts)
-        s.dgx = dG + t * N * 4 * H
-        _rows(LSTM_BWD, &s, N, nt, <floating> 0)
-        if t > 0 or need_dh0:
-            # dh for step t-1: dG_t W_hh.
-            rc = gemm_run(prm, N, H, 4 * H, <floating> 1, <const floating*> s.dgx, 4 * H, 1,
-                          W, H, 1, <floating> 0, dh, H, 1)
-            if rc != 0:
-                return rc
-    return 0
-
-
-def lstm_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] Cb,
-                 const floating[:, ::1] W_hh, idx_t N, bint has_h0):
-    """Run the LSTM's steps.  G (T*N, 4H) holds x W_ih^T + b_ih + b_hh on entry and the gate
-    activations on exit; Hb and Cb ((T+1)*N, H) hold the initial state in their first N rows
-    (zeros when ``has_h0`` is False) and get every step's h and c after it."""
-    cdef idx_t H = W_hh.shape[1], T
-    cdef gemm_params prm
-    cdef signal_poll poll
-    cdef int rc, nt
-    _check(H > 0 and N > 0 and W_hh.shape[0] == 4 * H and G.shape[1] == 4 * H
-           and G.shape[0] % N == 0, "LSTM gate shapes")
-    T = G.shape[0] // N
-    _check(Hb.shape[0] == (T + 1) * N and Hb.shape[1] == H and Cb.shape[0] == Hb.shape[0]
-           and Cb.shape[1] == H, "LSTM state shapes")
-    if T == 0:
-        return
-    nt = _threads(0 if floating is float else 1, N, 4 * H, &prm)
-    open_poll(&poll)
-    with nogil:
-        rc = _lstm_fwd_loop(&prm, nt, T, N, H, &G[0, 0], &Hb[0, 0], &Cb[0, 0], &W_hh[0, 0],
-                            has_h0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
-
-
-def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
-                  const floating[:, :, :] dY, const floating[:, ::1] W_hh,
-                  floating[:, ::1] dG, floating[:, ::1] dh, floating[:, ::1] dc,
-                  bint need_dh0):
-    """Back through the LSTM's steps, from the forward's G (activations) and Cb.  dY is the
-    output gradient indexed (T, N, H) (any strides but the last).  Writes dG (T*N, 4H); dh
-    and dc (N, H) end as dh0 (when ``need_dh0``) and dc0."""
-    cdef idx_t H = W_hh.shape[1], N = dY.shape[1], T = dY.shape[0]
-    cdef gemm_params prm
-    cdef signal_poll poll
-    cdef int rc, nt
-    cdef idx_t isz = sizeof(floating)
-    _check(H > 0 and W_hh.shape[0] == 4 * H and G.shape[0] == T * N and G.shape[1] == 4 * H
-           and dG.shape[0] == T * N and dG.shape[1] == 4 * H and dY.shape[2] == H
-           and Cb.shape[0] == (T + 1) * N and Cb.shape[1] == H and dh.shape[0] == N
-           and dh.shape[1] == H and dc.shape[0] == N and dc.shape[1] == H,
-           "LSTM backward shapes")
-    _check_dy(dY)
-    if T == 0 or N == 0:
-        dh[:, :] = 0
-        dc[:, :] = 0
-        return
-    nt = _threads(0 if floating is float else 1, N, 4 * H, &prm)
-    open_poll(&poll)
-    with nogil:
-        rc = _lstm_bwd_loop(&prm, nt, T, N, H, &G[0, 0], &Cb[0, 0], &dY[0, 0, 0],
-                            dY.strides[0] // isz, dY.strides[1] // isz, &W_hh[0, 0],
-                            &dG[0, 0], &dh[0, 0], &dc[0, 0], need_dh0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
-
-
-# -- GRU -------------------------------------------------------------------------------------
-
-cdef int _gru_fwd_loop(const gemm_params* prm, int nt, idx_t T, idx_t N, idx_t H,
-                       floating* G, floating* Hb, floating* HN, floating* S,
-                       const floating* W, const floating* b_hh, bint has_h0) noexcept nogil:
-    cdef _step s
-    cdef gemm_epilogue ep
-    cdef idx_t t
-    cdef int rc
-    cdef floating alpha
-    # b_hh goes in with the GEMM's write-back: s = h W_hh^T + b_hh (its n part is multiplied
-    # by r, so it cannot be folded into the input projection as the other biases are).
-    ep.bias = b_hh
-    ep.bias_inc = 1
-    ep.bias_axis = 1
-    ep.act = ACT_NONE
-    s.H = H
-    s.s = S
-    for t in range(T):
-        s.g = G + t * N * 3 * H
-        s.hprev = Hb + t * N * H
-        s.h = Hb + (t + 1) * N * H
-        s.hn = HN + t * N * H
-        # alpha = 0 at step 0 without an initial state: s is then b_hh alone.
-        alpha = 0 if (t == 0 and not has_h0) else 1
-        rc = gemm_run_ep(prm, N, 3 * H, H, alpha, <const floating*> s.hprev, H, 1, W, 1, H,
-                         <floating> 0, S, 3 * H, 1, &ep)
-        if rc != 0:
-            return rc
-        _rows(GRU_FWD, &s, N, nt, <floating> 0)
-    return 0
-
-
-cdef int _gru_bwd_loop(const gemm_params* prm, int nt, idx_t T, idx_t N, idx_t H,
-                       const floating* G, const floating* Hb, const floating* HN,
-                       const floating* dy, idx_t dy_ts, idx_t dy_rs, const floating* W,
-                       floating* dGx, floating* dGh, floating* dh, bint need_dh0) noexcept nogil:
-    cdef _step s
-    cdef idx_t t
-    cdef int rc
-    s.H = H
-    s.dy_rs = dy_rs
-    s.dh = dh
-    _clear(dh, N * H)
-    for t in range(T - 1, -1, -1):
-        s.g = <void*> (G + t * N * 3 * H)
-        s.hprev = <void*> (Hb + t * N * H)
-        s.hn = <void*> (HN + t * N * H)
-        s.dy = <void*> (dy + t * dy_ts)
-        s.dgx = dGx + t * N * 3 * H
-        s.dgh = dGh + t * N * 3 * H
-        _rows(GRU_BWD, &s, N, nt, <floating> 0)
-        if t > 0 or need_dh0:
-            # The pass left dh * z in dh; add the path through the hidden projection.
-            rc = gemm_run(prm, N, H, 3 * H, <floating> 1, <const floating*> s.dgh, 3 * H, 1,
-                          W, H, 1, <floating> 1, dh, H, 1)
-            if rc != 0:
-                return rc
-    return 0
-
-
-def gru_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] HN,
-                floating[:, ::1] S, const floating[:, ::1] W_hh, const floating[::1] b_hh,
-                bint use_bias, idx_t N, bint has_h0):
-    """Run the GRU's steps.  G (T*N, 3H) holds x W_ih^T + b_ih on entry and the gate
-    activations r, z, n on exit; Hb ((T+1)*N, H) as for the LSTM; HN (T*N, H) gets each
-    step's h W_hn^T + b_hn (backward needs it); S (N, 3H) is scratch.  ``b_hh`` (3H,) is
-    read only when ``use_bias``."""
-    cdef idx_t H = W_hh.shape[1], T
-    cdef gemm_params prm
-    cdef signal_poll poll
-    cdef int rc, nt
-    _check(H > 0 and N > 0 and W_hh.shape[0] == 3 * H and G.shape[1] == 3 * H
-           and G.shape[0] % N == 0 and b_hh.shape[0] == 3 * H, "GRU gate shapes")
-    T = G.shape[0] // N
-    _check(Hb.shape[0] == (T + 1) * N and Hb.shape[1] == H and HN.shape[0] == T * N
-           and HN.shape[1] == H and S.shape[0] == N and S.shape[1] == 3 * H,
-           "GRU state shapes")
-    if T == 0:
-        return
-    nt = _threads(0 if floating is float else 1, N, 3 * H, &prm)
-    open_poll(&poll)
-    with nogil:
-        rc = _gru_fwd_loop(&prm, nt, T, N, H, &G[0, 0], &Hb[0, 0], &HN[0, 0], &S[0, 0],
-                           &W_hh[0, 0], &b_hh[0] if use_bias else NULL, has_h0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
-
-
-def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
-                 const floating[:, ::1] HN, const floating[:, :, :] dY,
-                 const floating[:, ::1] W_hh, floating[:, ::1] dGx, floating[:, ::1] dGh,
-                 floating[:, ::1] dh, bint need_dh0):
-    """Back through the GRU's steps.  Writes the input-side gate gradients dGx and the
-    hidden-side ones dGh (T*N, 3H); dh (N, H) ends as dh0 when ``need_dh0``."""
-    cdef idx_t H = W_hh.shape[1], N = dY.shape[1], T = dY.shape[0]
-    cdef gemm_params prm
-    cdef signal_poll poll
-    cdef int rc, nt
-    cdef idx_t isz = sizeof(floating)
-    _check(H > 0 and W_hh.shape[0] == 3 * H and G.shape[0] == T * N and G.shape[1] == 3 * H
-           and dGx.shape[0] == T * N and dGx.shape[1] == 3 * H and dGh.shape[0] == T * N
-           and dGh.shape[1] == 3 * H and dY.shape[2] == H and Hb.shape[0] == (T + 1) * N
-           and Hb.shape[1] == H and HN.shape[0] == T * N and HN.shape[1] == H
-           and dh.shape[0] == N and dh.shape[1] == H, "GRU backward shapes")
-    _check_dy(dY)
-    if T == 0 or N == 0:
-        dh[:, :] = 0
-        return
-    nt = _threads(0 if floating is float else 1, N, 3 * H, &prm)
-    open_poll(&poll)
-    with nogil:
-        rc = _gru_bwd_loop(&prm, nt, T, N, H, &G[0, 0], &Hb[0, 0], &HN[0, 0], &dY[0, 0, 0],
-                           dY.strides[0] // isz, dY.strides[1] // isz, &W_hh[0, 0],
-                           &dGx[0, 0], &dGh[0, 0], &dh[0, 0], need_dh0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer's GEMM")
 
 
 # -- RNN (tanh or ReLU) ----------------------------------------------------------------------
@@ -570,7 +808,7 @@ cdef int _rnn_bwd_loop(const gemm_params* prm, int nt, idx_t T, idx_t N, idx_t H
         s.h = <void*> (Hb + (t + 1) * N * H)
         s.dy = <void*> (dy + t * dy_ts)
         s.dgx = dG + t * N * H
-        _rows(RNN_BWD, &s, N, nt, <floating> 0)
+        _rows(&s, N, nt, <floating> 0)
         if t > 0 or need_dh0:
             rc = gemm_run(prm, N, H, H, <floating> 1, <const floating*> s.dgx, H, 1, W, H, 1,
                           <floating> 0, dh, H, 1)
