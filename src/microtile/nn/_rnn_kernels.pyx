@@ -39,32 +39,43 @@ Layout (time-major, C-contiguous, rows of N samples per step):
 
 The gate passes use numerically safe sigmoid and tanh (no overflow for any input).
 """
-from libc.string cimport memset
+from cpython.pycapsule cimport PyCapsule_GetPointer
 
-from microtile._common._mt_pool cimport pool_ranges, pool_items
+from microtile._common._mt_pool cimport pool_ranges, pool_items, pool_item
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport ceil_div, imin
 from microtile._common._interrupt cimport (signal_poll, open_poll, close_poll, raise_for_rc,
                                            caller_poll, poll_step, INTERRUPTED)
 from microtile._config._params cimport current_params
-from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr,
-                                          ukr_gen, ukr_dot, ukr_dot4)
+from microtile._kernels._ukernel cimport kernel_set_t, ukr_mr, ukr_nr
 from microtile._kernels._dispatch cimport kernel_set
+from microtile._kernels._dispatch import available_isas, isa_id
 from microtile.linalg._gemm cimport (gemm_params, gemm_run, gemm_run_ep, gemm_epilogue,
                                      gemm_pack_b_full, gemm_packed_b_size,
                                      ACT_NONE, ACT_RELU, ACT_TANH)
-from microtile.nn._act_math cimport sigmoid, tanh_
+from microtile.nn._rnn_cells cimport (_step, _loop, LSTM_FWD, LSTM_BWD, GRU_FWD, GRU_BWD,
+                                      DH0, MAX_ITEM_GROUPS)
+from microtile.nn import _rnn_cells
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define mt_prefetch(p) __builtin_prefetch((const void*) (p))
-    #else
-    #define mt_prefetch(p) ((void) 0)
-    #endif
-    """
-    void mt_prefetch(const void* p) nogil
+
+# The step item function per kernel set id (``gemm_params.isa``): the cells compiled for
+# that ISA (see ``_rnn_cells.pxd``); the baseline one where no other was loaded.
+cdef pool_item _item_fn[2]
+
+
+cdef _load_items():
+    cdef int i
+    for i in range(2):
+        _item_fn[i] = <pool_item> PyCapsule_GetPointer(_rnn_cells.item_task(),
+                                                       b"microtile.rnn_item")
+    if "avx2-fma" in available_isas():
+        from microtile.nn import _rnn_cells_avx2
+        _item_fn[isa_id("avx2-fma")] = <pool_item> PyCapsule_GetPointer(
+            _rnn_cells_avx2.item_task(), b"microtile.rnn_item")
+
+
+_load_items()
 
 
 # A step's gate pass goes to more than one thread from this many gate elements (N * k * H)
@@ -75,312 +86,13 @@ cdef double STEP_PAR_MIN = 65536
 # Items per thread in a step's job, where the units and rows allow: the caller ends each
 # step waiting for the last item a helper took.
 cdef int ITEMS_PER_THREAD = 4
-# Gate blocks per cell at most (LSTM), and row groups per item at most: size the items'
-# stack tiles (12 KiB of float32 with 6x16 tiles, 24 KiB of float64 with 6x8).
-cdef enum:
-    MAX_GATES = 4
-    MAX_ITEM_GROUPS = 8
-
-# Which pass ``_rows`` runs (the RNN's) / which cell an item applies.
-cdef enum:
-    LSTM_FWD = 0
-    LSTM_BWD = 1
-    GRU_FWD = 2
-    GRU_BWD = 3
-    RNN_BWD = 4
-    DH0 = 5         # the last backward product: dh0 (+)= the tile
-
-# The operands of one step's cell (row 0 of each block; rows are ``H`` or ``k*H`` long).
-# Untyped so that one struct serves both dtypes; the functions cast to theirs.
-ctypedef struct _step:
-    void* g         # gate block (N, k*H): pre-activations in, activations out (forward)
-    void* hn        # GRU: the n part of h W_hh^T + b_hh, kept for backward (N, H)
-    void* hprev     # h_{t-1} (N, H)
-    void* h         # h_t (N, H)
-    void* cprev     # LSTM: c_{t-1}
-    void* c         # LSTM: c_t
-    void* dy        # output gradient of the step: row n at dy + n * dy_rs
-    idx_t dy_rs
-    void* dh        # carried dh (N, H)
-    void* dc        # LSTM: carried dc (N, H)
-    void* dgx       # gate gradients (N, k*H), and for the GRU those of the hidden side:
-    void* dgh
-    const void* b_hh  # GRU forward: b_hh (3H,) added to the product, or NULL
-    idx_t H
-    int act         # RNN: ACT_TANH or ACT_RELU
-
-
-# -- the cells, applied to one row's units j0 .. j0+w-1 ---------------------------------------
-# ``t`` is the row's product tile: gate q's w values at t + q * ts.
-
-cdef void _lstm_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
-                         idx_t ts) noexcept nogil:
-    """Gates i, f, g, o from the projection plus the product; c = f*c_prev + i*g;
-    h = o*tanh(c)."""
-    cdef idx_t H = s.H, j
-    cdef floating* g = <floating*> s.g + r * 4 * H + j0
-    cdef const floating* cp = <const floating*> s.cprev + r * H + j0
-    cdef floating* c = <floating*> s.c + r * H + j0
-    cdef floating* h = <floating*> s.h + r * H + j0
-    cdef const floating* t1 = t + ts
-    cdef const floating* t2 = t + 2 * ts
-    cdef const floating* t3 = t + 3 * ts
-    # One loop per gate, each a map over contiguous elements that the compiler vectorises
-    # (one loop over all four and c, h did not: too many possible overlaps to check).
-    for j in range(w):
-        g[j] = sigmoid(g[j] + t[j])
-    for j in range(w):
-        g[H + j] = sigmoid(g[H + j] + t1[j])
-    for j in range(w):
-        g[2 * H + j] = tanh_(g[2 * H + j] + t2[j])
-    for j in range(w):
-        g[3 * H + j] = sigmoid(g[3 * H + j] + t3[j])
-    # The cell update in three simple loops through the (local) tile row, which the compiler
-    # vectorises; as one loop it stayed scalar (14 % of an LSTM step, perf).
-    for j in range(w):
-        t[j] = g[H + j] * cp[j] + g[j] * g[2 * H + j]
-    for j in range(w):
-        c[j] = t[j]
-    for j in range(w):
-        h[j] = g[3 * H + j] * tanh_(t[j])
-
-
-cdef void _lstm_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
-                         idx_t ts) noexcept nogil:
-    """From dh = dy + the product (dG_{t+1} W_hh) and the carried dc: the four gate
-    pre-activation gradients; the carried dc becomes dc * f (its share for step t-1)."""
-    cdef idx_t H = s.H, j
-    cdef const floating* g = <const floating*> s.g + r * 4 * H + j0
-    cdef const floating* cp = <const floating*> s.cprev + r * H + j0
-    cdef const floating* c = <const floating*> s.c + r * H + j0
-    cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
-    cdef floating* dc = <floating*> s.dc + r * H + j0
-    cdef floating* dg = <floating*> s.dgx + r * 4 * H + j0
-    cdef floating ig, fg, gg, og, tc, dh, dcv
-    for j in range(w):
-        ig = g[j]
-        fg = g[H + j]
-        gg = g[2 * H + j]
-        og = g[3 * H + j]
-        # tanh(c) again rather than kept from forward: one more array of T*N*H saved for
-        # a tanh per element.
-        tc = tanh_(c[j])
-        dh = dy[j] + t[j]
-        dcv = dc[j] + dh * og * (1 - tc * tc)
-        dg[j] = dcv * gg * (ig * (1 - ig))
-        dg[H + j] = dcv * cp[j] * (fg * (1 - fg))
-        dg[2 * H + j] = dcv * ig * (1 - gg * gg)
-        dg[3 * H + j] = dh * tc * (og * (1 - og))
-        dc[j] = dcv * fg
-
-
-cdef void _gru_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
-                        idx_t ts) noexcept nogil:
-    """With p = h_prev W_hh^T + b_hh (the tiles plus the bias): r = sig(x_r + p_r),
-    z = sig(x_z + p_z), n = tanh(x_n + r * p_n), h = n + z (h_prev - n) (torch's form of
-    (1 - z) n + z h_prev)."""
-    cdef idx_t H = s.H, j
-    cdef floating* g = <floating*> s.g + r * 3 * H + j0
-    cdef const floating* hp = <const floating*> s.hprev + r * H + j0
-    cdef floating* h = <floating*> s.h + r * H + j0
-    cdef floating* hn = <floating*> s.hn + r * H + j0
-    cdef const floating* b = <const floating*> s.b_hh
-    cdef floating* t1 = t + ts
-    cdef floating* t2 = t + 2 * ts
-    if b != NULL:
-        b += j0
-        for j in range(w):
-            t[j] += b[j]
-            t1[j] += b[H + j]
-            t2[j] += b[2 * H + j]
-    # Loops of two or three operands each, which the compiler vectorises.
-    for j in range(w):
-        g[j] = sigmoid(g[j] + t[j])
-    for j in range(w):
-        g[H + j] = sigmoid(g[H + j] + t1[j])
-    for j in range(w):
-        hn[j] = t2[j]
-    for j in range(w):
-        g[2 * H + j] = tanh_(g[2 * H + j] + g[j] * t2[j])
-    for j in range(w):
-        h[j] = g[2 * H + j] + g[H + j] * (hp[j] - g[2 * H + j])
-
-
-cdef void _gru_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
-                        idx_t ts) noexcept nogil:
-    """dh = dy + the product (dGh_{t+1} W_hh) + the carried dh z; gate gradients on the
-    input side (dgx) and the hidden side (dgh: the n part scaled by r, which multiplies the
-    hidden projection); the carried dh becomes dh * z."""
-    cdef idx_t H = s.H, j
-    cdef const floating* g = <const floating*> s.g + r * 3 * H + j0
-    cdef const floating* hp = <const floating*> s.hprev + r * H + j0
-    cdef const floating* hn = <const floating*> s.hn + r * H + j0
-    cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
-    cdef floating* dhc = <floating*> s.dh + r * H + j0
-    cdef floating* dgx = <floating*> s.dgx + r * 3 * H + j0
-    cdef floating* dgh = <floating*> s.dgh + r * 3 * H + j0
-    cdef floating rg, zg, ng, dh, dn, dz, dan, daz, dar
-    for j in range(w):
-        rg = g[j]
-        zg = g[H + j]
-        ng = g[2 * H + j]
-        dh = dy[j] + t[j] + dhc[j]
-        dn = dh * (1 - zg)
-        dz = dh * (hp[j] - ng)
-        dan = dn * (1 - ng * ng)
-        daz = dz * (zg * (1 - zg))
-        dar = dan * hn[j] * (rg * (1 - rg))
-        dgx[j] = dar
-        dgx[H + j] = daz
-        dgx[2 * H + j] = dan
-        dgh[j] = dar
-        dgh[H + j] = daz
-        dgh[2 * H + j] = dan * rg
-        dhc[j] = dh * zg
-
-
-cdef inline void _cell(int kind, const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
-                       idx_t ts) noexcept nogil:
-    cdef floating* dh
-    cdef idx_t j
-    if kind == LSTM_FWD:
-        _lstm_fwd_cell(s, r, j0, w, t, ts)
-    elif kind == LSTM_BWD:
-        _lstm_bwd_cell(s, r, j0, w, t, ts)
-    elif kind == GRU_FWD:
-        _gru_fwd_cell(s, r, j0, w, t, ts)
-    elif kind == GRU_BWD:
-        _gru_bwd_cell(s, r, j0, w, t, ts)
-    else:
-        # DH0: the carried part (GRU: dh z of step 0; LSTM: zeros) plus the product.
-        dh = <floating*> s.dh + r * s.H + j0
-        for j in range(w):
-            dh[j] += t[j]
-
-
-# -- one step: a pool job of (block of units) x (block of rows) items ------------------------
-
-ctypedef struct _loop:
-    const kernel_set_t* ks
-    int kind
-    bint dbl
-    int nq              # product tiles per block of units: the gates (forward) or 1 (backward)
-    idx_t N, H
-    idx_t k             # the product's depth: H (forward) or k*H (backward)
-    idx_t n_blocks      # blocks of nr units
-    idx_t n_groups      # row groups of mr rows (the last may be partial)
-    idx_t groups_per_item
-    const void* bp      # the packed weight: block b's tile q at bp + (b * nq + q) * k * nr
-    const void* e       # rows for the partial row group: output column q*H + j's weights
-                        # at e + (q * H + j) * k
-    const void* a       # the product's left operand (N, k), rows lda apart; NULL: no
-    idx_t lda           # product this step (the tiles are zero)
-    _step s
-
-
-cdef void _dots(const kernel_set_t* ks, idx_t k, const floating* e, idx_t w, const floating* x,
-                floating* out) noexcept nogil:
-    """out[j] = e[j*k : j*k + k] . x for j < w: four rows at a time sharing the loads of x."""
-    cdef idx_t j = 0
-    while j + 4 <= w:
-        ukr_dot4(ks, k, e + j * k, k, x, out + j)
-        j += 4
-    while j < w:
-        out[j] = ukr_dot(ks, k, e + j * k, x)
-        j += 1
-
-
-cdef inline void _pf(const void* p, idx_t stride, int n, idx_t span) noexcept nogil:
-    """The first and last byte of n spans of ``span`` bytes, ``stride`` bytes apart."""
-    cdef int q
-    for q in range(n):
-        mt_prefetch(<const char*> p + q * stride)
-        mt_prefetch(<const char*> p + q * stride + span - 1)
-
-
-cdef void _prefetch_cell(const _loop* L, idx_t r, idx_t j0, idx_t w, floating tag) noexcept nogil:
-    """Ask for the lines row r's cell reads (and its gate gradients, which it writes), before
-    the row group's product: each row's gates are a few lines 4H elements apart in the big
-    G, dG arrays, a pattern the hardware prefetcher does not follow, and the loads waiting
-    for them were 30 % of an LSTM step (perf, 128->256, batch 32)."""
-    cdef const _step* s = &L.s
-    cdef idx_t H = L.H, sz = sizeof(floating), span = w * sizeof(floating)
-    cdef idx_t gh = (4 if L.kind == LSTM_FWD or L.kind == LSTM_BWD else 3) * H
-    cdef idx_t off = (r * H + j0) * sz
-    cdef idx_t goff = (r * gh + j0) * sz
-    cdef int ng = <int> (gh // H)
-    if L.kind == DH0:
-        return
-    _pf(<const char*> s.g + goff, H * sz, ng, span)
-    if L.kind == LSTM_FWD:
-        _pf(<const char*> s.cprev + off, 0, 1, span)
-    elif L.kind == GRU_FWD:
-        _pf(<const char*> s.hprev + off, 0, 1, span)
-    else:
-        _pf(<const char*> s.dy + (r * s.dy_rs + j0) * sz, 0, 1, span)
-        _pf(<const char*> s.dgx + goff, H * sz, ng, span)
-        if L.kind == LSTM_BWD:
-            _pf(<const char*> s.cprev + off, 0, 1, span)
-            _pf(<const char*> s.c + off, 0, 1, span)
-        else:
-            _pf(<const char*> s.hprev + off, 0, 1, span)
-            _pf(<const char*> s.hn + off, 0, 1, span)
-            _pf(<const char*> s.dgh + goff, H * sz, ng, span)
-
-
-cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
-    """Block it % n_blocks of units on row groups (it // n_blocks) * groups_per_item ...: the
-    product's tiles of every group, one gate panel at a time (so that the panel, k x nr,
-    stays in L1 while the groups' rows stream past it: group by group, the four panels of an
-    LSTM block took turns in L1 and the product ran at half the micro-kernel's speed), then
-    the cell row by row."""
-    cdef const kernel_set_t* ks = L.ks
-    cdef int mr = ukr_mr(ks, &tag), nr = ukr_nr(ks, &tag)
-    cdef idx_t b = it % L.n_blocks
-    cdef idx_t g0 = (it // L.n_blocks) * L.groups_per_item
-    cdef idx_t ng = imin(L.n_groups, g0 + L.groups_per_item) - g0
-    cdef idx_t j0 = b * nr, w = imin(nr, L.H - b * nr), k = L.k
-    cdef idx_t r0 = g0 * mr, n_rows = imin(L.N, (g0 + ng) * mr) - r0
-    cdef idx_t full = n_rows // mr           # whole groups; a partial one is the last
-    cdef idx_t gs = mr * nr, ts = ng * gs    # a tile; a gate's tiles (gate q at q * ts)
-    cdef idx_t gl, i, q
-    cdef const floating* a = <const floating*> L.a
-    cdef const floating* bp = <const floating*> L.bp
-    cdef const floating* e = <const floating*> L.e
-    cdef const floating* panel
-    cdef floating tmp[MAX_GATES * MAX_ITEM_GROUPS * MAX_MR * MAX_NR]
-    for i in range(n_rows):
-        _prefetch_cell(L, r0 + i, j0, w, tag)
-    if a == NULL:
-        memset(tmp, 0, L.nq * ts * sizeof(floating))
-    else:
-        for q in range(L.nq):
-            panel = bp + (b * L.nq + q) * k * nr
-            for gl in range(full):
-                ukr_gen(ks, k, a + (r0 + gl * mr) * L.lda, L.lda, 1, panel, nr,
-                        tmp + q * ts + gl * gs, nr, 1, <floating> 1, <floating> 0)
-            for i in range(full * mr, n_rows):
-                # Rows of a partial group: dot products on the weight's rows (see the top).
-                _dots(ks, k, e + (q * L.H + j0) * k, w, a + (r0 + i) * L.lda,
-                      tmp + q * ts + i * nr)
-    for i in range(n_rows):
-        _cell(L.kind, &L.s, r0 + i, j0, w, tmp + i * nr, ts)
-
-
-cdef void _item_task(void* ctx, idx_t it, int tid) noexcept nogil:
-    cdef const _loop* L = <const _loop*> ctx
-    if L.dbl:
-        _item(L, it, <double> 0)
-    else:
-        _item(L, it, <float> 0)
-
-
 cdef int _plan(_loop* L, const gemm_params* prm, int kind, int nq, idx_t N, idx_t H,
                idx_t k, bint dbl) noexcept nogil:
     """Fill the loop's fixed fields; return the steps' thread count."""
     cdef int mr, nr, nt = prm.n_threads
     cdef idx_t want, n_items
     L.ks = kernel_set(prm.isa)
+    L.item = _item_fn[prm.isa if 0 <= prm.isa < 2 else 0]
     mr = L.ks.d.mr if dbl else L.ks.s.mr
     nr = L.ks.d.nr if dbl else L.ks.s.nr
     L.kind = kind
@@ -402,7 +114,7 @@ cdef int _plan(_loop* L, const gemm_params* prm, int kind, int nq, idx_t N, idx_
 
 
 cdef inline void _step_job(_loop* L, int nt) noexcept nogil:
-    pool_items(nt, L.n_blocks * ceil_div(L.n_groups, L.groups_per_item), _item_task, L)
+    pool_items(nt, L.n_blocks * ceil_div(L.n_groups, L.groups_per_item), L.item, L)
 
 
 cdef inline idx_t _mr(const gemm_params* prm, bint dbl) noexcept nogil:
@@ -412,18 +124,16 @@ cdef inline idx_t _mr(const gemm_params* prm, bint dbl) noexcept nogil:
 
 cdef idx_t _work_size(const gemm_params* prm, idx_t N, idx_t H, int nq, bint backward,
                       bint dbl) noexcept nogil:
-    """Elements of ``work``: the packed weight when some row group is whole, and for
-    backward with a partial group W_hh transposed."""
+    """Elements of ``work``: the packed weight when there is a whole row group; else (batch
+    below mr) nothing forward and W_hh transposed backward, for the dot products."""
     cdef float ft = 0
     cdef double dt = 0
-    cdef idx_t mr = _mr(prm, dbl), size = 0, k = nq * H if backward else H
-    if N >= mr:
+    cdef idx_t k = nq * H if backward else H
+    if N >= _mr(prm, dbl):
         # Forward packs each gate's blocks separately: every gate's columns round up.
-        size = (gemm_packed_b_size(prm, k, H, &dt) if dbl else
+        return (gemm_packed_b_size(prm, k, H, &dt) if dbl else
                 gemm_packed_b_size(prm, k, H, &ft)) * (1 if backward else nq)
-    if backward and N % mr:
-        size += nq * H * H
-    return size
+    return nq * H * H if backward else 0
 
 
 def work_size(str kind, idx_t N, idx_t H, bint backward, bint dbl):
@@ -436,9 +146,9 @@ def work_size(str kind, idx_t N, idx_t H, bint backward, bint dbl):
 
 cdef void _pack_forward(_loop* L, const gemm_params* prm, const floating* W,
                         floating* work) noexcept nogil:
-    """W_hh^T's panels with the gates of each block of units side by side (see _loop.bp),
-    when some row group is whole; the partial group reads W_hh's rows (gate q, unit j: row
-    q*H + j), in place."""
+    """W_hh^T's panels with the gates of each block of units side by side (see _loop.bp)
+    when there is a whole row group; else (batch below mr) the dot products read W_hh's rows
+    (gate q, unit j: row q*H + j) in place."""
     cdef int mr = ukr_mr(L.ks, W), nr = ukr_nr(L.ks, W)
     cdef idx_t H = L.H, b, q, j0
     L.e = W
@@ -456,20 +166,18 @@ cdef void _pack_forward(_loop* L, const gemm_params* prm, const floating* W,
 
 cdef void _pack_backward(_loop* L, const gemm_params* prm, const floating* W,
                          floating* work) noexcept nogil:
-    """W_hh (k*H x H) as panels of nr columns, when some row group is whole; W_hh^T for the
-    partial group's dot products, when there is one."""
+    """W_hh (k*H x H) as panels of nr columns when there is a whole row group; else W_hh^T,
+    whose rows the dot products read."""
     cdef int mr = ukr_mr(L.ks, W)
     cdef idx_t H = L.H, K = L.k, i, j
-    cdef floating* wt = work
     L.bp = work
+    L.e = work
     if L.N >= mr:
         gemm_pack_b_full(prm, K, H, W, H, 1, work)
-        wt = work + gemm_packed_b_size(prm, K, H, W)
-    L.e = wt
-    if L.N % mr:
-        for j in range(H):
-            for i in range(K):
-                wt[j * K + i] = W[i * H + j]
+        return
+    for j in range(H):
+        for i in range(K):
+            work[j * K + i] = W[i * H + j]
 
 
 cdef inline int _poll() noexcept nogil:
