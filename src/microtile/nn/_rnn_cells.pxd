@@ -49,6 +49,7 @@ ctypedef struct _loop:
     int nq              # product tiles per block of units: the gates (forward) or 1 (backward)
     idx_t N, H
     idx_t k             # the product's depth: H (forward) or k*H (backward)
+    idx_t kc            # depth of one pass of the micro-kernel (the GEMM params' kc)
     idx_t n_blocks      # blocks of nr units
     idx_t n_groups      # row groups of mr rows (the last may be partial)
     idx_t groups_per_item

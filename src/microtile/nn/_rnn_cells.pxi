@@ -62,28 +62,40 @@ cdef void _lstm_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const float
     """From dh = dy + the product (dG_{t+1} W_hh) and the carried dc: the four gate
     pre-activation gradients; the carried dc becomes dc * f (its share for step t-1)."""
     cdef idx_t H = s.H, j
-    cdef const floating* g = <const floating*> s.g + r * 4 * H + j0
+    cdef const floating* gi = <const floating*> s.g + r * 4 * H + j0
+    cdef const floating* gf = gi + H
+    cdef const floating* gg = gi + 2 * H
+    cdef const floating* go = gi + 3 * H
     cdef const floating* cp = <const floating*> s.cprev + r * H + j0
     cdef const floating* c = <const floating*> s.c + r * H + j0
     cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
     cdef floating* dc = <floating*> s.dc + r * H + j0
-    cdef floating* dg = <floating*> s.dgx + r * 4 * H + j0
-    cdef floating ig, fg, gg, og, tc, dh, dcv
+    cdef floating* di = <floating*> s.dgx + r * 4 * H + j0
+    cdef floating* df = di + H
+    cdef floating* dgg = di + 2 * H
+    cdef floating* do = di + 3 * H
+    cdef floating tc[MAX_NR]
+    cdef floating dh[MAX_NR]
+    cdef floating dcv[MAX_NR]
+    # Loops of a few operands each, through local rows: as one loop over the eleven arrays
+    # the compiler did not vectorise it (a third of a backward step, perf).  tanh(c) again
+    # rather than kept from forward: one more array of T*N*H saved for a tanh per element.
     for j in range(w):
-        ig = g[j]
-        fg = g[H + j]
-        gg = g[2 * H + j]
-        og = g[3 * H + j]
-        # tanh(c) again rather than kept from forward: one more array of T*N*H saved for
-        # a tanh per element.
-        tc = tanh_(c[j])
-        dh = dy[j] + t[j]
-        dcv = dc[j] + dh * og * (1 - tc * tc)
-        dg[j] = dcv * gg * (ig * (1 - ig))
-        dg[H + j] = dcv * cp[j] * (fg * (1 - fg))
-        dg[2 * H + j] = dcv * ig * (1 - gg * gg)
-        dg[3 * H + j] = dh * tc * (og * (1 - og))
-        dc[j] = dcv * fg
+        tc[j] = tanh_(c[j])
+    for j in range(w):
+        dh[j] = dy[j] + t[j]
+    for j in range(w):
+        dcv[j] = dc[j] + dh[j] * go[j] * (1 - tc[j] * tc[j])
+    for j in range(w):
+        di[j] = dcv[j] * gg[j] * (gi[j] * (1 - gi[j]))
+    for j in range(w):
+        df[j] = dcv[j] * cp[j] * (gf[j] * (1 - gf[j]))
+    for j in range(w):
+        dgg[j] = dcv[j] * gi[j] * (1 - gg[j] * gg[j])
+    for j in range(w):
+        do[j] = dh[j] * tc[j] * (go[j] * (1 - go[j]))
+    for j in range(w):
+        dc[j] = dcv[j] * gf[j]
 
 
 cdef void _gru_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
@@ -124,31 +136,39 @@ cdef void _gru_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floati
     input side (dgx) and the hidden side (dgh: the n part scaled by r, which multiplies the
     hidden projection); the carried dh becomes dh * z."""
     cdef idx_t H = s.H, j
-    cdef const floating* g = <const floating*> s.g + r * 3 * H + j0
+    cdef const floating* gr = <const floating*> s.g + r * 3 * H + j0
+    cdef const floating* gz = gr + H
+    cdef const floating* gn = gr + 2 * H
     cdef const floating* hp = <const floating*> s.hprev + r * H + j0
     cdef const floating* hn = <const floating*> s.hn + r * H + j0
     cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
     cdef floating* dhc = <floating*> s.dh + r * H + j0
-    cdef floating* dgx = <floating*> s.dgx + r * 3 * H + j0
-    cdef floating* dgh = <floating*> s.dgh + r * 3 * H + j0
-    cdef floating rg, zg, ng, dh, dn, dz, dan, daz, dar
+    cdef floating* dxr = <floating*> s.dgx + r * 3 * H + j0
+    cdef floating* dhr = <floating*> s.dgh + r * 3 * H + j0
+    cdef floating dh[MAX_NR]
+    cdef floating dan[MAX_NR]
+    cdef floating daz[MAX_NR]
+    cdef floating dar[MAX_NR]
+    # Loops of a few operands each, through local rows (see _lstm_bwd_cell).
     for j in range(w):
-        rg = g[j]
-        zg = g[H + j]
-        ng = g[2 * H + j]
-        dh = dy[j] + t[j] + dhc[j]
-        dn = dh * (1 - zg)
-        dz = dh * (hp[j] - ng)
-        dan = dn * (1 - ng * ng)
-        daz = dz * (zg * (1 - zg))
-        dar = dan * hn[j] * (rg * (1 - rg))
-        dgx[j] = dar
-        dgx[H + j] = daz
-        dgx[2 * H + j] = dan
-        dgh[j] = dar
-        dgh[H + j] = daz
-        dgh[2 * H + j] = dan * rg
-        dhc[j] = dh * zg
+        dh[j] = dy[j] + t[j] + dhc[j]
+    for j in range(w):
+        dan[j] = dh[j] * (1 - gz[j]) * (1 - gn[j] * gn[j])
+    for j in range(w):
+        daz[j] = dh[j] * (hp[j] - gn[j]) * (gz[j] * (1 - gz[j]))
+    for j in range(w):
+        dar[j] = dan[j] * hn[j] * (gr[j] * (1 - gr[j]))
+    for j in range(w):
+        dxr[j] = dar[j]
+        dhr[j] = dar[j]
+    for j in range(w):
+        dxr[H + j] = daz[j]
+        dhr[H + j] = daz[j]
+    for j in range(w):
+        dxr[2 * H + j] = dan[j]
+        dhr[2 * H + j] = dan[j] * gr[j]
+    for j in range(w):
+        dhc[j] = dh[j] * gz[j]
 
 
 cdef inline void _cell(int kind, const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
@@ -235,7 +255,8 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
     cdef idx_t r0 = g0 * mr, n_rows = imin(L.N, (g0 + ng) * mr) - r0
     cdef idx_t full = n_rows // mr           # whole groups; a partial one is the last
     cdef idx_t gs = mr * nr, ts = ng * gs    # a tile; a gate's tiles (gate q at q * ts)
-    cdef idx_t gl, i, q
+    cdef idx_t gl, i, q, pc, kc
+    cdef floating beta
     cdef const floating* a = <const floating*> L.a
     cdef const floating* bp = <const floating*> L.bp
     cdef const floating* e = <const floating*> L.e
@@ -249,27 +270,35 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
     else:
         for q in range(L.nq):
             panel = bp + (b * L.nq + q) * k * nr
-            for gl in range(full):
-                ukr_gen(ks, k, a + (r0 + gl * mr) * L.lda, L.lda, 1, panel, nr,
-                        tmp + q * ts + gl * gs, nr, 1, <floating> 1, <floating> 0)
-            if full * mr == n_rows:
-                continue
-            if L.N >= mr:
-                # A partial group: the whole group that ends at the last row (it overlaps
-                # rows done already, whose results are dropped) -- as much work as padding
-                # the group, with nothing copied; dot products on W_hh's rows, read from L3
-                # for every row, cost twice as much (2 of 32 rows took 80 of 310 us).
-                ukr_gen(ks, k, a + (L.N - mr) * L.lda, L.lda, 1, panel, nr, last, nr, 1,
-                        <floating> 1, <floating> 0)
-                for i in range(full * mr, n_rows):
-                    memcpy(tmp + q * ts + i * nr, last + (r0 + i - (L.N - mr)) * nr,
-                           nr * sizeof(floating))
-            else:
+            if L.N < mr:
                 # Fewer rows than a micro-panel (batch 1): dot products on the weight's
                 # rows; a padded panel would do mr times the work.
                 for i in range(n_rows):
                     _dots(ks, k, e + (q * L.H + j0) * k, w, a + (r0 + i) * L.lda,
                           tmp + q * ts + i * nr)
+                continue
+            # kc deep at a time, so that the panel's slice (kc x nr) stays in L1 while the
+            # groups' rows stream past it: the backward's 1024-deep panel (64 KiB) did not,
+            # and its product ran at half speed.
+            pc = 0
+            while pc < k:
+                kc = imin(L.kc, k - pc)
+                beta = 0 if pc == 0 else 1
+                for gl in range(full):
+                    ukr_gen(ks, kc, a + (r0 + gl * mr) * L.lda + pc, L.lda, 1, panel + pc * nr,
+                            nr, tmp + q * ts + gl * gs, nr, 1, <floating> 1, beta)
+                if full * mr < n_rows:
+                    # A partial group: the whole group that ends at the last row (it
+                    # overlaps rows done already, whose results are dropped) -- as much work
+                    # as padding the group, with nothing copied; dot products on W_hh's
+                    # rows, read from L3 for every row, cost twice as much (2 of 32 rows
+                    # took 80 of 310 us).
+                    ukr_gen(ks, kc, a + (L.N - mr) * L.lda + pc, L.lda, 1, panel + pc * nr,
+                            nr, last, nr, 1, <floating> 1, beta)
+                pc += kc
+            for i in range(full * mr, n_rows):
+                memcpy(tmp + q * ts + i * nr, last + (r0 + i - (L.N - mr)) * nr,
+                       nr * sizeof(floating))
     for i in range(n_rows):
         _cell(L.kind, &L.s, r0 + i, j0, w, tmp + i * nr, ts)
 

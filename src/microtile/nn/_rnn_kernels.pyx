@@ -101,6 +101,7 @@ cdef int _plan(_loop* L, const gemm_params* prm, int kind, int nq, idx_t N, idx_
     L.N = N
     L.H = H
     L.k = k
+    L.kc = prm.kc if prm.kc > 0 else k
     L.n_blocks = ceil_div(H, nr)
     L.n_groups = ceil_div(N, mr)
     if nt > 1 and <double> N * <double> k * <double> H * nq < STEP_PAR_MIN:
