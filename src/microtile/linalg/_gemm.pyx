@@ -111,6 +111,21 @@ cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, id
             c[i * rs_c + j * cs_c] = _act(c[i * rs_c + j * cs_c] + bv, act)
 
 
+cdef inline bint _no_product(idx_t m, idx_t n, idx_t k, floating alpha, floating beta,
+                             floating* c, idx_t rs_c, idx_t cs_c,
+                             const gemm_epilogue* ep) noexcept nogil:
+    """The cases without a product, done here: C empty, or alpha == 0 or k == 0 (C =
+    beta * C, then the epilogue).  True when it was one of them."""
+    if m <= 0 or n <= 0:
+        return True
+    if alpha == 0 or k <= 0:
+        _scale(m, n, beta, c, rs_c, cs_c)
+        if ep != NULL:
+            _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+        return True
+    return False
+
+
 cdef void _scale(idx_t m, idx_t n, floating beta, floating* c, idx_t rs_c,
                  idx_t cs_c) noexcept nogil:
     """C = beta * C, with beta == 0 writing zeros without reading C (BLAS semantics)."""
@@ -354,12 +369,7 @@ cdef int _gemm_at(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, flo
     cdef gemm_epilogue ep_t
     cdef signal_poll* poll = caller_poll()
     cdef int rc
-    if m <= 0 or n <= 0:
-        return 0
-    if alpha == 0 or k <= 0:
-        _scale(m, n, beta, c, rs_c, cs_c)
-        if ep != NULL:
-            _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+    if _no_product(m, n, k, alpha, beta, c, rs_c, cs_c, ep):
         return 0
     if m == 1 or n == 1:
         return _vector_case(ks, nt, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c,
@@ -733,12 +743,7 @@ cdef int gemm_prepacked(const gemm_params* prm, idx_t m, idx_t n, idx_t k, float
     cdef int nt = prm.n_threads
     cdef idx_t rp, cp, want, n_rows
     cdef _pp_job jb
-    if m <= 0 or n <= 0:
-        return 0
-    if alpha == 0 or k <= 0:
-        _scale(m, n, beta, c, rs_c, cs_c)
-        if ep != NULL:
-            _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+    if _no_product(m, n, k, alpha, beta, c, rs_c, cs_c, ep):
         return 0
     rp = ceil_div(m, mr)
     cp = ceil_div(n, nr)

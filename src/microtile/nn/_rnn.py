@@ -1,12 +1,12 @@
 """Recurrent layers RNN, LSTM and GRU (torch's equations, weights and names), and LastStep.
 
 Per layer and sequence the work is: the input projection of all T steps as one GEMM
-(T*N x k*H, biases in its write-back), then the time loop in ``_rnn_kernels`` (per step one
-GEMM with the recurrent weight and one pass over the gates, all without the GIL), and in
-backward, after the loop, one GEMM per weight over the stacked gate gradients of all steps
-and one for the input gradient.  Everything the loops touch is a per-thread reusable buffer
-(see ``Module``), so once the shapes have been seen a training step allocates nothing but
-a few small views.
+(T*N x k*H, biases in its write-back), then the time loop in ``_rnn_kernels`` (W_hh packed
+once; per step one job on the thread pool whose items multiply by it and apply the cell to
+their tiles, all without the GIL), and in backward, after the loop, one GEMM per weight
+over the stacked gate gradients of all steps and one for the input gradient.  Everything
+the loops touch is a per-thread reusable buffer (see ``Module``; the packed W_hh too), so
+once the shapes have been seen a training step allocates nothing but a few small views.
 
 Internally sequences are time-major, (T, N, features) C-contiguous, one step a block of N
 rows; a ``batch_first`` input is copied into that layout once (and the output and input

@@ -12,10 +12,11 @@ cell to it while it is in L1: forward, the product's gate tiles go straight into
 nonlinearities and the state update; backward, the tile of dh for step t-1 goes straight
 into step t-1's gate derivatives.  So a step is one pass over the gates and one job.  For
 this the forward packing puts the gate panels of one block of units side by side (i, f, g, o
-of units j..j+nr), which is what lets one item see every gate of its units.  Rows that do
-not fill a micro-panel (all of them at batch 1) take dot products on the weight's rows
-instead (``dot4``: four outputs share the loads of the state): padding them to a panel
-would multiply the work of a batch-1 step by mr.
+of units j..j+nr), which is what lets one item see every gate of its units.  A partial last
+row group runs as the whole group that ends at the last row; a batch below the micro-tile's
+rows (batch 1) takes dot products on the weight's rows instead (``dot4``: four outputs share
+the loads of the state), since a padded panel would multiply its work by mr.  The cells
+themselves are compiled for the baseline ISA and for AVX2 (``_rnn_cells``).
 
 Layout (time-major, C-contiguous, rows of N samples per step):
 
@@ -235,6 +236,27 @@ cdef int _fwd_loop(_loop* L, int nt, idx_t T, floating* G, floating* Hb, floatin
     return 0
 
 
+cdef int _forward(_loop* L, int kind, int nq, idx_t T, idx_t N, idx_t H, const floating* W,
+                  floating* work, idx_t work_len, floating* G, floating* Hb, floating* Cb,
+                  floating* HN, bint has_h0) except -1:
+    """What the forward wrappers share once their shapes are checked: the plan, W_hh's
+    packing and the loop, without the GIL (``L.s.b_hh`` set by the caller)."""
+    cdef gemm_params prm
+    cdef signal_poll poll
+    cdef int rc, nt
+    cdef bint dbl = floating is double
+    current_params(1 if dbl else 0, &prm)
+    _check_work(&prm, work_len, N, H, nq, False, dbl)
+    nt = _plan(L, &prm, kind, nq, N, H, H, dbl)
+    L.s.H = H
+    open_poll(&poll)
+    with nogil:
+        _pack_forward(L, &prm, W, work)
+        rc = _fwd_loop(L, nt, T, G, Hb, Cb, HN, has_h0)
+        close_poll()
+    return raise_for_rc(rc, &poll, "a recurrent layer")
+
+
 def lstm_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] Cb,
                  const floating[:, ::1] W_hh, idx_t N, bint has_h0, floating[::1] work):
     """Run the LSTM's steps.  G (T*N, 4H) holds x W_ih^T + b_ih + b_hh on entry and the gate
@@ -242,11 +264,7 @@ def lstm_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] Cb,
     (zeros when ``has_h0`` is False) and get every step's h and c after it.  ``work`` has
     ``work_size("LSTM", N, H, False, ...)`` elements."""
     cdef idx_t H = W_hh.shape[1], T
-    cdef gemm_params prm
-    cdef signal_poll poll
     cdef _loop L
-    cdef int rc, nt
-    cdef bint dbl = floating is double
     _check(H > 0 and N > 0 and W_hh.shape[0] == 4 * H and G.shape[1] == 4 * H
            and G.shape[0] % N == 0, "LSTM gate shapes")
     T = G.shape[0] // N
@@ -254,16 +272,9 @@ def lstm_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] Cb,
            and Cb.shape[1] == H, "LSTM state shapes")
     if T == 0:
         return
-    current_params(1 if dbl else 0, &prm)
-    _check_work(&prm, work.shape[0], N, H, 4, False, dbl)
-    nt = _plan(&L, &prm, LSTM_FWD, 4, N, H, H, dbl)
-    L.s.H = H
-    open_poll(&poll)
-    with nogil:
-        _pack_forward(&L, &prm, &W_hh[0, 0], &work[0])
-        rc = _fwd_loop(&L, nt, T, &G[0, 0], &Hb[0, 0], &Cb[0, 0], NULL, has_h0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer")
+    L.s.b_hh = NULL
+    _forward(&L, LSTM_FWD, 4, T, N, H, &W_hh[0, 0], &work[0], work.shape[0], &G[0, 0],
+             &Hb[0, 0], &Cb[0, 0], <floating*> NULL, has_h0)
 
 
 def gru_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] HN,
@@ -274,11 +285,7 @@ def gru_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] HN,
     step's h W_hn^T + b_hn (backward needs it).  ``b_hh`` (3H,) is read only when
     ``use_bias``.  ``work`` has ``work_size("GRU", N, H, False, ...)`` elements."""
     cdef idx_t H = W_hh.shape[1], T
-    cdef gemm_params prm
-    cdef signal_poll poll
     cdef _loop L
-    cdef int rc, nt
-    cdef bint dbl = floating is double
     _check(H > 0 and N > 0 and W_hh.shape[0] == 3 * H and G.shape[1] == 3 * H
            and G.shape[0] % N == 0 and b_hh.shape[0] == 3 * H, "GRU gate shapes")
     T = G.shape[0] // N
@@ -286,19 +293,11 @@ def gru_forward(floating[:, ::1] G, floating[:, ::1] Hb, floating[:, ::1] HN,
            and HN.shape[1] == H, "GRU state shapes")
     if T == 0:
         return
-    current_params(1 if dbl else 0, &prm)
-    _check_work(&prm, work.shape[0], N, H, 3, False, dbl)
-    nt = _plan(&L, &prm, GRU_FWD, 3, N, H, H, dbl)
-    L.s.H = H
     # b_hh goes in with the product (its n part is multiplied by r, so it cannot be folded
     # into the input projection as the other biases are).
     L.s.b_hh = &b_hh[0] if use_bias else NULL
-    open_poll(&poll)
-    with nogil:
-        _pack_forward(&L, &prm, &W_hh[0, 0], &work[0])
-        rc = _fwd_loop(&L, nt, T, &G[0, 0], &Hb[0, 0], NULL, &HN[0, 0], has_h0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer")
+    _forward(&L, GRU_FWD, 3, T, N, H, &W_hh[0, 0], &work[0], work.shape[0], &G[0, 0],
+             &Hb[0, 0], <floating*> NULL, &HN[0, 0], has_h0)
 
 
 # -- LSTM and GRU backward ---------------------------------------------------------------------
@@ -334,6 +333,37 @@ cdef int _bwd_loop(_loop* L, int nt, idx_t T, const floating* G, const floating*
     return 0
 
 
+cdef int _backward(_loop* L, int kind, int nq, idx_t T, idx_t N, idx_t H, const floating* W,
+                   floating* work, idx_t work_len, const floating* G, const floating* Hb,
+                   const floating* Cb, const floating* HN, const floating[:, :, :] dY,
+                   floating* dGx, floating* dGh, floating* dh, floating* dc,
+                   bint need_dh0) except -1:
+    """What the backward wrappers share once their shapes are checked: the plan, W_hh's
+    packing, the carried gradients cleared and the loop, without the GIL."""
+    cdef gemm_params prm
+    cdef signal_poll poll
+    cdef int rc, nt
+    cdef idx_t isz = sizeof(floating)
+    cdef bint dbl = floating is double
+    current_params(1 if dbl else 0, &prm)
+    _check_work(&prm, work_len, N, H, nq, True, dbl)
+    nt = _plan(L, &prm, kind, 1, N, H, nq * H, dbl)
+    L.s.H = H
+    L.s.dy_rs = dY.strides[1] // isz
+    L.s.dh = dh
+    L.s.dc = dc
+    open_poll(&poll)
+    with nogil:
+        _pack_backward(L, &prm, W, work)
+        _clear(dh, N * H)
+        if dc != NULL:
+            _clear(dc, N * H)
+        rc = _bwd_loop(L, nt, T, G, Hb, Cb, HN, &dY[0, 0, 0], dY.strides[0] // isz, dGx, dGh,
+                       need_dh0)
+        close_poll()
+    return raise_for_rc(rc, &poll, "a recurrent layer")
+
+
 def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
                   const floating[:, :, :] dY, const floating[:, ::1] W_hh,
                   floating[:, ::1] dG, floating[:, ::1] dh, floating[:, ::1] dc,
@@ -343,12 +373,7 @@ def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
     and dc (N, H) end as dh0 (when ``need_dh0``) and dc0.  ``work`` has
     ``work_size("LSTM", N, H, True, ...)`` elements."""
     cdef idx_t H = W_hh.shape[1], N = dY.shape[1], T = dY.shape[0]
-    cdef gemm_params prm
-    cdef signal_poll poll
     cdef _loop L
-    cdef int rc, nt
-    cdef idx_t isz = sizeof(floating)
-    cdef bint dbl = floating is double
     _check(H > 0 and W_hh.shape[0] == 4 * H and G.shape[0] == T * N and G.shape[1] == 4 * H
            and dG.shape[0] == T * N and dG.shape[1] == 4 * H and dY.shape[2] == H
            and Cb.shape[0] == (T + 1) * N and Cb.shape[1] == H and dh.shape[0] == N
@@ -359,22 +384,9 @@ def lstm_backward(const floating[:, ::1] G, const floating[:, ::1] Cb,
         dh[:, :] = 0
         dc[:, :] = 0
         return
-    current_params(1 if dbl else 0, &prm)
-    _check_work(&prm, work.shape[0], N, H, 4, True, dbl)
-    nt = _plan(&L, &prm, LSTM_BWD, 1, N, H, 4 * H, dbl)
-    L.s.H = H
-    L.s.dy_rs = dY.strides[1] // isz
-    L.s.dh = &dh[0, 0]
-    L.s.dc = &dc[0, 0]
-    open_poll(&poll)
-    with nogil:
-        _pack_backward(&L, &prm, &W_hh[0, 0], &work[0])
-        _clear(&dh[0, 0], N * H)
-        _clear(&dc[0, 0], N * H)
-        rc = _bwd_loop(&L, nt, T, &G[0, 0], NULL, &Cb[0, 0], NULL, &dY[0, 0, 0],
-                       dY.strides[0] // isz, &dG[0, 0], &dG[0, 0], need_dh0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer")
+    _backward(&L, LSTM_BWD, 4, T, N, H, &W_hh[0, 0], &work[0], work.shape[0], &G[0, 0],
+              <floating*> NULL, &Cb[0, 0], <floating*> NULL, dY, &dG[0, 0], &dG[0, 0],
+              &dh[0, 0], &dc[0, 0], need_dh0)
 
 
 def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
@@ -385,12 +397,7 @@ def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
     hidden-side ones dGh (T*N, 3H); dh (N, H) ends as dh0 when ``need_dh0``.  ``work`` has
     ``work_size("GRU", N, H, True, ...)`` elements."""
     cdef idx_t H = W_hh.shape[1], N = dY.shape[1], T = dY.shape[0]
-    cdef gemm_params prm
-    cdef signal_poll poll
     cdef _loop L
-    cdef int rc, nt
-    cdef idx_t isz = sizeof(floating)
-    cdef bint dbl = floating is double
     _check(H > 0 and W_hh.shape[0] == 3 * H and G.shape[0] == T * N and G.shape[1] == 3 * H
            and dGx.shape[0] == T * N and dGx.shape[1] == 3 * H and dGh.shape[0] == T * N
            and dGh.shape[1] == 3 * H and dY.shape[2] == H and Hb.shape[0] == (T + 1) * N
@@ -400,20 +407,9 @@ def gru_backward(const floating[:, ::1] G, const floating[:, ::1] Hb,
     if T == 0 or N == 0:
         dh[:, :] = 0
         return
-    current_params(1 if dbl else 0, &prm)
-    _check_work(&prm, work.shape[0], N, H, 3, True, dbl)
-    nt = _plan(&L, &prm, GRU_BWD, 1, N, H, 3 * H, dbl)
-    L.s.H = H
-    L.s.dy_rs = dY.strides[1] // isz
-    L.s.dh = &dh[0, 0]
-    open_poll(&poll)
-    with nogil:
-        _pack_backward(&L, &prm, &W_hh[0, 0], &work[0])
-        _clear(&dh[0, 0], N * H)
-        rc = _bwd_loop(&L, nt, T, &G[0, 0], &Hb[0, 0], NULL, &HN[0, 0], &dY[0, 0, 0],
-                       dY.strides[0] // isz, &dGx[0, 0], &dGh[0, 0], need_dh0)
-        close_poll()
-    raise_for_rc(rc, &poll, "a recurrent layer")
+    _backward(&L, GRU_BWD, 3, T, N, H, &W_hh[0, 0], &work[0], work.shape[0], &G[0, 0],
+              &Hb[0, 0], <floating*> NULL, &HN[0, 0], dY, &dGx[0, 0], &dGh[0, 0], &dh[0, 0],
+              <floating*> NULL, need_dh0)
 
 
 # -- the RNN's gate pass (its forward needs none: the GEMM's write-back applies the
