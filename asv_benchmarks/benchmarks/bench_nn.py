@@ -166,3 +166,85 @@ class OptimizerStep(Benchmark):
 
     def time_step(self, optimizer, size, threads):
         self.opt.step()
+
+
+# Memory-bound layers (issue 14's cases, as tools/bench_memory.py times them beside torch):
+# float32, results checked against NumPy in float64 once per process.
+def _gelu(x):
+    from scipy.special import erfc
+    return x * 0.5 * erfc(-x / np.sqrt(2.0))
+
+
+ELEMENTWISE = {
+    "ReLU": (nn.ReLU, lambda x: np.maximum(x, 0.0)),
+    "GELU": (nn.GELU, _gelu),
+    "SiLU": (nn.SiLU, lambda x: x / (1 + np.exp(-x))),
+    "Sigmoid": (nn.Sigmoid, lambda x: 1 / (1 + np.exp(-x))),
+    "Tanh": (nn.Tanh, np.tanh),
+}
+
+
+class Elementwise(Benchmark):
+    """An activation's forward and backward on 10^7 float32 elements."""
+    params = (list(ELEMENTWISE), THREADS)
+    param_names = ["activation", "threads"]
+
+    def setup(self, name, threads):
+        self.x = random(10 ** 7, "float32", 1)
+        self.dy = random(10 ** 7, "float32", 2)
+        self.layer = ELEMENTWISE[name][0]()
+        self.limit_threads(threads)
+        self.check_once(name, threads)
+        self.layer.forward(self.x)
+
+    def check(self, name, threads):
+        x = self.x[:100000]
+        ref = ELEMENTWISE[name][1](x.astype(np.float64))
+        # float32 activations within a few ulp (tests/nn): 1e-6 of the magnitude, plus for
+        # GELU the rounding of x / sqrt 2 and of its square in the tail's exponent
+        xd = x.astype(np.float64)
+        compare(f"{name} forward", self.layer.forward(x), ref,
+                (1e-6 + xd * xd * 2.0 ** -23) * np.abs(ref) + 1e-37)
+
+    def time_forward(self, name, threads):
+        self.layer.forward(self.x)
+
+    def time_backward(self, name, threads):
+        self.layer.backward(self.dy)
+
+
+class BatchNormMaxPool(Benchmark):
+    """BatchNorm2d forward+backward (train mode) on (32, 64, 56, 56), and 2x2 max pooling
+    forward and backward on (32, 64, 112, 112): passes over memory."""
+    params = (THREADS,)
+    param_names = ["threads"]
+
+    def setup(self, threads):
+        self.x = random((32, 64, 56, 56), "float32", 3)
+        self.dy = random((32, 64, 56, 56), "float32", 4)
+        self.bn = nn.BatchNorm2d(64)
+        self.px = random((32, 64, 112, 112), "float32", 5)
+        self.pool = nn.MaxPool2d(2)
+        self.pdy = random((32, 64, 56, 56), "float32", 6)
+        self.limit_threads(threads)
+        self.check_once(threads)
+        self.pool.forward(self.px)
+
+    def check(self, threads):
+        x = self.x.astype(np.float64)
+        mean = x.mean(axis=(0, 2, 3), keepdims=True)
+        ref = (x - mean) / np.sqrt(x.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+        compare("BatchNorm2d forward", self.bn.forward(self.x), ref,
+                1e-5 * np.abs(ref) + 1e-5)
+        ref_pool = max_pool_ref(self.px[:2].astype(np.float64), 2, 2, 0)
+        compare("MaxPool2d forward", self.pool.forward(self.px[:2]), ref_pool, 0.0)
+
+    def time_batchnorm_forward_backward(self, threads):
+        self.bn.forward(self.x)
+        self.bn.backward(self.dy)
+
+    def time_maxpool_forward(self, threads):
+        self.pool.forward(self.px)
+
+    def time_maxpool_backward(self, threads):
+        self.pool.backward(self.pdy)

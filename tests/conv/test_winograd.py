@@ -312,3 +312,21 @@ def test_threads_from_python():
                 y = mt.conv2d(x, w, padding=1)
                 assert np.abs(y - want).max() <= bound(16, x, w, None, F32)
     run_in_threads(work, n=3)
+
+
+def test_applicable_lists_winograd_where_it_applies():
+    from microtile.conv import convolution
+    x = np.zeros((2, 64, 28, 28), np.float32)
+    for kw, w_shape, want in (({"padding": 1}, (64, 64, 3, 3), True),
+                              ({"padding": 1, "stride": 2}, (64, 64, 3, 3), False),
+                              ({"padding": 2}, (64, 64, 5, 5), False),
+                              ({"padding": 1, "groups": 2}, (64, 32, 3, 3), False)):
+        w = np.zeros(w_shape, np.float32)
+        X4, _, geom, groups, K, P, Q = convolution._setup("test", x, w, kw.get("stride", 1),
+                                                          kw["padding"], 1,
+                                                          kw.get("groups", 1))
+        ok = convolution.applicable(2, 64 // groups, K, groups, geom, np.float32)
+        assert ("winograd" in ok) == want
+        assert convolution._rule(2, 64 // groups, K, groups, geom, np.float32) == (
+            "winograd" if want else ("direct" if groups > 1 and 64 // groups <= 8
+                                     else "im2col"))

@@ -184,3 +184,31 @@ def test_reused_gradient_buffers_are_cleared(dtype):
         for _ in range(2):
             assert fn(*args, _dx=buf) is buf
             np.testing.assert_array_equal(buf, ref)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), ((2, 3), (1, 2), (1, 1)),
+                                                    (5, 3, 2), (1, 1, 0), (17, 1, 0)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_pool_layer_keeps_window_offsets_and_matches_torch(kernel, stride, padding, dtype):
+    """MaxPool2d keeps each winner as a one-byte offset in its window (windows up to 256
+    elements; 17x17 takes the int64 indices) and its vectorised forward agrees with torch's
+    values and gradients: odd sizes, padding, overlapping windows, ties, NaN, all -inf, a
+    transposed input."""
+    import torch
+    rng = np.random.default_rng(7)
+    x = rng.integers(-3, 4, (2, 3, 19, 23)).astype(dtype)      # many ties
+    x[0, 0, 5, 7] = np.nan
+    x[1, 2] = -np.inf
+    xt = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)   # strides
+    layer = nn.MaxPool2d(kernel, stride, padding)
+    tl = torch.nn.MaxPool2d(kernel, stride, padding)
+    for inp in (x, xt):
+        y = layer.forward(inp)
+        assert layer._idx.dtype == (np.uint8 if kernel != 17 else np.int64)
+        tx = torch.from_numpy(np.array(inp)).requires_grad_()
+        ty = tl(tx)
+        np.testing.assert_array_equal(y, ty.detach().numpy())
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = layer.backward(dy)
+        ty.backward(torch.from_numpy(dy))
+        np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-6, atol=1e-6)

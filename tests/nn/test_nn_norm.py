@@ -403,3 +403,120 @@ def test_fused_relu_gradcheck_and_torch():
             np.testing.assert_allclose(p.grad, g, **TOL)
     x = rng.standard_normal((3, 3, 2, 3))
     assert nn.gradcheck(model, np.where(np.abs(x) < 0.1, 0.5, x))
+
+
+# -- eval-mode BatchNorm folded into the Linear or Conv2d before it ---------------------------
+
+def _with_running_stats(model, x, steps=3):
+    """Train-mode forwards so that every BatchNorm holds running statistics far from 0/1."""
+    model.train()
+    for _ in range(steps):
+        model.forward(x)
+    model.eval()
+
+
+def _separately(layers, x):
+    """The layers one by one (no folding, no fusion): the reference for a folded run."""
+    for layer in layers:
+        x = layer.forward(x)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bias,affine,act", [(False, True, nn.ReLU), (True, True, None),
+                                             (True, False, nn.Tanh), (False, True, nn.Sigmoid)])
+@pytest.mark.parametrize("kind", ["conv", "conv-stride-groups", "linear"])
+def test_eval_batchnorm_folded_matches_layers_and_torch(kind, bias, affine, act, dtype):
+    rng = np.random.default_rng(3)
+    if kind == "linear":
+        first = nn.Linear(13, 7, bias=bias, dtype=dtype, rng=1)
+        bn = nn.BatchNorm1d(7, affine=affine, dtype=dtype)
+        x = (rng.standard_normal((9, 13)) * 3 + 1).astype(dtype)
+    else:
+        extra = dict(stride=2, groups=3) if kind == "conv-stride-groups" else {}
+        first = nn.Conv2d(6, 9, 3, padding=1, bias=bias, dtype=dtype, rng=1, **extra)
+        bn = nn.BatchNorm2d(9, affine=affine, dtype=dtype)
+        x = (rng.standard_normal((3, 6, 7, 5)) * 3 + 1).astype(dtype)
+    if affine:
+        bn.weight.data[...] = rng.uniform(0.5, 2.0, bn.num_features)
+        bn.bias.data[...] = rng.standard_normal(bn.num_features)
+    layers = [first, bn] + ([act()] if act else [])
+    model = nn.Sequential(*layers)
+    _with_running_stats(model, x)
+    y = model.forward(x).copy()
+    assert isinstance(model._plan[0][2], tuple)         # it ran folded
+    ref = _separately(layers, x)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(y, ref, **tol)
+    # torch, eval mode, same parameters and running statistics
+    tl = [(torch.nn.Linear(13, 7, bias=bias) if kind == "linear" else
+           torch.nn.Conv2d(6, 9, 3, padding=1, bias=bias, **({} if kind == "conv" else
+                                                             dict(stride=2, groups=3)))),
+          (torch.nn.BatchNorm1d if kind == "linear" else torch.nn.BatchNorm2d)(
+              bn.num_features, affine=affine)]
+    if act:
+        tl.append({nn.ReLU: torch.nn.ReLU, nn.Tanh: torch.nn.Tanh,
+                   nn.Sigmoid: torch.nn.Sigmoid}[act]())
+    tm = torch.nn.Sequential(*tl).double()
+    sd = {f"0.{k}": torch.from_numpy(np.array(v, np.float64)) for k, v in
+          first.state_dict().items()}
+    sd.update({f"1.{k}": torch.from_numpy(np.array(v, np.float64 if k != "num_batches_tracked"
+                                                   else np.int64))
+               for k, v in bn.state_dict().items()})
+    tm.load_state_dict(sd)
+    tm.eval()
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    yt = tm(xt)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **tol)
+    # backward in eval mode: the folded forward is undone, gradients as torch's
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    model.zero_grad()
+    dx = model.backward(dy)
+    yt.backward(torch.from_numpy(dy.astype(np.float64)))
+    gtol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **gtol)
+    np.testing.assert_allclose(first.weight.grad, tm[0].weight.grad.numpy(), **gtol)
+    if affine:
+        np.testing.assert_allclose(bn.weight.grad, tm[1].weight.grad.numpy(), **gtol)
+        np.testing.assert_allclose(bn.bias.grad, tm[1].bias.grad.numpy(), **gtol)
+
+
+def test_batchnorm_is_not_folded_where_it_would_change_the_result():
+    """Training mode, no running statistics, a 3-D Linear input (BatchNorm1d's channels are
+    then dimension 1, not the features), a BatchNorm not right after the layer, and an
+    unbatched convolution input all run the layers one by one, with their usual results or
+    errors."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 4, 6, 6))
+    conv = nn.Conv2d(4, 4, 3, padding=1, dtype=np.float64, rng=0)
+    for bn, mode in ((nn.BatchNorm2d(4, dtype=np.float64), "train"),
+                     (nn.BatchNorm2d(4, track_running_stats=False, dtype=np.float64), "eval")):
+        model = nn.Sequential(conv, bn)
+        model.train() if mode == "train" else model.eval()
+        y = model.forward(x)
+        assert model._plan[0][2] is False
+        np.testing.assert_allclose(y, _separately([conv, bn], x), rtol=1e-12, atol=1e-12)
+    lin = nn.Linear(6, 4, dtype=np.float64, rng=0)
+    bn1 = nn.BatchNorm1d(4, dtype=np.float64)
+    model = nn.Sequential(lin, bn1)
+    model.eval()
+    x3 = rng.standard_normal((2, 4, 6))
+    np.testing.assert_allclose(model.forward(x3), _separately([lin, bn1], x3), rtol=1e-12)
+    assert model._plan[0][2] is False
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, dtype=np.float64, rng=0),
+                          nn.BatchNorm2d(4, dtype=np.float64))
+    model.eval()
+    with pytest.raises(ValueError, match="expected \\(N, 4, H, W\\)"):
+        model.forward(x[0])     # the same error as without folding
+
+
+def test_folding_leaves_parameters_and_statistics_untouched():
+    rng = np.random.default_rng(5)
+    conv = nn.Conv2d(3, 5, 3, dtype=np.float64, rng=0)
+    bn = nn.BatchNorm2d(5, dtype=np.float64)
+    model = nn.Sequential(conv, bn, nn.ReLU())
+    _with_running_stats(model, rng.standard_normal((4, 3, 8, 8)))
+    before = {k: np.array(v, copy=True) for k, v in model.state_dict().items()}
+    model.forward(rng.standard_normal((2, 3, 8, 8)))
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)

@@ -28,6 +28,7 @@ _state = {
     "defaults": {},      # dtype -> analytical + built-in values
     "base": {},          # dtype -> values in force (defaults, then profile)
     "options": {name: spec[0] for name, spec in OPTIONS.items()},
+    "conv_choices": {},  # shape key -> algorithm, from the profile (microtile.nn.tune)
 }
 
 
@@ -80,6 +81,7 @@ def _init():
             _state["base"][dtype].update(chosen.get(dtype, {}))
         _state["options"].update({k: v for k, v in chosen.get("options", {}).items()
                                   if k in OPTIONS})
+        _state["conv_choices"] = dict(chosen.get("conv_algorithms", {}))
     for code, dtype in enumerate(DTYPES):
         _params.set_base(code, _state["base"][dtype])
     _state["force_threads"] = _force_from_env()
@@ -87,6 +89,17 @@ def _init():
     _set_threads(n, force=_state["force_threads"], source=var and f"{var}={n}",
                  stacklevel=4)
     _state["threads_chosen"] = var is not None
+
+
+def conv_choice(key):
+    """The algorithm the profile records for a convolution shape key (None: none)."""
+    return _state["conv_choices"].get(key)
+
+
+def set_conv_choices(choices):
+    """Put per-shape convolution choices in force in this process (``microtile.nn.tune``
+    does, after writing them to the profile)."""
+    _state["conv_choices"].update(choices)
 
 
 def get_option(name):
@@ -261,11 +274,12 @@ def config_context(**overrides):
     conv_workspace, conv_chunk : int, optional
         Bytes of im2col columns a convolution may use in all, and per thread at a time.
     conv_algorithm : {"auto", "im2col", "direct", "winograd"}, optional
-        How ``conv2d`` and ``conv2d_backward`` compute.  ``"auto"`` (the default) lets the
-        built-in rule choose per layer: the direct kernel for depthwise layers and grouped
-        ones with at most 8 input channels per group, Winograd for 3x3 stride-1 ungrouped
-        layers with at least 64 channels in and out and enough output positions, im2col +
-        GEMM otherwise.  ``"im2col"`` and ``"direct"`` force that algorithm; each applies to
+        How ``conv2d`` and ``conv2d_backward`` compute.  ``"auto"`` (the default) takes the
+        profile's choice for the layer's shape where ``microtile.nn.tune`` recorded one,
+        else the built-in rule: the direct kernel for depthwise layers and grouped ones with
+        at most 8 input channels per group, Winograd for 3x3 stride-1 ungrouped layers with
+        at least 64 channels in and out and enough output positions, im2col + GEMM
+        otherwise.  ``"im2col"`` and ``"direct"`` force that algorithm; each applies to
         every layer (the direct kernel is slow on layers with many channels per group,
         never wrong).  ``"winograd"`` forces Winograd where it applies (3x3 filters, stride
         1, dilation 1, groups 1, its transforms within ``conv_workspace``) and leaves the

@@ -120,6 +120,29 @@ def check_chosen(chosen):
     return out
 
 
+# Per-shape convolution choices (``microtile.nn.tune``): at most this many keys, each at most
+# this long; a profile is one machine's and a model has tens of layer shapes.
+MAX_CONV_CHOICES = 4096
+MAX_CONV_KEY = 200
+
+
+def check_conv_choices(choices):
+    """The usable entries of a profile's "conv_algorithms" section: {shape key: algorithm}
+    with a key of the form ``conv.shape_key`` writes and a named algorithm (not "auto").
+    Entries that are not are dropped, not fatal: a stale or damaged choice only means the
+    built-in rule decides for that shape (``conv.convolution`` also checks, per call, that the
+    algorithm applies), so no entry can make a convolution compute a wrong result."""
+    from microtile._config._schema import CONV_ALGORITHMS
+    if not isinstance(choices, dict):
+        return {}
+    out = {}
+    for key, name in list(choices.items())[:MAX_CONV_CHOICES]:
+        if (isinstance(key, str) and len(key) <= MAX_CONV_KEY and isinstance(name, str)
+                and name in CONV_ALGORITHMS and name != "auto"):
+            out[key] = name
+    return out
+
+
 def read_bytes(path, limit=MAX_PROFILE_BYTES):
     """The contents of the regular file at ``path``, at most ``limit`` bytes.
 
@@ -192,6 +215,7 @@ def _read(path):
         data["chosen"] = check_chosen(data.get("chosen"))
     except (ValueError, TypeError) as exc:
         return "invalid", _short(f"chosen values rejected: {exc}")
+    data["conv_algorithms"] = check_conv_choices(data.get("conv_algorithms", {}))
     return "loaded", data
 
 
@@ -202,9 +226,10 @@ def load_for_import(isa):
     """(path or None, status, chosen) for the profile in force; warns once when unusable.
 
     A profile tuned for another kernel set (``MICROTILE_ISA=generic`` on a machine tuned
-    for AVX2, say) is still this machine's, so it loads, but its per-dtype values are left
-    out: they were measured with other kernels.  Options that do not depend on the kernels
-    still apply.
+    for AVX2, say) is still this machine's, so it loads, but its per-dtype values and its
+    per-shape convolution choices are left out: they were measured with other kernels.
+    Options that do not depend on the kernels still apply.  The convolution choices come
+    back as ``chosen["conv_algorithms"]``.
     """
     try:
         path = profile_path()
@@ -221,7 +246,42 @@ def load_for_import(isa):
                           "defaults. Run `python -m autotune` to re-tune.", RuntimeWarning,
                           stacklevel=4)
         return path, status, {}
-    chosen = data["chosen"]
+    chosen = dict(data["chosen"], conv_algorithms=data["conv_algorithms"])
     if not isinstance(data.get("isa"), str) or data["isa"] != isa:
         chosen = {"options": chosen.get("options", {})}
     return path, "loaded", chosen
+
+
+def new_document(isa):
+    """A profile with nothing tuned yet, for this machine and kernel set: what
+    ``microtile.nn.tune`` starts from when no profile exists (import then loads it and keeps
+    the built-in blocking)."""
+    return {"schema_version": SCHEMA_VERSION, "library_version": library_version(),
+            "fingerprint": fingerprint(), "isa": isa, "tuner": {"by": "microtile.nn.tune"},
+            "probed": {}, "chosen": {}, "measured": {}}
+
+
+def update(path, isa, edit):
+    """Read the profile at ``path`` (a new one when there is none), apply ``edit(doc)`` and
+    write it back atomically, under the same lock file the tuner holds for a whole run, so
+    an edit never interleaves with ``python -m autotune`` or another edit.  RuntimeError,
+    with nothing written, when the file there is stale or invalid (it may be another
+    machine's, on a shared home directory) or was tuned for another kernel set."""
+    import fcntl
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        status, data = read(path)
+        if status == "missing":
+            data = new_document(isa)
+        elif status != "loaded":
+            raise RuntimeError(f"the profile {path} is {status} ({data}); run `python -m "
+                               f"autotune` first, or name another file")
+        elif data.get("isa") != isa:
+            raise RuntimeError(f"the profile {path} was tuned for the {data.get('isa')!r} "
+                               f"kernels, not {isa!r}; run `python -m autotune` first")
+        edit(data)
+        write_atomic(path, data)
+    finally:
+        os.close(fd)

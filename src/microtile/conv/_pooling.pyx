@@ -11,7 +11,7 @@ Average: the divisor is kh*kw with ``count_include_pad``, else the number of rea
 """
 from microtile._common._mt_pool cimport pool_ranges
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, int32_t, uint8_t
 
 import numpy as np
 cimport numpy as cnp
@@ -56,16 +56,113 @@ cdef inline idx_t _argmax(const pool_geom* g, const floating* x, idx_t xs_h, idx
     return best_i
 
 
+# Outputs of a row handled at once by the vectorised max (stack arrays of this many values
+# and window offsets per thread).
+cdef enum:
+    MAX_BLOCK = 256
+
+
+cdef inline void _max_taps(const floating* base, idx_t step, idx_t n, int32_t code,
+                           floating* best, int32_t* arg) noexcept nogil:
+    """One window tap for n outputs (the tap of output i at base[i * step]): a value greater
+    than the best so far, or a NaN, takes over.  Branch-free selects, so the loop vectorises;
+    step 1 and 2 are spelled out so that the compiler sees a constant stride (a branch per
+    element on random data mispredicted half the time: 11 ns an output for 2x2 windows)."""
+    cdef idx_t i
+    cdef floating v, b
+    cdef bint take
+    if step == 1:
+        for i in range(n):
+            v = base[i]
+            b = best[i]
+            take = (v > b) | (v != v)
+            best[i] = v if take else b
+            arg[i] = code if take else arg[i]
+    elif step == 2:
+        for i in range(n):
+            v = base[2 * i]
+            b = best[i]
+            take = (v > b) | (v != v)
+            best[i] = v if take else b
+            arg[i] = code if take else arg[i]
+    else:
+        for i in range(n):
+            v = base[i * step]
+            b = best[i]
+            take = (v > b) | (v != v)
+            best[i] = v if take else b
+            arg[i] = code if take else arg[i]
+
+
 cdef void _max_plane(const pool_geom* g, const floating* x, idx_t xs_h, idx_t xs_w,
-                     floating* y, int64_t* idx) noexcept nogil:
-    cdef idx_t p, q, h0, h1, w0, w1, best_i
+                     floating* y, int64_t* idx, uint8_t* off) noexcept nogil:
+    """y = window maxima of one plane; idx (or NULL) gets each winner's flat index h*W + w,
+    off (or NULL) its offset r*kw + s in the window (kh*kw <= 256).  Outputs whose windows
+    lie inside the width go through _max_taps a block of a row at a time, tap by tap in
+    row-major order (so ties and NaN resolve as in _argmax); the few at the edges take
+    _argmax."""
+    cdef floating best[MAX_BLOCK]
+    cdef int32_t arg[MAX_BLOCK]
+    cdef idx_t p, q, h0, h1, w0, w1, best_i, hs, ws, q0, q1, nq, i, ih, s, qa, qb, r, c
+    # Interior columns: q*sw - pw >= 0 and q*sw - pw + kw <= W.
+    qa = (g.pw + g.sw - 1) // g.sw
+    qb = (g.W - g.kw + g.pw) // g.sw + 1 if g.W >= g.kw - g.pw else 0
+    if qb > g.Q:
+        qb = g.Q
+    if qa > qb:
+        qa = qb
     for p in range(g.P):
         _clip(p, g.sh, g.ph, g.kh, g.H, &h0, &h1)
+        hs = p * g.sh - g.ph
         for q in range(g.Q):
+            if q == qa and qb > qa:
+                continue
+            if qa < q < qb:
+                continue
             _clip(q, g.sw, g.pw, g.kw, g.W, &w0, &w1)
             best_i = _argmax(g, x, xs_h, xs_w, h0, h1, w0, w1, y + p * g.Q + q)
             if idx != NULL:
                 idx[p * g.Q + q] = best_i
+            if off != NULL:
+                off[p * g.Q + q] = <uint8_t> ((best_i // g.W - hs) * g.kw
+                                              + (best_i % g.W - (q * g.sw - g.pw)))
+        q0 = qa
+        while q0 < qb:
+            q1 = imin(q0 + MAX_BLOCK, qb)
+            nq = q1 - q0
+            for i in range(nq):
+                best[i] = -INFINITY
+                arg[i] = <int32_t> ((h0 - hs) * g.kw)   # the first real tap, as _argmax
+            for ih in range(h0, h1):
+                for s in range(g.kw):
+                    _max_taps(x + ih * xs_h + (q0 * g.sw - g.pw + s) * xs_w, g.sw * xs_w, nq,
+                              <int32_t> ((ih - hs) * g.kw + s), best, arg)
+            for i in range(nq):
+                y[p * g.Q + q0 + i] = best[i]
+            if off != NULL:
+                for i in range(nq):
+                    off[p * g.Q + q0 + i] = <uint8_t> arg[i]
+            if idx != NULL:
+                for i in range(nq):
+                    r = arg[i] // g.kw
+                    c = arg[i] - r * g.kw
+                    idx[p * g.Q + q0 + i] = (hs + r) * g.W + (q0 + i) * g.sw - g.pw + c
+            q0 = q1
+
+
+cdef void _max_plane_backward_off(const pool_geom* g, const floating* dy, const uint8_t* off,
+                                  floating* dx) noexcept nogil:
+    """dx += dy at each window's winner, given as its offset in the window (see _max_plane):
+    one byte read per output instead of an eight-byte index."""
+    cdef idx_t delta[256]
+    cdef idx_t p, q, r, c, start
+    for r in range(g.kh):
+        for c in range(g.kw):
+            delta[r * g.kw + c] = r * g.W + c
+    for p in range(g.P):
+        start = (p * g.sh - g.ph) * g.W - g.pw
+        for q in range(g.Q):
+            dx[start + q * g.sw + delta[off[p * g.Q + q]]] += dy[p * g.Q + q]
 
 
 cdef void _max_plane_backward(const pool_geom* g, const floating* dy, const int64_t* idx,
@@ -148,6 +245,7 @@ ctypedef struct _pool_job:
     const idx_t* xs
     const void* dy
     int64_t* idx            # argmax indices (max forward: written; max backward: read)
+    uint8_t* off            # or window offsets (the same, one byte each)
     void* out               # y (forward) or dx (backward)
     idx_t C
 
@@ -159,12 +257,15 @@ cdef void _pool_planes(const _pool_job* j, idx_t u0, idx_t u1, const floating* x
     for u in range(u0, u1):
         if j.kind == PJ_MAX:
             _max_plane(g, _plane(x, j.xs, u, j.C), j.xs[2], j.xs[3], out + u * PQ,
-                       j.idx + u * PQ if j.idx != NULL else NULL)
+                       j.idx + u * PQ if j.idx != NULL else NULL,
+                       j.off + u * PQ if j.off != NULL else NULL)
         elif j.kind == PJ_AVG:
             _avg_plane(g, _plane(x, j.xs, u, j.C), j.xs[2], j.xs[3], out + u * PQ,
                        j.include_pad)
         elif j.kind == PJ_MAX_BWD:
-            if j.idx != NULL:
+            if j.off != NULL:
+                _max_plane_backward_off(g, dy + u * PQ, j.off + u * PQ, out + u * HW)
+            elif j.idx != NULL:
                 _max_plane_backward(g, dy + u * PQ, j.idx + u * PQ, out + u * HW)
             else:
                 _max_plane_backward_x(g, dy + u * PQ, _plane(x, j.xs, u, j.C), j.xs[2],
@@ -183,8 +284,9 @@ cdef void _pool_range(void* ctx, idx_t u0, idx_t u1, int tid) noexcept nogil:
 
 cdef void _run_planes(int kind, const pool_geom* g, const void* x, const idx_t* xs,
                       const void* dy, int64_t* idx, void* out, idx_t planes, idx_t C,
-                      bint include_pad, bint dbl, int nt) noexcept nogil:
+                      bint include_pad, bint dbl, int nt, uint8_t* off=NULL) noexcept nogil:
     cdef _pool_job j
+    j.off = off
     j.kind = kind
     j.dbl = dbl
     j.include_pad = include_pad
@@ -199,8 +301,8 @@ cdef void _run_planes(int kind, const pool_geom* g, const void* x, const idx_t* 
 
 
 cdef void _max_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,
-                   floating* y, int64_t* idx, int nt) noexcept nogil:
-    _run_planes(PJ_MAX, g, x, xs, NULL, idx, y, N * C, C, False, floating is double, nt)
+                   floating* y, int64_t* idx, uint8_t* off, int nt) noexcept nogil:
+    _run_planes(PJ_MAX, g, x, xs, NULL, idx, y, N * C, C, False, floating is double, nt, off)
 
 
 cdef void _avg_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t N, idx_t C,
@@ -209,10 +311,10 @@ cdef void _avg_all(const pool_geom* g, const floating* x, const idx_t* xs, idx_t
 
 
 cdef void _max_bwd_all(const pool_geom* g, const floating* dy, const int64_t* idx,
-                       const floating* x, const idx_t* xs, idx_t N, idx_t C, floating* dx,
-                       int nt) noexcept nogil:
+                       const uint8_t* off, const floating* x, const idx_t* xs, idx_t N,
+                       idx_t C, floating* dx, int nt) noexcept nogil:
     _run_planes(PJ_MAX_BWD, g, x, xs, dy, <int64_t*> idx, dx, N * C, C, False,
-                floating is double, nt)
+                floating is double, nt, <uint8_t*> off)
 
 
 cdef void _avg_bwd_all(const pool_geom* g, const floating* dy, idx_t planes, floating* dx,
@@ -233,14 +335,23 @@ cdef inline void _strides(cnp.ndarray a, idx_t* out):
         out[i] = elem_stride(a, i)
 
 
-def max_pool_into(cnp.ndarray x, cnp.ndarray y, object indices, tuple geom, int nt):
-    """y (N, C, P, Q) C-contiguous; indices: int64 array of y's shape or None."""
+def max_pool_into(cnp.ndarray x, cnp.ndarray y, object indices, tuple geom, int nt,
+                  object offsets=None):
+    """y (N, C, P, Q) C-contiguous; indices: int64 array of y's shape or None; offsets:
+    uint8 array of y's shape or None, for windows of at most 256 elements (checked)."""
     cdef pool_geom g = _geom(geom)
     cdef idx_t xs[4]
     cdef idx_t N = x.shape[0], C = x.shape[1]
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
     cdef int64_t* pi = NULL
+    cdef uint8_t* po = NULL
+    if offsets is not None:
+        if (g.kh * g.kw > 256 or offsets.dtype != np.uint8 or offsets.size != y.size
+                or not offsets.flags.c_contiguous):
+            raise ValueError("max_pool_into: offsets need uint8 of y's size and at most "
+                             "256 elements per window")
+        po = <uint8_t*> cnp.PyArray_DATA(<cnp.ndarray> offsets)
     if y.size == 0:
         return
     _strides(x, xs)
@@ -248,10 +359,10 @@ def max_pool_into(cnp.ndarray x, cnp.ndarray y, object indices, tuple geom, int 
         pi = <int64_t*> cnp.PyArray_DATA(<cnp.ndarray> indices)
     if y.dtype == np.float32:
         with nogil:
-            _max_all(&g, <const float*> px, xs, N, C, <float*> py, pi, nt)
+            _max_all(&g, <const float*> px, xs, N, C, <float*> py, pi, po, nt)
     else:
         with nogil:
-            _max_all(&g, <const double*> px, xs, N, C, <double*> py, pi, nt)
+            _max_all(&g, <const double*> px, xs, N, C, <double*> py, pi, po, nt)
 
 
 def avg_pool_into(cnp.ndarray x, cnp.ndarray y, bint include_pad, tuple geom, int nt):
@@ -272,9 +383,10 @@ def avg_pool_into(cnp.ndarray x, cnp.ndarray y, bint include_pad, tuple geom, in
 
 
 def max_pool_backward_into(cnp.ndarray dy, object indices, object x, cnp.ndarray dx,
-                           tuple geom, int nt):
+                           tuple geom, int nt, object offsets=None):
     """dx (N, C, H, W) zeroed, C-contiguous += dy (C-contiguous) routed to each window's max:
-    by ``indices`` (int64, validated in range) when given, else found again in x."""
+    by ``offsets`` (uint8 window offsets as max_pool_into wrote them) or ``indices`` (int64,
+    validated in range) when given, else found again in x."""
     cdef pool_geom g = _geom(geom)
     cdef idx_t xs[4]
     cdef idx_t N = dx.shape[0], C = dx.shape[1]
@@ -282,20 +394,26 @@ def max_pool_backward_into(cnp.ndarray dy, object indices, object x, cnp.ndarray
     cdef void* pdx = cnp.PyArray_DATA(dx)
     cdef void* px = NULL
     cdef int64_t* pi = NULL
+    cdef uint8_t* po = NULL
     if dy.size == 0 or dx.size == 0:
         return
-    if indices is not None:
+    if offsets is not None:
+        if (g.kh * g.kw > 256 or offsets.dtype != np.uint8 or offsets.size != dy.size
+                or not offsets.flags.c_contiguous):
+            raise ValueError("max_pool_backward_into: offsets need uint8 of dy's size")
+        po = <uint8_t*> cnp.PyArray_DATA(<cnp.ndarray> offsets)
+    elif indices is not None:
         pi = <int64_t*> cnp.PyArray_DATA(<cnp.ndarray> indices)
     else:
         _strides(<cnp.ndarray> x, xs)
         px = cnp.PyArray_DATA(<cnp.ndarray> x)
     if dx.dtype == np.float32:
         with nogil:
-            _max_bwd_all(&g, <const float*> pdy, pi, <const float*> px, xs, N, C, <float*> pdx,
-                         nt)
+            _max_bwd_all(&g, <const float*> pdy, pi, po, <const float*> px, xs, N, C,
+                         <float*> pdx, nt)
     else:
         with nogil:
-            _max_bwd_all(&g, <const double*> pdy, pi, <const double*> px, xs, N, C,
+            _max_bwd_all(&g, <const double*> pdy, pi, po, <const double*> px, xs, N, C,
                          <double*> pdx, nt)
 
 
@@ -313,3 +431,4 @@ def avg_pool_backward_into(cnp.ndarray dy, cnp.ndarray dx, bint include_pad, tup
     else:
         with nogil:
             _avg_bwd_all(&g, <const double*> pdy, planes, <double*> pdx, include_pad, nt)
+

@@ -9,7 +9,7 @@ import numpy as np
 
 from microtile.conv import _conv, _direct, _im2col, _winograd
 from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
-from microtile._config._context import get_num_threads, get_option
+from microtile._config._context import conv_choice, get_num_threads, get_option
 from microtile.conv._nchw import (as_nchw, check_result, conv_padding, count, out_size, pair,
                                   reuse_out)
 
@@ -77,32 +77,63 @@ def _winograd_tile(N, C, K, geom, groups, dt):
     return m
 
 
-def _algorithm(N, Cg, K, groups, P, Q, geom=None, dt=np.float32):
-    """"im2col", "direct" or "winograd" for a layer: ``config_context(conv_algorithm=...)``
-    when it names one that applies, else the built-in rule (direct for depthwise layers and
-    grouped ones with at most DIRECT_MAX_CG input channels per group; Winograd for 3x3
-    stride-1 ungrouped layers with at least WINOGRAD_MIN_C channels in and out and
-    WINOGRAD_MIN_TILES F(4x4) tiles; im2col otherwise).
+def shape_key(pass_, dt, N, C, K, groups, geom):
+    """The profile's key for one convolution shape and pass ("forward" or "backward"):
+    everything that decides which algorithm is fastest (dtype, sizes, geometry), nothing
+    else.  ``microtile.nn.tune`` records choices under it."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    return (f"{pass_} {np.dtype(dt).name} n{N} c{C} h{H} w{W} k{K} g{groups} r{R}x{S} "
+            f"s{sh}x{sw} p{pt}x{pl} d{dh}x{dw} o{P}x{Q}")
 
-    im2col and direct apply to every layer, so a forced one is always used; Winograd applies
-    to 3x3, stride-1, undilated, ungrouped layers whose transforms fit the workspace cap
-    (``_winograd_tile``), and on the others falls back to the rule, so that one setting can
-    cover a whole model.  Empty problems (a zero size anywhere) always take the im2col
-    driver, whose zero-size rules are the tested ones."""
-    if N == 0 or Cg == 0 or K == 0 or P == 0 or Q == 0:
-        return "im2col"
-    forced = get_option("conv_algorithm")
-    if forced in ("im2col", "direct"):
-        return forced
-    wino = geom is not None and _winograd_tile(N, Cg * groups, K, geom, groups, dt)
-    if forced == "winograd" and wino:
-        return "winograd"
+
+def applicable(N, Cg, K, groups, geom, dt=np.float32):
+    """The algorithms that compute this layer (every named one but "auto" that applies):
+    im2col and direct always, Winograd on 3x3 stride-1 undilated ungrouped layers whose
+    transforms fit the workspace cap (``_winograd_tile``)."""
+    if geom is not None and _winograd_tile(N, Cg * groups, K, geom, groups, dt):
+        return ("im2col", "direct", "winograd")
+    return ("im2col", "direct")
+
+
+def _rule(N, Cg, K, groups, geom, dt=np.float32):
+    """The built-in choice: direct for depthwise layers and grouped ones with at most
+    DIRECT_MAX_CG input channels per group; Winograd for 3x3 stride-1 ungrouped layers with
+    at least WINOGRAD_MIN_C channels in and out and WINOGRAD_MIN_TILES F(4x4) tiles (where
+    it applies); im2col + GEMM for the others."""
     if groups > 1 and Cg <= DIRECT_MAX_CG:
         return "direct"
-    if (wino and Cg >= WINOGRAD_MIN_C and K >= WINOGRAD_MIN_C
-            and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES):
+    P, Q = geom[10], geom[11]
+    if (Cg >= WINOGRAD_MIN_C and K >= WINOGRAD_MIN_C
+            and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES
+            and _winograd_tile(N, Cg * groups, K, geom, groups, dt)):
         return "winograd"
     return "im2col"
+
+
+def _algorithm(pass_, dt, N, C, K, groups, geom):
+    """The algorithm for one pass of a layer: ``config_context(conv_algorithm=...)`` when it
+    names one that applies; else the profile's choice for this shape (``microtile.nn.tune``)
+    when it names one that applies; else the built-in rule.
+
+    A forced algorithm that does not apply to this layer (a Winograd kernel on a 5x5 layer,
+    say) falls back to the rule rather than fail, so one setting can cover a whole model;
+    a profile entry that names an unknown algorithm or one that does not apply is ignored
+    the same way, so no profile can give a wrong result.  Empty problems (a zero size
+    anywhere) always take the im2col driver, whose zero-size rules are the tested ones."""
+    Cg = C // groups if groups else 0
+    P, Q = geom[10], geom[11]
+    if N == 0 or Cg == 0 or K == 0 or P == 0 or Q == 0:
+        return "im2col"
+    ok = applicable(N, Cg, K, groups, geom, dt)
+    forced = get_option("conv_algorithm")
+    if forced != "auto":
+        if forced in ok:
+            return forced
+    else:
+        tuned = conv_choice(shape_key(pass_, dt, N, C, K, groups, geom))
+        if tuned in ok:
+            return tuned
+    return _rule(N, Cg, K, groups, geom, dt)
 
 
 def _weight_rows(Wt, dt):
@@ -242,7 +273,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
                 and O.dtype.isnative)
     Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
-    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q, geom, dt)
+    algorithm = _algorithm("forward", dt, N, X4.shape[1], K, groups, geom)
     if algorithm == "winograd" and _conv_winograd(X4, as_dtype(Wt, dt), B, Y, geom, dt):
         pass
     elif algorithm == "direct":
@@ -351,7 +382,7 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     dx_out = reuse_out(_dx, X4.shape, dt, what, "_dx") if need_input_grad else None
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
     db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
-    algorithm = _algorithm(N, Wt.shape[1], K, groups, P, Q, geom, dt)
+    algorithm = _algorithm("backward", dt, N, X4.shape[1], K, groups, geom)
     if algorithm == "winograd":
         return _backward_winograd(DY4, X4, Wt, geom, dt, unbatched, bool(need_input_grad),
                                   bool(need_bias_grad), dx_out, dw_out, db_out)

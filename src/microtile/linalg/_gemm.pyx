@@ -28,9 +28,10 @@ from microtile._common._inline cimport ceil_div, imin, imax
 from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr, ukr_packed,
                                  ukr_gen)
 from microtile._kernels._dispatch cimport kernel_set
+from microtile._config._params cimport current_params
 from microtile.linalg._pack cimport pack_a, pack_b
 from microtile.linalg._level2 cimport gemv_run
-from microtile._common._mt_pool cimport pool_run
+from microtile._common._mt_pool cimport pool_run, pool_items
 from microtile._common._atomic64 cimport (mt_atomic_load64, mt_atomic_store64, mt_atomic_add64,
                                           mt_atomic_load64_acq, mt_atomic_store64_rel,
                                           mt_atomic_add64_rel, mt_atomic_cas64, mt_cpu_relax,
@@ -108,6 +109,21 @@ cdef void _epilogue(const gemm_epilogue* ep, idx_t row0, idx_t col0, idx_t m, id
             if bias != NULL:
                 bv = bias[(row0 + i) * ep.bias_inc] if ep.bias_axis == 0 else bias[(col0 + j) * ep.bias_inc]
             c[i * rs_c + j * cs_c] = _act(c[i * rs_c + j * cs_c] + bv, act)
+
+
+cdef inline bint _no_product(idx_t m, idx_t n, idx_t k, floating alpha, floating beta,
+                             floating* c, idx_t rs_c, idx_t cs_c,
+                             const gemm_epilogue* ep) noexcept nogil:
+    """The cases without a product, done here: C empty, or alpha == 0 or k == 0 (C =
+    beta * C, then the epilogue).  True when it was one of them."""
+    if m <= 0 or n <= 0:
+        return True
+    if alpha == 0 or k <= 0:
+        _scale(m, n, beta, c, rs_c, cs_c)
+        if ep != NULL:
+            _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+        return True
+    return False
 
 
 cdef void _scale(idx_t m, idx_t n, floating beta, floating* c, idx_t rs_c,
@@ -353,12 +369,7 @@ cdef int _gemm_at(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, flo
     cdef gemm_epilogue ep_t
     cdef signal_poll* poll = caller_poll()
     cdef int rc
-    if m <= 0 or n <= 0:
-        return 0
-    if alpha == 0 or k <= 0:
-        _scale(m, n, beta, c, rs_c, cs_c)
-        if ep != NULL:
-            _epilogue(ep, 0, 0, m, n, c, rs_c, cs_c)
+    if _no_product(m, n, k, alpha, beta, c, rs_c, cs_c, ep):
         return 0
     if m == 1 or n == 1:
         return _vector_case(ks, nt, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta, c,
@@ -647,3 +658,151 @@ cdef int gemm_run(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating al
                   floating beta, floating* c, idx_t rs_c, idx_t cs_c) noexcept nogil:
     return _gemm_core(prm, prm.n_threads, m, n, k, alpha, a, rs_a, cs_a, b, rs_b, cs_b, beta,
                       c, rs_c, cs_c, NULL)
+
+
+# -- B packed once -----------------------------------------------------------------------------
+# A recurrent layer multiplies by the same weight at every step: packing it at each call
+# copied the 256 x 1024 float32 W_hh 50 times per LSTM forward.  Packed once here, each
+# product reads the panels as they are.
+
+cdef int gemm_nr(const gemm_params* prm, const floating* tag) noexcept nogil:
+    return ukr_nr(kernel_set(prm.isa), tag)
+
+
+cdef int gemm_mr(const gemm_params* prm, const floating* tag) noexcept nogil:
+    return ukr_mr(kernel_set(prm.isa), tag)
+
+
+cdef idx_t gemm_packed_b_size(const gemm_params* prm, idx_t k, idx_t n,
+                              const floating* tag) noexcept nogil:
+    cdef idx_t nr = gemm_nr(prm, tag)
+    return ceil_div(n, nr) * nr * k
+
+
+cdef void gemm_pack_b_full(const gemm_params* prm, idx_t k, idx_t n, const floating* b,
+                           idx_t rs_b, idx_t cs_b, floating* bp) noexcept nogil:
+    if k > 0 and n > 0:
+        pack_b(k, n, b, rs_b, cs_b, gemm_nr(prm, b), bp)
+
+
+ctypedef struct _pp_job:
+    const kernel_set_t* ks
+    idx_t m, n, k
+    idx_t item_rows     # rows of C per item (whole micro-panels)
+    idx_t n_chunks      # column chunks per row block
+    idx_t per           # micro-panels per chunk
+    double alpha, beta  # exact for float32 too
+    const void* a
+    idx_t rs_a, cs_a
+    const void* bp
+    void* c
+    idx_t rs_c, cs_c
+    const gemm_epilogue* ep
+    bint dbl
+    int64_t failed      # an item could not get scratch memory (atomic)
+
+
+cdef void _pp_run(_pp_job* jb, idx_t it, floating alpha, floating beta) noexcept nogil:
+    cdef const kernel_set_t* ks = jb.ks
+    cdef int mr = ukr_mr(ks, &alpha), nr = ukr_nr(ks, &alpha)
+    cdef idx_t ic = (it // jb.n_chunks) * jb.item_rows
+    cdef idx_t q0 = (it % jb.n_chunks) * jb.per
+    cdef idx_t j0 = q0 * nr, j1 = imin(jb.n, (q0 + jb.per) * nr), mc
+    cdef const floating* a = <const floating*> jb.a + ic * jb.rs_a
+    cdef floating* edge = NULL
+    if ic >= jb.m or j0 >= j1:
+        return
+    mc = imin(jb.item_rows, jb.m - ic)
+    if mc % mr:
+        edge = <floating*> scratch_get(SCRATCH_EXTRA, mr * jb.k * sizeof(floating))
+        if edge == NULL:
+            mt_atomic_store64(&jb.failed, 1)
+            return
+        pack_a(mc % mr, jb.k, a + (mc - mc % mr) * jb.rs_a, jb.rs_a, jb.cs_a, mr, edge)
+    _macro(ks, mc, j1 - j0, jb.k, alpha, a, jb.rs_a, jb.cs_a, False, edge,
+           <const floating*> jb.bp + j0 * jb.k, nr, True, NULL, beta,
+           <floating*> jb.c + ic * jb.rs_c + j0 * jb.cs_c, jb.rs_c, jb.cs_c, jb.ep, ic, j0)
+
+
+cdef void _pp_item(void* ctx, idx_t it, int tid) noexcept nogil:
+    cdef _pp_job* jb = <_pp_job*> ctx
+    if jb.dbl:
+        _pp_run[double](jb, it, jb.alpha, jb.beta)
+    else:
+        _pp_run[float](jb, it, <float> jb.alpha, <float> jb.beta)
+
+
+cdef int gemm_prepacked(const gemm_params* prm, idx_t m, idx_t n, idx_t k, floating alpha,
+                        const floating* a, idx_t rs_a, idx_t cs_a, const floating* bp,
+                        floating beta, floating* c, idx_t rs_c, idx_t cs_c,
+                        const gemm_epilogue* ep) noexcept nogil:
+    """Items of whole row panels x whole column panels on the pool, each run by ``_macro``
+    with A in place (its last partial row panel packed into this thread's scratch)."""
+    cdef const kernel_set_t* ks = kernel_set(prm.isa)
+    cdef int mr = ukr_mr(ks, a), nr = ukr_nr(ks, a)
+    cdef int nt = prm.n_threads
+    cdef idx_t rp, cp, want, n_rows
+    cdef _pp_job jb
+    if _no_product(m, n, k, alpha, beta, c, rs_c, cs_c, ep):
+        return 0
+    rp = ceil_div(m, mr)
+    cp = ceil_div(n, nr)
+    if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk or rp * cp < 2 * nt):
+        nt = 1
+    # Four items per thread where the panels allow (the caller's wait for the last item a
+    # helper took is then short), rows first (each B panel is reused by an item's rows).
+    want = 4 * nt if nt > 1 else 1
+    n_rows = imin(rp, want)
+    jb.item_rows = ceil_div(rp, n_rows) * mr
+    jb.n_chunks = imin(cp, ceil_div(want, ceil_div(rp, ceil_div(rp, n_rows))))
+    jb.per = ceil_div(cp, jb.n_chunks)
+    jb.n_chunks = ceil_div(cp, jb.per)
+    jb.ks = ks
+    jb.m = m
+    jb.n = n
+    jb.k = k
+    jb.alpha = alpha
+    jb.beta = beta
+    jb.a = a
+    jb.rs_a = rs_a
+    jb.cs_a = cs_a
+    jb.bp = bp
+    jb.c = c
+    jb.rs_c = rs_c
+    jb.cs_c = cs_c
+    jb.ep = ep
+    jb.dbl = floating is double
+    jb.failed = 0
+    pool_items(nt, ceil_div(m, jb.item_rows) * jb.n_chunks, _pp_item, &jb)
+    scratch_trim()
+    return -1 if jb.failed else 0
+
+
+def _prepacked_gemm(const floating[:, :] a, const floating[:, :] b, floating[:, :] c,
+                    double alpha, double beta):
+    """c = alpha * a @ b + beta * c through gemm_pack_b_full and gemm_prepacked (a private
+    wrapper for the tests: any strides, the threads of the current params)."""
+    cdef gemm_params prm
+    cdef idx_t m = a.shape[0], k = a.shape[1], n = b.shape[1]
+    cdef idx_t isz = sizeof(floating)
+    cdef floating[::1] bp
+    cdef int rc = 0
+    cdef floating tag = 0
+    if b.shape[0] != k or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("_prepacked_gemm: shapes")
+    current_params(0 if floating is float else 1, &prm)
+    import numpy as np
+    bp = np.empty(max(1, gemm_packed_b_size(&prm, k, n, &tag)),
+                  np.float32 if floating is float else np.float64)
+    if m == 0 or n == 0:
+        return
+    with nogil:
+        if k:
+            gemm_pack_b_full(&prm, k, n, &b[0, 0], b.strides[0] // isz, b.strides[1] // isz,
+                             &bp[0])
+        rc = gemm_prepacked(&prm, m, n, k, <floating> alpha,
+                            &a[0, 0] if k else NULL, a.strides[0] // isz,
+                            a.strides[1] // isz, &bp[0], <floating> beta, &c[0, 0],
+                            c.strides[0] // isz, c.strides[1] // isz, NULL)
+    if rc != 0:
+        raise MemoryError("_prepacked_gemm")

@@ -50,6 +50,7 @@ from microtile.nn._residual import Residual
 from microtile.nn._rnn import GRU, LSTM, RNN, LastStep
 from microtile.nn._sequential import Sequential
 from microtile.nn._training import fit, predict
+from microtile.nn._tune import tune
 from microtile.nn._callbacks import EarlyStopping
 from microtile.nn import lr_scheduler
 
@@ -65,5 +66,5 @@ __all__ = [
     "AdamW",
     "lr_scheduler",
     "EarlyStopping",
-    "fit", "predict", "save", "load", "gradcheck", "prune",
+    "fit", "predict", "save", "load", "gradcheck", "prune", "tune",
 ]

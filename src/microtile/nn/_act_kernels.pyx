@@ -10,13 +10,16 @@ dtype), so the wrappers only check what the memoryview types do not.  Loops are 
 contiguous shares, items on the thread pool, and the inner loops are plain pointer loops so
 that the compiler vectorises them; the activation is chosen outside the loops for the same reason.
 """
-from libc.math cimport erf, erff, exp, expf, log, M_SQRT1_2, M_2_SQRTPI, sqrt, tanh, tanhf
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.math cimport erf, exp, log, M_SQRT1_2, M_2_SQRTPI, sqrt, tanh
 
 from microtile._common._mt_pool cimport pool_items, pool_ranges
 from microtile._common._typedefs cimport idx_t, floating
-from microtile.nn._act_math cimport sigmoid as _sigmoid
+from microtile.nn._act_math cimport sigmoid as _sigmoid, tanh_ as _tanh
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
+from microtile.nn._act_loops cimport (act_loop_f, pw_loop_f, act_table_t, PW_LEAKY, PW_GELU,
+                                      PW_GELU_TANH, PW_SILU)
 
 
 # One job description for every kernel here, so that one range function runs any of them
@@ -38,6 +41,7 @@ ctypedef struct _ew:
     const void* u       # dy, or dropout's uniform draws
     void* out
     double* acc         # column sums per share (colsum)
+    const act_table_t* tab  # the float32 loops for the ISA in use
     idx_t length, inner, rows
 
 
@@ -51,6 +55,43 @@ cdef inline int _threads_for(idx_t n) except -1:
         return 1
     current_params(0, &prm)
     return prm.n_threads if prm.n_threads > 1 else 1
+
+
+# The float32 loops (``_act_loops``) per kernel-set id: 0 compiled here for the baseline ISA,
+# 1 from ``_act_avx2`` when the CPU has AVX2 and FMA.  The id in use is the GEMM's
+# (``MICROTILE_ISA=generic`` and ``config_context`` choose it), read on every call.
+cdef void _act_base(int act, const float* x, const float* dy, float* out,
+                    idx_t n) noexcept nogil:
+    act_loop_f(act, x, dy, out, n)
+
+
+cdef void _pw_base(int code, float alpha, const float* x, const float* dy, float* out,
+                   idx_t n) noexcept nogil:
+    pw_loop_f(code, alpha, x, dy, out, n)
+
+
+cdef act_table_t _tables[2]
+_tables[0].act = _act_base
+_tables[0].pw = _pw_base
+_tables[1] = _tables[0]
+
+
+def _load_avx2():
+    from microtile._kernels._dispatch import available_isas
+    if "avx2-fma" not in available_isas():
+        return
+    from microtile.nn import _act_avx2
+    _tables[1] = (<act_table_t*> PyCapsule_GetPointer(_act_avx2.table(),
+                                                      b"microtile.act_f32"))[0]
+
+
+_load_avx2()
+
+
+cdef const act_table_t* _table() except NULL:
+    cdef gemm_params prm
+    current_params(0, &prm)
+    return &_tables[1] if prm.isa == 1 else &_tables[0]
 
 
 cdef void _act_run(int act, const floating* x, floating* y, idx_t n) noexcept nogil:
@@ -67,10 +108,7 @@ cdef void _act_run(int act, const floating* x, floating* y, idx_t n) noexcept no
             y[i] = _sigmoid(x[i])
     elif act == 3:
         for i in range(n):
-            if floating is float:
-                y[i] = tanhf(x[i])
-            else:
-                y[i] = tanh(x[i])
+            y[i] = _tanh(x[i])
     elif x != y:
         for i in range(n):
             y[i] = x[i]
@@ -147,22 +185,25 @@ cdef void _dact_colsum_rows(int act, const floating* y, const floating* dy, floa
                 acc[s0 + j] += part[j]
 
 
-cdef void _act_part(int act, const floating* x, const floating* dy, floating* out,
-                    idx_t n) noexcept nogil:
+cdef void _act_part(const act_table_t* tab, int act, const floating* x, const floating* dy,
+                    floating* out, idx_t n) noexcept nogil:
     """out = act(x) when dy is NULL; else out = dy * act'(.) computed from the output x."""
-    if dy == NULL:
+    if floating is float:
+        tab.act(act, x, dy, out, n)
+    elif dy == NULL:
         _act_run(act, x, out, n)
     else:
         _dact_run(act, x, dy, out, n)
 
 
-cdef void _act_split(int act, const floating* x, const floating* dy, floating* out, idx_t n,
-                     int nt) noexcept nogil:
+cdef void _act_split(const act_table_t* tab, int act, const floating* x, const floating* dy,
+                     floating* out, idx_t n, int nt) noexcept nogil:
     """_act_part over n elements on nt threads, each share of the elements an item."""
     cdef _ew job
     if nt == 1:
-        _act_part(act, x, dy, out, n)
+        _act_part(tab, act, x, dy, out, n)
         return
+    job.tab = tab
     job.kind = EW_ACT
     job.code = act
     job.dbl = floating is double
@@ -180,8 +221,9 @@ def act_forward(const floating[::1] x, floating[::1] out, int act):
     if n == 0:
         return
     cdef int nt = _threads_for(n)
+    cdef const act_table_t* tab = _table()
     with nogil:
-        _act_split(act, &x[0], <const floating*> NULL, &out[0], n, nt)
+        _act_split(tab, act, &x[0], <const floating*> NULL, &out[0], n, nt)
 
 
 def act_backward(int act, const floating[::1] y, const floating[::1] dy, floating[::1] dz):
@@ -192,8 +234,9 @@ def act_backward(int act, const floating[::1] y, const floating[::1] dy, floatin
     if n == 0:
         return
     cdef int nt = _threads_for(n)
+    cdef const act_table_t* tab = _table()
     with nogil:
-        _act_split(act, &y[0], &dy[0], &dz[0], n, nt)
+        _act_split(tab, act, &y[0], &dy[0], &dz[0], n, nt)
 
 
 def act_backward_colsum(int act, const floating[:, ::1] y, const floating[:, ::1] dy,
@@ -318,45 +361,26 @@ def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] ou
 
 POINTWISE = {"leaky_relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
-cdef enum:
-    PW_LEAKY = 1
-    PW_GELU = 2
-    PW_GELU_TANH = 3
-    PW_SILU = 4
-
-
-cdef inline floating _fexp(floating v) noexcept nogil:
+cdef void _pw_part(const act_table_t* tab, int code, floating alpha, const floating* x,
+                   const floating* dy, floating* out, idx_t n) noexcept nogil:
+    """out = f(x) when dy is NULL, else out = dy * f'(x) (f chosen by ``code``): float32 on
+    the loops of ``_act_loops`` for the ISA in use, float64 here on libm."""
     if floating is float:
-        return expf(v)
+        tab.pw(code, alpha, x, dy, out, n)
     else:
-        return exp(v)
+        _pw_double(code, alpha, x, dy, out, n)
 
 
-cdef inline floating _ftanh(floating v) noexcept nogil:
-    if floating is float:
-        return tanhf(v)
-    else:
-        return tanh(v)
-
-
-cdef inline floating _ferf(floating v) noexcept nogil:
-    if floating is float:
-        return erff(v)
-    else:
-        return erf(v)
-
-
-cdef void _pw_part(int code, floating alpha, const floating* x, const floating* dy,
-                   floating* out, idx_t n) noexcept nogil:
-    """out = f(x) when dy is NULL, else out = dy * f'(x) (f chosen by ``code``)."""
+cdef void _pw_double(int code, double alpha, const double* x, const double* dy,
+                     double* out, idx_t n) noexcept nogil:
     cdef idx_t i
-    cdef floating v, t, inner, cdf
+    cdef double v, t, inner, cdf
     # sqrt(2 / pi), and 1 / sqrt(2 pi) (torch's kBeta and kAlpha), and tanh-GELU's kappa.
-    cdef floating beta = <floating> (sqrt(2.0) * M_2_SQRTPI * 0.5)
-    cdef floating inv_sqrt_2pi = <floating> (M_2_SQRTPI * M_SQRT1_2 * 0.5)
-    cdef floating kappa = <floating> 0.044715
-    cdef floating half = <floating> 0.5
-    cdef floating r2 = <floating> M_SQRT1_2
+    cdef double beta = sqrt(2.0) * M_2_SQRTPI * 0.5
+    cdef double inv_sqrt_2pi = M_2_SQRTPI * M_SQRT1_2 * 0.5
+    cdef double kappa = 0.044715
+    cdef double half = 0.5
+    cdef double r2 = M_SQRT1_2
     if code == PW_LEAKY:
         if dy == NULL:
             for i in range(n):
@@ -369,33 +393,33 @@ cdef void _pw_part(int code, floating alpha, const floating* x, const floating* 
         if dy == NULL:
             for i in range(n):
                 v = x[i]
-                out[i] = v * half * (1 + _ferf(v * r2))
+                out[i] = v * half * (1 + erf(v * r2))
         else:
             for i in range(n):
                 v = x[i]
-                cdf = half * (1 + _ferf(v * r2))
-                out[i] = dy[i] * (cdf + v * inv_sqrt_2pi * _fexp(-half * v * v))
+                cdf = half * (1 + erf(v * r2))
+                out[i] = dy[i] * (cdf + v * inv_sqrt_2pi * exp(-half * v * v))
     elif code == PW_GELU_TANH:
         if dy == NULL:
             for i in range(n):
                 v = x[i]
                 inner = beta * (v + kappa * v * v * v)
-                out[i] = half * v * (1 + _ftanh(inner))
+                out[i] = half * v * (1 + tanh(inner))
         else:
             for i in range(n):
                 v = x[i]
-                t = _ftanh(beta * (v + kappa * v * v * v))
+                t = tanh(beta * (v + kappa * v * v * v))
                 out[i] = dy[i] * (half * (1 + t)
                                   + half * v * (1 - t * t) * beta * (1 + 3 * kappa * v * v))
     elif code == PW_SILU:
         if dy == NULL:
             for i in range(n):
                 v = x[i]
-                out[i] = v / (1 + _fexp(-v))
+                out[i] = v / (1 + exp(-v))
         else:
             for i in range(n):
                 v = x[i]
-                t = 1 / (1 + _fexp(-v))
+                t = 1 / (1 + exp(-v))
                 out[i] = dy[i] * t * (1 + v * (1 - t))
 
 
@@ -417,10 +441,12 @@ def pointwise(int code, double alpha, const floating[::1] x, const floating[::1]
     cdef const floating* pdy = &dy[0] if dy is not None else NULL
     cdef floating* po = &out[0]
     cdef floating a = <floating> alpha
+    cdef const act_table_t* tab = _table()
     if nt == 1:
         with nogil:
-            _pw_part(code, a, px, pdy, po, n)
+            _pw_part(tab, code, a, px, pdy, po, n)
         return
+    job.tab = tab
     job.kind = EW_POINTWISE
     job.code = code
     job.dbl = floating is double
@@ -531,11 +557,11 @@ def softmax(const floating[::1] x, const floating[::1] dy, floating[::1] out, id
 cdef void _ew_run(const _ew* j, idx_t i0, idx_t i1, const floating* x, const floating* u,
                   floating* out) noexcept nogil:
     if j.kind == EW_ACT:
-        _act_part(j.code, x + i0, NULL if u == NULL else u + i0, out + i0, i1 - i0)
+        _act_part(j.tab, j.code, x + i0, NULL if u == NULL else u + i0, out + i0, i1 - i0)
     elif j.kind == EW_DROPOUT:
         _dropout_part(x + i0, u + i0, out + i0, <floating> j.p0, <floating> j.p1, i1 - i0)
     elif j.kind == EW_POINTWISE:
-        _pw_part(j.code, <floating> j.p0, x + i0, NULL if u == NULL else u + i0, out + i0,
+        _pw_part(j.tab, j.code, <floating> j.p0, x + i0, NULL if u == NULL else u + i0, out + i0,
                  i1 - i0)
     elif j.kind == EW_SOFTMAX:
         if u == NULL:

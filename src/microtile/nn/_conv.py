@@ -129,6 +129,30 @@ class Conv2d(Module):
         self._act = code
         return y
 
+    _folds_batchnorm = True
+
+    def _out_channels(self):
+        return self.out_channels
+
+    def _forward_folded(self, x, bn, activation):
+        """act(bn(conv(x))) for an eval-mode BatchNorm2d ``bn`` in one convolution (see
+        ``Sequential``), or None for an unbatched input (the caller then runs the layers one
+        by one, and BatchNorm2d names the problem)."""
+        dt = self.weight.dtype
+        x = as_input(x, dt)
+        if x.ndim != 4:
+            return None
+        shape = self.output_shape(x.shape)
+        w, b = bn._fold(self.weight.data, None if self.bias is None else self.bias.data,
+                        self.weight.shape)
+        y = self._buffer("y", shape, dt)
+        conv2d(x, w, b, out=y, **self._kw())
+        code = ACTIVATIONS[activation]
+        if code:
+            flat = y.reshape(-1)
+            act_forward(flat, flat, code)
+        return y
+
     def backward(self, dy, *, need_input_grad=True):
         """Accumulate the parameter gradients; return dL/dx (None if not ``need_input_grad``)."""
         x, y = self._x, self._y

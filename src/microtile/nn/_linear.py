@@ -106,6 +106,28 @@ class Linear(Module):
             return y2
         return y2.reshape(x.shape[:-1] + (self.out_features,))
 
+    _folds_batchnorm = True
+
+    def _out_channels(self):
+        return self.out_features
+
+    def _forward_folded(self, x, bn, activation):
+        """act(bn(x @ weight.T + bias)) for an eval-mode BatchNorm1d ``bn`` in one GEMM
+        (see ``Sequential``), or None when it does not apply (an input that is not a dense
+        2-D batch, or a pruned layer on its sparse kernel): the caller then runs the layers
+        one by one."""
+        if is_sparse(x) or self._pruned is not None:
+            return None
+        dt = self.weight.dtype
+        x = as_input(x, dt)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            return None
+        w, b = bn._fold(self.weight.data, None if self.bias is None else self.bias.data,
+                        self.weight.shape)
+        y = self._buffer("y", (x.shape[0], self.out_features), dt)
+        linear_forward(x, w, bias=b, activation=activation, out=y)
+        return y
+
     def _forward_pruned(self, pruned, x2, bias, activation, y2):
         """y2 = act(x2 @ weight.T + bias) with the kept weights as CSR: yᵀ = W @ xᵀ on the
         row-gather kernel, which streams rows of xᵀ (so xᵀ and yᵀ are made contiguous in

@@ -70,6 +70,34 @@ class _BatchNorm(Module):
             self.running_var.fill(1)
             self.num_batches_tracked.fill(0)
 
+    def _folds_into(self, layer):
+        """Whether this layer, right after ``layer`` in a Sequential, can run folded into it
+        (``layer._forward_folded``): eval mode with running statistics, and ``layer`` a
+        Linear or Conv2d of this dtype whose outputs are this layer's channels."""
+        return (getattr(layer, "_folds_batchnorm", False) and not self._in_training()
+                and self.running_mean is not None and layer.weight.dtype == self._dtype
+                and layer._out_channels() == self.num_features)
+
+    def _fold(self, weight, bias, shape):
+        """(w, b) for a layer whose output then goes through this one in eval mode: the
+        weight scaled by weight / sqrt(running_var + eps) along its first axis, the bias
+        (None for none) shifted to (bias - running_mean) * scale + self.bias; computed in
+        float64, written into buffers of this layer (``shape`` is the weight's)."""
+        scale = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        if self.affine:
+            scale = scale * self.weight.data
+        shift = -self.running_mean * scale
+        if bias is not None:
+            shift = shift + bias * scale
+        if self.affine:
+            shift = shift + self.bias.data
+        w = self._buffer("fold_w", shape, self._dtype)
+        np.multiply(weight, scale.reshape((-1,) + (1,) * (len(shape) - 1)), out=w,
+                    casting="unsafe")
+        b = self._buffer("fold_b", (self.num_features,), self._dtype)
+        b[...] = shift
+        return w, b
+
     def forward(self, x):
         """Normalise ``x`` per channel (dimension 1): batch statistics in training mode
         (or without running statistics), the running estimates in eval mode."""

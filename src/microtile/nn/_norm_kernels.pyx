@@ -20,7 +20,7 @@ BatchNorm2d -> ReLU then costs no pass of its own either way.
 Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
 own the buffers.
 """
-from microtile._common._mt_pool cimport pool_items
+from microtile._common._mt_pool cimport pool_items, pool_ranges
 from libc.math cimport sqrt
 
 from microtile._common._typedefs cimport idx_t, floating
@@ -68,6 +68,124 @@ def work_size(idx_t channels):
     return 2 * channels * _max_threads()
 
 
+# The per-plane sums in C, eight independent float64 partial sums per quantity: a single
+# accumulator is a serial chain of dependent adds that the compiler may not reorder, and
+# with a fused ReLU each element also took a branch on the sign of the kept output, which
+# a random sign mispredicts half the time: BatchNorm2d+ReLU backward on (32, 32, 32, 32)
+# took 10.4 ms against 0.76 ms without the ReLU (1 thread).  Eight lanes vectorise (SSE2
+# pairs on the baseline build) and the masked read is a bit mask, not a branch: 1.12 ms.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #define MT_BN_LANES 8
+    /* u where g > 0, else +0 (a NaN u included, as torch's threshold_backward), by masking
+       u's bits: GCC turned the plain select into a branch, which random signs mispredict
+       half the time. */
+    #define MT_BN_KEEP(T, uv, gv) mt_bn_keep_##T((uv), (gv))
+    static inline float mt_bn_keep_float(float u, float g) {
+        uint32_t b;
+        memcpy(&b, &u, sizeof b);
+        b &= (uint32_t) 0 - (uint32_t) (g > 0);
+        memcpy(&u, &b, sizeof b);
+        return u;
+    }
+    static inline double mt_bn_keep_double(double u, double g) {
+        uint64_t b;
+        memcpy(&b, &u, sizeof b);
+        b &= (uint64_t) 0 - (uint64_t) (g > 0);
+        memcpy(&u, &b, sizeof b);
+        return u;
+    }
+    #define MT_BN_SUMS(T, NAME)                                                         \
+    static void NAME(const T* x, const T* u, const T* g, double k, Py_ssize_t s,        \
+                     double* out0, double* out1) {                                      \
+        double a0[MT_BN_LANES] = {0}, a1[MT_BN_LANES] = {0};                            \
+        Py_ssize_t i = 0, l, e = s - s % MT_BN_LANES;                                   \
+        if (u == NULL) {                                                                \
+            for (; i < e; i += MT_BN_LANES)                                             \
+                for (l = 0; l < MT_BN_LANES; l++) {                                     \
+                    double d = (double) x[i + l] - k;                                   \
+                    a0[l] += d;                                                         \
+                    a1[l] += d * d;                                                     \
+                }                                                                       \
+            for (; i < s; i++) {                                                        \
+                double d = (double) x[i] - k;                                           \
+                a0[0] += d;                                                             \
+                a1[0] += d * d;                                                         \
+            }                                                                           \
+        } else if (g == NULL) {                                                         \
+            for (; i < e; i += MT_BN_LANES)                                             \
+                for (l = 0; l < MT_BN_LANES; l++) {                                     \
+                    double v = (double) u[i + l];                                       \
+                    a0[l] += v;                                                         \
+                    a1[l] += v * ((double) x[i + l] - k);                               \
+                }                                                                       \
+            for (; i < s; i++) {                                                        \
+                double v = (double) u[i];                                               \
+                a0[0] += v;                                                             \
+                a1[0] += v * ((double) x[i] - k);                                       \
+            }                                                                           \
+        } else {                                                                        \
+            for (; i < e; i += MT_BN_LANES)                                             \
+                for (l = 0; l < MT_BN_LANES; l++) {                                     \
+                    double v = (double) MT_BN_KEEP(T, u[i + l], g[i + l]);              \
+                    a0[l] += v;                                                         \
+                    a1[l] += v * ((double) x[i + l] - k);                               \
+                }                                                                       \
+            for (; i < s; i++) {                                                        \
+                double v = (double) MT_BN_KEEP(T, u[i], g[i]);                          \
+                a0[0] += v;                                                             \
+                a1[0] += v * ((double) x[i] - k);                                       \
+            }                                                                           \
+        }                                                                               \
+        for (l = 1; l < MT_BN_LANES; l++) {                                             \
+            a0[0] += a0[l];                                                             \
+            a1[0] += a1[l];                                                             \
+        }                                                                               \
+        *out0 = a0[0];                                                                  \
+        *out1 = a1[0];                                                                  \
+    }
+    MT_BN_SUMS(float, mt_bn_sums_f)
+    MT_BN_SUMS(double, mt_bn_sums_d)
+    /* out = b*(x - m) + k, plus a*u when u is given (u read as 0 where g <= 0 when g is
+       given); with relu (forward only) through ReLU as it is written, NaN kept. */
+    #define MT_BN_AFFINE(T, NAME)                                                       \
+    static void NAME(const T* x, const T* u, const T* g, T* out, double m, double a,    \
+                     double b, double k, int relu, Py_ssize_t s) {                      \
+        Py_ssize_t i;                                                                   \
+        if (u == NULL && relu) {                                                        \
+            for (i = 0; i < s; i++) {                                                   \
+                double v = ((double) x[i] - m) * b + k;                                 \
+                out[i] = (T) (v <= 0 ? 0.0 : v);                                        \
+            }                                                                           \
+        } else if (u == NULL) {                                                         \
+            for (i = 0; i < s; i++)                                                     \
+                out[i] = (T) (((double) x[i] - m) * b + k);                             \
+        } else if (g == NULL) {                                                         \
+            for (i = 0; i < s; i++)                                                     \
+                out[i] = (T) (a * (double) u[i] + ((double) x[i] - m) * b + k);         \
+        } else {                                                                        \
+            for (i = 0; i < s; i++) {                                                   \
+                double v = (double) MT_BN_KEEP(T, u[i], g[i]);                          \
+                out[i] = (T) (a * v + ((double) x[i] - m) * b + k);                     \
+            }                                                                           \
+        }                                                                               \
+    }
+    MT_BN_AFFINE(float, mt_bn_affine_f)
+    MT_BN_AFFINE(double, mt_bn_affine_d)
+    """
+    void mt_bn_sums_f(const float* x, const float* u, const float* g, double k, idx_t s,
+                      double* out0, double* out1) noexcept nogil
+    void mt_bn_sums_d(const double* x, const double* u, const double* g, double k, idx_t s,
+                      double* out0, double* out1) noexcept nogil
+    void mt_bn_affine_f(const float* x, const float* u, const float* g, float* out, double m,
+                        double a, double b, double k, int relu, idx_t s) noexcept nogil
+    void mt_bn_affine_d(const double* x, const double* u, const double* g, double* out,
+                        double m, double a, double b, double k, int relu,
+                        idx_t s) noexcept nogil
+
+
 cdef void _sums_part(const floating* x, const floating* u, const floating* g,
                      const double* shift, double* acc, idx_t p0, idx_t p1, idx_t nc,
                      idx_t s) noexcept nogil:
@@ -75,35 +193,18 @@ cdef void _sums_part(const floating* x, const floating* u, const floating* g,
     when u is NULL, else acc[c] += sum(u) and acc[nc + c] += sum(u*d).  With g (a fused
     ReLU's output), u is taken as 0 where g <= 0 (torch's threshold_backward)."""
     cdef idx_t p, i, c = p0 % nc
-    cdef const floating* xp
-    cdef const floating* up
-    cdef const floating* gp
-    cdef double k, d, v, s0, s1
+    cdef idx_t off
+    cdef double s0, s1
     for i in range(2 * nc):
         acc[i] = 0
     for p in range(p0, p1):
-        xp = x + p * s
-        k = shift[c]
-        s0 = 0
-        s1 = 0
-        if u == NULL:
-            for i in range(s):
-                d = xp[i] - k
-                s0 += d
-                s1 += d * d
-        elif g == NULL:
-            up = u + p * s
-            for i in range(s):
-                v = up[i]
-                s0 += v
-                s1 += v * (xp[i] - k)
+        off = p * s
+        if floating is float:
+            mt_bn_sums_f(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, shift[c], s, &s0, &s1)
         else:
-            up = u + p * s
-            gp = g + p * s
-            for i in range(s):
-                v = 0 if gp[i] <= 0 else up[i]
-                s0 += v
-                s1 += v * (xp[i] - k)
+            mt_bn_sums_d(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, shift[c], s, &s0, &s1)
         acc[c] += s0
         acc[nc + c] += s1
         c += 1
@@ -192,37 +293,19 @@ cdef void _affine_part(const floating* x, const floating* u, const floating* g,
     """Planes [p0, p1): out = cb[c]*(x - mean[c]) + cc[c], plus ca[c]*u when u is given
     (u taken as 0 where g <= 0 when g is given, as in _sums_part); with ``relu`` (forward
     only) the result goes through ReLU as it is written (NaN kept, as torch.relu)."""
-    cdef idx_t p, i, c = p0 % nc
-    cdef const floating* xp
-    cdef const floating* up
-    cdef const floating* gp
-    cdef floating* op
-    cdef double m, a, b, k, v
+    cdef idx_t p, c = p0 % nc, off
+    cdef double a
     for p in range(p0, p1):
-        xp = x + p * s
-        op = out + p * s
-        m = mean[c]
-        b = cb[c]
-        k = cc[c]
-        if u == NULL and relu:
-            for i in range(s):
-                v = (xp[i] - m) * b + k
-                op[i] = <floating> (0 if v <= 0 else v)
-        elif u == NULL:
-            for i in range(s):
-                op[i] = <floating> ((xp[i] - m) * b + k)
-        elif g == NULL:
-            up = u + p * s
-            a = ca[c]
-            for i in range(s):
-                op[i] = <floating> (a * up[i] + (xp[i] - m) * b + k)
+        off = p * s
+        a = ca[c] if u != NULL else 0
+        if floating is float:
+            mt_bn_affine_f(x + off, NULL if u == NULL else u + off,
+                           NULL if g == NULL else g + off, out + off, mean[c], a, cb[c],
+                           cc[c], relu, s)
         else:
-            up = u + p * s
-            gp = g + p * s
-            a = ca[c]
-            for i in range(s):
-                v = 0 if gp[i] <= 0 else up[i]
-                op[i] = <floating> (a * v + (xp[i] - m) * b + k)
+            mt_bn_affine_d(x + off, NULL if u == NULL else u + off,
+                           NULL if g == NULL else g + off, out + off, mean[c], a, cb[c],
+                           cc[c], relu, s)
         c += 1
         if c == nc:
             c = 0
@@ -253,6 +336,155 @@ cdef void _affine(const floating* x, const floating* u, const floating* g, float
     j.nc = nc
     j.s = s
     pool_items(nt, nt, _norm_item, &j)
+
+
+# -- channel by channel ------------------------------------------------------------------------
+# When there are channels enough for every thread, each channel is finished by one thread:
+# its sums over its N planes, its coefficients, then its output planes, while those planes
+# are still in L2 or L3 (one channel of a (32, 64, 56, 56) batch is 392 KiB).  Passing over
+# the whole batch twice instead read it from memory twice: BatchNorm2d forward+backward on
+# (32, 64, 56, 56) moved 8 passes' worth of bytes for 5 passes of data.
+
+# Channels per thread below which the whole-batch passes split by planes are used instead
+# (a thread then would wait for another's last channel), and the smallest plane taken
+# channel by channel (smaller planes are rows of a BatchNorm1d batch: one call per element).
+cdef idx_t CHAN_PER_THREAD = 2
+cdef idx_t CHAN_MIN_PLANE = 16
+
+ctypedef struct _chan_job:
+    bint dbl, fwd, batch_stats, update, relu, acc_w, acc_b
+    const void* x
+    const void* u           # backward: dy
+    const void* g           # backward: the fused ReLU's output, or NULL
+    void* out               # y or dx (NULL: no dx)
+    const void* w           # weight (or NULL)
+    const void* b           # forward: bias (or NULL)
+    void* rm                # forward: running mean / var (or NULL)
+    void* rv
+    void* gw                # backward: weight / bias gradients (or NULL)
+    void* gb
+    double factor, eps
+    double* saved           # (SAVED_ROWS, nc)
+    double* coef            # backward: (COEF_ROWS, nc)
+    idx_t n, nc, s
+
+
+cdef void _chan_sums(const floating* x, const floating* u, const floating* g, double k,
+                     idx_t n, idx_t nc, idx_t s, idx_t c, double* s0,
+                     double* s1) noexcept nogil:
+    """_sums_part's two sums for channel c alone (its N planes, in order)."""
+    cdef idx_t i, off
+    cdef double a, b
+    s0[0] = 0
+    s1[0] = 0
+    for i in range(n):
+        off = (i * nc + c) * s
+        if floating is float:
+            mt_bn_sums_f(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, k, s, &a, &b)
+        else:
+            mt_bn_sums_d(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, k, s, &a, &b)
+        s0[0] += a
+        s1[0] += b
+
+
+cdef void _chan_affine(const floating* x, const floating* u, const floating* g, floating* out,
+                       double m, double a, double b, double k, bint relu, idx_t n, idx_t nc,
+                       idx_t s, idx_t c) noexcept nogil:
+    """_affine_part's write for channel c alone."""
+    cdef idx_t i, off
+    for i in range(n):
+        off = (i * nc + c) * s
+        if floating is float:
+            mt_bn_affine_f(x + off, NULL if u == NULL else u + off,
+                           NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
+        else:
+            mt_bn_affine_d(x + off, NULL if u == NULL else u + off,
+                           NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
+
+
+cdef void _chan_fwd(const _chan_job* j, idx_t c, const floating* x, floating* y,
+                    const floating* w, const floating* bias, floating* rm,
+                    floating* rv) noexcept nogil:
+    """batch_norm_forward for channel c: the same formulas, applied to one channel."""
+    cdef double m = <double> j.n * <double> j.s, mu, var, inv, k, s0, s1
+    cdef double* sv = j.saved
+    if j.batch_stats:
+        k = x[c * j.s]          # the shift K: the channel's first element
+        _chan_sums(x, <const floating*> NULL, <const floating*> NULL, k, j.n, j.nc, j.s, c,
+                   &s0, &s1)
+        mu = s0 / m
+        var = s1 / m - mu * mu
+        if var < 0:
+            var = 0
+        mu = mu + k
+        if j.update:
+            rm[c] = <floating> ((1 - j.factor) * rm[c] + j.factor * mu)
+            rv[c] = <floating> ((1 - j.factor) * rv[c]
+                                + j.factor * var * (m / (m - 1) if m > 1 else 1))
+    else:
+        mu = rm[c]
+        var = rv[c]
+    inv = 1 / sqrt(var + j.eps)
+    sv[MEAN * j.nc + c] = mu
+    sv[INVSTD * j.nc + c] = inv
+    sv[SCALE * j.nc + c] = inv * (w[c] if w != NULL else 1)
+    sv[SHIFT * j.nc + c] = bias[c] if bias != NULL else 0
+    _chan_affine(x, <const floating*> NULL, <const floating*> NULL, y, mu, 0,
+                 sv[SCALE * j.nc + c], sv[SHIFT * j.nc + c], j.relu, j.n, j.nc, j.s, c)
+
+
+cdef void _chan_bwd(const _chan_job* j, idx_t c, const floating* x, const floating* dy,
+                    const floating* g, floating* dx, const floating* w, floating* gw,
+                    floating* gb) noexcept nogil:
+    """batch_norm_backward for channel c: the same formulas, applied to one channel."""
+    cdef double m = <double> j.n * <double> j.s, wc, inv, sdy, sdyx, ca, cb, cc
+    cdef double mean = j.saved[MEAN * j.nc + c]
+    inv = j.saved[INVSTD * j.nc + c]
+    _chan_sums(x, dy, g, mean, j.n, j.nc, j.s, c, &sdy, &sdyx)
+    if gw != NULL:
+        gw[c] = <floating> ((gw[c] if j.acc_w else 0) + sdyx * inv)
+    if gb != NULL:
+        gb[c] = <floating> ((gb[c] if j.acc_b else 0) + sdy)
+    wc = w[c] if w != NULL else 1
+    ca = wc * inv
+    if j.batch_stats:
+        cb = -wc * inv * inv * inv * sdyx / m
+        cc = -wc * inv * sdy / m
+    else:
+        cb = 0
+        cc = 0
+    j.coef[SUM_DY * j.nc + c] = sdy
+    j.coef[SUM_DYX * j.nc + c] = sdyx
+    j.coef[COEF_A * j.nc + c] = ca
+    j.coef[COEF_B * j.nc + c] = cb
+    j.coef[COEF_C * j.nc + c] = cc
+    if dx != NULL:
+        _chan_affine(x, dy, g, dx, mean, ca, cb, cc, False, j.n, j.nc, j.s, c)
+
+
+cdef void _chan_range(void* ctx, idx_t c0, idx_t c1, int tid) noexcept nogil:
+    cdef const _chan_job* j = <const _chan_job*> ctx
+    cdef idx_t c
+    for c in range(c0, c1):
+        if j.dbl and j.fwd:
+            _chan_fwd(j, c, <const double*> j.x, <double*> j.out, <const double*> j.w,
+                      <const double*> j.b, <double*> j.rm, <double*> j.rv)
+        elif j.fwd:
+            _chan_fwd(j, c, <const float*> j.x, <float*> j.out, <const float*> j.w,
+                      <const float*> j.b, <float*> j.rm, <float*> j.rv)
+        elif j.dbl:
+            _chan_bwd(j, c, <const double*> j.x, <const double*> j.u, <const double*> j.g,
+                      <double*> j.out, <const double*> j.w, <double*> j.gw, <double*> j.gb)
+        else:
+            _chan_bwd(j, c, <const float*> j.x, <const float*> j.u, <const float*> j.g,
+                      <float*> j.out, <const float*> j.w, <float*> j.gw, <float*> j.gb)
+
+
+cdef bint _by_channel(idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
+    """Whether a pass goes channel by channel (see above)."""
+    return nt > 1 and n > 0 and s >= CHAN_MIN_PLANE and nc >= CHAN_PER_THREAD * nt
 
 
 cdef bint _wrong_length(object arr, idx_t n):
@@ -302,6 +534,28 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef int nt = _threads_for(n * nc * s, n * nc)
     if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
         nt = <int> (work.shape[0] // (2 * nc))
+    cdef _chan_job cj
+    if _by_channel(n, nc, s, nt):
+        cj.dbl = floating is double
+        cj.fwd = True
+        cj.batch_stats = batch_stats
+        cj.update = update
+        cj.relu = relu
+        cj.x = px
+        cj.out = py
+        cj.w = pw
+        cj.b = pb
+        cj.rm = prm
+        cj.rv = prv
+        cj.factor = factor
+        cj.eps = eps
+        cj.saved = sv
+        cj.n = n
+        cj.nc = nc
+        cj.s = s
+        with nogil:
+            pool_ranges(nt, nc, 4 * nt, 1, _chan_range, &cj)
+        return
     with nogil:
         if batch_stats:
             # The shift K of each channel: its first element (see the module docstring).
@@ -391,6 +645,28 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
     cdef int nt = _threads_for(n * nc * s, n * nc)
     if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
         nt = <int> (work.shape[0] // (2 * nc))
+    cdef _chan_job cj
+    if _by_channel(n, nc, s, nt):
+        cj.dbl = floating is double
+        cj.fwd = False
+        cj.batch_stats = batch_stats
+        cj.acc_w = accumulate_weight
+        cj.acc_b = accumulate_bias
+        cj.x = px
+        cj.u = pdy
+        cj.g = pg
+        cj.out = pdx
+        cj.w = pw
+        cj.gw = pgw
+        cj.gb = pgb
+        cj.saved = <double*> &saved[0, 0]
+        cj.coef = &coef[0, 0]
+        cj.n = n
+        cj.nc = nc
+        cj.s = s
+        with nogil:
+            pool_ranges(nt, nc, 4 * nt, 1, _chan_range, &cj)
+        return
     with nogil:
         if m > 0:
             _sums(px, pdy, pg, mean, sdy, sdyx, &work[0], n, nc, s, nt)

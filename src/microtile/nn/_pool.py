@@ -8,7 +8,8 @@ from microtile._common._checks import as_float_array
 from microtile.conv._nchw import out_size
 from microtile.nn._conv import pair
 from microtile.conv.pooling import (avg_pool2d, avg_pool2d_backward, max_pool2d,
-                                    max_pool2d_backward)
+                                    max_pool2d_backward, max_pool_offsets,
+                                    max_pool_offsets_backward)
 from microtile.nn._module import Module, check_int, per_thread
 from microtile.nn._pool_kernels import adaptive_avg_pool2d
 
@@ -67,10 +68,16 @@ class MaxPool2d(_Pool2d):
     def forward(self, x):
         x = self._check(x)
         shape = self.output_shape(x.shape)
-        y, idx = max_pool2d(x, self.kernel_size, self.stride, self.padding,
-                            return_indices=True,
-                            _out=self._buffer("y", shape, x.dtype),
-                            _indices=self._buffer("idx", shape, np.int64))
+        y = self._buffer("y", shape, x.dtype)
+        if self.kernel_size[0] * self.kernel_size[1] <= 256:
+            # Each winner kept as its offset in the window, one byte per output (an int64
+            # index is eight, and the public indices' check reads them twice more).
+            idx = self._buffer("off", shape, np.uint8)
+            max_pool_offsets(x, self.kernel_size, self.stride, self.padding, y, idx)
+        else:
+            y, idx = max_pool2d(x, self.kernel_size, self.stride, self.padding,
+                                return_indices=True, _out=y,
+                                _indices=self._buffer("idx", shape, np.int64))
         self._x = x
         self._idx = idx
         self._y_shape = y.shape
@@ -80,9 +87,12 @@ class MaxPool2d(_Pool2d):
         dy = self._incoming(dy)
         if not need_input_grad:
             return None
+        dx = self._buffer("dx", self._x.shape, dy.dtype)
+        if self._idx.dtype == np.uint8:
+            return max_pool_offsets_backward(dy, self._idx, self.kernel_size, self.stride,
+                                             self.padding, dx)
         return max_pool2d_backward(dy, self._x, self.kernel_size, self.stride,
-                                   self.padding, indices=self._idx,
-                                   _dx=self._buffer("dx", self._x.shape, dy.dtype))
+                                   self.padding, indices=self._idx, _dx=dx)
 
 
 class AvgPool2d(_Pool2d):

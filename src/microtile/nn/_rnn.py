@@ -1,12 +1,12 @@
 """Recurrent layers RNN, LSTM and GRU (torch's equations, weights and names), and LastStep.
 
 Per layer and sequence the work is: the input projection of all T steps as one GEMM
-(T*N x k*H, biases in its write-back), then the time loop in ``_rnn_kernels`` (per step one
-GEMM with the recurrent weight and one pass over the gates, all without the GIL), and in
-backward, after the loop, one GEMM per weight over the stacked gate gradients of all steps
-and one for the input gradient.  Everything the loops touch is a per-thread reusable buffer
-(see ``Module``), so once the shapes have been seen a training step allocates nothing but
-a few small views.
+(T*N x k*H, biases in its write-back), then the time loop in ``_rnn_kernels`` (W_hh packed
+once; per step one job on the thread pool whose items multiply by it and apply the cell to
+their tiles, all without the GIL), and in backward, after the loop, one GEMM per weight
+over the stacked gate gradients of all steps and one for the input gradient.  Everything
+the loops touch is a per-thread reusable buffer (see ``Module``; the packed W_hh too), so
+once the shapes have been seen a training step allocates nothing but a few small views.
 
 Internally sequences are time-major, (T, N, features) C-contiguous, one step a block of N
 rows; a ``batch_first`` input is copied into that layout once (and the output and input
@@ -25,7 +25,7 @@ from microtile.nn._init import as_generator
 from microtile.nn._module import Module, check_bool, check_int, per_thread
 from microtile.nn._parameter import Parameter, locked
 from microtile.nn._rnn_kernels import (gru_backward, gru_forward, lstm_backward, lstm_forward,
-                                       rnn_backward, rnn_forward)
+                                       rnn_backward, rnn_forward, work_size)
 
 _F64 = np.dtype(np.float64)
 
@@ -86,6 +86,11 @@ class _RecurrentBase(Module):
         if arr.shape != want:
             raise ValueError(f"{self!r}: {name} has shape {arr.shape}, expected {want}")
         return arr.reshape(L, 1, H) if unbatched else arr
+
+    def _work(self, N, backward, dt):
+        """The time loop's reusable workspace (the packed W_hh, see ``work_size``)."""
+        size = work_size(self._mode, N, self.hidden_size, backward, dt == _F64)
+        return self._buffer(("work", backward), (size,), dt)
 
     def _time_major(self, x):
         """The input as (T, N, I) (a view), and whether it was unbatched (2-D)."""
@@ -354,7 +359,7 @@ class LSTM(_RecurrentBase):
         self._fill_state(Hb, N, None if init is None else init[0])
         self._fill_state(Cb, N, None if init is None else init[1])
         if T * N:
-            lstm_forward(G, Hb, Cb, w_hh.data, N, init is not None)
+            lstm_forward(G, Hb, Cb, w_hh.data, N, init is not None, self._work(N, False, dt))
         return Hb, Cb, G
 
     def _layer_backward(self, layer, fwd, dy3, T, N, has_h0, x_rows, need_dx, dt):
@@ -364,7 +369,8 @@ class LSTM(_RecurrentBase):
         dh = self._buffer("dh", (N, H), dt)
         dc = self._buffer("dc", (N, H), dt)
         if T * N:
-            lstm_backward(G, Cb, dy3, self._weights(layer)[1].data, dG, dh, dc, has_h0)
+            lstm_backward(G, Cb, dy3, self._weights(layer)[1].data, dG, dh, dc, has_h0,
+                          self._work(N, True, dt))
         else:
             dh.fill(0)
             dc.fill(0)
@@ -401,12 +407,11 @@ class GRU(_RecurrentBase):
         linear_forward(x_rows, w_ih.data, bias=None if b_ih is None else b_ih.data, out=G)
         Hb = self._buffer(("H", layer), ((T + 1) * N, H), dt)
         HN = self._buffer(("HN", layer), (T * N, H), dt)
-        S = self._buffer("S", (N, 3 * H), dt)
         self._fill_state(Hb, N, None if init is None else init[0])
         if T * N:
             # Without bias the kernel does not read b_hh; it still takes a (3H,) array.
-            gru_forward(G, Hb, HN, S, w_hh.data, G[0] if b_hh is None else b_hh.data,
-                        b_hh is not None, N, init is not None)
+            gru_forward(G, Hb, HN, w_hh.data, G[0] if b_hh is None else b_hh.data,
+                        b_hh is not None, N, init is not None, self._work(N, False, dt))
         return Hb, HN, G
 
     def _layer_backward(self, layer, fwd, dy3, T, N, has_h0, x_rows, need_dx, dt):
@@ -416,7 +421,8 @@ class GRU(_RecurrentBase):
         dGh = self._buffer("dGh", (T * N, 3 * H), dt)
         dh = self._buffer("dh", (N, H), dt)
         if T * N:
-            gru_backward(G, Hb, HN, dy3, self._weights(layer)[1].data, dGx, dGh, dh, has_h0)
+            gru_backward(G, Hb, HN, dy3, self._weights(layer)[1].data, dGx, dGh, dh, has_h0,
+                         self._work(N, True, dt))
         else:
             dh.fill(0)
         self._accumulate(layer, x_rows, Hb[:T * N], dGx, dGh, 0 if has_h0 else N, dt)

@@ -1,6 +1,8 @@
-"""Sequential: layers applied in order, with an activation folded into the layer before it."""
+"""Sequential: layers applied in order, with an activation folded into the layer before it,
+and in eval mode a BatchNorm folded into the Linear or Conv2d before it."""
 from microtile.nn._activation import _Activation
 from microtile.nn._module import Module, grads_ready_callback, hook_aware, per_thread
+from microtile.nn._norm import _BatchNorm
 
 
 class Sequential(Module):
@@ -11,6 +13,14 @@ class Sequential(Module):
     while the layer reads the incoming gradient, saving a pass over the activations each
     way.  The results are the same as running the two layers separately.  (LeakyReLU,
     GELU and SiLU need their input for the backward pass, so they always run on their own.)
+
+    In eval mode a BatchNorm that uses its running statistics and directly follows a
+    Linear (2-D input) or Conv2d is folded into it: the layer runs once with its weights
+    scaled per output channel and the normalisation's shift as its bias (added, with a
+    following ReLU, Sigmoid or Tanh, as the output is written), so the BatchNorm costs no
+    pass over the output.  The results equal the two layers' to rounding.  A ``backward``
+    after such a forward first runs the two layers again unfolded (eval-mode gradients are
+    rare, and the folded forward keeps nothing they need).
 
     Parameters
     ----------
@@ -55,6 +65,18 @@ class Sequential(Module):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < n else None
             try:
+                if isinstance(nxt, _BatchNorm) and nxt._folds_into(layer):
+                    after = layers[i + 2] if i + 2 < n else None
+                    act = (after if isinstance(after, _Activation)
+                           and type(after)._act_name is not None else None)
+                    y = layer._forward_folded(x, nxt, act._act_name if act else None)
+                    if y is not None:
+                        if act is not None:
+                            act._adopt_output(y)
+                        plan.append((i, layer, (nxt, act, x)))
+                        x = y
+                        i += 3 if act is not None else 2
+                        continue
                 if (isinstance(nxt, _Activation) and getattr(layer, "_fusable", False)
                         and type(nxt)._act_name is not None):
                     x = layer._forward(x, nxt._act_name)
@@ -79,9 +101,11 @@ class Sequential(Module):
             raise RuntimeError("Sequential: backward called before forward")
         ready = grads_ready_callback()
         for k in range(len(plan) - 1, -1, -1):
-            i, layer, _ = plan[k]
+            i, layer, how = plan[k]
             need = need_input_grad or k > 0
             try:
+                if isinstance(how, tuple):
+                    dy = self._unfolded_backward(layer, how, dy, ready)
                 if isinstance(layer, Module):
                     dy = layer.backward(dy, need_input_grad=need)
                 else:
@@ -94,6 +118,19 @@ class Sequential(Module):
                 # This layer's gradients are final: a data-parallel wrapper may start
                 # reducing them while the layers before it run their backward.
                 ready(layer)
+        return dy
+
+    @staticmethod
+    def _unfolded_backward(layer, how, dy, ready):
+        """Backward through a BatchNorm (and activation) that ran folded into ``layer``:
+        the two run again unfolded on the kept input, then the BatchNorm's backward; returns
+        the gradient for ``layer``'s output (``layer``'s own backward follows)."""
+        bn, act, x = how
+        z = layer._forward(x, None)
+        bn._forward(z, act._act_name if act is not None else None)
+        dy = bn.backward(dy)
+        if ready is not None and not hook_aware(bn):
+            ready(bn)
         return dy
 
     @property
