@@ -221,10 +221,11 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
 
     Notes
     -----
-    Three algorithms; ``config_context(conv_algorithm=...)`` picks one, and by default the
-    direct kernel runs depthwise layers and grouped ones with at most 8 input channels per
-    group, Winograd the 3x3 stride-1 ungrouped layers with at least 64 channels in and out
-    and enough output (``WINOGRAD_MIN_TILES`` 4x4 tiles), im2col + GEMM the others.
+    Three algorithms; ``config_context(conv_algorithm=...)`` picks one, else the profile's
+    choice for the layer's shape (``microtile.nn.tune``), else the built-in rule: the direct
+    kernel for depthwise layers and grouped ones with at most 8 input channels per group,
+    Winograd for the 3x3 stride-1 ungrouped layers with at least 64 channels in and out and
+    enough output (``WINOGRAD_MIN_TILES`` 4x4 tiles), im2col + GEMM for the others.
 
     Winograd F(4x4, 3x3) (F(2x2, 3x3) in float32 above 256 input channels) applies only to
     3x3, stride-1, undilated, ungrouped layers; forced on any other layer, the built-in rule
