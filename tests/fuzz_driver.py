@@ -1511,7 +1511,7 @@ def gen_config_context(rng):
     if rng.random() < 0.15:
         kw["isa"] = choice(rng, tuple(mt.available_isas()))
     if rng.random() < 0.15:
-        kw["conv_algorithm"] = choice(rng, ("auto", "im2col", "direct"))
+        kw["conv_algorithm"] = choice(rng, ("auto", "im2col", "direct", "winograd"))
     fault = pick(rng, 0.45, ("unknown", "value", "dtype"))
     if fault == "unknown":
         kw[choice(rng, ("mr", "nr", "blocking", "thread", "MC", ""))] = 4

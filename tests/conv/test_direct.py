@@ -492,7 +492,7 @@ def test_forced_algorithm_is_scoped_and_reported():
     assert last_algorithm() == "direct"
 
 
-@pytest.mark.parametrize("value", ["winograd", "Direct", "", None, 1, True, ("direct",)])
+@pytest.mark.parametrize("value", ["Winograd", "fft", "Direct", "", None, 1, True, ("direct",)])
 def test_unknown_algorithm_is_a_value_error(value):
     with pytest.raises(ValueError, match="conv_algorithm must be one of"):
         with mt.config_context(conv_algorithm=value):

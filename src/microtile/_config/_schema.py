@@ -55,8 +55,10 @@ OPTIONS = {"conv_workspace": (8 << 20, 64 << 10, 1 << 34),
 
 # The convolution algorithms: "auto" lets the built-in rule choose per layer; "im2col" is
 # im2col + the GEMM; "direct" the direct kernel (made for depthwise and small-group layers,
-# correct for any).  Both named algorithms apply to every layer (see conv.convolution).
-CONV_ALGORITHMS = ("auto", "im2col", "direct")
+# correct for any).  Both apply to every layer; "winograd" (3x3, stride-1, undilated,
+# ungrouped layers) applies to some only, and the rule chooses on the others (see
+# conv.convolution._algorithm).
+CONV_ALGORITHMS = ("auto", "im2col", "direct", "winograd")
 
 # Thread counts a caller may ask for (set_num_threads, config_context).
 MAX_THREADS = 1 << 12

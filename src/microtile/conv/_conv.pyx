@@ -88,6 +88,17 @@ def release_workspace():
         _pool.clear()
 
 
+def take_workspace(idx_t nbytes):
+    """A uint8 buffer of at least ``nbytes`` from the pool kept between calls (or a fresh
+    one), for the other drivers (``_winograd``); hand it back with ``give_workspace``."""
+    return _ws_get(nbytes, np.dtype(np.uint8))
+
+
+def give_workspace(cnp.ndarray buf):
+    """Return a buffer from ``take_workspace`` to the pool."""
+    _ws_put(buf)
+
+
 # The plan of this thread's last call, for tests (what the chunking chose, and the column
 # workspace it used against the cap).
 _last = threading.local()

@@ -2,11 +2,12 @@
 the choice of algorithm.
 
 The arithmetic lives in ``_conv`` (im2col + GEMM drivers), ``_im2col`` (the lowering
-kernels) and ``_direct`` (the direct kernel for depthwise and small-group layers).
+kernels), ``_direct`` (the direct kernel for depthwise and small-group layers) and
+``_winograd`` (Winograd F(2x2,3x3) / F(4x4,3x3) for 3x3 stride-1 layers).
 """
 import numpy as np
 
-from microtile.conv import _conv, _direct, _im2col
+from microtile.conv import _conv, _direct, _im2col, _winograd
 from microtile._common._checks import as_float_array, as_dtype, check_out, overlaps, result_dtype
 from microtile._config._context import conv_choice, get_num_threads, get_option
 from microtile.conv._nchw import (as_nchw, check_result, conv_padding, count, out_size, pair,
@@ -32,6 +33,50 @@ def _sizes():
 DIRECT_MAX_CG = 8
 
 
+# Winograd (``_winograd``) for 3x3, stride-1, undilated, ungrouped layers.
+#
+# Error: |y_winograd - y| <= WINOGRAD_ERROR[m] * (C*9) * eps * max|x| * max|w| (plus the
+# bias's rounding), the constant measured over C = 1, 8, 64, 256 on normal data, heavy-tailed
+# trained-like data (Student t with 2 degrees of freedom, x scaled by 100 and w by 10) and
+# two adversarial sets (all-positive values near 1e4 and 1e3; checkerboard signs at 1e3), in
+# float32 against a float64 reference (tests/conv/test_winograd.py checks it).  Largest
+# error / ((C*9) * eps * max|x| * max|w|) measured: im2col 4.9, F(2x2) 5.7, F(4x4) on the
+# points 0, +-1, 1/2, -2: 10.7 (on normal data 0.10-0.32, against 0.35-0.74 for the points
+# 0, +-1, +-2 of Lavin and Gray, whose worst case was 9.5).  The constants allow 1.5x on
+# those.  F(4x4) is used in float32 only up to WINOGRAD_F4_MAX_C input channels (the range
+# measured, where its constant is ~2x im2col's); above it F(2x2).  float64 always F(4x4).
+WINOGRAD_ERROR = {2: 8.0, 4: 16.0}
+WINOGRAD_F4_MAX_C = 256
+# The built-in rule takes Winograd for layers with at least WINOGRAD_MIN_C input and
+# output channels and at least WINOGRAD_MIN_TILES output tiles of 4x4 (N * ceil(P/4) *
+# ceil(Q/4)): the filter transform (K*C*36 values per call) is paid whatever the batch, the
+# saving grows with the tiles.  Measured here, float32, 2 threads, medians of 15 calls in
+# random interleaved order (tools/bench_conv_inference.py --algorithm winograd,im2col,auto),
+# ms winograd / im2col / torch:  C64 56x56 b8 (1568 tiles) 8.5 / 19.1 / 12.9;  C128 28x28
+# b8 (392) 8.4 / 17.0 / 11.3;  C256 14x14 b8 (128) 8.0 / 16.9 / 11.2;  C64 56x56 b1 (196)
+# 1.18 / 3.25 / 1.87;  C128 28x28 b1 (49) 0.98 / 2.79 / 2.21;  C256 14x14 b1 (16 tiles)
+# 3.2 / 2.9 / 2.4, where the 2.4M transformed filter values (three blocks of filters within
+# the 8 MiB cap) are most of the work.  This shared VM is noisy (the same call differed by
+# up to 1.7x within a run); Winograd beat im2col on the first five layers in all five runs
+# made, and never on the last.  Layers with fewer than 64 channels were not measured and
+# stay on im2col.
+WINOGRAD_MIN_C = 64
+WINOGRAD_MIN_TILES = 32
+
+
+def _winograd_tile(N, C, K, geom, groups, dt):
+    """Winograd's tile size m for this layer, or None where it does not apply: 3x3 filters,
+    stride 1, dilation 1, groups 1, and its transforms within the ``conv_workspace`` cap."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    if groups != 1 or (R, S, sh, sw, dh, dw) != (3, 3, 1, 1, 1, 1):
+        return None
+    m = 4 if (np.dtype(dt) == np.float64 or C <= WINOGRAD_F4_MAX_C) else 2
+    if not _winograd.fits((H, W, pt, pl, P, Q), N, C, K, m, np.dtype(dt).itemsize,
+                          *_sizes(), get_num_threads()):
+        return None
+    return m
+
+
 def shape_key(pass_, dt, N, C, K, groups, geom):
     """The profile's key for one convolution shape and pass ("forward" or "backward"):
     everything that decides which algorithm is fastest (dtype, sizes, geometry), nothing
@@ -41,15 +86,28 @@ def shape_key(pass_, dt, N, C, K, groups, geom):
             f"s{sh}x{sw} p{pt}x{pl} d{dh}x{dw} o{P}x{Q}")
 
 
-def applicable(N, Cg, K, groups, geom):
-    """The algorithms that compute this layer (every named one but "auto" that applies)."""
+def applicable(N, Cg, K, groups, geom, dt=np.float32):
+    """The algorithms that compute this layer (every named one but "auto" that applies):
+    im2col and direct always, Winograd on 3x3 stride-1 undilated ungrouped layers whose
+    transforms fit the workspace cap (``_winograd_tile``)."""
+    if geom is not None and _winograd_tile(N, Cg * groups, K, geom, groups, dt):
+        return ("im2col", "direct", "winograd")
     return ("im2col", "direct")
 
 
-def _rule(N, Cg, K, groups, geom):
+def _rule(N, Cg, K, groups, geom, dt=np.float32):
     """The built-in choice: direct for depthwise layers and grouped ones with at most
-    DIRECT_MAX_CG input channels per group, im2col + GEMM for the others."""
-    return "direct" if groups > 1 and Cg <= DIRECT_MAX_CG else "im2col"
+    DIRECT_MAX_CG input channels per group; Winograd for 3x3 stride-1 ungrouped layers with
+    at least WINOGRAD_MIN_C channels in and out and WINOGRAD_MIN_TILES F(4x4) tiles (where
+    it applies); im2col + GEMM for the others."""
+    if groups > 1 and Cg <= DIRECT_MAX_CG:
+        return "direct"
+    P, Q = geom[10], geom[11]
+    if (Cg >= WINOGRAD_MIN_C and K >= WINOGRAD_MIN_C
+            and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES
+            and _winograd_tile(N, Cg * groups, K, geom, groups, dt)):
+        return "winograd"
+    return "im2col"
 
 
 def _algorithm(pass_, dt, N, C, K, groups, geom):
@@ -66,7 +124,7 @@ def _algorithm(pass_, dt, N, C, K, groups, geom):
     P, Q = geom[10], geom[11]
     if N == 0 or Cg == 0 or K == 0 or P == 0 or Q == 0:
         return "im2col"
-    ok = applicable(N, Cg, K, groups, geom)
+    ok = applicable(N, Cg, K, groups, geom, dt)
     forced = get_option("conv_algorithm")
     if forced != "auto":
         if forced in ok:
@@ -75,7 +133,7 @@ def _algorithm(pass_, dt, N, C, K, groups, geom):
         tuned = conv_choice(shape_key(pass_, dt, N, C, K, groups, geom))
         if tuned in ok:
             return tuned
-    return _rule(N, Cg, K, groups, geom)
+    return _rule(N, Cg, K, groups, geom, dt)
 
 
 def _weight_rows(Wt, dt):
@@ -163,9 +221,19 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
 
     Notes
     -----
-    Two algorithms; ``config_context(conv_algorithm=...)`` picks one, and by default the
-    direct kernel runs depthwise layers and grouped ones with at most 8 input channels per
-    group, im2col + GEMM the others.
+    Three algorithms; ``config_context(conv_algorithm=...)`` picks one, else the profile's
+    choice for the layer's shape (``microtile.nn.tune``), else the built-in rule: the direct
+    kernel for depthwise layers and grouped ones with at most 8 input channels per group,
+    Winograd for the 3x3 stride-1 ungrouped layers with at least 64 channels in and out and
+    enough output (``WINOGRAD_MIN_TILES`` 4x4 tiles), im2col + GEMM for the others.
+
+    Winograd F(4x4, 3x3) (F(2x2, 3x3) in float32 above 256 input channels) applies only to
+    3x3, stride-1, undilated, ungrouped layers; forced on any other layer, the built-in rule
+    chooses instead.  Its error is at most ``WINOGRAD_ERROR[m] * (C*9) * eps * max|x| *
+    max|w|`` (measured constants; see ``convolution.WINOGRAD_ERROR``), a few times that of
+    im2col.  Its transforms use at most ``conv_workspace`` bytes (the transformed filters,
+    by blocks of filters when needed, and one chunk of transformed tiles); a layer that
+    does not fit, or whose transforms meet Inf or NaN, is computed on im2col.
 
     im2col + GEMM per group, in chunks whose columns fit ``conv_workspace`` bytes (see
     ``config_context``) whatever the geometry: when fewer than a few output positions'
@@ -206,7 +274,10 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     in_place = (O is not None and O.flags.c_contiguous and O.flags.aligned
                 and O.dtype.isnative)
     Y = O.reshape(shape4) if in_place else np.empty(shape4, dtype=dt)
-    if _algorithm("forward", dt, N, X4.shape[1], K, groups, geom) == "direct":
+    algorithm = _algorithm("forward", dt, N, X4.shape[1], K, groups, geom)
+    if algorithm == "winograd" and _conv_winograd(X4, as_dtype(Wt, dt), B, Y, geom, dt):
+        pass
+    elif algorithm == "direct":
         _direct.forward(X4, _weight_rows(Wt, dt), None if B is None else
                         np.ascontiguousarray(B, dtype=dt), Y, geom, groups)
     else:
@@ -216,6 +287,20 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
             O[...] = Y.reshape(shape)
         return O
     return Y[0] if unbatched else Y
+
+
+def _conv_winograd(X4, Wt, B, Y, geom, dt):
+    """conv2d's Winograd path into Y (N, K, P, Q), C-contiguous; False (Y undefined) when
+    the caller is to compute it on im2col instead: a transform made Inf or NaN (one in a
+    tile's input spreads to all its outputs, where the direct sum may have a number), or
+    the layer did not fit the workspace after all."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    m = _winograd_tile(X4.shape[0], X4.shape[1], Wt.shape[0], geom, 1, dt)
+    if m is None:
+        return False
+    Bc = None if B is None else np.ascontiguousarray(B, dtype=dt)
+    return _winograd.forward(X4, Wt, Bc, Y, (H, W, pt, pl, P, Q), m,
+                             *_sizes()) == _winograd.OK
 
 
 def _conv_im2col(X4, Wt, B, Y, geom, groups, dt):
@@ -299,6 +384,9 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     dw_out = reuse_out(_dw, Wt.shape, dt, what, "_dw")
     db_out = reuse_out(_db, (K,), dt, what, "_db") if need_bias_grad else None
     algorithm = _algorithm("backward", dt, N, X4.shape[1], K, groups, geom)
+    if algorithm == "winograd":
+        return _backward_winograd(DY4, X4, Wt, geom, dt, unbatched, bool(need_input_grad),
+                                  bool(need_bias_grad), dx_out, dw_out, db_out)
     if algorithm == "direct":
         Wc = _weight_rows(Wt, dt)
         # The direct dx multiplies every weight by dy's zero padding too, a product col2im
@@ -330,6 +418,38 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1,
     if dx is not None and unbatched:
         dx = dx[0]
     return dx, dw, db
+
+
+def _backward_winograd(DY4, X4, Wt, geom, dt, unbatched, need_x, need_b, dx_out, dw_out,
+                       db_out):
+    """conv2d_backward when the rule chose Winograd: dx is the stride-1 3x3 correlation of
+    dy with the weights flipped and transposed (K <-> C), its padding 2 - p (a negative one
+    crops), run on the Winograd forward; dw and db stay on im2col (their GEMMs have depth
+    N*P*Q, no 3x3 structure to exploit on the output side)."""
+    H, W, R, S, sh, sw, pt, pl, dh, dw, P, Q = geom
+    N, K = DY4.shape[0], DY4.shape[1]
+    C = X4.shape[1]
+    crs = C * 9
+    dx = None
+    if need_x:
+        dx = np.empty(X4.shape, dtype=dt) if dx_out is None else dx_out
+        # A view: w'[c, k, r, s] = w[k, c, 2 - r, 2 - s].
+        Wf = as_dtype(Wt, dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+        geom_t = (P, Q, 3, 3, 1, 1, 2 - pt, 2 - pl, 1, 1, H, W)
+        if not _conv_winograd(DY4, Wf, None, dx, geom_t, dt):
+            dx = None
+    Wm = _weight_matrix(Wt, dt)
+    # im2col computes dx too when Winograd could not (Inf or NaN in dy or w).
+    dx2, dwm, db = _conv.conv2d_backward(DY4, X4, Wm, geom, 1, True, need_x and dx is None,
+                                         need_b, *_sizes(),
+                                         dx_out if need_x and dx is None else None,
+                                         None if dw_out is None else dw_out.reshape(K, crs),
+                                         db_out)
+    if need_x and dx is None:
+        dx = dx2
+    if dx is not None and unbatched:
+        dx = dx[0]
+    return dx, dwm.reshape(Wt.shape), db
 
 
 def _unfold_args(kernel_size, stride, padding, dilation):

@@ -130,8 +130,8 @@ def tune(model, x, *, rounds=5, profile=None):
                                                            kw["stride"], kw["padding"],
                                                            kw["dilation"], kw["groups"])
         N, C = X4.shape[0], X4.shape[1]
-        ok = convolution.applicable(N, C // groups, K, groups, geom)
-        rule = convolution._rule(N, C // groups, K, groups, geom)
+        ok = convolution.applicable(N, C // groups, K, groups, geom, dt)
+        rule = convolution._rule(N, C // groups, K, groups, geom, dt)
         if N == 0 or P == 0 or Q == 0 or len(ok) < 2:
             continue
         fkey = convolution.shape_key("forward", dt, N, C, K, groups, geom)
