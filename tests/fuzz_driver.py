@@ -945,6 +945,23 @@ def build_conv(rng, call, s, dt_x, dt_w):
     return x, w, xv, wv
 
 
+def winograd_bound(bound, geom, groups, inputs, channels, alg):
+    """``bound`` widened to Winograd's documented error where the call may have run on it
+    (forced, or "auto", on a 3x3 stride-1 ungrouped layer): |error| <= 16 * (channels * 9) *
+    eps * max|in| * max|w| (conv.convolution; F(4x4), the larger constant).  The
+    im2col-style bound sums |x||w| along each output's taps, which Winograd's transforms do
+    not respect; outside those layers the bound is left as it is."""
+    if alg not in ("winograd", "auto") or geom is None or groups != 1:
+        return bound
+    if (geom.R, geom.S, geom.sh, geom.sw, geom.dh, geom.dw) != (3, 3, 1, 1, 1, 1):
+        return bound
+    big = 16.0 * channels * 9
+    for a in inputs:
+        a = np.abs(np.asarray(a, F64))
+        big *= float(a.max()) if a.size else 0.0
+    return np.maximum(bound, big)
+
+
 def conv_expectations(call, s, geom):
     """Natural faults: a kernel larger than the padded input, or a result too large."""
     if not call.ok:
@@ -990,6 +1007,7 @@ def gen_conv2d(rng):
     call.args.append(", ".join(f"{k}={v!r}" for k, v in kw.items()))
 
     def run():
+        s["alg"] = mt.get_config()["conv_algorithm"]
         if out is not None:
             return mt.conv2d(x, w, b, out=out, **kw)
         return mt.conv2d(x, w, b, **kw)
@@ -997,6 +1015,7 @@ def gen_conv2d(rng):
     def check(res):
         x4 = f64(x).reshape(s["x4_shape"])
         y, bound, k = R.conv2d_ref(x4, f64(w), None if b is None else f64(b), geom, kw["groups"])
+        bound = winograd_bound(bound, geom, kw["groups"], (x4, w), geom.C, s.get("alg"))
         if s["unbatched"]:
             y, bound = y[0], bound[0]
         close(res, y, bound, k, dt, "conv2d")
@@ -1024,6 +1043,12 @@ def gen_conv2d_backward(rng):
     if s["fault"] == "dy_shape":
         dy_shape = dy_shape[:-1] + (dy_shape[-1] + 1,)
         call.invalid("dy shape", ValueError)
+    elif call.ok and (math.prod(dy_shape) > 1 << 24 or max(dy_shape) > 1 << 31):
+        # An output too large to draw a dy for (a huge padding, say, even with N = 0): a
+        # small dy, so the call is one with a wrong dy shape (seed 9 of conv2d_backward drew
+        # a (0, 3, 2^64 + 5, 2^64 - 1) dy that NumPy refused, a driver error).
+        dy_shape = dy_shape[:-2] + (1, 1)
+        call.invalid("dy shape", ValueError)
     dyv = values(rng, dy_shape, fdtype(rng), 0.03)
     dy = put(rng, call, "dy", dyv) if s["fault"] != "dtype_dy" else call.arg(
         "dy", array_fault(rng, call, "dy", dy_shape))
@@ -1033,6 +1058,7 @@ def gen_conv2d_backward(rng):
                      + f", need_input_grad={need_dx}, need_bias_grad={need_db}")
 
     def run():
+        s["alg"] = mt.get_config()["conv_algorithm"]
         return mt.conv2d_backward(dy, x, w, need_input_grad=need_dx, need_bias_grad=need_db,
                                   **kw)
 
@@ -1044,6 +1070,8 @@ def gen_conv2d_backward(rng):
         dy4 = f64(dy).reshape((s["x4_shape"][0], s["K"], geom.P, geom.Q))
         (rdx, bdx, kx), (rdw, bdw, kw_), (rdb, bdb, kb) = R.conv2d_backward_ref(
             dy4, x4, f64(w), geom, kw["groups"])
+        # dx on Winograd is the flipped 3x3 correlation of dy: K channels in.
+        bdx = winograd_bound(bdx, geom, kw["groups"], (dy4, w), geom.K, s.get("alg"))
         if s["unbatched"]:
             rdx, bdx = rdx[0], bdx[0]
         if need_dx:
@@ -2666,8 +2694,8 @@ def random_context(rng):
         ctx["nopack_mnk"] = choice(rng, (0, 2 ** 40))
     if rng.random() < 0.1:
         ctx["conv_workspace"], ctx["conv_chunk"] = 64 << 10, 16 << 10
-    if rng.random() < 0.15:     # either algorithm on any layer (each applies to every one)
-        ctx["conv_algorithm"] = choice(rng, ("im2col", "direct"))
+    if rng.random() < 0.15:     # any algorithm on any layer (Winograd falls back where it
+        ctx["conv_algorithm"] = choice(rng, ("im2col", "direct", "winograd"))  # does not apply)
     return ctx
 
 
