@@ -225,9 +225,12 @@ UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 def child_env(env=None):
     """Environment for a fresh interpreter that imports this microtile: no MICROTILE_* or
-    OMP_NUM_THREADS variables unless ``env`` sets them (a value of None removes one)."""
+    OMP_NUM_THREADS variables unless ``env`` sets them (a value of None removes one), except
+    MICROTILE_ISA: a run of the suite on the portable kernels starts its children on them
+    too (a profile the parent writes names its own kernel set)."""
     child = {k: v for k, v in os.environ.items()
-             if not k.startswith("MICROTILE_") and k not in ("OMP_NUM_THREADS",)}
+             if (not k.startswith("MICROTILE_") or k == "MICROTILE_ISA")
+             and k not in ("OMP_NUM_THREADS",)}
     child["PYTHONPATH"] = os.pathsep.join(
         [_import_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for key, value in (env or {}).items():

@@ -18,9 +18,11 @@ def import_roots():
 
 
 def child_env(**extra):
-    """os.environ without MICROTILE_* variables, with PYTHONPATH naming the import roots;
-    ``extra`` values are set (None removes a variable)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MICROTILE_")}
+    """os.environ without MICROTILE_* variables but MICROTILE_ISA (as ``_helpers.child_env``:
+    a run on the portable kernels starts its children on them), with PYTHONPATH naming the
+    import roots; ``extra`` values are set (None removes a variable)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MICROTILE_") or k == "MICROTILE_ISA"}
     env.pop("PYTHONWARNINGS", None)
     env["PYTHONPATH"] = os.pathsep.join(
         import_roots() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
