@@ -120,10 +120,7 @@ class Conv2d(Module):
         y = self._buffer("y", shape, dt)
         bias = self.bias.data if self.bias is not None else None
         conv2d(x, self.weight.data, bias, out=y, **self._kw())
-        code = ACTIVATIONS[activation]
-        if code:
-            flat = y.reshape(-1)
-            act_forward(flat, flat, code)
+        code = self._activate(y, activation)
         self._x = x
         self._y = y
         self._act = code
@@ -147,11 +144,18 @@ class Conv2d(Module):
                         self.weight.shape)
         y = self._buffer("y", shape, dt)
         conv2d(x, w, b, out=y, **self._kw())
+        self._activate(y, activation)
+        return y
+
+    @staticmethod
+    def _activate(y, activation):
+        """A fused activation applied to the output in place (the convolution drivers have
+        no epilogue for it); returns its code."""
         code = ACTIVATIONS[activation]
         if code:
             flat = y.reshape(-1)
             act_forward(flat, flat, code)
-        return y
+        return code
 
     def backward(self, dy, *, need_input_grad=True):
         """Accumulate the parameter gradients; return dL/dx (None if not ``need_input_grad``)."""
