@@ -7,7 +7,6 @@ from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport imin
 from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr,
                                           ukr_gen, ukr_dot, ukr_dot4)
-from microtile.nn._act_math cimport sigmoid, tanh_
 
 cdef extern from *:
     """
@@ -27,152 +26,87 @@ cdef extern from *:
 # A step's gate pass goes to more than one thread from this many gate elements (N * k * H)
 
 # -- the cells, applied to one row's units j0 .. j0+w-1 ---------------------------------------
-# ``t`` is the row's product tile: gate q's w values at t + q * ts.
+# ``t`` is the row's product tile: gate q's w values at t + q * ts.  The loops are C
+# (``_rnn_cells.h``): one restrict-qualified loop per cell.
 
-cdef void _lstm_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
-                         idx_t ts) noexcept nogil:
-    """Gates i, f, g, o from the projection plus the product; c = f*c_prev + i*g;
-    h = o*tanh(c)."""
-    cdef idx_t H = s.H, j
+cdef extern from "_rnn_cells.h" nogil:
+    void rnn_lstm_fwd_f(float* g, const float* t, idx_t ts, const float* cp, float* c,
+                        float* h, idx_t H, idx_t w)
+    void rnn_lstm_fwd_d(double* g, const double* t, idx_t ts, const double* cp, double* c,
+                        double* h, idx_t H, idx_t w)
+    void rnn_lstm_bwd_f(const float* g, const float* cp, const float* c, const float* dy,
+                        const float* t, float* dc, float* d, idx_t H, idx_t w)
+    void rnn_lstm_bwd_d(const double* g, const double* cp, const double* c, const double* dy,
+                        const double* t, double* dc, double* d, idx_t H, idx_t w)
+    void rnn_gru_fwd_f(float* g, const float* t, idx_t ts, const float* b, const float* hp,
+                       float* h, float* hn, idx_t H, idx_t w)
+    void rnn_gru_fwd_d(double* g, const double* t, idx_t ts, const double* b,
+                       const double* hp, double* h, double* hn, idx_t H, idx_t w)
+    void rnn_gru_bwd_f(const float* g, const float* hp, const float* hn, const float* dy,
+                       const float* t, float* dhc, float* dx, float* dhh, idx_t H, idx_t w)
+    void rnn_gru_bwd_d(const double* g, const double* hp, const double* hn,
+                       const double* dy, const double* t, double* dhc, double* dx,
+                       double* dhh, idx_t H, idx_t w)
+
+
+cdef inline void _lstm_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
+                                idx_t ts) noexcept nogil:
+    cdef idx_t H = s.H
     cdef floating* g = <floating*> s.g + r * 4 * H + j0
     cdef const floating* cp = <const floating*> s.cprev + r * H + j0
     cdef floating* c = <floating*> s.c + r * H + j0
     cdef floating* h = <floating*> s.h + r * H + j0
-    cdef const floating* t1 = t + ts
-    cdef const floating* t2 = t + 2 * ts
-    cdef const floating* t3 = t + 3 * ts
-    # One loop per gate, each a map over contiguous elements that the compiler vectorises
-    # (one loop over all four and c, h did not: too many possible overlaps to check).
-    for j in range(w):
-        g[j] = sigmoid(g[j] + t[j])
-    for j in range(w):
-        g[H + j] = sigmoid(g[H + j] + t1[j])
-    for j in range(w):
-        g[2 * H + j] = tanh_(g[2 * H + j] + t2[j])
-    for j in range(w):
-        g[3 * H + j] = sigmoid(g[3 * H + j] + t3[j])
-    # The cell update in three simple loops through the (local) tile row, which the compiler
-    # vectorises; as one loop it stayed scalar (14 % of an LSTM step, perf).
-    for j in range(w):
-        t[j] = g[H + j] * cp[j] + g[j] * g[2 * H + j]
-    for j in range(w):
-        c[j] = t[j]
-    for j in range(w):
-        h[j] = g[3 * H + j] * tanh_(t[j])
+    if floating is float:
+        rnn_lstm_fwd_f(g, t, ts, cp, c, h, H, w)
+    else:
+        rnn_lstm_fwd_d(g, t, ts, cp, c, h, H, w)
 
 
-cdef void _lstm_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
-                         idx_t ts) noexcept nogil:
-    """From dh = dy + the product (dG_{t+1} W_hh) and the carried dc: the four gate
-    pre-activation gradients; the carried dc becomes dc * f (its share for step t-1)."""
-    cdef idx_t H = s.H, j
-    cdef const floating* gi = <const floating*> s.g + r * 4 * H + j0
-    cdef const floating* gf = gi + H
-    cdef const floating* gg = gi + 2 * H
-    cdef const floating* go = gi + 3 * H
+cdef inline void _lstm_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
+                                idx_t ts) noexcept nogil:
+    cdef idx_t H = s.H
+    cdef const floating* g = <const floating*> s.g + r * 4 * H + j0
     cdef const floating* cp = <const floating*> s.cprev + r * H + j0
     cdef const floating* c = <const floating*> s.c + r * H + j0
     cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
     cdef floating* dc = <floating*> s.dc + r * H + j0
-    cdef floating* di = <floating*> s.dgx + r * 4 * H + j0
-    cdef floating* df = di + H
-    cdef floating* dgg = di + 2 * H
-    cdef floating* do = di + 3 * H
-    cdef floating tc[MAX_NR]
-    cdef floating dh[MAX_NR]
-    cdef floating dcv[MAX_NR]
-    # Loops of a few operands each, through local rows: as one loop over the eleven arrays
-    # the compiler did not vectorise it (a third of a backward step, perf).  tanh(c) again
-    # rather than kept from forward: one more array of T*N*H saved for a tanh per element.
-    for j in range(w):
-        tc[j] = tanh_(c[j])
-    for j in range(w):
-        dh[j] = dy[j] + t[j]
-    for j in range(w):
-        dcv[j] = dc[j] + dh[j] * go[j] * (1 - tc[j] * tc[j])
-    for j in range(w):
-        di[j] = dcv[j] * gg[j] * (gi[j] * (1 - gi[j]))
-    for j in range(w):
-        df[j] = dcv[j] * cp[j] * (gf[j] * (1 - gf[j]))
-    for j in range(w):
-        dgg[j] = dcv[j] * gi[j] * (1 - gg[j] * gg[j])
-    for j in range(w):
-        do[j] = dh[j] * tc[j] * (go[j] * (1 - go[j]))
-    for j in range(w):
-        dc[j] = dcv[j] * gf[j]
+    cdef floating* d = <floating*> s.dgx + r * 4 * H + j0
+    if floating is float:
+        rnn_lstm_bwd_f(g, cp, c, dy, t, dc, d, H, w)
+    else:
+        rnn_lstm_bwd_d(g, cp, c, dy, t, dc, d, H, w)
 
 
-cdef void _gru_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
-                        idx_t ts) noexcept nogil:
-    """With p = h_prev W_hh^T + b_hh (the tiles plus the bias): r = sig(x_r + p_r),
-    z = sig(x_z + p_z), n = tanh(x_n + r * p_n), h = n + z (h_prev - n) (torch's form of
-    (1 - z) n + z h_prev)."""
-    cdef idx_t H = s.H, j
+cdef inline void _gru_fwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,
+                               idx_t ts) noexcept nogil:
+    cdef idx_t H = s.H
     cdef floating* g = <floating*> s.g + r * 3 * H + j0
     cdef const floating* hp = <const floating*> s.hprev + r * H + j0
     cdef floating* h = <floating*> s.h + r * H + j0
     cdef floating* hn = <floating*> s.hn + r * H + j0
     cdef const floating* b = <const floating*> s.b_hh
-    cdef floating* t1 = t + ts
-    cdef floating* t2 = t + 2 * ts
     if b != NULL:
         b += j0
-        for j in range(w):
-            t[j] += b[j]
-            t1[j] += b[H + j]
-            t2[j] += b[2 * H + j]
-    # Loops of two or three operands each, which the compiler vectorises.
-    for j in range(w):
-        g[j] = sigmoid(g[j] + t[j])
-    for j in range(w):
-        g[H + j] = sigmoid(g[H + j] + t1[j])
-    for j in range(w):
-        hn[j] = t2[j]
-    for j in range(w):
-        g[2 * H + j] = tanh_(g[2 * H + j] + g[j] * t2[j])
-    for j in range(w):
-        h[j] = g[2 * H + j] + g[H + j] * (hp[j] - g[2 * H + j])
+    if floating is float:
+        rnn_gru_fwd_f(g, t, ts, b, hp, h, hn, H, w)
+    else:
+        rnn_gru_fwd_d(g, t, ts, b, hp, h, hn, H, w)
 
 
-cdef void _gru_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
-                        idx_t ts) noexcept nogil:
-    """dh = dy + the product (dGh_{t+1} W_hh) + the carried dh z; gate gradients on the
-    input side (dgx) and the hidden side (dgh: the n part scaled by r, which multiplies the
-    hidden projection); the carried dh becomes dh * z."""
-    cdef idx_t H = s.H, j
-    cdef const floating* gr = <const floating*> s.g + r * 3 * H + j0
-    cdef const floating* gz = gr + H
-    cdef const floating* gn = gr + 2 * H
+cdef inline void _gru_bwd_cell(const _step* s, idx_t r, idx_t j0, idx_t w, const floating* t,
+                               idx_t ts) noexcept nogil:
+    cdef idx_t H = s.H
+    cdef const floating* g = <const floating*> s.g + r * 3 * H + j0
     cdef const floating* hp = <const floating*> s.hprev + r * H + j0
     cdef const floating* hn = <const floating*> s.hn + r * H + j0
     cdef const floating* dy = <const floating*> s.dy + r * s.dy_rs + j0
     cdef floating* dhc = <floating*> s.dh + r * H + j0
-    cdef floating* dxr = <floating*> s.dgx + r * 3 * H + j0
-    cdef floating* dhr = <floating*> s.dgh + r * 3 * H + j0
-    cdef floating dh[MAX_NR]
-    cdef floating dan[MAX_NR]
-    cdef floating daz[MAX_NR]
-    cdef floating dar[MAX_NR]
-    # Loops of a few operands each, through local rows (see _lstm_bwd_cell).
-    for j in range(w):
-        dh[j] = dy[j] + t[j] + dhc[j]
-    for j in range(w):
-        dan[j] = dh[j] * (1 - gz[j]) * (1 - gn[j] * gn[j])
-    for j in range(w):
-        daz[j] = dh[j] * (hp[j] - gn[j]) * (gz[j] * (1 - gz[j]))
-    for j in range(w):
-        dar[j] = dan[j] * hn[j] * (gr[j] * (1 - gr[j]))
-    for j in range(w):
-        dxr[j] = dar[j]
-        dhr[j] = dar[j]
-    for j in range(w):
-        dxr[H + j] = daz[j]
-        dhr[H + j] = daz[j]
-    for j in range(w):
-        dxr[2 * H + j] = dan[j]
-        dhr[2 * H + j] = dan[j] * gr[j]
-    for j in range(w):
-        dhc[j] = dh[j] * gz[j]
+    cdef floating* dx = <floating*> s.dgx + r * 3 * H + j0
+    cdef floating* dhh = <floating*> s.dgh + r * 3 * H + j0
+    if floating is float:
+        rnn_gru_bwd_f(g, hp, hn, dy, t, dhc, dx, dhh, H, w)
+    else:
+        rnn_gru_bwd_d(g, hp, hn, dy, t, dhc, dx, dhh, H, w)
 
 
 cdef inline void _cell(int kind, const _step* s, idx_t r, idx_t j0, idx_t w, floating* t,

@@ -1,0 +1,98 @@
+/* float32 exp, sigmoid, tanh and the normal CDF without a libm call (see _act_math.pxd),
+ * in a header so that the C of other kernels (the recurrent cells, _rnn_cells.h) can call
+ * them as well as the Cython that cimports _act_math. */
+#ifndef MICROTILE_ACT_MATH_H
+#define MICROTILE_ACT_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* e^x for x in [-104, 88] (clamped outside: 0 below, as e^-104 rounds to 0 in float32;
+   above, enough for tanh, which saturates long before), within about 2 ulp, with
+   subnormal results; NaN stays NaN.  e^x = 2^n e^r with n = round(x / ln 2) and
+   |r| <= ln(2) / 2; e^r by its Taylor series to r^7 (remainder under 6e-9, below one
+   float32 ulp); ln 2 split in two so that r is exact; 2^n applied as two normal powers
+   of two so that n may go below -126. */
+static inline float mt_pow2i(int32_t n) {
+    float f;
+    int32_t bits = (n + 127) << 23;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline float mt_expf_fast(float x) {
+    float c, n, r, p;
+    int32_t n1, n2;
+    /* Clamped the way minps and maxps compute it (a NaN x gives the bound), so n is
+       always finite and the loop vectorises to min, max and a single blend that puts a
+       NaN back at the end: with NaN kept through the clamps GCC evaluated the
+       polynomial twice and blended (sigmoid 1.32 ns per element on one core). */
+    c = x < 88.0f ? x : 88.0f;
+    c = c > -104.0f ? c : -104.0f;
+    /* round(c / ln 2) by adding and subtracting 1.5 * 2^23: plain float arithmetic
+       that vectorises on SSE2, where floorf is a call (no roundps before SSE4.1). */
+    n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;
+    r = (c - n * 0.693145751953125f) - n * 1.4286068202862268e-06f;
+    p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-01f + r * (4.1666668e-02f
+        + r * (8.3333338e-03f + r * (1.3888889e-03f + r * 1.9841270e-04f))))));
+    n1 = (int32_t) n >> 1;              /* n in [-150, 127]: both halves normal */
+    n2 = (int32_t) n - n1;
+    p = p * mt_pow2i(n1) * mt_pow2i(n2);
+    return x != x ? x : p;
+}
+/* sigmoid from e = e^-|v| <= 1 only (no overflow): 1 / (1 + e) for v >= 0, e / (1 + e)
+   below, so tiny results keep their relative accuracy. */
+static inline float mt_sigmoidf_fast(float v) {
+    float e = mt_expf_fast(-fabsf(v));
+    float d = 1.0f / (1.0f + e);
+    float ed = e * d;   /* computed either way: GCC does not if-convert a product that
+                           only one branch makes (it might trap), so the loop stayed
+                           scalar */
+    return v >= 0.0f ? d : ed;
+}
+/* tanh within about 2 ulp: an odd polynomial below |v| = 0.55 (least squares on the
+   relative error, fitted for this file: 6e-8), 1 - 2 / (e^(2|v|) + 1) above; computed
+   on |v|, v's sign put back (so tanh(-0) is -0).  Both parts are computed and one is
+   selected, so a loop over it has no branch. */
+static inline float mt_tanhf_fast(float v) {
+    float a = fabsf(v), z = v * v;
+    float small = a + a * z * (-0.33333319f + z * (0.133327f + z * (-0.053865079f
+                  + z * (0.021127241f + z * -0.0063564959f))));
+    float big = 1.0f - 2.0f / (mt_expf_fast(2.0f * a) + 1.0f);
+    return copysignf(a < 0.55f ? small : big, v);
+}
+/* The standard normal CDF Phi(v) = erfc(-v / sqrt 2) / 2, for the exact GELU v Phi(v)
+   and its derivative, within about 4 float32 ulp of its value (relative, so the tiny
+   values far left keep their digits), branch-free.  z = v / sqrt 2 is rounded as
+   torch rounds it.  |z| < 0.75: 1/2 + erf(z)/2 with erf from its Maclaurin series to
+   z^17 (remainder under 2e-9).  Beyond: erfc(|z|) = t exp(-z^2 + q(t)) with
+   t = 1 / (1 + |z|/2) and q the degree-9 Chebyshev fit whose fractional error is under
+   1.2e-7 for every |z| (Press et al., Numerical Recipes, erfcc), then
+   erfc(|z|)/2 left of 0 and 1 - erfc(|z|)/2 right of it.  NaN stays NaN; Phi(-inf) = 0
+   and Phi(inf) = 1. */
+static inline float mt_phif_fast(float v) {
+    float z = v * 0.70710678118654752f, a = fabsf(z), s = z * z;
+    float erf_small = z * (1.1283791671f + s * (-0.37612638903f + s * (0.11283791671f
+        + s * (-0.026866170645f + s * (0.0052239776254f + s * (-0.00085483270234f
+        + s * (0.00012055332982f + s * (-1.4925650358e-05f
+        + s * 1.6462114365e-06f))))))));
+    float t = 1.0f / (1.0f + 0.5f * a);
+    float q = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f
+        + t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f
+        + t * (-0.82215223f + t * 0.17087277f))))))));
+    float half_erfc = 0.5f * t * mt_expf_fast(q - a * a);
+    float big = z < 0.0f ? half_erfc : 1.0f - half_erfc;
+    return a < 0.75f ? 0.5f + 0.5f * erf_small : big;
+}
+
+/* float64: libm's exp, only of a non-positive number (no overflow for any input); NaN
+   propagates. */
+static inline double mt_sigmoid_d(double v) {
+    double e;
+    if (v >= 0.0)
+        return 1.0 / (1.0 + exp(-v));
+    e = exp(v);
+    return e / (1.0 + e);
+}
+
+#endif

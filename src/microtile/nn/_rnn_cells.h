@@ -1,0 +1,132 @@
+/* The LSTM and GRU cells of one row of a step (see _rnn_cells.pxi): w units of the row, the
+ * step's product tile t (gate q's w values at t + q*ts) against the row's gates and states.
+ *
+ * Each is one loop over the units.  The pointers are restrict (the caller's arrays for one
+ * row never overlap each other or the tile), so the loop vectorises with no run-time
+ * overlap checks: written in Cython, as seven to eight loops of a few operands each, GCC
+ * versioned each for aliasing, and the LSTM forward cell took 17 ns a unit (29 % of a
+ * one-thread LSTM forward, 128->256 batch 32).
+ *
+ * Compiled in each translation unit that includes it (baseline and -mavx2 -mfma), float32
+ * with the branch-free functions of _act_math.h, float64 with libm. */
+#ifndef MICROTILE_RNN_CELLS_H
+#define MICROTILE_RNN_CELLS_H
+
+#include <stddef.h>
+#include <math.h>
+
+#include "_act_math.h"
+
+#if defined(_MSC_VER)
+#define RNN_RESTRICT __restrict
+#else
+#define RNN_RESTRICT __restrict__
+#endif
+
+/* Gates i, f, g, o from the projection (g, activations written back) plus the product;
+   c = f*c_prev + i*g; h = o*tanh(c). */
+#define RNN_LSTM_FWD(NAME, T, SIG, TANH)                                                   \
+static inline void NAME(T* RNN_RESTRICT g, const T* RNN_RESTRICT t, ptrdiff_t ts,           \
+                        const T* RNN_RESTRICT cp, T* RNN_RESTRICT c, T* RNN_RESTRICT h,     \
+                        ptrdiff_t H, ptrdiff_t w) {                                         \
+    ptrdiff_t j;                                                                            \
+    for (j = 0; j < w; j++) {                                                               \
+        T gi = SIG(g[j] + t[j]);                                                            \
+        T gf = SIG(g[H + j] + t[ts + j]);                                                   \
+        T gg = TANH(g[2 * H + j] + t[2 * ts + j]);                                          \
+        T go = SIG(g[3 * H + j] + t[3 * ts + j]);                                           \
+        T cn = gf * cp[j] + gi * gg;                                                        \
+        g[j] = gi;                                                                          \
+        g[H + j] = gf;                                                                      \
+        g[2 * H + j] = gg;                                                                  \
+        g[3 * H + j] = go;                                                                  \
+        c[j] = cn;                                                                          \
+        h[j] = go * TANH(cn);                                                               \
+    }                                                                                       \
+}
+
+/* From dh = dy + t (the product dG_{t+1} W_hh) and the carried dc: the four gate
+   pre-activation gradients (d, rows of 4H); the carried dc becomes dc * f.  tanh(c) is
+   computed again rather than kept from forward (one more T*N*H array for a tanh). */
+#define RNN_LSTM_BWD(NAME, T, TANH)                                                        \
+static inline void NAME(const T* RNN_RESTRICT g, const T* RNN_RESTRICT cp,                  \
+                        const T* RNN_RESTRICT c, const T* RNN_RESTRICT dy,                  \
+                        const T* RNN_RESTRICT t, T* RNN_RESTRICT dc, T* RNN_RESTRICT d,     \
+                        ptrdiff_t H, ptrdiff_t w) {                                         \
+    ptrdiff_t j;                                                                            \
+    for (j = 0; j < w; j++) {                                                               \
+        T gi = g[j], gf = g[H + j], gg = g[2 * H + j], go = g[3 * H + j];                   \
+        T tc = TANH(c[j]);                                                                  \
+        T dh = dy[j] + t[j];                                                                \
+        T dcv = dc[j] + dh * go * (1 - tc * tc);                                            \
+        d[j] = dcv * gg * (gi * (1 - gi));                                                  \
+        d[H + j] = dcv * cp[j] * (gf * (1 - gf));                                           \
+        d[2 * H + j] = dcv * gi * (1 - gg * gg);                                            \
+        d[3 * H + j] = dh * tc * (go * (1 - go));                                           \
+        dc[j] = dcv * gf;                                                                   \
+    }                                                                                       \
+}
+
+/* With p = the product plus b_hh (b may be NULL): r = sig(x_r + p_r), z = sig(x_z + p_z),
+   n = tanh(x_n + r * p_n), h = n + z (h_prev - n) (torch's form of (1 - z) n + z h_prev);
+   p_n is kept in hn for backward.  The loop is written twice, with and without the bias:
+   a test of b inside it kept GCC from vectorising it. */
+#define RNN_GRU_FWD_LOOP(T, SIG, TANH, BR, BZ, BN)                                         \
+    for (j = 0; j < w; j++) {                                                               \
+        T pn = t[2 * ts + j] + (BN);                                                        \
+        T r = SIG(g[j] + t[j] + (BR));                                                      \
+        T z = SIG(g[H + j] + t[ts + j] + (BZ));                                             \
+        T n = TANH(g[2 * H + j] + r * pn);                                                  \
+        hn[j] = pn;                                                                         \
+        g[j] = r;                                                                           \
+        g[H + j] = z;                                                                       \
+        g[2 * H + j] = n;                                                                   \
+        h[j] = n + z * (hp[j] - n);                                                         \
+    }
+#define RNN_GRU_FWD(NAME, T, SIG, TANH)                                                    \
+static inline void NAME(T* RNN_RESTRICT g, const T* RNN_RESTRICT t, ptrdiff_t ts,           \
+                        const T* RNN_RESTRICT b, const T* RNN_RESTRICT hp,                  \
+                        T* RNN_RESTRICT h, T* RNN_RESTRICT hn, ptrdiff_t H, ptrdiff_t w) {  \
+    ptrdiff_t j;                                                                            \
+    if (b) {                                                                                \
+        RNN_GRU_FWD_LOOP(T, SIG, TANH, b[j], b[H + j], b[2 * H + j])                        \
+    } else {                                                                                \
+        RNN_GRU_FWD_LOOP(T, SIG, TANH, 0, 0, 0)                                             \
+    }                                                                                       \
+}
+
+/* dh = dy + t (the product dGh_{t+1} W_hh) + the carried dh z (dhc); the gate gradients
+   on the input side (dx) and the hidden side (dhh: the n part scaled by r, which multiplied
+   the hidden projection); the carried dh becomes dh * z. */
+#define RNN_GRU_BWD(NAME, T)                                                               \
+static inline void NAME(const T* RNN_RESTRICT g, const T* RNN_RESTRICT hp,                  \
+                        const T* RNN_RESTRICT hn, const T* RNN_RESTRICT dy,                 \
+                        const T* RNN_RESTRICT t, T* RNN_RESTRICT dhc, T* RNN_RESTRICT dx,   \
+                        T* RNN_RESTRICT dhh, ptrdiff_t H, ptrdiff_t w) {                    \
+    ptrdiff_t j;                                                                            \
+    for (j = 0; j < w; j++) {                                                               \
+        T gr = g[j], gz = g[H + j], gn = g[2 * H + j];                                      \
+        T dh = dy[j] + t[j] + dhc[j];                                                       \
+        T dan = dh * (1 - gz) * (1 - gn * gn);                                              \
+        T daz = dh * (hp[j] - gn) * (gz * (1 - gz));                                        \
+        T dar = dan * hn[j] * (gr * (1 - gr));                                              \
+        dx[j] = dar;                                                                        \
+        dhh[j] = dar;                                                                       \
+        dx[H + j] = daz;                                                                    \
+        dhh[H + j] = daz;                                                                   \
+        dx[2 * H + j] = dan;                                                                \
+        dhh[2 * H + j] = dan * gr;                                                          \
+        dhc[j] = dh * gz;                                                                   \
+    }                                                                                       \
+}
+
+RNN_LSTM_FWD(rnn_lstm_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)
+RNN_LSTM_FWD(rnn_lstm_fwd_d, double, mt_sigmoid_d, tanh)
+RNN_LSTM_BWD(rnn_lstm_bwd_f, float, mt_tanhf_fast)
+RNN_LSTM_BWD(rnn_lstm_bwd_d, double, tanh)
+RNN_GRU_FWD(rnn_gru_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)
+RNN_GRU_FWD(rnn_gru_fwd_d, double, mt_sigmoid_d, tanh)
+RNN_GRU_BWD(rnn_gru_bwd_f, float)
+RNN_GRU_BWD(rnn_gru_bwd_d, double)
+
+#endif
