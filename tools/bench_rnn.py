@@ -5,7 +5,7 @@ layer (the same numbers), calls interleaved in rounds, medians; outputs and grad
 checked against torch's.  Forward is inference (eval, no grad); forward+backward is the
 layer's output gradient given (ones), with the input gradient.  Ratio = torch / microtile.
 
-    PYTHONPATH=src python tools/bench_rnn.py [--threads 2] [--rounds 7]
+    PYTHONPATH=src python tools/bench_rnn.py [--threads 2] [--rounds 7] [--cases "T50 b32"]
 """
 import argparse
 import statistics
@@ -42,6 +42,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cases", default="",
+                    help="comma-separated substrings: run only the cases whose label holds one")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -51,7 +53,10 @@ def main(argv=None):
     print(f"{'case':>24} {'fwd mt ms':>10} {'torch':>8} {'ratio':>6} {'fwd+bwd mt ms':>14} "
           f"{'torch':>8} {'ratio':>6}")
     rng = np.random.default_rng(0)
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     for label, kind, f_in, hid, layers, T, batch in CASES:
+        if wanted and not any(w in label for w in wanted):
+            continue
         tl = getattr(torch.nn, kind)(f_in, hid, num_layers=layers)
         ml = getattr(nn, kind)(f_in, hid, num_layers=layers)
         ml.load_state_dict({k: v.detach().numpy() for k, v in tl.state_dict().items()})

@@ -11,19 +11,22 @@ from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, 
 cdef extern from *:
     """
     /* GCC dropped __builtin_prefetch here (no prefetch in the object code, GCC 12 -O3):
-       on x86-64 the instruction goes in as volatile asm, which is never removed. */
+       on x86-64 the instructions go in as volatile asm, which is never removed.  _l2: into
+       L2 (prefetcht1), for lines wanted after the item's product. */
     #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
     #define mt_prefetch(p) __asm__ volatile("prefetcht0 %0" : : "m"(*(const char*) (p)))
+    #define mt_prefetch_l2(p) __asm__ volatile("prefetcht1 %0" : : "m"(*(const char*) (p)))
     #elif defined(__GNUC__) || defined(__clang__)
-    #define mt_prefetch(p) __builtin_prefetch((const void*) (p))
+    #define mt_prefetch(p) __builtin_prefetch((const void*) (p), 0, 3)
+    #define mt_prefetch_l2(p) __builtin_prefetch((const void*) (p), 0, 2)
     #else
     #define mt_prefetch(p) ((void) 0)
+    #define mt_prefetch_l2(p) ((void) 0)
     #endif
     """
     void mt_prefetch(const void* p) nogil
+    void mt_prefetch_l2(const void* p) nogil
 
-
-# A step's gate pass goes to more than one thread from this many gate elements (N * k * H)
 
 # -- the cells, applied to one row's units j0 .. j0+w-1 ---------------------------------------
 # ``t`` is the row's product tile: gate q's w values at t + q * ts.  The loops are C
@@ -145,15 +148,21 @@ cdef void _dots(const kernel_set_t* ks, idx_t k, const floating* e, idx_t w, con
         j += 1
 
 
-cdef inline void _pf(const void* p, idx_t stride, int n, idx_t span) noexcept nogil:
-    """The first and last byte of n spans of ``span`` bytes, ``stride`` bytes apart."""
+cdef inline void _pf(const void* p, idx_t stride, int n, idx_t span, bint l1) noexcept nogil:
+    """The first and last byte of n spans of ``span`` bytes, ``stride`` bytes apart, into
+    L1 or L2."""
     cdef int q
     for q in range(n):
-        mt_prefetch(<const char*> p + q * stride)
-        mt_prefetch(<const char*> p + q * stride + span - 1)
+        if l1:
+            mt_prefetch(<const char*> p + q * stride)
+            mt_prefetch(<const char*> p + q * stride + span - 1)
+        else:
+            mt_prefetch_l2(<const char*> p + q * stride)
+            mt_prefetch_l2(<const char*> p + q * stride + span - 1)
 
 
-cdef void _prefetch_cell(const _loop* L, idx_t r, idx_t j0, idx_t w, floating tag) noexcept nogil:
+cdef void _prefetch_cell(const _loop* L, idx_t r, idx_t j0, idx_t w, bint l1,
+                         floating tag) noexcept nogil:
     """Ask for the lines row r's cell reads (and its gate gradients, which it writes), before
     the item's product: each row's gates are a few lines 4H elements apart in the big G, dG
     arrays, a pattern the hardware prefetcher does not follow, and the loads waiting for
@@ -168,21 +177,21 @@ cdef void _prefetch_cell(const _loop* L, idx_t r, idx_t j0, idx_t w, floating ta
     cdef int ng = <int> (gh // H)
     if L.kind == DH0:
         return
-    _pf(<const char*> s.g + goff, H * sz, ng, span)
+    _pf(<const char*> s.g + goff, H * sz, ng, span, l1)
     if L.kind == LSTM_FWD:
-        _pf(<const char*> s.cprev + off, 0, 1, span)
+        _pf(<const char*> s.cprev + off, 0, 1, span, l1)
     elif L.kind == GRU_FWD:
-        _pf(<const char*> s.hprev + off, 0, 1, span)
+        _pf(<const char*> s.hprev + off, 0, 1, span, l1)
     else:
-        _pf(<const char*> s.dy + (r * s.dy_rs + j0) * sz, 0, 1, span)
-        _pf(<const char*> s.dgx + goff, H * sz, ng, span)
+        _pf(<const char*> s.dy + (r * s.dy_rs + j0) * sz, 0, 1, span, l1)
+        _pf(<const char*> s.dgx + goff, H * sz, ng, span, l1)
         if L.kind == LSTM_BWD:
-            _pf(<const char*> s.cprev + off, 0, 1, span)
-            _pf(<const char*> s.c + off, 0, 1, span)
+            _pf(<const char*> s.cprev + off, 0, 1, span, l1)
+            _pf(<const char*> s.c + off, 0, 1, span, l1)
         else:
-            _pf(<const char*> s.hprev + off, 0, 1, span)
-            _pf(<const char*> s.hn + off, 0, 1, span)
-            _pf(<const char*> s.dgh + goff, H * sz, ng, span)
+            _pf(<const char*> s.hprev + off, 0, 1, span, l1)
+            _pf(<const char*> s.hn + off, 0, 1, span, l1)
+            _pf(<const char*> s.dgh + goff, H * sz, ng, span, l1)
 
 
 cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
@@ -208,8 +217,14 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
     cdef const floating* panel
     cdef floating tmp[MAX_GATES * MAX_ITEM_GROUPS * MAX_MR * MAX_NR]
     cdef floating last[MAX_MR * MAX_NR]
+    # Into L2 while the product runs, and each row into L1 while the row before it goes
+    # through the cell: all 32 rows' lines at once into L1 (about 700 lines in backward,
+    # 45 KiB) did not fit it, and the backward cell's loads waited on memory (18 % of a
+    # one-thread LSTM step); a 2-thread LSTM step, 128->256 batch 32, then took 0.75x the
+    # time forward and 0.89x forward+backward (medians of 8 alternating runs).  An item of
+    # a row or two (batch 1) asks for L1 straight away.
     for i in range(n_rows):
-        _prefetch_cell(L, r0 + i, j0, w, tag)
+        _prefetch_cell(L, r0 + i, j0, w, n_rows <= 2, tag)
     if a == NULL:
         memset(tmp, 0, L.nq * ts * sizeof(floating))
     else:
@@ -245,6 +260,8 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
                 memcpy(tmp + q * ts + i * nr, last + (r0 + i - (L.N - mr)) * nr,
                        nr * sizeof(floating))
     for i in range(n_rows):
+        if i + 1 < n_rows:
+            _prefetch_cell(L, r0 + i + 1, j0, w, True, tag)
         _cell(L.kind, &L.s, r0 + i, j0, w, tmp + i * nr, ts)
 
 
