@@ -15,8 +15,9 @@ checked against a float64 product.  Ratios are microtile / NumPy of median times
     python tools/bench_threads.py --torch     # conv2d forward, CNN and MLP steps beside torch
 
 With ``--torch`` the other library is PyTorch (same threads, float32): a conv2d forward
-(ResNet 3x3, 64 channels, 56x56, batch 8), bench_nn.py's CNN training step and the
-784-1024-1024-10 MLP training step at batch 256; ratios are torch time / microtile time.
+(ResNet 3x3, 64 channels, 56x56, batch 8), bench_nn.py's CNN training step, the
+784-1024-1024-10 MLP training step at batch 256 and bench_rnn.py's LSTM forward+backward
+(128->256, T 50, batch 32); ratios are torch time / microtile time.
 """
 import argparse
 import statistics
@@ -119,6 +120,30 @@ def _torch_cases():
     my = rng.integers(0, 10, 256)
     f, g = bench_nn.steps(model, tmodel, mx, my, torch)
     cases.append(("MLP 784-1024-1024-10 step b256", f, g, lambda: None))
+    # bench_rnn.py's LSTM case, forward and backward (its dx checked against torch's).
+    tl = torch.nn.LSTM(128, 256)
+    ml = mt.nn.LSTM(128, 256)
+    ml.load_state_dict({k: v.detach().numpy() for k, v in tl.state_dict().items()})
+    sx = rng.standard_normal((50, 32, 128)).astype(np.float32)
+    sdy = np.ones((50, 32, 256), np.float32)
+    tsx = torch.from_numpy(sx).requires_grad_(True)
+    tsdy = torch.from_numpy(sdy)
+
+    def lstm_mt():
+        ml.zero_grad()
+        ml.forward(sx)
+        out["lstm_mt"] = ml.backward(sdy)
+
+    def lstm_t():
+        tl.zero_grad()
+        tsx.grad = None
+        tl(tsx)[0].backward(tsdy)
+        out["lstm_t"] = tsx.grad
+
+    def lstm_check():
+        np.testing.assert_allclose(out["lstm_mt"], out["lstm_t"].numpy(), rtol=1e-3,
+                                   atol=1e-3)
+    cases.append(("LSTM 128->256 T50 b32 fwd+bwd", lstm_mt, lstm_t, lstm_check))
     return cases, torch
 
 
@@ -180,7 +205,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget", type=float, default=0.08, help="seconds per block")
     p.add_argument("--torch", action="store_true",
-                   help="conv2d forward and CNN/MLP steps beside torch instead of GEMMs")
+                   help="conv2d forward, CNN/MLP steps and an LSTM beside torch instead of "
+                        "GEMMs")
     args = p.parse_args(argv)
     if args.torch:
         return torch_main(args)

@@ -246,6 +246,12 @@ cdef double ITEM_FLOPS = 1e7
 cdef enum:
     ITEM_MIN_PANELS = 8
     CHUNK_MIN_PANELS = 16
+    # nopack_a_panels is measured (autotune) with A's rows contiguous.  Read in place, a
+    # column-major A (the gradient GEMMs' dY^T) loads one line per k, lda apart -- a page
+    # apart at lda 1024 -- and packing it pays from a few panels on whatever the profile
+    # says: float32, lda 1600-2048, one thread, in place / packed GFLOP/s 1.20 at 2 panels,
+    # 1.09 at 3, about 1.0 at 4, 0.90 at 8, 0.83 at 16 (the quick profile here said 32).
+    COLMAJOR_A_PANELS = 4
 
 
 ctypedef struct _plan:
@@ -260,12 +266,15 @@ ctypedef struct _plan:
 
 
 cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, idx_t n, idx_t k,
-                     idx_t cs_b, _plan* pl) noexcept nogil:
+                     idx_t cs_a, idx_t cs_b, _plan* pl) noexcept nogil:
     cdef bint small = <double> m * <double> n * <double> k <= prm.nopack_mnk
     cdef idx_t micro_rows, want, rows, n_pc
+    cdef idx_t a_panels = prm.nopack_a_panels
     pl.nt = nt
     pl.b_packed = not (cs_b == 1 and (small or m <= 2 * mr))
-    pl.a_packed = not (small or n <= prm.nopack_a_panels * nr)
+    if cs_a != 1 and a_panels > COLMAJOR_A_PANELS:
+        a_panels = COLMAJOR_A_PANELS
+    pl.a_packed = not (small or n <= a_panels * nr)
     # Depth per pass: as many passes as k / kc rounded to nearest, split evenly, so that no
     # pass over C (each one reads and writes all of it) is spent on a thin remainder: k = 784
     # with kc = 256 makes three passes of 262 rather than four, the last of 16.
@@ -392,7 +401,7 @@ cdef int _gemm_at(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, flo
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
                    or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt):
         nt = 1
-    _make_plan(prm, nt, mr, nr, m, n, k, cs_b, &pl)
+    _make_plan(prm, nt, mr, nr, m, n, k, cs_a, cs_b, &pl)
     n_items = pl.n_ic * pl.n_jr
     if nt == 1:
         if pl.b_packed:
