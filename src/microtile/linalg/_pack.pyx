@@ -9,6 +9,11 @@ from libc.string cimport memcpy, memset
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._kernels._ukernel cimport copy_panels, gather_panel
 
+cdef extern from "_pack_rows.h" nogil:
+    void mt_pack_rows_f(float* dst, const float* src, idx_t rs, idx_t kc, int w)
+    void mt_pack_rows_d(double* dst, const double* src, idx_t rs, idx_t kc, int w)
+
+
 # Panels packed together, row by row (see pack_b).
 cdef enum:
     _GROUP = 8
@@ -25,6 +30,13 @@ cdef void pack_a(idx_t mc, idx_t kc, const floating* a, idx_t rs_a, idx_t cs_a, 
         src = a + ip * rs_a
         if rows == mr and rs_a == 1:
             copy_panels(dst, src, cs_a, kc, 0, 1, mr)
+        elif rows == mr and cs_a == 1:
+            # Rows contiguous (row-major A): transposed a few columns at a time in vector
+            # registers (_pack_rows.h).
+            if floating is float:
+                mt_pack_rows_f(dst, src, rs_a, kc, mr)
+            else:
+                mt_pack_rows_d(dst, src, rs_a, kc, mr)
         elif rows == mr:
             gather_panel(dst, src, rs_a, cs_a, kc, mr)
         else:
