@@ -16,8 +16,8 @@ checked against a float64 product.  Ratios are microtile / NumPy of median times
 
 With ``--torch`` the other library is PyTorch (same threads, float32): a conv2d forward
 (ResNet 3x3, 64 channels, 56x56, batch 8), bench_nn.py's CNN training step, the
-784-1024-1024-10 MLP training step at batch 256 and bench_rnn.py's LSTM forward+backward
-(128->256, T 50, batch 32); ratios are torch time / microtile time.
+784-1024-1024-10 MLP training step at batch 256 and bench_rnn.py's first case (LSTM
+128->256, T 50, batch 32) forward+backward; ratios are torch time / microtile time.
 """
 import argparse
 import statistics
@@ -120,12 +120,14 @@ def _torch_cases():
     my = rng.integers(0, 10, 256)
     f, g = bench_nn.steps(model, tmodel, mx, my, torch)
     cases.append(("MLP 784-1024-1024-10 step b256", f, g, lambda: None))
-    # bench_rnn.py's LSTM case, forward and backward (its dx checked against torch's).
-    tl = torch.nn.LSTM(128, 256)
-    ml = mt.nn.LSTM(128, 256)
+    # bench_rnn.py's first case (the LSTM), forward and backward, its dx checked.
+    import bench_rnn
+    label, kind, f_in, hid, layers, T, batch = bench_rnn.CASES[0]
+    tl = getattr(torch.nn, kind)(f_in, hid, num_layers=layers)
+    ml = getattr(mt.nn, kind)(f_in, hid, num_layers=layers)
     ml.load_state_dict({k: v.detach().numpy() for k, v in tl.state_dict().items()})
-    sx = rng.standard_normal((50, 32, 128)).astype(np.float32)
-    sdy = np.ones((50, 32, 256), np.float32)
+    sx = rng.standard_normal((T, batch, f_in)).astype(np.float32)
+    sdy = np.ones((T, batch, hid), np.float32)
     tsx = torch.from_numpy(sx).requires_grad_(True)
     tsdy = torch.from_numpy(sdy)
 
@@ -143,7 +145,7 @@ def _torch_cases():
     def lstm_check():
         np.testing.assert_allclose(out["lstm_mt"], out["lstm_t"].numpy(), rtol=1e-3,
                                    atol=1e-3)
-    cases.append(("LSTM 128->256 T50 b32 fwd+bwd", lstm_mt, lstm_t, lstm_check))
+    cases.append((f"{label} fwd+bwd", lstm_mt, lstm_t, lstm_check))
     return cases, torch
 
 

@@ -155,6 +155,30 @@ def test_edge_tiles_exhaustive(isa, dt, nopack, rng):
                     assert_gemm(gemm(a, b), a, b, what=f"{isa} {m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dt", FLOATS)
+def test_row_major_a_panels_every_depth_tail(isa, dt, rng):
+    """Packed row-major A (the vector transposes of _pack_rows.h, 4 or 2 columns at a time):
+    every depth tail, rows wider than k (a view of a wider array), kc cutting k, and A read
+    transposed (column-major) beside it for the in-place cap."""
+    with config_context(isa=isa, nopack_mnk=0, nopack_a_panels=0, threads=1):
+        for k in list(range(1, 10)) + [31, 67]:
+            for kc in (3, 8, 1024):
+                with config_context(kc=kc):
+                    m, n = 13, 21
+                    wide = rand(rng, (m, k + 5), dt)
+                    a = wide[:, 2:2 + k]                      # rows k + 5 apart
+                    b = rand(rng, (k, n), dt)
+                    assert_gemm(gemm(a, b), a, b, what=f"{isa} k={k} kc={kc}")
+                    at = rand(rng, (k, m), dt)
+                    assert_gemm(gemm(at, b, trans_a=True), at.T, b,
+                                what=f"{isa} trans_a k={k} kc={kc}")
+    with config_context(isa=isa, nopack_mnk=0, nopack_a_panels=1 << 10, threads=1):
+        at = rand(rng, (70, 40), dt)
+        b = rand(rng, (70, 300), dt)
+        assert_gemm(gemm(at, b, trans_a=True), at.T, b, what=f"{isa} column-major A, wide B")
+
+
 @pytest.mark.parametrize("dt", FLOATS)
 def test_beyond_default_blocking(dt, rng):
     """m > mc, k > kc and n > nc of the configuration in force (several blocks per loop)."""

@@ -6,12 +6,14 @@
  * 6-row panel takes 6 loads and 8 stores per 24 elements instead of 24 of each.  Packing A
  * was 15 % of a one-thread 1600 x 128 x 1024 float32 product (perf), where each packed
  * element is used by only 8 micro-kernel calls.  SSE2 only, which every x86-64 has, so
- * the baseline build has it; elsewhere the loop. */
+ * the baseline build has it (GCC and Clang say so with __SSE2__, MSVC with _M_X64);
+ * elsewhere the loop. */
 #ifndef MICROTILE_PACK_ROWS_H
 #define MICROTILE_PACK_ROWS_H
 
 #include <stddef.h>
-#if defined(__SSE2__)
+#if defined(__SSE2__) || defined(_M_X64)
+#define MT_PACK_SSE2 1
 #include <emmintrin.h>
 #endif
 
@@ -19,7 +21,7 @@ static inline void mt_pack_rows_f(float* dst, const float* src, ptrdiff_t rs, pt
                                   int w) {
     ptrdiff_t p = 0;
     int i;
-#if defined(__SSE2__)
+#if defined(MT_PACK_SSE2)
     if (w == 6 || w == 4) {
         const float* r0 = src;
         const float* r1 = src + rs;
@@ -55,7 +57,7 @@ static inline void mt_pack_rows_d(double* dst, const double* src, ptrdiff_t rs, 
                                   int w) {
     ptrdiff_t p = 0;
     int i;
-#if defined(__SSE2__)
+#if defined(MT_PACK_SSE2)
     if (w == 6 || w == 4) {
         for (; p + 2 <= kc; p += 2) {
             double* d = dst + p * w;

@@ -1,5 +1,6 @@
-# Scalar activations shared by the element-wise kernels (``_act_kernels``) and the recurrent
-# cells (``_rnn_kernels``): defined once here, inlined where they are cimported.
+# Scalar activations for the element-wise kernels (``_act_kernels``, ``_act_loops``): the C
+# is in ``_act_math.h``, which the recurrent cells' C (``_rnn_cells.h``) includes too, so
+# each function is defined once; inlined where they are cimported.
 from libc.math cimport tanh
 
 from microtile._common._typedefs cimport floating

@@ -70,12 +70,13 @@ static inline void NAME(const T* RNN_RESTRICT g, const T* RNN_RESTRICT cp,      
 /* With p = the product plus b_hh (b may be NULL): r = sig(x_r + p_r), z = sig(x_z + p_z),
    n = tanh(x_n + r * p_n), h = n + z (h_prev - n) (torch's form of (1 - z) n + z h_prev);
    p_n is kept in hn for backward.  The loop is written twice, with and without the bias:
-   a test of b inside it kept GCC from vectorising it. */
+   a test of b inside it kept GCC from vectorising it.  Without one it adds -0.0, which the
+   compiler drops (x + -0.0 is x for every x; + 0 is not, for x = -0). */
 #define RNN_GRU_FWD_LOOP(T, SIG, TANH, BR, BZ, BN)                                         \
     for (j = 0; j < w; j++) {                                                               \
         T pn = t[2 * ts + j] + (BN);                                                        \
-        T r = SIG(g[j] + t[j] + (BR));                                                      \
-        T z = SIG(g[H + j] + t[ts + j] + (BZ));                                             \
+        T r = SIG(g[j] + (t[j] + (BR)));                                                    \
+        T z = SIG(g[H + j] + (t[ts + j] + (BZ)));                                           \
         T n = TANH(g[2 * H + j] + r * pn);                                                  \
         hn[j] = pn;                                                                         \
         g[j] = r;                                                                           \
@@ -91,7 +92,7 @@ static inline void NAME(T* RNN_RESTRICT g, const T* RNN_RESTRICT t, ptrdiff_t ts
     if (b) {                                                                                \
         RNN_GRU_FWD_LOOP(T, SIG, TANH, b[j], b[H + j], b[2 * H + j])                        \
     } else {                                                                                \
-        RNN_GRU_FWD_LOOP(T, SIG, TANH, 0, 0, 0)                                             \
+        RNN_GRU_FWD_LOOP(T, SIG, TANH, (T) -0.0, (T) -0.0, (T) -0.0)                        \
     }                                                                                       \
 }
 

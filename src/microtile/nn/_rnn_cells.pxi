@@ -28,6 +28,10 @@ cdef extern from *:
     void mt_prefetch_l2(const void* p) nogil
 
 
+# Items of at most this many rows prefetch their rows' lines straight into L1 (see _item).
+cdef enum:
+    L1_ROWS = 2
+
 # -- the cells, applied to one row's units j0 .. j0+w-1 ---------------------------------------
 # ``t`` is the row's product tile: gate q's w values at t + q * ts.  The loops are C
 # (``_rnn_cells.h``): one restrict-qualified loop per cell.
@@ -163,8 +167,8 @@ cdef inline void _pf(const void* p, idx_t stride, int n, idx_t span, bint l1) no
 
 cdef void _prefetch_cell(const _loop* L, idx_t r, idx_t j0, idx_t w, bint l1,
                          floating tag) noexcept nogil:
-    """Ask for the lines row r's cell reads (and its gate gradients, which it writes), before
-    the item's product: each row's gates are a few lines 4H elements apart in the big G, dG
+    """Ask for the lines row r's cell reads (and its gate gradients, which it writes), into
+    L1 or L2 (see _item for when): each row's gates are a few lines 4H elements apart in the big G, dG
     arrays, a pattern the hardware prefetcher does not follow, and the loads waiting for
     them were 30 % of an LSTM step (perf, 128->256, batch 32).  With the prefetches really
     emitted (see mt_prefetch) a 2-thread step took 265 instead of 288 us (medians of 7
@@ -218,13 +222,14 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
     cdef floating tmp[MAX_GATES * MAX_ITEM_GROUPS * MAX_MR * MAX_NR]
     cdef floating last[MAX_MR * MAX_NR]
     # Into L2 while the product runs, and each row into L1 while the row before it goes
-    # through the cell: all 32 rows' lines at once into L1 (about 700 lines in backward,
-    # 45 KiB) did not fit it, and the backward cell's loads waited on memory (18 % of a
-    # one-thread LSTM step); a 2-thread LSTM step, 128->256 batch 32, then took 0.75x the
-    # time forward and 0.89x forward+backward (medians of 8 alternating runs).  An item of
-    # a row or two (batch 1) asks for L1 straight away.
+    # through the cell (row 0 right after the product): all 32 rows' lines at once into L1
+    # (about 700 lines in backward, 45 KiB) did not fit it, and the backward cell's loads
+    # waited on memory (18 % of a one-thread LSTM step).  A 2-thread LSTM step, 128->256
+    # batch 32, then took 0.75-0.83x the time forward and 0.75-0.89x forward+backward (two
+    # runs, medians of 8 alternating processes each).  An item of at most L1_ROWS rows
+    # (batch 1) asks for L1 straight away.
     for i in range(n_rows):
-        _prefetch_cell(L, r0 + i, j0, w, n_rows <= 2, tag)
+        _prefetch_cell(L, r0 + i, j0, w, n_rows <= L1_ROWS, tag)
     if a == NULL:
         memset(tmp, 0, L.nq * ts * sizeof(floating))
     else:
@@ -259,6 +264,8 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
             for i in range(full * mr, n_rows):
                 memcpy(tmp + q * ts + i * nr, last + (r0 + i - (L.N - mr)) * nr,
                        nr * sizeof(floating))
+    if n_rows > L1_ROWS:
+        _prefetch_cell(L, r0, j0, w, True, tag)
     for i in range(n_rows):
         if i + 1 < n_rows:
             _prefetch_cell(L, r0 + i + 1, j0, w, True, tag)
