@@ -17,7 +17,8 @@ step.  Per step of the P-rank run it also reports:
 - ``comm``: the same wait when no bucket starts before backward has finished (the whole
   allreduce time, measured in a second series of steps with overlap turned off);
 - ``hidden``: 1 - wait / comm, the share of the communication that backward hides;
-- ``copy``: the time spent copying gradients into the buckets and posting the allreduces.
+- ``copy``: the time spent preparing the buckets (scaling the gradients, which live in
+  them, by this rank's weight) and posting the allreduces.
 
 ``--project`` adds a model of scaling to more ranks over a network: a ring allreduce of S
 gradient bytes on P ranks moves 2 (P - 1) / P * S bytes per rank in 2 (P - 1) messages,

@@ -484,9 +484,46 @@ def world_one(r, p, out_dir):
     return res
 
 
+def wrapped_twice(r, p, B=3):
+    """The gradients live in the buckets of the last wrapper; an earlier wrapper of the same
+    model copies them in and out instead.  Both train as one process with P * B (float64),
+    with momentum (so a wrong gradient at any step shows) and with a step that
+    accumulates two backward passes."""
+    loss = nn.CrossEntropyLoss()
+    model = mlp(F64, seed=11 + r)
+    first = DistributedDataParallel(model, bucket_cap_mb=0.001)
+    second = DistributedDataParallel(model, bucket_cap_mb=100)
+    ref = mlp(F64, seed=11)
+    opt = nn.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = nn.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    X, y = data("mlp", 6 * p * B, seed=5)
+    diffs = []
+    for t, ddp in enumerate((first, second, first, second)):
+        g = slice(t * p * B, (t + 1) * p * B)
+        mine = slice(t * p * B + r * B, t * p * B + (r + 1) * B)
+        step(ddp, opt, loss, X[mine], y[mine])
+        step(ref, ref_opt, loss, X[g], y[g])
+        diffs.append(max_diff(model, ref))
+    # Two backward passes into one step: the gradients add up (each pass averaged).
+    opt.zero_grad()
+    ref_opt.zero_grad()
+    for t, ddp in ((4, second), (5, first)):
+        g = slice(t * p * B, (t + 1) * p * B)
+        mine = slice(t * p * B + r * B, t * p * B + (r + 1) * B)
+        loss.forward(ddp(X[mine]), y[mine])
+        ddp.backward(loss.backward())
+        loss.forward(ref(X[g]), y[g])
+        ref.backward(loss.backward())
+    opt.step()
+    ref_opt.step()
+    diffs.append(max_diff(model, ref))
+    return {"diffs": diffs}
+
+
 SCENARIOS = {f.__name__: f for f in (broadcast_at_wrap, identical_steps, match_single,
                                      match_batchnorm, fit_uneven, save_once, bucket_sizes,
-                                     no_gradient, mismatch, threads, world_one)}
+                                     no_gradient, mismatch, threads, world_one,
+                                     wrapped_twice)}
 WITH_DIR = {"save_once", "world_one"}
 
 

@@ -28,7 +28,8 @@ SCENARIOS = os.path.join(HERE, "mpi_scenarios.py")
 TIMEOUT = 150
 
 ALL_TWO = ["broadcast_at_wrap", "identical_steps", "match_single", "match_batchnorm",
-           "fit_uneven", "save_once", "bucket_sizes", "no_gradient", "mismatch", "threads"]
+           "fit_uneven", "save_once", "bucket_sizes", "no_gradient", "mismatch", "threads",
+           "wrapped_twice"]
 ALL_THREE = ["identical_steps", "no_gradient", "threads"]
 
 
@@ -201,6 +202,12 @@ def test_bucket_cap_of_a_few_kb_and_100_mb_agree(two):
         small, large = res["0.004"], res["100"]
         assert small["buckets"] >= 3 and large["buckets"] == 1
         assert small["digest"] == large["digest"]
+
+
+def test_a_model_wrapped_twice_trains_as_one_process(two):
+    """Whichever wrapper holds the gradients in its buckets, both average them right."""
+    for res in scenario(two, "wrapped_twice"):
+        assert max(res["diffs"]) < 1e-12, res["diffs"]
 
 
 def test_parameter_without_gradient_on_a_rank_counts_as_zero(two):

@@ -15,16 +15,15 @@ def broadcast_parameters(comm, buckets):
     """Rank 0's parameter values into every rank, one bucket buffer at a time."""
     root = comm.Get_rank() == 0
     for bucket in buckets:
-        buf = bucket.buffer
+        # Not the bucket's buffer: it holds the gradients (see _buckets).
+        buf = np.empty_like(bucket.buffer)
         if root:
-            for p, a, b in bucket.entries:
+            for p, a, b, _ in bucket.entries:
                 buf[a:b] = p._flat_data
         comm.Bcast(buf, root=0)
         if not root:
-            for p, a, b in bucket.entries:
+            for p, a, b, _ in bucket.entries:
                 p._flat_data[...] = buf[a:b]
-        # The buffer holds gradients between steps: leave no weights in it.
-        buf.fill(0)
 
 
 class BufferBroadcast:

@@ -6,8 +6,14 @@ and at most ``cap_bytes`` each (a larger parameter gets a bucket of its own).  D
 backward pass the layers report their gradients final through ``grads_ready_hook``; once
 every parameter of a bucket is final, its gradients are copied into the bucket's buffer
 (scaled by this rank's weight) and an ``Iallreduce`` (sum, in place) starts on it while the
-layers before keep computing.  ``finish`` starts whatever has not started, waits, and copies
-the sums back into the gradients.
+layers before keep computing.  ``finish`` starts whatever has not started and waits.
+
+The gradients live in the buckets' buffers (``Parameter._move_grad_to``, when the buckets
+are made), so a bucket is scaled in place and its sums are the gradients: copying every
+gradient into its bucket and the sums back took 2.9 ms of a 36.7 ms two-rank MLP step
+(784-1024-1024-10, batch 128 per rank), and the copies took 7 MB more per rank of a cache
+the two ranks share.  A gradient that is not in its bucket's buffer any more (the model
+wrapped again since) is copied in and out as before.
 
 Every rank starts the buckets in the same order, bucket 0 first, whatever order its layers
 finish in: MPI requires collectives on one communicator to be started in the same order on
@@ -38,7 +44,12 @@ class _Bucket:
     def __init__(self, dtype, params):
         offsets = np.cumsum([0] + [p.size for p in params])
         self.buffer = np.zeros(int(offsets[-1]), dtype)
-        self.entries = [(p, int(a), int(b)) for p, a, b in zip(params, offsets, offsets[1:])]
+        # (parameter, start, end, the view of the buffer that holds its gradient)
+        self.entries = []
+        for p, a, b in zip(params, offsets, offsets[1:]):
+            view = self.buffer[int(a):int(b)]
+            p._move_grad_to(view)
+            self.entries.append((p, int(a), int(b), view))
         self.size = len(params)
 
     @property
@@ -170,8 +181,9 @@ class GradientReducer:
             MPI.Request.Testall(self._requests)
 
     def finish(self, write=True):
-        """Start every bucket not yet started, wait for all, and (``write``) put the
-        averages into the gradients.  Returns this step's timings (also ``last_step``)."""
+        """Start every bucket not yet started and wait for all; the gradients kept in the
+        buckets then hold the averages, and (``write``) any other gets them copied in.
+        Returns this step's timings (also ``last_step``)."""
         if not self._active:
             raise RuntimeError("GradientReducer.finish without begin")
         t_end = time.perf_counter()
@@ -183,11 +195,13 @@ class GradientReducer:
         t1 = time.perf_counter()
         self._requests = []
         self._active = False
-        if write:
-            for bucket in self.buckets:
-                buf = bucket.buffer
-                for p, a, b in bucket.entries:
-                    with p._lock:
+        for bucket in self.buckets:
+            buf = bucket.buffer
+            for p, a, b, view in bucket.entries:
+                with p._lock:
+                    if p._flat_grad is view:
+                        p._grad_is_zero = False         # the sums are the gradient
+                    elif write:
                         p._flat_grad[...] = buf[a:b]
                         p._grad_is_zero = False
         self.last_step = {
@@ -216,11 +230,13 @@ class GradientReducer:
         bucket = self.buckets[b]
         buf = bucket.buffer
         scale = self._scale
-        for p, a, c in bucket.entries:
-            view = buf[a:c]
+        for p, a, c, view in bucket.entries:
             with p._lock:
                 if p._grad_is_zero or self._zero:
                     view.fill(0)        # no gradient on this rank: it counts as zero
+                elif p._flat_grad is view:
+                    if scale != 1.0:
+                        np.multiply(view, scale, out=view)
                 elif scale == 1.0:
                     view[...] = p._flat_grad
                 else:

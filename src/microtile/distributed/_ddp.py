@@ -79,8 +79,10 @@ class DistributedDataParallel(Module):
     bucket_cap_mb : float
         Largest bucket, in MiB (``2**20`` bytes), as torch's.  Smaller buckets start
         sooner during backward; larger ones make fewer, more efficient messages.  A
-        parameter larger than the cap gets a bucket of its own.  The buckets together
-        hold one copy of the gradients, allocated once and reused every step.
+        parameter larger than the cap gets a bucket of its own.  The buckets hold the
+        gradients themselves: wrapping moves each parameter's ``grad`` into its bucket
+        (its value kept), so an array taken from ``p.grad`` before wrapping no longer
+        follows the gradient; take it again after.
 
     Raises
     ------

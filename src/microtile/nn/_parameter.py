@@ -12,7 +12,8 @@ class Parameter:
 
     Both arrays are owned by the parameter, C-contiguous, and never replaced: assigning to
     ``.data`` or ``.grad`` copies into them, so layers, optimizers and views taken earlier all
-    keep seeing the same memory.
+    keep seeing the same memory.  (One exception: ``DistributedDataParallel`` moves the
+    gradient, once, into its bucket's buffer when it wraps the model.)
 
     ``zero_grad()`` does not touch memory: it marks the gradient as zero, and the next
     backward pass then writes it instead of adding to it (as torch's ``set_to_none`` saves
@@ -108,6 +109,16 @@ class Parameter:
         accumulate = not self._grad_is_zero
         self._grad_is_zero = False
         return self._grad, accumulate
+
+    def _move_grad_to(self, flat):
+        """Keep the gradient in ``flat`` (1-D, C-contiguous, this size and dtype) from now
+        on, its value copied over.  DistributedDataParallel puts every gradient into its
+        bucket's buffer so that the allreduce works on the gradients themselves: two copies
+        of every gradient per step fewer, and one copy less of them in memory."""
+        with self._lock:
+            flat[...] = self._flat_grad
+            self._flat_grad = flat
+            self._grad = flat.reshape(self._data.shape)
 
     def _add_to_grad(self, value):
         """grad += value (or grad = value when the gradient is logically zero)."""
