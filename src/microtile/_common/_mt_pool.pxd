@@ -36,6 +36,11 @@ ctypedef void (*pool_item)(void* ctx, idx_t item, int tid) noexcept nogil
 
 cdef void pool_items(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil
 
+# The same, with the caller taking items from the front and the helpers from the back: when a
+# job of equal items repeats (a recurrent layer's time steps), each thread mostly gets the
+# same items every time, so the data they read stays in its core's cache.
+cdef void pool_items_ends(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil
+
 # Ranges: [0, n) cut into about ``pieces`` shares (kernels ask for four per thread, so the
 # caller's wait for the last share a helper took is short), each a multiple of ``grain`` (16 for
 # elements, so shares start on whole vectors and cache lines; 1 for rows, channels, planes),

@@ -27,6 +27,8 @@ cdef int pool_run(int nt, pool_task fn, void* ctx) noexcept nogil:
 
 ctypedef struct _items:
     int64_t next        # the next unclaimed item (atomic)
+    int64_t back        # pool_items_ends: items the helpers took from the back (atomic)
+    int64_t taken       # pool_items_ends: items claimed at either end (atomic)
     int64_t n
     pool_item fn
     void* ctx
@@ -40,6 +42,38 @@ cdef void _items_task(void* vctx, int tid) noexcept nogil:
         if it >= its.n:
             return
         its.fn(its.ctx, <idx_t> it, tid)
+
+
+cdef void _ends_task(void* vctx, int tid) noexcept nogil:
+    cdef _items* its = <_items*> vctx
+    cdef int64_t it
+    while True:
+        # At most n claims in all, so the front and the back never take the same item.
+        if mt_atomic_add64(&its.taken, 1) >= its.n:
+            return
+        if tid == 0:
+            it = mt_atomic_add64(&its.next, 1)
+        else:
+            it = its.n - 1 - mt_atomic_add64(&its.back, 1)
+        its.fn(its.ctx, <idx_t> it, tid)
+
+
+cdef void pool_items_ends(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil:
+    cdef _items its
+    cdef idx_t i
+    if n_items <= 0:
+        return
+    if nt <= 1 or n_items == 1:
+        for i in range(n_items):
+            fn(ctx, i, 0)
+        return
+    its.next = 0
+    its.back = 0
+    its.taken = 0
+    its.n = n_items
+    its.fn = fn
+    its.ctx = ctx
+    pool_run(nt if nt < n_items else <int> n_items, _ends_task, &its)
 
 
 cdef void pool_items(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil:

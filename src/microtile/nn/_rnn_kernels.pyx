@@ -42,7 +42,7 @@ The gate passes use numerically safe sigmoid and tanh (no overflow for any input
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
 
-from microtile._common._mt_pool cimport pool_ranges, pool_items, pool_item
+from microtile._common._mt_pool cimport pool_ranges, pool_items, pool_items_ends, pool_item
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport ceil_div, imin
@@ -116,7 +116,7 @@ cdef int _plan(_loop* L, const gemm_params* prm, int kind, int nq, idx_t N, idx_
 
 
 cdef inline void _step_job(_loop* L, int nt) noexcept nogil:
-    pool_items(nt, L.n_blocks * ceil_div(L.n_groups, L.groups_per_item), L.item, L)
+    pool_items_ends(nt, L.n_blocks * ceil_div(L.n_groups, L.groups_per_item), L.item, L)
 
 
 cdef inline idx_t _mr(const gemm_params* prm, bint dbl) noexcept nogil:
