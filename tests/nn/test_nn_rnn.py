@@ -548,6 +548,35 @@ def test_fused_step_row_groups_match_torch(cell, isa, threads, N, H, rng):
     assert_pairs(pairs, depth, F64)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_any_thread_count_gives_the_same_bits(cell):
+    """A step's items are claimed from both ends (the caller from the front, helpers from
+    the back): every item runs once whatever the team, so 1 to 4 threads (more than the
+    cores: helpers share them) give the same bits, forward and backward, for 2 layers
+    (the biases' column sums to a float32 ulp)."""
+    x = np.random.default_rng(3).standard_normal((20, 33, 40)).astype(np.float32)
+    layer = getattr(nn, cell)(40, 70, num_layers=2, rng=1)
+    results = []
+    for threads in (1, 2, 3, 4):
+        with config_context(threads=threads):
+            layer.zero_grad()
+            y = layer.forward(x).copy()
+            dx = layer.backward(np.ones_like(y)).copy()
+            grads = [(n, p.grad.copy()) for n, p in layer.named_parameters()]
+        results.append((y, dx, grads))
+    for y, dx, grads in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][1])
+        for (name, g), (_, g0) in zip(grads, results[0][2]):
+            if name.startswith("bias"):
+                # Column sums over threads' float64 partials, rounded once to float32: the
+                # order of the partials may move the rounding by one float32 ulp.
+                np.testing.assert_allclose(g, g0, rtol=0,
+                                           atol=np.finfo(np.float32).eps * np.abs(g0).max())
+            else:
+                np.testing.assert_array_equal(g, g0, err_msg=name)
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
