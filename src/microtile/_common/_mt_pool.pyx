@@ -58,7 +58,9 @@ cdef void _ends_task(void* vctx, int tid) noexcept nogil:
         its.fn(its.ctx, <idx_t> it, tid)
 
 
-cdef void pool_items_ends(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil:
+cdef inline void _run_items(int nt, idx_t n_items, pool_item fn, void* ctx,
+                            pool_task task) noexcept nogil:
+    """Items 0 .. n_items-1 on the calling thread alone, or claimed by ``task`` on the pool."""
     cdef _items its
     cdef idx_t i
     if n_items <= 0:
@@ -73,23 +75,15 @@ cdef void pool_items_ends(int nt, idx_t n_items, pool_item fn, void* ctx) noexce
     its.n = n_items
     its.fn = fn
     its.ctx = ctx
-    pool_run(nt if nt < n_items else <int> n_items, _ends_task, &its)
+    pool_run(nt if nt < n_items else <int> n_items, task, &its)
+
+
+cdef void pool_items_ends(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil:
+    _run_items(nt, n_items, fn, ctx, _ends_task)
 
 
 cdef void pool_items(int nt, idx_t n_items, pool_item fn, void* ctx) noexcept nogil:
-    cdef _items its
-    cdef idx_t i
-    if n_items <= 0:
-        return
-    if nt <= 1 or n_items == 1:
-        for i in range(n_items):
-            fn(ctx, i, 0)
-        return
-    its.next = 0
-    its.n = n_items
-    its.fn = fn
-    its.ctx = ctx
-    pool_run(nt if nt < n_items else <int> n_items, _items_task, &its)
+    _run_items(nt, n_items, fn, ctx, _items_task)
 
 
 ctypedef struct _ranges:

@@ -482,6 +482,15 @@ cdef void _chan_range(void* ctx, idx_t c0, idx_t c1, int tid) noexcept nogil:
                       <float*> j.out, <const float*> j.w, <float*> j.gw, <float*> j.gb)
 
 
+cdef int _team(idx_t n, idx_t nc, idx_t s, idx_t work_len) except -1:
+    """Threads for a forward or backward pass: ``_threads_for`` the planes, and no more than
+    the float64 work array (``work_len`` elements, two per channel per thread) has room for."""
+    cdef int nt = _threads_for(n * nc * s, n * nc)
+    if nt > work_len // (2 * nc):
+        nt = <int> (work_len // (2 * nc))
+    return nt
+
+
 cdef bint _by_channel(idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
     """Whether a pass goes channel by channel (see above)."""
     return nt > 1 and n > 0 and s >= CHAN_MIN_PLANE and nc >= CHAN_PER_THREAD * nt
@@ -531,9 +540,7 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef double* invstd = sv + INVSTD * nc
     cdef double* scale = sv + SCALE * nc
     cdef double* shift = sv + SHIFT * nc
-    cdef int nt = _threads_for(n * nc * s, n * nc)
-    if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
-        nt = <int> (work.shape[0] // (2 * nc))
+    cdef int nt = _team(n, nc, s, work.shape[0])
     cdef _chan_job cj
     if _by_channel(n, nc, s, nt):
         cj.dbl = floating is double
@@ -642,9 +649,7 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
     cdef double* ca = &coef[COEF_A, 0]
     cdef double* cb = &coef[COEF_B, 0]
     cdef double* cc = &coef[COEF_C, 0]
-    cdef int nt = _threads_for(n * nc * s, n * nc)
-    if nt > work.shape[0] // (2 * nc):     # as many threads as work has room for
-        nt = <int> (work.shape[0] // (2 * nc))
+    cdef int nt = _team(n, nc, s, work.shape[0])
     cdef _chan_job cj
     if _by_channel(n, nc, s, nt):
         cj.dbl = floating is double
