@@ -102,8 +102,9 @@ def main(argv=None):
     tm, tt = time_pair(mt_bn, t_bn, args.rounds, args.min_time)
     rows.append(("BatchNorm2d fwd+bwd (32,64,56,56)", tm, tt, 5 * x.nbytes))
 
-    # Dropout (train mode): forward reads x and writes y (the mask's draw is the layer's
-    # own work, counted in its time but not in the bytes); backward reads dy, writes dx.
+    # Dropout (train mode): forward reads x and writes y (drawing the mask and writing it,
+    # one byte per element, is the layer's own work: in its time, not in the bytes);
+    # backward reads dy and the mask, writes dx.
     v = rng.standard_normal(ELEMENTS).astype(np.float32)
     dv = rng.standard_normal(ELEMENTS).astype(np.float32)
     drop = nn.Dropout(0.5, rng=0)
@@ -121,7 +122,7 @@ def main(argv=None):
         tvg.grad = None
         tout.backward(tdv, retain_graph=True)
     tm, tt = time_pair(lambda: drop.backward(dv), t_drop_b, args.rounds, args.min_time)
-    rows.append(("Dropout(0.5) backward 1e7", tm, tt, 3 * v.nbytes))
+    rows.append(("Dropout(0.5) backward 1e7", tm, tt, 2 * v.nbytes + v.size))
 
     # Activations on their own (not fused into a layer): forward reads x, writes y;
     # backward reads x (or y) and dy, writes dx.

@@ -129,3 +129,92 @@ def test_errors():
         d(np.ones(3, np.int64))
     assert repr(nn.Dropout(0.25)) == "Dropout(p=0.25)"
     assert nn.gradcheck(nn.Dropout(0.5).eval(), np.ones((2, 3)))
+
+
+# -- the generator behind the masks (nn/_dropout_mask.h) --------------------------------------
+# A mask's draws follow from one 64-bit key per forward and the element's position: blocks
+# of MT_DROP_BLOCK elements each seed their own xoshiro256++ lanes.  These checks would
+# catch a lane or block that repeats another, a bit that is stuck or biased, or a
+# threshold off by more than rounding; bounds are Z standard deviations as above.
+
+BLOCK = 4096
+
+
+def _bits(key, n):
+    from microtile.nn._act_kernels import dropout_bits
+    return dropout_bits(key, n)
+
+
+def test_draws_are_uniform_bit_by_bit_and_in_16_bins():
+    n = 1 << 20
+    r = _bits(12345, n)
+    bits = (r[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    ones = bits.sum(axis=0)
+    assert np.all(np.abs(ones - n / 2) <= Z * math.sqrt(n / 4)), ones
+    # Chi-square over the top 4 bits: 15 degrees of freedom, mean 15, sd sqrt(30).
+    counts = np.bincount(r >> 28, minlength=16)
+    chi2 = float(((counts - n / 16) ** 2 / (n / 16)).sum())
+    assert chi2 <= 15 + Z * math.sqrt(30), chi2
+
+
+def test_blocks_lanes_and_keys_do_not_repeat_each_other():
+    n = 64 * BLOCK
+    r = _bits(7, n).astype(np.float64) / 2.0 ** 32 - 0.5
+    blocks = r.reshape(64, BLOCK)
+    # Correlation of every block with the next, and of each draw with the one 16 later
+    # (the same lane one generator step on): about N(0, 1/m) when independent.
+    for a, b in ((blocks[:-1].ravel(), blocks[1:].ravel()), (r[:-16], r[16:]),
+                 (r[:-1], r[1:])):
+        c = float(np.corrcoef(a, b)[0, 1])
+        assert abs(c) <= Z / math.sqrt(a.size), c
+    # No two blocks and no two keys give the same draws.
+    assert len({bytes(b) for b in _bits(7, n).reshape(64, BLOCK)}) == 64
+    other = _bits(8, n).astype(np.float64) / 2.0 ** 32 - 0.5
+    c = float(np.corrcoef(r, other)[0, 1])
+    assert abs(c) <= Z / math.sqrt(n), c
+
+
+def test_mask_is_the_draws_against_the_threshold():
+    from microtile.nn._act_kernels import dropout_forward, dropout_threshold
+    assert dropout_threshold(0.0) == 0 and dropout_threshold(0.5) == 1 << 31
+    assert dropout_threshold(1.0) == 2 ** 32 - 1
+    n = 3 * BLOCK + 17
+    x = np.random.default_rng(0).standard_normal(n)
+    for p in (0.1, 0.5, 0.93):
+        t = dropout_threshold(p)
+        y, keep = np.empty(n), np.empty(n, np.uint8)
+        dropout_forward(x, y, keep, 99, t, 2.0)
+        np.testing.assert_array_equal(keep, _bits(99, n) >= t)
+        np.testing.assert_array_equal(y, np.where(keep == 1, x * 2.0, 0.0))
+
+
+@pytest.mark.parametrize("p", [0.001, 0.999])
+def test_rate_at_extreme_p(p):
+    x = np.ones(N, np.float32)
+    y = nn.Dropout(p, rng=3)(x)
+    k = int((y == 0).sum())
+    assert abs(k - N * p) <= Z * math.sqrt(N * p * (1 - p)), (k, N * p)
+
+
+@pytest.mark.parametrize("threads", [3, 4])
+def test_more_threads_than_cores_same_mask(threads):
+    x = np.random.default_rng(6).standard_normal(N).astype(np.float32)
+    ref = nn.Dropout(0.5, rng=7)(x).copy()
+    with config_context(threads=threads):
+        np.testing.assert_array_equal(nn.Dropout(0.5, rng=7)(x), ref)
+
+
+def test_portable_build_draws_the_same_masks(tmp_path):
+    """The AVX2 and the baseline builds of the generator give the same bits."""
+    import os
+    import subprocess
+    import sys
+    script = ("import sys, numpy as np\n"
+              "from microtile import nn\n"
+              "x = np.ones(200003, np.float32)\n"
+              "np.save(sys.argv[1], nn.Dropout(0.5, rng=11)(x))\n")
+    env = dict(os.environ, MICROTILE_ISA="generic")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "y.npy")], check=True,
+                   env=env, timeout=120)
+    here = nn.Dropout(0.5, rng=11)(np.ones(200003, np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), here)

@@ -11,6 +11,7 @@ contiguous shares, items on the thread pool, and the inner loops are plain point
 that the compiler vectorises them; the activation is chosen outside the loops for the same reason.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.math cimport erf, exp, log, M_SQRT1_2, M_2_SQRTPI, sqrt, tanh
 
 from microtile._common._mt_pool cimport pool_items, pool_ranges
@@ -19,7 +20,11 @@ from microtile.nn._act_math cimport sigmoid as _sigmoid, tanh_ as _tanh
 from microtile.linalg._gemm cimport gemm_params
 from microtile._config._params cimport current_params
 from microtile.nn._act_loops cimport (act_loop_f, pw_loop_f, act_table_t, PW_LEAKY, PW_GELU,
-                                      PW_GELU_TANH, PW_SILU)
+                                      PW_GELU_TANH, PW_SILU, MT_DROP_BLOCK, drop_bits,
+                                      drop_forward_f, drop_forward_d, drop_apply_f,
+                                      drop_apply_d)
+
+import numpy as np
 
 
 # One job description for every kernel here, so that one range function runs any of them
@@ -30,16 +35,20 @@ cdef enum:
     EW_DROPOUT = 2
     EW_POINTWISE = 3
     EW_SOFTMAX = 4
+    EW_DROPOUT_FWD = 5
 
 ctypedef struct _ew:
     int kind
     int code            # activation or pointwise code
     bint dbl
     bint flag           # softmax: logarithm
-    double p0, p1       # dropout p and scale; pointwise alpha
+    double p0, p1       # dropout scale (p1); pointwise alpha (p0)
     const void* x
-    const void* u       # dy, or dropout's uniform draws
+    const void* u       # dy, or dropout's mask (uint8)
     void* out
+    uint8_t* keep       # dropout forward: the mask it writes
+    uint64_t key        # dropout forward: the draw's key and keep threshold
+    uint32_t thr
     double* acc         # column sums per share (colsum)
     const act_table_t* tab  # the float32 loops for the ISA in use
     idx_t length, inner, rows
@@ -70,9 +79,21 @@ cdef void _pw_base(int code, float alpha, const float* x, const float* dy, float
     pw_loop_f(code, alpha, x, dy, out, n)
 
 
+cdef void _drop_f_base(const float* x, float* y, uint8_t* keep, int64_t i0, int64_t i1,
+                      uint64_t key, uint32_t threshold, float scale) noexcept nogil:
+    drop_forward_f(x, y, keep, i0, i1, key, threshold, scale)
+
+
+cdef void _drop_d_base(const double* x, double* y, uint8_t* keep, int64_t i0, int64_t i1,
+                       uint64_t key, uint32_t threshold, double scale) noexcept nogil:
+    drop_forward_d(x, y, keep, i0, i1, key, threshold, scale)
+
+
 cdef act_table_t _tables[2]
 _tables[0].act = _act_base
 _tables[0].pw = _pw_base
+_tables[0].drop_f = _drop_f_base
+_tables[0].drop_d = _drop_d_base
 _tables[1] = _tables[0]
 
 
@@ -309,47 +330,79 @@ def colsum_work_size(idx_t cols):
 
 # -- dropout ---------------------------------------------------------------------------------
 
-cdef void _dropout_part(const floating* x, const floating* u, floating* out, floating p,
-                        floating scale, idx_t n) noexcept nogil:
-    """out = x * (scale where u >= p, else 0): a product, not a select, so NaN and Inf in
-    a dropped element propagate as torch's ``input * mask`` lets them."""
-    cdef idx_t i
-    for i in range(n):
-        out[i] = x[i] * (scale if u[i] >= p else 0)
+def dropout_threshold(double p):
+    """The uint32 an element's draw must reach to be kept: P(drop) = p within 2^-33."""
+    cdef double t = p * 4294967296.0
+    if t >= 4294967295.0:
+        return 4294967295
+    return <uint32_t> (t + 0.5)
 
 
-def dropout_apply(const floating[::1] x, const floating[::1] u, floating[::1] out, double p,
-                  double scale):
-    """out = x * mask * scale with mask = (u >= p), over flat C-contiguous arrays.
-
-    ``u`` holds uniform [0, 1) draws, so each element is dropped with probability p; the
-    same ``u`` applied to the output gradient gives the input gradient.  ``out`` may be x.
-    """
+def dropout_forward(const floating[::1] x, floating[::1] out, uint8_t[::1] keep,
+                    uint64_t key, uint32_t threshold, double scale):
+    """out = x * (scale where kept, else 0) and keep = 1 where kept, over flat C-contiguous
+    arrays; element i is kept when its draw (``dropout_bits(key, n)[i]``) is at least
+    ``threshold`` (see ``dropout_threshold``).  A product, not a select, so NaN and Inf in
+    a dropped element propagate as torch's ``input * mask`` lets them.  ``out`` may be x.
+    The result depends only on the key, not on the threads."""
     cdef idx_t n = x.shape[0]
     cdef int nt
     cdef _ew job
-    if u.shape[0] != n or out.shape[0] != n:
-        raise ValueError(f"dropout_apply: sizes {n}, {u.shape[0]}, {out.shape[0]} differ")
+    if out.shape[0] != n or keep.shape[0] != n:
+        raise ValueError(f"dropout_forward: sizes {n}, {out.shape[0]}, {keep.shape[0]} differ")
     if n == 0:
         return
+    job.kind = EW_DROPOUT_FWD
+    job.dbl = floating is double
+    job.tab = _table()
+    job.x = &x[0]
+    job.out = &out[0]
+    job.keep = &keep[0]
+    job.key = key
+    job.thr = threshold
+    job.p1 = scale
     nt = _threads_for(n)
-    cdef const floating* px = &x[0]
-    cdef const floating* pu = &u[0]
-    cdef floating* po = &out[0]
-    cdef floating fp = <floating> p, fs = <floating> scale
-    if nt == 1:
-        with nogil:
-            _dropout_part(px, pu, po, fp, fs, n)
+    with nogil:
+        if nt == 1:
+            _ew_range(&job, 0, n, 0)
+        else:
+            # Shares of whole blocks: each starts its own generators.
+            pool_ranges(nt, n, 4 * nt, MT_DROP_BLOCK, _ew_range, &job)
+
+
+def dropout_backward(const floating[::1] g, const uint8_t[::1] keep, floating[::1] out,
+                     double scale):
+    """out = g * (scale where keep, else 0), over flat C-contiguous arrays; ``out`` may be g."""
+    cdef idx_t n = g.shape[0]
+    cdef int nt
+    cdef _ew job
+    if keep.shape[0] != n or out.shape[0] != n:
+        raise ValueError(f"dropout_backward: sizes {n}, {keep.shape[0]}, {out.shape[0]} "
+                         "differ")
+    if n == 0:
         return
     job.kind = EW_DROPOUT
     job.dbl = floating is double
-    job.x = px
-    job.u = pu
-    job.out = po
-    job.p0 = p
+    job.x = &g[0]
+    job.u = &keep[0]
+    job.out = &out[0]
     job.p1 = scale
+    nt = _threads_for(n)
     with nogil:
-        pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
+        if nt == 1:
+            _ew_range(&job, 0, n, 0)
+        else:
+            pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
+
+
+def dropout_bits(uint64_t key, idx_t n):
+    """The n uint32 draws a mask with this key compares with its threshold (for tests)."""
+    out = np.empty(max(n, 0), np.uint32)
+    cdef uint32_t[::1] r = out
+    if n > 0:
+        with nogil:
+            drop_bits(key, 0, n, &r[0])
+    return out
 
 
 # -- activations whose derivative needs the input -------------------------------------------
@@ -559,7 +612,15 @@ cdef void _ew_run(const _ew* j, idx_t i0, idx_t i1, const floating* x, const flo
     if j.kind == EW_ACT:
         _act_part(j.tab, j.code, x + i0, NULL if u == NULL else u + i0, out + i0, i1 - i0)
     elif j.kind == EW_DROPOUT:
-        _dropout_part(x + i0, u + i0, out + i0, <floating> j.p0, <floating> j.p1, i1 - i0)
+        if floating is float:
+            drop_apply_f(x + i0, <const uint8_t*> j.u + i0, out + i0, i1 - i0, <float> j.p1)
+        else:
+            drop_apply_d(x + i0, <const uint8_t*> j.u + i0, out + i0, i1 - i0, j.p1)
+    elif j.kind == EW_DROPOUT_FWD:
+        if floating is float:
+            j.tab.drop_f(x, out, j.keep, i0, i1, j.key, j.thr, <float> j.p1)
+        else:
+            j.tab.drop_d(x, out, j.keep, i0, i1, j.key, j.thr, j.p1)
     elif j.kind == EW_POINTWISE:
         _pw_part(j.tab, j.code, <floating> j.p0, x + i0, NULL if u == NULL else u + i0, out + i0,
                  i1 - i0)

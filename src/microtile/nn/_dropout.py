@@ -2,7 +2,7 @@
 import numpy as np
 
 from microtile._common._checks import as_float_array
-from microtile.nn._act_kernels import dropout_apply
+from microtile.nn._act_kernels import dropout_backward, dropout_forward, dropout_threshold
 from microtile.nn._dtypes import as_grad
 from microtile.nn._init import as_generator
 from microtile.nn._module import Module, check_real, per_thread
@@ -22,16 +22,19 @@ class Dropout(Module):
 
     Notes
     -----
-    The mask is drawn into a buffer of this layer (uniform numbers, compared with ``p``)
-    and reused by ``backward``, which scales the gradient by the same mask; no array is
-    allocated once the shapes have been seen.  Like torch, the mask multiplies: NaN in a
-    dropped element stays NaN.  Threads share the generator (NumPy's generators lock), each
-    keeps its own mask.
+    Each forward takes one 64-bit key from ``rng``; the mask's random numbers follow from
+    the key and each element's position (generators seeded per block of elements, drawn
+    on the thread pool; see ``nn/_dropout_mask.h``), so a seed gives the same masks
+    whatever the number of threads.  The mask is kept as one byte per element in a buffer
+    of this layer and reused by ``backward``, which scales the gradient by the same mask;
+    no array is allocated once the shapes have been seen.  Like torch, the mask
+    multiplies: NaN in a dropped element stays NaN.  Threads share the generator (NumPy's
+    generators lock), each keeps its own mask.
     """
 
-    # The last forward's uniform draws (None when it was the identity) and its output
-    # shape and dtype, per thread (see ``Module``).
-    _u = per_thread()
+    # The last forward's mask (None when it was the identity) and its output shape and
+    # dtype, per thread (see ``Module``).
+    _keep = per_thread()
     _shape = per_thread()
     _dtype = per_thread()
 
@@ -49,18 +52,19 @@ class Dropout(Module):
         self._shape = x.shape
         self._dtype = x.dtype
         if not self._in_training() or self.p == 0.0:
-            self._u = None
+            self._keep = None
             return x
-        u = self._buffer("u", x.shape, x.dtype)
-        self.rng.random(out=u, dtype=x.dtype)
+        keep = self._buffer("keep", x.shape, np.uint8)
+        key = int(self.rng.integers(0, 1 << 64, dtype=np.uint64, endpoint=False))
         y = self._buffer("y", x.shape, x.dtype)
         if x.flags.c_contiguous:
-            dropout_apply(x.reshape(-1), u.reshape(-1), y.reshape(-1), self.p, self._scale())
+            src = x.reshape(-1)
         else:
             np.copyto(y, x)
-            flat = y.reshape(-1)
-            dropout_apply(flat, u.reshape(-1), flat, self.p, self._scale())
-        self._u = u
+            src = y.reshape(-1)
+        dropout_forward(src, y.reshape(-1), keep.reshape(-1), key, dropout_threshold(self.p),
+                        self._scale())
+        self._keep = keep
         return y
 
     def backward(self, dy, *, need_input_grad=True):
@@ -71,11 +75,11 @@ class Dropout(Module):
         dy = as_grad(dy, self._dtype, self._shape, self)
         if not need_input_grad:
             return None
-        u = self._u
-        if u is None:
+        keep = self._keep
+        if keep is None:
             return dy
-        dx = self._buffer("dx", u.shape, u.dtype)
-        dropout_apply(dy.reshape(-1), u.reshape(-1), dx.reshape(-1), self.p, self._scale())
+        dx = self._buffer("dx", keep.shape, self._dtype)
+        dropout_backward(dy.reshape(-1), keep.reshape(-1), dx.reshape(-1), self._scale())
         return dx
 
     def __repr__(self):
