@@ -815,7 +815,11 @@ cdef void _s_tile(const tile_t* shape, idx_t T, const idx_t* off, const float* w
         wv[k] = _mm256_set1_ps(bias[k]) if bias != NULL else _mm256_setzero_ps()
         for i in range(M * V):
             acc[k * M * V + i] = wv[k]
-    for t in range(T):
+    # A loop that runs at least once (T >= 1, one tap at least): over range(T), which
+    # may run zero times, GCC 12 kept a copy of the sums on the stack and stored all of them
+    # on every tap, half the speed of the grouped tile 4x1x2.
+    t = 0
+    while True:
         sp = src + off[t]
         for k in range(KB):
             wv[k] = _mm256_broadcast_ss(w + k * ws + t)
@@ -825,6 +829,9 @@ cdef void _s_tile(const tile_t* shape, idx_t T, const idx_t* off, const float* w
                 for k in range(KB):
                     i = (k * M + m) * V + v
                     acc[i] = _mm256_fmadd_ps(wv[k], xv, acc[i])
+        t += 1
+        if t >= T:
+            break
     mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
     for k in range(KB):
@@ -854,7 +861,11 @@ cdef void _d_tile(const tile_t* shape, idx_t T, const idx_t* off, const double* 
         wv[k] = _mm256_set1_pd(bias[k]) if bias != NULL else _mm256_setzero_pd()
         for i in range(M * V):
             acc[k * M * V + i] = wv[k]
-    for t in range(T):
+    # A loop that runs at least once (T >= 1, one tap at least): over range(T), which
+    # may run zero times, GCC 12 kept a copy of the sums on the stack and stored all of them
+    # on every tap, half the speed of the grouped tile 4x1x2.
+    t = 0
+    while True:
         sp = src + off[t]
         for k in range(KB):
             wv[k] = _mm256_broadcast_sd(w + k * ws + t)
@@ -864,6 +875,9 @@ cdef void _d_tile(const tile_t* shape, idx_t T, const idx_t* off, const double* 
                 for k in range(KB):
                     i = (k * M + m) * V + v
                     acc[i] = _mm256_fmadd_pd(wv[k], xv, acc[i])
+        t += 1
+        if t >= T:
+            break
     mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(tail), _mm256_setr_epi64x(0, 1, 2, 3))
     for k in range(KB):
         for m in range(M):
@@ -938,6 +952,13 @@ cdef void conv_rows_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floa
     cdef int tail = <int> (Q - (nv - 1) * vw), V, M, KB
     if P <= 0 or Q <= 0:
         return
+    if T <= 0:
+        # No taps (a phase of dx no tap reaches): the bias alone.  The tiles need T >= 1.
+        for k0 in range(nk):
+            for p in range(P):
+                for j in range(Q):
+                    out[k0 * oks + p * ors + j] = bias[k0] if bias != NULL else 0
+        return
     if nk == 1:
         if nv >= 8:
             # Long rows: blocks of eight vectors along the row, the last block shorter.
@@ -985,18 +1006,31 @@ cdef void _s_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const
     cdef const float* r
     for j in range(TB):
         a[j] = _mm256_setzero_ps()
-    for p in range(P):
+    if P <= 0:
+        return
+    # Loops that run at least once where they can (see _s_tile): GCC 12 otherwise stores
+    # every sum to the stack on every vector.
+    p = 0
+    while True:
         sp = src + p * srs
         r = dy + p * dys
-        for v in range(nfull):
-            d = _mm256_loadu_ps(r + v * 8)
-            for j in range(TB):
-                a[j] = _mm256_fmadd_ps(d, _mm256_loadu_ps(sp + off[j] + v * 8), a[j])
+        if nfull > 0:
+            v = 0
+            while True:
+                d = _mm256_loadu_ps(r + v * 8)
+                for j in range(TB):
+                    a[j] = _mm256_fmadd_ps(d, _mm256_loadu_ps(sp + off[j] + v * 8), a[j])
+                v += 1
+                if v >= nfull:
+                    break
         if Q % 8:
             d = _mm256_maskload_ps(r + nfull * 8, mask)
             for j in range(TB):
                 a[j] = _mm256_fmadd_ps(d, _mm256_maskload_ps(sp + off[j] + nfull * 8, mask),
                                        a[j])
+        p += 1
+        if p >= P:
+            break
     for j in range(TB):
         acc[j] += _hsum_ps(a[j])
 
@@ -1013,18 +1047,31 @@ cdef void _d_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const
     cdef const double* r
     for j in range(TB):
         a[j] = _mm256_setzero_pd()
-    for p in range(P):
+    if P <= 0:
+        return
+    # Loops that run at least once where they can (see _s_tile): GCC 12 otherwise stores
+    # every sum to the stack on every vector.
+    p = 0
+    while True:
         sp = src + p * srs
         r = dy + p * dys
-        for v in range(nfull):
-            d = _mm256_loadu_pd(r + v * 4)
-            for j in range(TB):
-                a[j] = _mm256_fmadd_pd(d, _mm256_loadu_pd(sp + off[j] + v * 4), a[j])
+        if nfull > 0:
+            v = 0
+            while True:
+                d = _mm256_loadu_pd(r + v * 4)
+                for j in range(TB):
+                    a[j] = _mm256_fmadd_pd(d, _mm256_loadu_pd(sp + off[j] + v * 4), a[j])
+                v += 1
+                if v >= nfull:
+                    break
         if Q % 4:
             d = _mm256_maskload_pd(r + nfull * 4, mask)
             for j in range(TB):
                 a[j] = _mm256_fmadd_pd(d, _mm256_maskload_pd(sp + off[j] + nfull * 4, mask),
                                        a[j])
+        p += 1
+        if p >= P:
+            break
     for j in range(TB):
         acc[j] += _hsum_pd(a[j])
 
