@@ -570,7 +570,9 @@ def test_depth_slices_against_torch(dtype):
     yt = torch.nn.functional.conv2d(xt, wt, bt, **kw(cfg))
     dy = rng.standard_normal(tuple(yt.shape)).astype(dtype)
     yt.backward(torch.tensor(dy, dtype=torch.float64))
-    with mt.config_context(conv_workspace=64 << 10, conv_chunk=16 << 10):
+    # im2col forced: the built-in rule takes the direct kernel for this grouped forward.
+    with mt.config_context(conv_workspace=64 << 10, conv_chunk=16 << 10,
+                           conv_algorithm="im2col"):
         y = mt.conv2d(x, w, b, **kw(cfg))
         assert mt.conv._conv.last_plan()["depth_slices"] > 1
         dx, dw, db = mt.conv2d_backward(dy, x, w, **kw(cfg))
@@ -593,10 +595,12 @@ def test_depth_slices_against_torch(dtype):
     ((16, 3, 9, 9), (8, 3, 3, 3), 1),
 ])
 def test_workspace_cap_holds_for_any_geometry(geom, threads, workspace):
+    # The im2col driver's chunking (forced: the rule sends the last geometry's forward to
+    # the direct kernel, whose scratch is a band per thread).
     xs, ws_, pad = geom
     x = np.broadcast_to(np.float32(0.5), xs)
     w = np.broadcast_to(np.float32(0.25), ws_)
-    with mt.config_context(threads=threads, conv_workspace=workspace):
+    with mt.config_context(threads=threads, conv_workspace=workspace, conv_algorithm="im2col"):
         y = mt.conv2d(x, w, padding=pad)
         assert mt.conv._conv.last_plan()["workspace_bytes"] <= workspace
         dx, dw, db = mt.conv2d_backward(np.ones_like(y), x, w, padding=pad,

@@ -460,22 +460,31 @@ def test_direct_forced_on_an_ordinary_layer():
 
 # ------------------------------------------------------------------ choosing, errors
 
-@pytest.mark.parametrize("shape, groups, want", [
-    ((8, 1), 8, "direct"),          # depthwise
-    ((16, 1), 8, "direct"),         # depthwise, channel multiplier 2
-    ((8, 4), 2, "direct"),          # 4 channels per group
-    ((16, 8), 2, "direct"),         # 8 per group, the limit
-    ((18, 9), 2, "im2col"),         # 9 per group
-    ((4, 4), 1, "im2col"),          # not grouped
-    ((4, 1), 1, "im2col"),          # one input channel, not grouped
+@pytest.mark.parametrize("shape, groups, rs, want", [
+    # (K, Cg), groups, filter size, (forward, backward)
+    ((8, 1), 8, 3, ("direct", "direct")),         # depthwise
+    ((16, 1), 8, 3, ("direct", "direct")),        # depthwise, channel multiplier 2
+    ((8, 4), 2, 3, ("direct", "direct")),         # 4 channels per group
+    ((16, 8), 2, 3, ("direct", "direct")),        # 8 per group, the backward's limit
+    ((18, 9), 2, 3, ("direct", "im2col")),        # 9 per group
+    ((64, 32), 2, 3, ("direct", "im2col")),       # 32 per group, the forward's limit
+    ((66, 33), 2, 3, ("im2col", "im2col")),       # 33 per group
+    ((4, 4), 1, 3, ("direct", "im2col")),         # not grouped, few filters
+    ((32, 64), 1, 3, ("direct", "im2col")),       # not grouped, the limits
+    ((33, 4), 1, 3, ("im2col", "im2col")),        # 33 filters, 4 channels
+    ((32, 65), 1, 3, ("im2col", "im2col")),       # 65 channels
+    ((64, 3), 1, 7, ("direct", "im2col")),        # an RGB stem, 7x7
+    ((64, 3), 1, 9, ("im2col", "im2col")),        # 9x9: too tall for the direct band rule
+    ((4, 1), 1, 1, ("im2col", "im2col")),         # 1x1: im2col reads x in place
 ])
-def test_builtin_rule(shape, groups, want):
+def test_builtin_rule(shape, groups, rs, want):
     K, Cg = shape
-    x = np.ones((1, Cg * groups, 6, 6))
-    mt.conv2d(x, np.ones((K, Cg, 3, 3)), groups=groups)
-    assert last_algorithm() == want
-    mt.conv2d_backward(np.ones((1, K, 4, 4)), x, np.ones((K, Cg, 3, 3)), groups=groups)
-    assert last_algorithm() == want
+    x = np.ones((1, Cg * groups, 10, 10))
+    w = np.ones((K, Cg, rs, rs))
+    y = mt.conv2d(x, w, groups=groups)
+    assert last_algorithm() == want[0]
+    mt.conv2d_backward(np.ones_like(y), x, w, groups=groups)
+    assert last_algorithm() == want[1]
 
 
 def test_forced_algorithm_is_scoped_and_reported():

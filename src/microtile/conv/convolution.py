@@ -24,13 +24,27 @@ def _sizes():
     return get_option("conv_workspace"), get_option("conv_chunk")
 
 
-# Input channels per group up to which the built-in rule runs a grouped layer on the direct
-# kernel: its work per output is Cg*R*S taps read straight from the input, against im2col
-# writing Cg*R*S rows of columns and a GEMM with only K/groups rows (a 6-row micro-kernel
-# wastes most of a tile on 1-4 filters).  Depthwise layers (Cg == 1) are the main case.
-# Measured, 2 threads, batch 8, 32 groups, 3x3: Cg = 4 at 56x56 direct 11.3 ms / im2col
-# 12.8; Cg = 8 at 28x28 10.0 / 11.2; Cg = 16 at 14x14 11.6 / 9.3.
-DIRECT_MAX_CG = 8
+# Where the built-in rule runs a layer on the direct kernel rather than im2col + GEMM.  The
+# direct kernel's work per output is Cg*R*S taps read straight from the input; im2col writes
+# Cg*R*S rows of columns and runs a GEMM with K/groups rows (a 6-row micro-kernel wastes
+# most of a tile on 1-4 filters, and is skinny up to a few dozen).  Depthwise layers
+# (Cg == 1) are the main case.  Measured after the tiles kept their sums in registers
+# (float32, batch 8 or 32, 3x3 unless said; im2col time / direct time, 1 and 2 threads):
+#   grouped, forward: Cg = 16 at 56x56 (4 groups) 1.37 / 1.37, at 28x28 (8) 1.93 / 1.86,
+#     at 14x14 (32) 1.89 / 1.76; Cg = 32 at 28x28 (8) 1.15 / 1.16, at 56x56 (2) 1.01 / 1.07.
+#   grouped, backward: Cg = 16 at 14x14 0.93 / 0.93, at 28x28 1.03 / 1.11; Cg = 32 at 28x28
+#     0.70 / 0.68: up to 8 (the limit measured before) stays.
+#   ungrouped, forward, K = 32: C = 3, 8, 16 at 32x32 (batch 32) 1.52-1.66; C = 16 at 56x56
+#     1.26 / 1.13; C = 32 at 28x28 1.27 / 1.65; C = 64 at 28x28 1.18 / 1.31; C = 3, 5x5 at
+#     112x112 1.19 / 1.52.  With K = 64: C = 3, 7x7/2 at 224x224 (ResNet's stem, batch 1
+#     and 8) 1.09-1.25; C = 4 or 8 at 56x56 0.89-1.09; C = 32 at 56x56 0.82 / 0.89.
+#   ungrouped, backward: direct lost (0.73-0.93) but for C = 3 (1.11-1.19): im2col.
+DIRECT_MAX_CG = 8               # grouped, backward
+DIRECT_MAX_CG_FORWARD = 32      # grouped, forward
+DIRECT_DENSE_MAX_K = 32         # ungrouped, forward: filters ...
+DIRECT_DENSE_MAX_CG = 64        # ... and input channels up to these,
+DIRECT_DENSE_FEW_C = 3          # or this few input channels (any K), filters up to 7x7
+DIRECT_DENSE_MAX_RS = 49        # (the kernel's band holds a filter's height of input rows)
 
 
 # Winograd (``_winograd``) for 3x3, stride-1, undilated, ungrouped layers.
@@ -95,18 +109,26 @@ def applicable(N, Cg, K, groups, geom, dt=np.float32):
     return ("im2col", "direct")
 
 
-def _rule(N, Cg, K, groups, geom, dt=np.float32):
-    """The built-in choice: direct for depthwise layers and grouped ones with at most
-    DIRECT_MAX_CG input channels per group; Winograd for 3x3 stride-1 ungrouped layers with
-    at least WINOGRAD_MIN_C channels in and out and WINOGRAD_MIN_TILES F(4x4) tiles (where
-    it applies); im2col + GEMM for the others."""
-    if groups > 1 and Cg <= DIRECT_MAX_CG:
+def _rule(N, Cg, K, groups, geom, dt=np.float32, pass_="forward"):
+    """The built-in choice for ``pass_`` ("forward" or "backward"): direct for depthwise
+    layers and grouped ones with at most DIRECT_MAX_CG_FORWARD (forward) or DIRECT_MAX_CG
+    (backward) input channels per group; Winograd for 3x3 stride-1 ungrouped layers with at
+    least WINOGRAD_MIN_C channels in and out and WINOGRAD_MIN_TILES F(4x4) tiles (where it
+    applies); direct for the forward of other ungrouped layers with few filters or few input
+    channels and filters up to 7x7 (DIRECT_DENSE_*; not 1x1, which im2col reads in place);
+    im2col + GEMM for the others."""
+    forward = pass_ == "forward"
+    if groups > 1 and Cg <= (DIRECT_MAX_CG_FORWARD if forward else DIRECT_MAX_CG):
         return "direct"
     P, Q = geom[10], geom[11]
     if (Cg >= WINOGRAD_MIN_C and K >= WINOGRAD_MIN_C
             and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES
             and _winograd_tile(N, Cg * groups, K, geom, groups, dt)):
         return "winograd"
+    if (forward and groups == 1 and 1 < geom[2] * geom[3] <= DIRECT_DENSE_MAX_RS
+            and ((K <= DIRECT_DENSE_MAX_K and Cg <= DIRECT_DENSE_MAX_CG)
+                 or Cg <= DIRECT_DENSE_FEW_C)):
+        return "direct"
     return "im2col"
 
 
@@ -133,7 +155,7 @@ def _algorithm(pass_, dt, N, C, K, groups, geom):
         tuned = conv_choice(shape_key(pass_, dt, N, C, K, groups, geom))
         if tuned in ok:
             return tuned
-    return _rule(N, Cg, K, groups, geom, dt)
+    return _rule(N, Cg, K, groups, geom, dt, pass_)
 
 
 def _weight_rows(Wt, dt):

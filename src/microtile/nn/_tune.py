@@ -131,7 +131,6 @@ def tune(model, x, *, rounds=5, profile=None):
                                                            kw["dilation"], kw["groups"])
         N, C = X4.shape[0], X4.shape[1]
         ok = convolution.applicable(N, C // groups, K, groups, geom, dt)
-        rule = convolution._rule(N, C // groups, K, groups, geom, dt)
         if N == 0 or P == 0 or Q == 0 or len(ok) < 2:
             continue
         fkey = convolution.shape_key("forward", dt, N, C, K, groups, geom)
@@ -166,7 +165,8 @@ def tune(model, x, *, rounds=5, profile=None):
                 with config_context(conv_algorithm=name):
                     convolution.conv2d_backward(dy, xs, w, **kw, need_bias_grad=b is not None)
             fwd[name], bwd[name] = f, gb
-        for key, fns in ((fkey, fwd), (bkey, bwd)):
+        for key, fns, pass_ in ((fkey, fwd, "forward"), (bkey, bwd, "backward")):
+            rule = convolution._rule(N, C // groups, K, groups, geom, dt, pass_)
             seconds = _time(fns, rounds)
             best = min(seconds, key=seconds.get)
             if best != rule and seconds[best] > (1 - _MARGIN) * seconds[rule]:
