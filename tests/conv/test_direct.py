@@ -123,16 +123,16 @@ CASES = _depthwise_cases()
 def test_depthwise_against_torch(case, dtype, rng):
     """The rule runs depthwise layers on the direct kernel; every ISA and 1 or 2 threads
     give torch's values for the forward, dx, dw and db.  (One channel is an ordinary
-    layer, im2col by the rule: it runs forced onto the direct kernel too.)"""
+    layer, direct by the rule too as a layer of few input channels: it runs forced onto
+    im2col as well.)"""
     N, C, H, W, R = (case[k] for k in "NCHWR")
     x, w, b = make(rng, N, C, H, W, C, 1, R, R, dtype)
     kw = dict(stride=case["stride"], padding=case["padding"], groups=C)
-    algorithms = ("auto",) if C > 1 else ("auto", "direct")
+    algorithms = ("auto",) if C > 1 else ("auto", "im2col")
     for isa, threads, algorithm in itertools.product(ISAS, (1, 2), algorithms):
         with mt.config_context(isa=isa, threads=threads, conv_algorithm=algorithm):
             check_against_torch(x, w, b, dtype, **kw)
-            assert last_algorithm() == ("direct" if C > 1 else
-                                        {"auto": "im2col"}.get(algorithm, algorithm))
+            assert last_algorithm() == ("direct" if algorithm == "auto" else algorithm)
 
 
 def test_depthwise_is_the_rule_and_im2col_agrees():
@@ -400,8 +400,8 @@ print(json.dumps({"isas": list(mt.available_isas()), "algo": algo, "err": err}))
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("cfg", [
-    # (C, K, groups): 2 to 8 channels per group (direct by the rule) with 1 to 6 filters per
-    # group, and 16 per group (im2col by the rule).
+    # (C, K, groups): 2 to 16 channels per group (direct by the rule) with 1 to 32 filters
+    # per group.
     (8, 8, 4), (9, 6, 3), (12, 18, 3), (16, 12, 4), (6, 36, 3), (32, 16, 4), (32, 64, 2),
 ])
 @pytest.mark.parametrize("algorithm", ["auto", "im2col", "direct"])
@@ -465,16 +465,18 @@ def test_direct_forced_on_an_ordinary_layer():
     ((8, 1), 8, 3, ("direct", "direct")),         # depthwise
     ((16, 1), 8, 3, ("direct", "direct")),        # depthwise, channel multiplier 2
     ((8, 4), 2, 3, ("direct", "direct")),         # 4 channels per group
-    ((16, 8), 2, 3, ("direct", "direct")),        # 8 per group, the backward's limit
-    ((18, 9), 2, 3, ("direct", "im2col")),        # 9 per group
+    ((16, 8), 2, 3, ("direct", "direct")),        # 8 per group
+    ((32, 16), 2, 3, ("direct", "direct")),       # 16 per group, the backward's limit
+    ((34, 17), 2, 3, ("direct", "im2col")),       # 17 per group
     ((64, 32), 2, 3, ("direct", "im2col")),       # 32 per group, the forward's limit
     ((66, 33), 2, 3, ("im2col", "im2col")),       # 33 per group
     ((4, 4), 1, 3, ("direct", "im2col")),         # not grouped, few filters
     ((32, 64), 1, 3, ("direct", "im2col")),       # not grouped, the limits
     ((33, 4), 1, 3, ("im2col", "im2col")),        # 33 filters, 4 channels
     ((32, 65), 1, 3, ("im2col", "im2col")),       # 65 channels
-    ((64, 3), 1, 7, ("direct", "im2col")),        # an RGB stem, 7x7
+    ((64, 3), 1, 7, ("direct", "direct")),        # an RGB stem, 7x7
     ((64, 3), 1, 9, ("im2col", "im2col")),        # 9x9: too tall for the direct band rule
+    ((4, 1), 1, 3, ("direct", "direct")),         # one input channel
     ((4, 1), 1, 1, ("im2col", "im2col")),         # 1x1: im2col reads x in place
 ])
 def test_builtin_rule(shape, groups, rs, want):

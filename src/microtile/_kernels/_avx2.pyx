@@ -994,27 +994,41 @@ cdef void conv_rows_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floa
         k0 += KB
 
 
-cdef void _s_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const float* src,
-                  idx_t srs, const float* dy, idx_t dys, double* acc) noexcept nogil:
+# The three shapes of a row in conv_taps: whole vectors only, whole vectors and a partial
+# last one, a partial one only.  A type each, so that each copy of the loops has no branch
+# inside: with the partial vector under an ``if`` (or the whole ones in a range() loop, which
+# may run zero times) GCC 12 kept a copy of the sums on the stack and stored every one of
+# them on every row (or vector).
+cdef struct rows_full:
+    char unused
+cdef struct rows_both:
+    char unused
+cdef struct rows_tail:
+    char unused
+
+ctypedef fused rows_t:
+    rows_full
+    rows_both
+    rows_tail
+
+
+cdef void _s_taps(const taps_t* block, const rows_t* shape, idx_t P, idx_t Q,
+                  const idx_t* off, const float* src, idx_t srs, const float* dy, idx_t dys,
+                  double* acc) noexcept nogil:
     cdef int TB = _taps_count(block), j
     cdef __m256 a[12]
     cdef __m256 d
     cdef __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(<int> (Q % 8)),
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    cdef idx_t nfull = Q // 8, p, v
+    cdef idx_t nfull = Q // 8, p = 0, v
     cdef const float* sp
     cdef const float* r
     for j in range(TB):
         a[j] = _mm256_setzero_ps()
-    if P <= 0:
-        return
-    # Loops that run at least once where they can (see _s_tile): GCC 12 otherwise stores
-    # every sum to the stack on every vector.
-    p = 0
-    while True:
+    while True:                 # P >= 1, nfull >= 1 where there are whole vectors
         sp = src + p * srs
         r = dy + p * dys
-        if nfull > 0:
+        if rows_t is not rows_tail:
             v = 0
             while True:
                 d = _mm256_loadu_ps(r + v * 8)
@@ -1023,7 +1037,7 @@ cdef void _s_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const
                 v += 1
                 if v >= nfull:
                     break
-        if Q % 8:
+        if rows_t is not rows_full:
             d = _mm256_maskload_ps(r + nfull * 8, mask)
             for j in range(TB):
                 a[j] = _mm256_fmadd_ps(d, _mm256_maskload_ps(sp + off[j] + nfull * 8, mask),
@@ -1035,27 +1049,23 @@ cdef void _s_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const
         acc[j] += _hsum_ps(a[j])
 
 
-cdef void _d_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const double* src,
-                  idx_t srs, const double* dy, idx_t dys, double* acc) noexcept nogil:
+cdef void _d_taps(const taps_t* block, const rows_t* shape, idx_t P, idx_t Q,
+                  const idx_t* off, const double* src, idx_t srs, const double* dy, idx_t dys,
+                  double* acc) noexcept nogil:
     cdef int TB = _taps_count(block), j
     cdef __m256d a[12]
     cdef __m256d d
     cdef __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(Q % 4),
                                           _mm256_setr_epi64x(0, 1, 2, 3))
-    cdef idx_t nfull = Q // 4, p, v
+    cdef idx_t nfull = Q // 4, p = 0, v
     cdef const double* sp
     cdef const double* r
     for j in range(TB):
         a[j] = _mm256_setzero_pd()
-    if P <= 0:
-        return
-    # Loops that run at least once where they can (see _s_tile): GCC 12 otherwise stores
-    # every sum to the stack on every vector.
-    p = 0
     while True:
         sp = src + p * srs
         r = dy + p * dys
-        if nfull > 0:
+        if rows_t is not rows_tail:
             v = 0
             while True:
                 d = _mm256_loadu_pd(r + v * 4)
@@ -1064,7 +1074,7 @@ cdef void _d_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const
                 v += 1
                 if v >= nfull:
                     break
-        if Q % 4:
+        if rows_t is not rows_full:
             d = _mm256_maskload_pd(r + nfull * 4, mask)
             for j in range(TB):
                 a[j] = _mm256_fmadd_pd(d, _mm256_maskload_pd(sp + off[j] + nfull * 4, mask),
@@ -1076,13 +1086,30 @@ cdef void _d_taps(const taps_t* block, idx_t P, idx_t Q, const idx_t* off, const
         acc[j] += _hsum_pd(a[j])
 
 
+cdef inline void _taps_rows(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
+                            const floating* src, idx_t srs, const floating* dy, idx_t dys,
+                            double* acc) noexcept nogil:
+    cdef int vw = 8 if floating is float else 4
+    if floating is float:
+        if Q % vw == 0:
+            _s_taps(block, <rows_full*> NULL, P, Q, off, src, srs, dy, dys, acc)
+        elif Q > vw:
+            _s_taps(block, <rows_both*> NULL, P, Q, off, src, srs, dy, dys, acc)
+        else:
+            _s_taps(block, <rows_tail*> NULL, P, Q, off, src, srs, dy, dys, acc)
+    else:
+        if Q % vw == 0:
+            _d_taps(block, <rows_full*> NULL, P, Q, off, src, srs, dy, dys, acc)
+        elif Q > vw:
+            _d_taps(block, <rows_both*> NULL, P, Q, off, src, srs, dy, dys, acc)
+        else:
+            _d_taps(block, <rows_tail*> NULL, P, Q, off, src, srs, dy, dys, acc)
+
+
 cdef inline void _taps_f(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
                          const floating* src, idx_t srs, const floating* dy, idx_t dys,
                          double* acc) noexcept nogil:
-    if floating is float:
-        _s_taps(block, P, Q, off, src, srs, dy, dys, acc)
-    else:
-        _d_taps(block, P, Q, off, src, srs, dy, dys, acc)
+    _taps_rows(block, P, Q, off, src, srs, dy, dys, acc)
 
 
 cdef void conv_taps_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* src,

@@ -32,19 +32,19 @@ def _sizes():
 # (float32, batch 8 or 32, 3x3 unless said; im2col time / direct time, 1 and 2 threads):
 #   grouped, forward: Cg = 16 at 56x56 (4 groups) 1.37 / 1.37, at 28x28 (8) 1.93 / 1.86,
 #     at 14x14 (32) 1.89 / 1.76; Cg = 32 at 28x28 (8) 1.15 / 1.16, at 56x56 (2) 1.01 / 1.07.
-#   grouped, backward: Cg = 16 at 14x14 0.93 / 0.93, at 28x28 1.03 / 1.11; Cg = 32 at 28x28
-#     0.70 / 0.68: up to 8 (the limit measured before) stays.
+#   grouped, backward (after conv_taps' rows also kept their sums in registers): Cg = 16
+#     at 14x14 (32 groups) 1.35 / 1.33, at 56x56 (4) 1.13 / 1.13; Cg = 32 at 28x28 0.86 / 0.85.
 #   ungrouped, forward, K = 32: C = 3, 8, 16 at 32x32 (batch 32) 1.52-1.66; C = 16 at 56x56
 #     1.26 / 1.13; C = 32 at 28x28 1.27 / 1.65; C = 64 at 28x28 1.18 / 1.31; C = 3, 5x5 at
 #     112x112 1.19 / 1.52.  With K = 64: C = 3, 7x7/2 at 224x224 (ResNet's stem, batch 1
 #     and 8) 1.09-1.25; C = 4 or 8 at 56x56 0.89-1.09; C = 32 at 56x56 0.82 / 0.89.
-#   ungrouped, backward: direct lost (0.73-0.93) but for C = 3 (1.11-1.19): im2col.
-DIRECT_MAX_CG = 8               # grouped, backward
+#   ungrouped, backward: direct loses (0.65-0.94 for C = 16-64) but for C = 3 (1.09-1.18).
+DIRECT_MAX_CG = 16              # grouped, backward
 DIRECT_MAX_CG_FORWARD = 32      # grouped, forward
 DIRECT_DENSE_MAX_K = 32         # ungrouped, forward: filters ...
 DIRECT_DENSE_MAX_CG = 64        # ... and input channels up to these,
-DIRECT_DENSE_FEW_C = 3          # or this few input channels (any K), filters up to 7x7
-DIRECT_DENSE_MAX_RS = 49        # (the kernel's band holds a filter's height of input rows)
+DIRECT_DENSE_FEW_C = 3          # or this few input channels (any K; backward too),
+DIRECT_DENSE_MAX_RS = 49        # filters up to 7x7 (a band holds a filter's height of rows)
 
 
 # Winograd (``_winograd``) for 3x3, stride-1, undilated, ungrouped layers.
@@ -114,9 +114,9 @@ def _rule(N, Cg, K, groups, geom, dt=np.float32, pass_="forward"):
     layers and grouped ones with at most DIRECT_MAX_CG_FORWARD (forward) or DIRECT_MAX_CG
     (backward) input channels per group; Winograd for 3x3 stride-1 ungrouped layers with at
     least WINOGRAD_MIN_C channels in and out and WINOGRAD_MIN_TILES F(4x4) tiles (where it
-    applies); direct for the forward of other ungrouped layers with few filters or few input
-    channels and filters up to 7x7 (DIRECT_DENSE_*; not 1x1, which im2col reads in place);
-    im2col + GEMM for the others."""
+    applies); direct for ungrouped layers with at most DIRECT_DENSE_FEW_C input channels,
+    and for the forward of those with few filters (DIRECT_DENSE_*), filters up to 7x7 (not
+    1x1, which im2col reads in place); im2col + GEMM for the others."""
     forward = pass_ == "forward"
     if groups > 1 and Cg <= (DIRECT_MAX_CG_FORWARD if forward else DIRECT_MAX_CG):
         return "direct"
@@ -125,9 +125,9 @@ def _rule(N, Cg, K, groups, geom, dt=np.float32, pass_="forward"):
             and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES
             and _winograd_tile(N, Cg * groups, K, geom, groups, dt)):
         return "winograd"
-    if (forward and groups == 1 and 1 < geom[2] * geom[3] <= DIRECT_DENSE_MAX_RS
-            and ((K <= DIRECT_DENSE_MAX_K and Cg <= DIRECT_DENSE_MAX_CG)
-                 or Cg <= DIRECT_DENSE_FEW_C)):
+    if (groups == 1 and 1 < geom[2] * geom[3] <= DIRECT_DENSE_MAX_RS
+            and (Cg <= DIRECT_DENSE_FEW_C
+                 or (forward and K <= DIRECT_DENSE_MAX_K and Cg <= DIRECT_DENSE_MAX_CG))):
         return "direct"
     return "im2col"
 
