@@ -3,10 +3,9 @@
 The kernels work on a range of channels and a range of output positions of one image, so the
 convolution driver can fill workspace-sized chunks and parallelise over images or channels.
 Per row, the valid output columns of each kernel offset are computed once (no per-element
-bounds test), and unit-stride rows are copied with memcpy.
+bounds test); the copies and the padding's zeros are plain loops the compiler vectorises.
 """
 from microtile._common._mt_pool cimport pool_ranges
-from libc.string cimport memcpy, memset
 
 import numpy as np
 cimport numpy as cnp
@@ -49,24 +48,29 @@ cdef inline void _im2col_row(const conv_geom* g, const floating* x, idx_t xs_c, 
     step = g.sw * xs_w
     pq = pq0
     j = 0
+    # One division for the first output row; then row after row.  Rows of a 32x32 image
+    # are 32 columns: a division per row, and memset/memcpy calls for a padding's one
+    # element, were most of the time (perf of a ResNet-like training step).
+    p = pq // g.Q
+    q = pq - p * g.Q
     while pq < pq1:
-        p = pq // g.Q
-        q = pq - p * g.Q
         qend = imin(g.Q, q + (pq1 - pq))
         ih = p * g.sh - g.ph + r * g.dh
         if ih < 0 or ih >= g.H:
-            memset(dst + j, 0, (qend - q) * sizeof(floating))
+            for i in range(qend - q):
+                dst[j + i] = 0
         else:
             lo = imax(q, qa)
             hi = imin(qend, qb)
             if hi < lo:
                 lo = qend
                 hi = qend
-            if lo > q:
-                memset(dst + j, 0, (lo - q) * sizeof(floating))
+            for i in range(lo - q):
+                dst[j + i] = 0
             src = x + c * xs_c + ih * xs_h + (lo * g.sw + off_w) * xs_w
             if step == 1:
-                memcpy(dst + j + (lo - q), src, (hi - lo) * sizeof(floating))
+                for i in range(hi - lo):
+                    dst[j + (lo - q) + i] = src[i]
             elif step == 2:
                 # A constant stride lets the compiler vectorize with shuffles.
                 for i in range(hi - lo):
@@ -74,10 +78,12 @@ cdef inline void _im2col_row(const conv_geom* g, const floating* x, idx_t xs_c, 
             else:
                 for i in range(hi - lo):
                     dst[j + (lo - q) + i] = src[i * step]
-            if qend > hi:
-                memset(dst + j + (hi - q), 0, (qend - hi) * sizeof(floating))
+            for i in range(hi - q, qend - q):
+                dst[j + i] = 0
         j += qend - q
         pq += qend - q
+        p += 1
+        q = 0
 
 
 cdef void im2col_rows(const conv_geom* g, const floating* x, idx_t xs_c, idx_t xs_h,
@@ -103,9 +109,9 @@ cdef inline void _col2im_row(const conv_geom* g, const floating* src, idx_t k, i
     step = g.sw * xs_w
     pq = pq0
     j = 0
+    p = pq // g.Q               # one division, then row after row (as _im2col_row)
+    q = pq - p * g.Q
     while pq < pq1:
-        p = pq // g.Q
-        q = pq - p * g.Q
         qend = imin(g.Q, q + (pq1 - pq))
         ih = p * g.sh - g.ph + r * g.dh
         if 0 <= ih < g.H:
@@ -125,6 +131,8 @@ cdef inline void _col2im_row(const conv_geom* g, const floating* src, idx_t k, i
                         dst[i * step] += src[j + (lo - q) + i]
         j += qend - q
         pq += qend - q
+        p += 1
+        q = 0
 
 
 cdef void col2im_rows(const conv_geom* g, const floating* cols, idx_t ld, idx_t k0, idx_t k1,
