@@ -44,7 +44,7 @@ import numpy as np
 cimport numpy as cnp
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._common._inline cimport ceil_div, elem_stride, imin
+from microtile._common._inline cimport ceil_div, elem_stride, imax, imin
 from microtile._common._interrupt cimport (signal_poll, caller_poll, open_poll, close_poll,
                                            raise_for_rc, poll_step, stop_before, interrupted,
                                            INTERRUPTED)

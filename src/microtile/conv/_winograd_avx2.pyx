@@ -5,7 +5,7 @@ after CPUID confirmed the CPU and the OS support it."""
 from cpython.pycapsule cimport PyCapsule_New
 
 from microtile._common._typedefs cimport idx_t, floating
-from microtile._common._inline cimport imin
+from microtile._common._inline cimport imax, imin
 from microtile.linalg._gemm cimport ACT_RELU
 from microtile.conv._winograd cimport wplan, wino_kernels_t, WINO_TB, WINO_MAX_ALPHA
 

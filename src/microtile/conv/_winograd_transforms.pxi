@@ -7,7 +7,7 @@
 # instructions, output 18M, the GEMMs 77M; a first version that found each tile's place by
 # division per channel and combined one row at a time took 2x the GEMMs in time.
 #
-# Requires: idx_t, floating, wplan, WINO_TB, WINO_MAX_ALPHA, ACT_RELU, imin in scope.
+# Requires: idx_t, floating, wplan, WINO_TB, WINO_MAX_ALPHA, ACT_RELU, imin, imax in scope.
 
 cdef extern from "_winograd_apply.h" nogil:
     void wino_apply_f(float* dst, idx_t dstep, const float* src, idx_t sstep,
@@ -88,11 +88,15 @@ cdef bint _input_t(const wplan* p, const floating* x, idx_t c0, idx_t c1, idx_t 
                    idx_t b0, idx_t nb, floating* V, floating* scr) noexcept nogil:
     """V[xi][c, b0:b0+nb] = (BT d B)[xi] for channels c0 <= c < c1 and the chunk's tiles
     b0 ... b0+nb-1 (chunk starting at tile t0)."""
-    cdef idx_t a = p.alpha, tl, r, s, i, j, t, c, n, r0, q0, h, col
+    cdef idx_t a = p.alpha, tl, r, s, i, j, t, c, n, r0, q0
     cdef idx_t off[WINO_TB]
     cdef idx_t rr[WINO_TB]
     cdef idx_t cc[WINO_TB]
     cdef bint inside[WINO_TB]
+    cdef int rlo[WINO_TB]
+    cdef int rhi[WINO_TB]
+    cdef int slo[WINO_TB]
+    cdef int shi[WINO_TB]
     cdef floating* D = scr
     cdef floating* E = scr + p.a2 * WINO_TB
     cdef floating* Z = E + p.a2 * WINO_TB
@@ -107,6 +111,17 @@ cdef bint _input_t(const wplan* p, const floating* x, idx_t c0, idx_t c1, idx_t 
         off[tl] = n * p.xs[0] + rr[tl] * xs2 + cc[tl] * xs3
         inside[tl] = (rr[tl] >= 0 and rr[tl] + a <= p.H and cc[tl] >= 0
                       and cc[tl] + a <= p.W)
+        # An edge tile's window rows and columns inside x, worked out once for every
+        # channel; its other entries of D are zeroed here once, and no channel writes them.
+        # (Per element, bounds tests and zero stores for every channel took as long as the
+        # inside tiles' gathers on C64 56x56: perf, 1 thread.)
+        if not inside[tl]:
+            rlo[tl] = <int> imin(a, imax(0, -rr[tl]))
+            rhi[tl] = <int> imax(rlo[tl], imin(a, p.H - rr[tl]))
+            slo[tl] = <int> imin(a, imax(0, -cc[tl]))
+            shi[tl] = <int> imax(slo[tl], imin(a, p.W - cc[tl]))
+            for r in range(a * a):
+                D[r * WINO_TB + tl] = 0
     for t in range(nb):
         Z[t] = 0
     for c in range(c0, c1):
@@ -119,16 +134,10 @@ cdef bint _input_t(const wplan* p, const floating* x, idx_t c0, idx_t c1, idx_t 
                 else:
                     wino_gather_d(D + tl, WINO_TB, xc + off[tl], xs2, xs3, <int> a)
                 continue
-            for r in range(a):
-                h = rr[tl] + r
-                if h < 0 or h >= p.H:
-                    for s in range(a):
-                        D[(r * a + s) * WINO_TB + tl] = 0
-                    continue
+            for r in range(rlo[tl], rhi[tl]):
                 row = xc + off[tl] + r * xs2
-                for s in range(a):
-                    col = cc[tl] + s
-                    D[(r * a + s) * WINO_TB + tl] = row[s * xs3] if 0 <= col < p.W else 0
+                for s in range(slo[tl], shi[tl]):
+                    D[(r * a + s) * WINO_TB + tl] = row[s * xs3]
         # Rows: E[i*a + s] = sum_r BT[i, r] D[r*a + s].
         for s in range(a):
             _apply(E + s * WINO_TB, a * WINO_TB, D + s * WINO_TB, a * WINO_TB, p.bt, a, a,
