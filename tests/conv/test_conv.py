@@ -595,8 +595,8 @@ def test_depth_slices_against_torch(dtype):
     ((16, 3, 9, 9), (8, 3, 3, 3), 1),
 ])
 def test_workspace_cap_holds_for_any_geometry(geom, threads, workspace):
-    # The im2col driver's chunking (forced: the rule sends the last geometry's forward to
-    # the direct kernel, whose scratch is a band per thread).
+    # The im2col driver's chunking (forced: the rule sends the last geometry, 3 input
+    # channels, to the direct kernel, whose scratch is a band per thread).
     xs, ws_, pad = geom
     x = np.broadcast_to(np.float32(0.5), xs)
     w = np.broadcast_to(np.float32(0.25), ws_)

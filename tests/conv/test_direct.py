@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 
-from microtile.conv.convolution import DIRECT_MAX_CG
+from microtile.conv.convolution import DIRECT_MAX_CG, DIRECT_MAX_CG_FORWARD
 
 import microtile as mt
 from microtile import nn
@@ -400,9 +400,10 @@ print(json.dumps({"isas": list(mt.available_isas()), "algo": algo, "err": err}))
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("cfg", [
-    # (C, K, groups): 2 to 16 channels per group (direct by the rule) with 1 to 32 filters
-    # per group.
+    # (C, K, groups): 2 to 16 channels per group (direct by the rule in both passes), and
+    # 32 (the forward's limit), with 1 to 32 filters per group.
     (8, 8, 4), (9, 6, 3), (12, 18, 3), (16, 12, 4), (6, 36, 3), (32, 16, 4), (32, 64, 2),
+    (64, 8, 2),
 ])
 @pytest.mark.parametrize("algorithm", ["auto", "im2col", "direct"])
 def test_grouped_against_torch(cfg, algorithm, dtype):
@@ -411,10 +412,12 @@ def test_grouped_against_torch(cfg, algorithm, dtype):
     x, w, b = make(rng, 3, C, 11, 14, K, C // groups, 3, 3, dtype)
     for threads, stride in ((1, 1), (2, 2)):
         with mt.config_context(threads=threads, conv_algorithm=algorithm):
+            mt.conv2d(x, w, b, stride=stride, padding=1, groups=groups)
+            assert last_algorithm() == (algorithm if algorithm != "auto" else (
+                "direct" if C // groups <= DIRECT_MAX_CG_FORWARD else "im2col"))
             check_against_torch(x, w, b, dtype, stride=stride, padding=1, groups=groups)
-            want = algorithm if algorithm != "auto" else (
-                "direct" if C // groups <= DIRECT_MAX_CG else "im2col")
-            assert last_algorithm() == want
+            assert last_algorithm() == (algorithm if algorithm != "auto" else (
+                "direct" if C // groups <= DIRECT_MAX_CG else "im2col"))
 
 
 @pytest.mark.parametrize("cfg", [
@@ -476,16 +479,20 @@ def test_direct_forced_on_an_ordinary_layer():
     ((32, 65), 1, 3, ("im2col", "im2col")),       # 65 channels
     ((64, 3), 1, 7, ("direct", "direct")),        # an RGB stem, 7x7
     ((64, 3), 1, 9, ("im2col", "im2col")),        # 9x9: too tall for the direct band rule
+    ((64, 3), 1, (1, 9), ("im2col", "im2col")),   # 1x9: too wide
+    ((64, 3), 1, (3, 3, 4), ("im2col", "im2col")),  # 3x3 dilated 4 reaches 9
+    ((128, 3), 1, 3, ("direct", "im2col")),       # RGB, 128 filters: backward unmeasured
     ((4, 1), 1, 3, ("direct", "direct")),         # one input channel
     ((4, 1), 1, 1, ("im2col", "im2col")),         # 1x1: im2col reads x in place
 ])
 def test_builtin_rule(shape, groups, rs, want):
     K, Cg = shape
-    x = np.ones((1, Cg * groups, 10, 10))
-    w = np.ones((K, Cg, rs, rs))
-    y = mt.conv2d(x, w, groups=groups)
+    R, S, dil = (rs, rs, 1) if isinstance(rs, int) else (rs + (1,))[:3]
+    x = np.ones((1, Cg * groups, 12, 12))
+    w = np.ones((K, Cg, R, S))
+    y = mt.conv2d(x, w, groups=groups, dilation=dil)
     assert last_algorithm() == want[0]
-    mt.conv2d_backward(np.ones_like(y), x, w, groups=groups)
+    mt.conv2d_backward(np.ones_like(y), x, w, groups=groups, dilation=dil)
     assert last_algorithm() == want[1]
 
 

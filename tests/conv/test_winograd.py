@@ -328,5 +328,5 @@ def test_applicable_lists_winograd_where_it_applies():
         ok = convolution.applicable(2, 64 // groups, K, groups, geom, np.float32)
         assert ("winograd" in ok) == want
         assert convolution._rule(2, 64 // groups, K, groups, geom, np.float32) == (
-            "winograd" if want else ("direct" if groups > 1 and 64 // groups <= 32
-                                     else "im2col"))
+            "winograd" if want else ("direct" if groups > 1 and 64 // groups
+                                     <= convolution.DIRECT_MAX_CG_FORWARD else "im2col"))

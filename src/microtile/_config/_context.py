@@ -276,12 +276,13 @@ def config_context(**overrides):
     conv_algorithm : {"auto", "im2col", "direct", "winograd"}, optional
         How ``conv2d`` and ``conv2d_backward`` compute.  ``"auto"`` (the default) takes the
         profile's choice for the layer's shape where ``microtile.nn.tune`` recorded one,
-        else the built-in rule: the direct kernel for depthwise layers and grouped ones with
-        at most 8 input channels per group, Winograd for 3x3 stride-1 ungrouped layers with
-        at least 64 channels in and out and enough output positions, im2col + GEMM
-        otherwise.  ``"im2col"`` and ``"direct"`` force that algorithm; each applies to
-        every layer (the direct kernel is slow on layers with many channels per group,
-        never wrong).  ``"winograd"`` forces Winograd where it applies (3x3 filters, stride
+        else the built-in rule: the direct kernel for depthwise layers, grouped ones with
+        at most 32 input channels per group (16 in the backward pass) and small ungrouped
+        ones (at most 3 input channels, or 32 filters in the forward pass), Winograd for
+        3x3 stride-1 ungrouped layers with at least 64 channels in and out and enough
+        output positions, im2col + GEMM otherwise.  ``"im2col"`` and ``"direct"`` force
+        that algorithm; each applies to every layer (the direct kernel is slow on layers
+        with many channels per group, never wrong).  ``"winograd"`` forces Winograd where it applies (3x3 filters, stride
         1, dilation 1, groups 1, its transforms within ``conv_workspace``) and leaves the
         other layers to the rule; in the backward pass it computes dx (dw and db stay on
         im2col).  Its error is a few times im2col's (see ``conv2d``).

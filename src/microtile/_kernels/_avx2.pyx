@@ -1117,7 +1117,7 @@ cdef void conv_taps_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floa
     # Taps in nearly equal blocks of at most 12 (twelve sums, the dy vector and one load
     # fit the sixteen registers): one pass over dy per block.
     cdef idx_t nblk = (T + 11) // 12, b, t0, t1
-    if P <= 0 or Q <= 0:
+    if P <= 0 or Q <= 0:        # the tap blocks' loops run at least once: they rely on it
         return
     for b in range(nblk):
         t0 = b * T // nblk

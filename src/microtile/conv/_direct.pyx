@@ -1,4 +1,4 @@
-"""Direct convolution: depthwise and small-group layers without im2col or the GEMM.
+"""Direct convolution without im2col or the GEMM: depthwise, small-group and few-channel layers.
 
 Layout.  For one (image, group) the group's Cg input planes are copied, one band of output
 rows at a time, into the calling thread's scratch: zero padding around them, and each padded

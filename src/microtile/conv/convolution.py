@@ -2,7 +2,7 @@
 the choice of algorithm.
 
 The arithmetic lives in ``_conv`` (im2col + GEMM drivers), ``_im2col`` (the lowering
-kernels), ``_direct`` (the direct kernel for depthwise and small-group layers) and
+kernels), ``_direct`` (the direct kernel: depthwise, small-group and few-channel layers) and
 ``_winograd`` (Winograd F(2x2,3x3) / F(4x4,3x3) for 3x3 stride-1 layers).
 """
 import numpy as np
@@ -43,8 +43,10 @@ DIRECT_MAX_CG = 16              # grouped, backward
 DIRECT_MAX_CG_FORWARD = 32      # grouped, forward
 DIRECT_DENSE_MAX_K = 32         # ungrouped, forward: filters ...
 DIRECT_DENSE_MAX_CG = 64        # ... and input channels up to these,
-DIRECT_DENSE_FEW_C = 3          # or this few input channels (any K; backward too),
-DIRECT_DENSE_MAX_RS = 49        # filters up to 7x7 (a band holds a filter's height of rows)
+DIRECT_DENSE_FEW_C = 3          # or this few input channels (any K forward, and backward
+DIRECT_DENSE_FEW_C_MAX_K = 64   # up to the K measured: its dx scratch grows with K),
+DIRECT_DENSE_MAX_REACH = 7      # filters reaching at most 7 rows and columns (a band holds
+                                # a filter's reach of input rows; dilation counted)
 
 
 # Winograd (``_winograd``) for 3x3, stride-1, undilated, ungrouped layers.
@@ -115,8 +117,8 @@ def _rule(N, Cg, K, groups, geom, dt=np.float32, pass_="forward"):
     (backward) input channels per group; Winograd for 3x3 stride-1 ungrouped layers with at
     least WINOGRAD_MIN_C channels in and out and WINOGRAD_MIN_TILES F(4x4) tiles (where it
     applies); direct for ungrouped layers with at most DIRECT_DENSE_FEW_C input channels,
-    and for the forward of those with few filters (DIRECT_DENSE_*), filters up to 7x7 (not
-    1x1, which im2col reads in place); im2col + GEMM for the others."""
+    and for the forward of those with few filters (DIRECT_DENSE_*), filters reaching up to
+    7x7 (not 1x1, which im2col reads in place); im2col + GEMM for the others."""
     forward = pass_ == "forward"
     if groups > 1 and Cg <= (DIRECT_MAX_CG_FORWARD if forward else DIRECT_MAX_CG):
         return "direct"
@@ -125,8 +127,10 @@ def _rule(N, Cg, K, groups, geom, dt=np.float32, pass_="forward"):
             and N * -(-P // 4) * -(-Q // 4) >= WINOGRAD_MIN_TILES
             and _winograd_tile(N, Cg * groups, K, geom, groups, dt)):
         return "winograd"
-    if (groups == 1 and 1 < geom[2] * geom[3] <= DIRECT_DENSE_MAX_RS
-            and (Cg <= DIRECT_DENSE_FEW_C
+    R, S, dh, dw = geom[2], geom[3], geom[8], geom[9]
+    reach_h, reach_w = (R - 1) * dh + 1, (S - 1) * dw + 1
+    if (groups == 1 and R * S > 1 and max(reach_h, reach_w) <= DIRECT_DENSE_MAX_REACH
+            and ((Cg <= DIRECT_DENSE_FEW_C and (forward or K <= DIRECT_DENSE_FEW_C_MAX_K))
                  or (forward and K <= DIRECT_DENSE_MAX_K and Cg <= DIRECT_DENSE_MAX_CG))):
         return "direct"
     return "im2col"
@@ -245,9 +249,11 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out=No
     -----
     Three algorithms; ``config_context(conv_algorithm=...)`` picks one, else the profile's
     choice for the layer's shape (``microtile.nn.tune``), else the built-in rule: the direct
-    kernel for depthwise layers and grouped ones with at most 8 input channels per group,
-    Winograd for the 3x3 stride-1 ungrouped layers with at least 64 channels in and out and
-    enough output (``WINOGRAD_MIN_TILES`` 4x4 tiles), im2col + GEMM for the others.
+    kernel for depthwise layers, grouped ones with at most 32 input channels per group (16
+    in the backward pass), and ungrouped ones with filters up to 7x7 and at most 3 input
+    channels or (forward) at most 32 filters; Winograd for the 3x3 stride-1 ungrouped
+    layers with at least 64 channels in and out and enough output (``WINOGRAD_MIN_TILES``
+    4x4 tiles); im2col + GEMM for the others (``_rule`` has the measurements).
 
     Winograd F(4x4, 3x3) (F(2x2, 3x3) in float32 above 256 input channels) applies only to
     3x3, stride-1, undilated, ungrouped layers; forced on any other layer, the built-in rule

@@ -9,11 +9,13 @@
  * backward read those 4-byte uniforms back.  Here each element costs a few vector
  * operations and the backward reads one byte of mask.
  *
- * Per block: a splitmix64 sequence started at mix(key + mix(b)) seeds MT_DROP_LANES
- * xoshiro256++ generators (Blackman and Vigna's recommended seeding); each step of the
- * lanes gives 8 x 64 random bits, read as 16 uint32.  The lanes are independent, so the
- * lane loop vectorises (4 lanes per AVX2 register, 2 with SSE2).  An element is kept when
- * its uint32 is at least threshold = round(p 2^32): P(drop) is p to within 2^-33.
+ * Per block: a splitmix64 sequence started at mix(key + mix(b + c)) (c a constant) seeds
+ * MT_DROP_LANES xoshiro256++ generators (Blackman and Vigna's recommended seeding); each
+ * step of the lanes gives 8 x 64 random bits, read as 16 uint32.  The lanes are
+ * independent, so the lane loop vectorises (4 lanes per AVX2 register, 2 with SSE2).  An
+ * element is kept when its uint32 is at least threshold = round(p 2^32): P(drop) is p to
+ * within 2^-33 (the layer drops everything when p is within 2^-33 of 1, where no
+ * threshold would do; torch's float32 draws resolve 2^-24).
  *
  * Written once, compiled into _act_kernels (baseline ISA) and _act_avx2. */
 #ifndef MICROTILE_DROPOUT_MASK_H
@@ -21,6 +23,12 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#if defined(_MSC_VER)
+#define MT_DROP_RESTRICT __restrict
+#else
+#define MT_DROP_RESTRICT __restrict__
+#endif
 
 #define MT_DROP_BLOCK 4096      /* elements per seeded block; shares are whole blocks */
 #define MT_DROP_LANES 8         /* generators per block */
@@ -53,9 +61,10 @@ static inline void mt_drop_seed(mt_drop_gen* g, uint64_t key, uint64_t block) {
 /* r[0 .. MT_DROP_RUN) <- the next random uint32 of the block's lanes.  GCC's and Clang's
    vector types hold four lanes each: written as a plain loop over the lanes, GCC 12 kept
    the state in scalar registers (0.88 ns per element of a forward on one core). */
-#if defined(__GNUC__)
+#if defined(__GNUC__) && !defined(MT_DROP_SCALAR)
 typedef uint64_t mt_drop_v4 __attribute__((vector_size(32), aligned(8)));
-static inline void mt_drop_draw(mt_drop_gen* restrict g, uint32_t* restrict r) {
+static inline void mt_drop_draw(mt_drop_gen* MT_DROP_RESTRICT g,
+                                uint32_t* MT_DROP_RESTRICT r) {
     mt_drop_v4 s0[2], s1[2], s2[2], s3[2], a, t, o;
     int step, h;
     memcpy(s0, g->s0, sizeof s0);
@@ -82,7 +91,8 @@ static inline void mt_drop_draw(mt_drop_gen* restrict g, uint32_t* restrict r) {
     memcpy(g->s3, s3, sizeof s3);
 }
 #else
-static inline void mt_drop_draw(mt_drop_gen* restrict g, uint32_t* restrict r) {
+static inline void mt_drop_draw(mt_drop_gen* MT_DROP_RESTRICT g,
+                                uint32_t* MT_DROP_RESTRICT r) {
     uint64_t o;
     int step, l;
     for (step = 0; step < MT_DROP_RUN / (2 * MT_DROP_LANES); step++) {
@@ -136,7 +146,7 @@ static inline void NAME(const T* x, T* y, uint8_t* keep, int64_t i0, int64_t i1,
         {                                                                                 \
             const T* xs = x + i;                                                          \
             T* ys = y + i;                                                                \
-            uint8_t* restrict ks = keep + i;                                              \
+            uint8_t* MT_DROP_RESTRICT ks = keep + i;                                      \
             for (j = 0; j < len; j++) {                                                   \
                 uint32_t k = r[j] >= threshold;                                           \
                 ys[j] = xs[j] * (k ? scale : (T) 0);                                      \
@@ -148,9 +158,10 @@ static inline void NAME(const T* x, T* y, uint8_t* keep, int64_t i0, int64_t i1,
 MT_DROP_FORWARD(mt_drop_forward_f, float)
 MT_DROP_FORWARD(mt_drop_forward_d, double)
 
-/* Backward (and any re-application of a mask): out = g * (scale where keep, else 0). */
+/* Backward (and any re-application of a mask): out = g * (scale where keep, else 0);
+   out may be g. */
 #define MT_DROP_APPLY(NAME, T)                                                            \
-static inline void NAME(const T* restrict g, const uint8_t* restrict keep, T* out,       \
+static inline void NAME(const T* g, const uint8_t* MT_DROP_RESTRICT keep, T* out,       \
                         int64_t n, T scale) {                                             \
     int64_t i;                                                                            \
     for (i = 0; i < n; i++)                                                               \
