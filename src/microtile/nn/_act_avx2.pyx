@@ -47,21 +47,11 @@ cdef void _pw(int code, float alpha, const float* x, const float* dy, float* out
         pw_loop_f(code, alpha, x, dy, out, n)
 
 
-cdef void _drop_f(const float* x, float* y, uint8_t* keep, int64_t i0, int64_t i1,
-                 uint64_t key, uint32_t threshold, float scale) noexcept nogil:
-    drop_forward_f(x, y, keep, i0, i1, key, threshold, scale)
-
-
-cdef void _drop_d(const double* x, double* y, uint8_t* keep, int64_t i0, int64_t i1,
-                  uint64_t key, uint32_t threshold, double scale) noexcept nogil:
-    drop_forward_d(x, y, keep, i0, i1, key, threshold, scale)
-
-
 cdef act_table_t _table
 _table.act = _act
 _table.pw = _pw
-_table.drop_f = _drop_f
-_table.drop_d = _drop_d
+_table.drop_f = drop_forward_f      # this module's copies of the header's functions
+_table.drop_d = drop_forward_d
 
 
 def table():

@@ -79,21 +79,11 @@ cdef void _pw_base(int code, float alpha, const float* x, const float* dy, float
     pw_loop_f(code, alpha, x, dy, out, n)
 
 
-cdef void _drop_f_base(const float* x, float* y, uint8_t* keep, int64_t i0, int64_t i1,
-                      uint64_t key, uint32_t threshold, float scale) noexcept nogil:
-    drop_forward_f(x, y, keep, i0, i1, key, threshold, scale)
-
-
-cdef void _drop_d_base(const double* x, double* y, uint8_t* keep, int64_t i0, int64_t i1,
-                       uint64_t key, uint32_t threshold, double scale) noexcept nogil:
-    drop_forward_d(x, y, keep, i0, i1, key, threshold, scale)
-
-
 cdef act_table_t _tables[2]
 _tables[0].act = _act_base
 _tables[0].pw = _pw_base
-_tables[0].drop_f = _drop_f_base
-_tables[0].drop_d = _drop_d_base
+_tables[0].drop_f = drop_forward_f
+_tables[0].drop_d = drop_forward_d
 _tables[1] = _tables[0]
 
 
