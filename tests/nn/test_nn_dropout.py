@@ -186,7 +186,8 @@ def test_blocks_lanes_and_keys_do_not_repeat_each_other():
 def test_mask_is_the_draws_against_the_threshold():
     from microtile.nn._act_kernels import dropout_forward, dropout_threshold
     assert dropout_threshold(0.0) == 0 and dropout_threshold(0.5) == 1 << 31
-    assert dropout_threshold(1.0) == 2 ** 32 - 1
+    assert dropout_threshold(1.0) == 2 ** 32 and dropout_threshold(1 - 2.0 ** -34) == 2 ** 32
+    assert dropout_threshold(1 - 2.0 ** -32) == 2 ** 32 - 1
     n = 3 * BLOCK + 17
     x = np.random.default_rng(0).standard_normal(n)
     for p in (0.1, 0.5, 0.93):
@@ -195,6 +196,10 @@ def test_mask_is_the_draws_against_the_threshold():
         dropout_forward(x, y, keep, 99, t, 2.0)
         np.testing.assert_array_equal(keep, _bits(99, n) >= t)
         np.testing.assert_array_equal(y, np.where(keep == 1, x * 2.0, 0.0))
+    # Threshold 2^32 (p within 2^-33 of 1): no draw reaches it, nothing is kept.
+    y, keep = np.empty(n), np.ones(n, np.uint8)
+    dropout_forward(x, y, keep, 99, 2 ** 32, 2.0)
+    assert not keep.any() and not y.any()
 
 
 @pytest.mark.parametrize("p", [0.001, 0.999])

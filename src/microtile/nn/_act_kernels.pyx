@@ -48,7 +48,7 @@ ctypedef struct _ew:
     void* out
     uint8_t* keep       # dropout forward: the mask it writes
     uint64_t key        # dropout forward: the draw's key and keep threshold
-    uint32_t thr
+    uint64_t thr
     double* acc         # column sums per share (colsum)
     const act_table_t* tab  # the float32 loops for the ISA in use
     idx_t length, inner, rows
@@ -321,15 +321,13 @@ def colsum_work_size(idx_t cols):
 # -- dropout ---------------------------------------------------------------------------------
 
 def dropout_threshold(double p):
-    """The uint32 an element's draw must reach to be kept: P(drop) = p within 2^-33."""
-    cdef double t = p * 4294967296.0
-    if t >= 4294967295.0:
-        return 4294967295
-    return <uint32_t> (t + 0.5)
+    """What an element's uint32 draw must reach to be kept, round(p 2^32): P(drop) = p within
+    2^-33; 2^32 (a p within 2^-33 of 1) keeps none."""
+    return <uint64_t> (p * 4294967296.0 + 0.5)
 
 
 def dropout_forward(const floating[::1] x, floating[::1] out, uint8_t[::1] keep,
-                    uint64_t key, uint32_t threshold, double scale):
+                    uint64_t key, uint64_t threshold, double scale):
     """out = x * (scale where kept, else 0) and keep = 1 where kept, over flat C-contiguous
     arrays; element i is kept when its draw (``dropout_bits(key, n)[i]``) is at least
     ``threshold`` (see ``dropout_threshold``).  A product, not a select, so NaN and Inf in

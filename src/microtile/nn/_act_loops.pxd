@@ -122,10 +122,10 @@ cdef extern from "_dropout_mask.h":
     void drop_bits "mt_drop_bits"(uint64_t key, int64_t i0, int64_t n, uint32_t* r) nogil
     void drop_forward_f "mt_drop_forward_f"(const float* x, float* y, uint8_t* keep,
                                             int64_t i0, int64_t i1, uint64_t key,
-                                            uint32_t threshold, float scale) nogil
+                                            uint64_t threshold, float scale) nogil
     void drop_forward_d "mt_drop_forward_d"(const double* x, double* y, uint8_t* keep,
                                             int64_t i0, int64_t i1, uint64_t key,
-                                            uint32_t threshold, double scale) nogil
+                                            uint64_t threshold, double scale) nogil
     void drop_apply_f "mt_drop_apply_f"(const float* g, const uint8_t* keep, float* out,
                                         int64_t n, float scale) nogil
     void drop_apply_d "mt_drop_apply_d"(const double* g, const uint8_t* keep, double* out,
@@ -140,9 +140,9 @@ ctypedef void (*pw_loop_t)(int code, float alpha, const float* x, const float* d
                            float* out, idx_t n) noexcept nogil
 
 ctypedef void (*drop_f_t)(const float* x, float* y, uint8_t* keep, int64_t i0, int64_t i1,
-                         uint64_t key, uint32_t threshold, float scale) noexcept nogil
+                         uint64_t key, uint64_t threshold, float scale) noexcept nogil
 ctypedef void (*drop_d_t)(const double* x, double* y, uint8_t* keep, int64_t i0, int64_t i1,
-                          uint64_t key, uint32_t threshold, double scale) noexcept nogil
+                          uint64_t key, uint64_t threshold, double scale) noexcept nogil
 
 ctypedef struct act_table_t:
     act_loop_t act

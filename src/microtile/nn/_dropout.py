@@ -44,11 +44,9 @@ class Dropout(Module):
         self.rng = as_generator(rng)
 
     def _scale(self):
-        # torch: p = 1 multiplies by zeros (not by an infinite scale).  So does a p within
-        # 2^-33 of 1, whose keep probability no 32-bit threshold represents (the draws
-        # would keep 2^-32 of the elements, scaled by 1 / (1 - p): expectations off by up
-        # to 2^-32 / (1 - p)).
-        return 0.0 if self.p * 2.0 ** 32 >= 2.0 ** 32 - 0.5 else 1.0 / (1.0 - self.p)
+        # torch: p = 1 multiplies by zeros (not by an infinite scale).  A p within 2^-33
+        # of 1 keeps no element (dropout_threshold), whatever the scale.
+        return 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
 
     def forward(self, x):
         """``x`` with random elements zeroed and the rest scaled (training mode), or ``x``."""

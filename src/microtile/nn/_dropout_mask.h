@@ -13,9 +13,9 @@
  * MT_DROP_LANES xoshiro256++ generators (Blackman and Vigna's recommended seeding); each
  * step of the lanes gives 8 x 64 random bits, read as 16 uint32.  The lanes are
  * independent, so the lane loop vectorises (4 lanes per AVX2 register, 2 with SSE2).  An
- * element is kept when its uint32 is at least threshold = round(p 2^32): P(drop) is p to
- * within 2^-33 (the layer drops everything when p is within 2^-33 of 1, where no
- * threshold would do; torch's float32 draws resolve 2^-24).
+ * element is kept when its uint32 is at least threshold = round(p 2^32), in [0, 2^32]: P(drop)
+ * is p to within 2^-33, and a p within 2^-33 of 1 keeps nothing (torch's float32 draws
+ * resolve 2^-24).
  *
  * Written once, compiled into _act_kernels (baseline ISA) and _act_avx2. */
 #ifndef MICROTILE_DROPOUT_MASK_H
@@ -130,13 +130,16 @@ static inline void mt_drop_bits(uint64_t key, int64_t i0, int64_t n, uint32_t* r
 }
 
 /* Forward over elements [i0, i1) (i0 a multiple of MT_DROP_BLOCK): keep[i] = 1 when the
-   element's draw is at least the threshold, y = x * (scale or 0) -- a product, so NaN and
-   Inf in a dropped element propagate as torch's input * mask does.  x may be y. */
+   element's draw is at least the threshold (2^32: none is), y = x * (scale or 0) -- a
+   product, so NaN and Inf in a dropped element propagate as torch's input * mask does.
+   x may be y. */
 #define MT_DROP_FORWARD(NAME, T)                                                          \
 static inline void NAME(const T* x, T* y, uint8_t* keep, int64_t i0, int64_t i1,         \
-                        uint64_t key, uint32_t threshold, T scale) {                     \
+                        uint64_t key, uint64_t threshold, T scale) {                     \
     mt_drop_gen g;                                                                        \
     uint32_t r[MT_DROP_RUN];                                                              \
+    const uint32_t any = threshold <= 0xFFFFFFFFu;  /* some draw can reach it */          \
+    const uint32_t t = any ? (uint32_t) threshold : 0;                                    \
     int64_t i, j, len;                                                                    \
     for (i = i0; i < i1; i += len) {                                                      \
         if (i % MT_DROP_BLOCK == 0)                                                       \
@@ -148,7 +151,7 @@ static inline void NAME(const T* x, T* y, uint8_t* keep, int64_t i0, int64_t i1,
             T* ys = y + i;                                                                \
             uint8_t* MT_DROP_RESTRICT ks = keep + i;                                      \
             for (j = 0; j < len; j++) {                                                   \
-                uint32_t k = r[j] >= threshold;                                           \
+                uint32_t k = (r[j] >= t) & any;                                           \
                 ys[j] = xs[j] * (k ? scale : (T) 0);                                      \
                 ks[j] = (uint8_t) k;                                                      \
             }                                                                             \
