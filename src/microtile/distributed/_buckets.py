@@ -196,13 +196,12 @@ class GradientReducer:
         self._requests = []
         self._active = False
         for bucket in self.buckets:
-            buf = bucket.buffer
-            for p, a, b, view in bucket.entries:
+            for p, _, _, view in bucket.entries:
                 with p._lock:
                     if p._flat_grad is view:
                         p._grad_is_zero = False         # the sums are the gradient
                     elif write:
-                        p._flat_grad[...] = buf[a:b]
+                        p._flat_grad[...] = view
                         p._grad_is_zero = False
         self.last_step = {
             "backward_seconds": t_end - self._t_begin,
