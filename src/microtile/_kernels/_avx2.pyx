@@ -1086,9 +1086,10 @@ cdef void _d_taps(const taps_t* block, const rows_t* shape, idx_t P, idx_t Q,
         acc[j] += _hsum_pd(a[j])
 
 
-cdef inline void _taps_rows(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
-                            const floating* src, idx_t srs, const floating* dy, idx_t dys,
-                            double* acc) noexcept nogil:
+cdef inline void _taps_f(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
+                         const floating* src, idx_t srs, const floating* dy, idx_t dys,
+                         double* acc) noexcept nogil:
+    """One block of taps over the P rows, through the copy of the loops for the rows' shape."""
     cdef int vw = 8 if floating is float else 4
     if floating is float:
         if Q % vw == 0:
@@ -1104,12 +1105,6 @@ cdef inline void _taps_rows(const taps_t* block, idx_t P, idx_t Q, const idx_t* 
             _d_taps(block, <rows_both*> NULL, P, Q, off, src, srs, dy, dys, acc)
         else:
             _d_taps(block, <rows_tail*> NULL, P, Q, off, src, srs, dy, dys, acc)
-
-
-cdef inline void _taps_f(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
-                         const floating* src, idx_t srs, const floating* dy, idx_t dys,
-                         double* acc) noexcept nogil:
-    _taps_rows(block, P, Q, off, src, srs, dy, dys, acc)
 
 
 cdef void conv_taps_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* src,

@@ -15,7 +15,6 @@ from microtile.nn._act_loops cimport (act_loop_f, pw_loop_f, act_table_t, drop_f
 # others (ReLU, LeakyReLU, the derivatives written through the output) keep the loops of
 # ``_act_loops``, which GCC vectorises well: they are a pass over memory.
 cdef extern from "_act_simd.h" nogil:
-    ctypedef void (*simd_loop_t)(const float* x, const float* dy, float* out, int64_t n)
     void mt_sigmoid_loop8(const float* x, const float* dy, float* out, int64_t n)
     void mt_tanh_loop8(const float* x, const float* dy, float* out, int64_t n)
     void mt_gelu_loop8(const float* x, const float* dy, float* out, int64_t n)
