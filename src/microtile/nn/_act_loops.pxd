@@ -7,7 +7,8 @@
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from microtile._common._typedefs cimport idx_t
-from microtile.nn._act_math cimport expf_fast, phif_fast, sigmoidf_fast, tanhf_fast
+from microtile.nn._act_math cimport (expf_fast, gelu_tanhf_fast, gelu_tanh_gradf_fast,
+                                     phif_fast, sigmoidf_fast, tanhf_fast)
 
 # Activation codes of ``act_loop_f`` (the GEMM epilogue's; see linalg/_gemm.pxd).
 cdef enum:
@@ -71,10 +72,8 @@ cdef inline void pw_loop_f(int code, float alpha, const float* x, const float* d
     torch's formulas."""
     cdef idx_t i
     cdef float v, t, g
-    # torch's constants: sqrt(2 / pi) (kBeta), 1 / sqrt(2 pi) (kAlpha / 2), tanh-GELU's kappa.
-    cdef float beta = 0.79788456080286536
+    # torch's 1 / sqrt(2 pi) (kAlpha / 2); the tanh GELU's constants are in _act_math.h.
     cdef float inv_sqrt_2pi = 0.39894228040143268
-    cdef float kappa = 0.044715
     if code == PW_LEAKY:
         if dy == NULL:
             for i in range(n):
@@ -94,16 +93,13 @@ cdef inline void pw_loop_f(int code, float alpha, const float* x, const float* d
                 v = x[i]
                 out[i] = dy[i] * (phif_fast(v) + v * inv_sqrt_2pi * expf_fast(-0.5 * v * v))
     elif code == PW_GELU_TANH:
+        # As v sigmoid(2u) (_act_math.h): the far left tail does not cancel to 0.
         if dy == NULL:
             for i in range(n):
-                v = x[i]
-                out[i] = 0.5 * v * (1 + tanhf_fast(beta * (v + kappa * v * v * v)))
+                out[i] = gelu_tanhf_fast(x[i])
         else:
             for i in range(n):
-                v = x[i]
-                t = tanhf_fast(beta * (v + kappa * v * v * v))
-                out[i] = dy[i] * (0.5 * (1 + t)
-                                  + 0.5 * v * (1 - t * t) * beta * (1 + 3 * kappa * v * v))
+                out[i] = dy[i] * gelu_tanh_gradf_fast(x[i])
     elif code == PW_SILU:
         if dy == NULL:
             for i in range(n):
