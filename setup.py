@@ -53,6 +53,13 @@ DIRECTIVES = {
 
 ISA_FLAGS = {"_avx2": ["-mavx2", "-mfma"]}
 
+# Modules whose loops wait on latency and need GCC's pass that schedules instructions
+# before register allocation (off by default on x86-64) to interleave independent chains.
+# The activation loops of nn/_act_simd.h take two vectors per turn for it: GELU 1.20 ->
+# 1.03 ns per element on one core, its derivative 1.81 -> 1.47.  Clang ignores the flags.
+SCHEDULE_FLAGS = ["-fschedule-insns", "-fsched-pressure"]
+SCHEDULED_MODULES = {"microtile.nn._act_avx2"}
+
 def usable_cpus():
     """CPUs this process may run on (affinity), at least 1."""
     try:
@@ -93,6 +100,8 @@ class BuildExt(build_ext):
             if SANITIZE:
                 opt += SANITIZE_FLAGS
                 ext.extra_link_args = ext.extra_link_args + SANITIZE_FLAGS
+            if ext.name in SCHEDULED_MODULES and not (msvc or DEBUG or SANITIZE):
+                opt += SCHEDULE_FLAGS
             ext.extra_compile_args = opt + ext.extra_compile_args
             if STRIP and not msvc:
                 # No symbols beyond the dynamic ones the interpreter needs: the shared

@@ -188,3 +188,30 @@ def test_errors():
     assert repr(nn.GELU("tanh")) == "GELU(approximate='tanh')"
     assert repr(nn.LeakyReLU()) == "LeakyReLU(negative_slope=0.01)"
     assert repr(nn.Softmax()) == "Softmax(dim=-1)"
+
+
+@pytest.mark.parametrize("make", [nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU,
+                                  lambda: nn.GELU("tanh")],
+                         ids=["sigmoid", "tanh", "silu", "gelu", "gelu-tanh"])
+def test_float32_value_does_not_depend_on_where_the_element_sits(make):
+    """The float32 loops take two vectors per turn, then one, then a masked part: an
+    element gives the same bits forward and backward whichever of them it falls in (every
+    offset and length up to past two vectors, one thread and two)."""
+    from microtile import set_num_threads, get_num_threads
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(80) * 4).astype(np.float32)
+    dy = rng.standard_normal(80).astype(np.float32)
+    layer = make()
+    full, gfull = layer(x).copy(), layer.backward(dy).copy()
+    before = get_num_threads()
+    try:
+        for threads in (1, 2):
+            set_num_threads(threads)
+            for off in range(9):
+                for n in (1, 7, 8, 9, 15, 16, 17, 24, 31, 33, 47, 64):
+                    y = layer(x[off:off + n].copy())
+                    g = layer.backward(dy[off:off + n].copy())
+                    assert np.array_equal(y, full[off:off + n]), (off, n)
+                    assert np.array_equal(g, gfull[off:off + n]), (off, n)
+    finally:
+        set_num_threads(before)

@@ -130,16 +130,39 @@ static inline __m256i mt_lanes8(int64_t n) {
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* One loop per formula: OUT(v, g) from the input vector v (and dy's g when there is one). */
+/* One loop per formula: OUT(v, g) from the input vector v (and dy's g when there is one).
+   Two vectors per turn, the second formula in its own scope with its own v and g, so that
+   the build's pre-allocation scheduling (-fschedule-insns for this module, setup.py) can
+   interleave two independent chains: one core, ns per element, one vector per turn ->
+   two: GELU 1.20 -> 1.03, its derivative 1.81 -> 1.47, sigmoid 0.57 -> 0.52, tanh 0.67
+   -> 0.62 (without the scheduling pass, two per turn changed nothing: GCC emits the two
+   chains one after the other). */
 #define MT_ACT_LOOP(NAME, EXPR)                                                           \
 static void NAME(const float* x, const float* dy, float* out, int64_t n) {               \
     int64_t i;                                                                            \
-    __m256 v, g = _mm256_setzero_ps();                                                    \
+    __m256 v, g = _mm256_setzero_ps(), v2, g2 = _mm256_setzero_ps(), r1, r2;              \
     __m256i m;                                                                            \
-    for (i = 0; i + 8 <= n; i += 8) {                                                     \
+    for (i = 0; i + 16 <= n; i += 16) {                                                   \
+        v = _mm256_loadu_ps(x + i);                                                       \
+        v2 = _mm256_loadu_ps(x + i + 8);                                                  \
+        if (dy) {                                                                         \
+            g = _mm256_loadu_ps(dy + i);                                                  \
+            g2 = _mm256_loadu_ps(dy + i + 8);                                             \
+        }                                                                                 \
+        r1 = EXPR;                                                                        \
+        {                                                                                 \
+            __m256 v = v2, g = g2;                                                        \
+            r2 = EXPR;                                                                    \
+            (void) g;                                                                     \
+        }                                                                                 \
+        _mm256_storeu_ps(out + i, r1);                                                    \
+        _mm256_storeu_ps(out + i + 8, r2);                                                \
+    }                                                                                     \
+    if (i + 8 <= n) {                                                                     \
         v = _mm256_loadu_ps(x + i);                                                       \
         if (dy) g = _mm256_loadu_ps(dy + i);                                              \
         _mm256_storeu_ps(out + i, EXPR);                                                  \
+        i += 8;                                                                           \
     }                                                                                     \
     if (i < n) {                                                                          \
         m = mt_lanes8(n - i);                                                             \
