@@ -72,12 +72,15 @@ static inline __m256 mt_abs8(__m256 v) {
     return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
 }
 
-/* 1 / (1 + e) for v >= 0, e / (1 + e) below, e = e^-|v|. */
+/* 1 / (1 + e) for v >= 0, e / (1 + e) below, e = e^-|v|: the numerator chosen, one
+   division.  -|v| is v with its sign bit set (a NaN stays a NaN), which mt_exp8's clamp
+   at 0 leaves as it is: the clamp is skipped here. */
 static inline __m256 mt_sigmoid8(__m256 v) {
-    __m256 e = mt_exp8(_mm256_xor_ps(mt_abs8(v), _mm256_set1_ps(-0.0f)));
-    __m256 d = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    __m256 c = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_or_ps(v, _mm256_set1_ps(-0.0f)));
+    __m256 e = _mm256_mul_ps(mt_exp8_biased(c, 64), _mm256_set1_ps(5.421010862427522e-20f));
     __m256 ge = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ);
-    return _mm256_blendv_ps(_mm256_mul_ps(e, d), d, ge);
+    return _mm256_div_ps(_mm256_blendv_ps(e, _mm256_set1_ps(1.0f), ge),
+                         _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
 /* The odd polynomial below |v| = 0.55, 1 - 2 / (e^(2|v|) + 1) above, v's sign put back. */
