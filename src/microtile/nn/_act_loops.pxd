@@ -7,7 +7,7 @@
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from microtile._common._typedefs cimport idx_t
-from microtile.nn._act_math cimport (expf_fast, gelu_tanhf_fast, gelu_tanh_gradf_fast,
+from microtile.nn._act_math cimport (gelu_gradf_fast, gelu_tanhf_fast, gelu_tanh_gradf_fast,
                                      phif_fast, sigmoidf_fast, tanhf_fast)
 
 # Activation codes of ``act_loop_f`` (the GEMM epilogue's; see linalg/_gemm.pxd).
@@ -71,9 +71,8 @@ cdef inline void pw_loop_f(int code, float alpha, const float* x, const float* d
     """out = f(x) when dy is NULL, else out = dy * f'(x), f chosen by ``code`` (PW_*);
     torch's formulas."""
     cdef idx_t i
-    cdef float v, t, g
-    # torch's 1 / sqrt(2 pi) (kAlpha / 2); the tanh GELU's constants are in _act_math.h.
-    cdef float inv_sqrt_2pi = 0.39894228040143268
+    cdef float v, g
+    # The GELUs' formulas and constants are in _act_math.h.
     if code == PW_LEAKY:
         if dy == NULL:
             for i in range(n):
@@ -90,8 +89,7 @@ cdef inline void pw_loop_f(int code, float alpha, const float* x, const float* d
                 out[i] = v * phif_fast(v)
         else:
             for i in range(n):
-                v = x[i]
-                out[i] = dy[i] * (phif_fast(v) + v * inv_sqrt_2pi * expf_fast(-0.5 * v * v))
+                out[i] = dy[i] * gelu_gradf_fast(x[i])
     elif code == PW_GELU_TANH:
         # As v sigmoid(2u) (_act_math.h): the far left tail does not cancel to 0.
         if dy == NULL:

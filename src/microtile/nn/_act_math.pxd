@@ -16,6 +16,7 @@ cdef extern from "_act_math.h":
     float sigmoidf_fast "mt_sigmoidf_fast"(float v) nogil
     float tanhf_fast "mt_tanhf_fast"(float v) nogil
     float phif_fast "mt_phif_fast"(float v) nogil
+    float gelu_gradf_fast "mt_gelu_gradf_fast"(float v) nogil
     float gelu_tanhf_fast "mt_gelu_tanhf_fast"(float v) nogil
     float gelu_tanh_gradf_fast "mt_gelu_tanh_gradf_fast"(float v) nogil
     double sigmoid_d "mt_sigmoid_d"(double v) nogil
