@@ -68,9 +68,10 @@ static inline float mt_tanhf_fast(float v) {
    polynomial fitted for this file to erfc(z) e^(z^2) / (2t) over z in [0, 10] (weighted
    least squares on the relative error, iterated towards minimax, the coefficients
    rounded to float32 one at a time with the rest refitted: 2.0e-8, as
-   tools/fit_normal_cdf.py prints; beyond z = 10 the exponential is below 4e-44).  Then that left of 0 and one minus it right of 0.  NaN
-   stays NaN; Phi(-inf) = 0 and Phi(inf) = 1.  ``e`` receives e^(-z^2), the derivative's
-   other term times sqrt(2 pi). */
+   tools/fit_normal_cdf.py prints; beyond z = 10 the exponential is below 4e-44).
+   Then that left of 0 and one minus it right of 0.  NaN stays NaN; Phi(-inf) = 0 and
+   Phi(inf) = 1.  ``e`` receives e^(-z^2), the derivative's other term times
+   sqrt(2 pi). */
 static inline float mt_phif_e(float v, float* e) {
     float z = v * 0.70710678118654752f, a = fabsf(z);
     float t = 1.0f / (1.0f + 0.5f * a);
