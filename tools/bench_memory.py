@@ -7,7 +7,10 @@ must move: read every input once, write every output once), so 1.0 is the bandwi
 issue 14's goal is at most 1.5.  The copy is microtile's own threaded copy (the identity
 activation on the thread pool, the same threads as the layers), timed on arrays of the
 case's size, so the bound is the one these kernels see; NumPy's one-thread ``np.copyto``
-is shown beside it.  Results are checked against torch before timing.
+is shown beside it.  Each case's rounds alternate with rounds of torch's and of the copy,
+so the three see the same host: its memory bandwidth moved between 14 and 28 GB/s from
+one run to the next here, and a bound measured minutes apart moved the ratio by as much.
+Results are checked against torch before timing.
 
     flock -x /tmp/microtile-bench.lock python tools/bench_memory.py [--threads 2] [--rounds 7]
 
@@ -25,21 +28,26 @@ from microtile.nn._act_kernels import act_forward
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from bench_nn import time_pair  # noqa: E402  (one timing loop for the nn benchmarks)
+from bench_nn import time_many  # noqa: E402  (one timing loop for the nn benchmarks)
 
 ELEMENTS = 10 ** 7
 BN_SHAPE = (32, 64, 56, 56)
 
 
-def copy_seconds(nbytes, rounds, min_time):
-    """Median seconds for microtile's threaded copy and NumPy's to move ``nbytes`` (read
-    nbytes/2, write nbytes/2), interleaved."""
-    n = max(1, int(nbytes // 8))
-    a = np.random.default_rng(1).standard_normal(n).astype(np.float32)
-    b = np.empty_like(a)
-    t_mt, t_np = time_pair(lambda: act_forward(a, b, 0), lambda: np.copyto(b, a), rounds,
-                           min_time)
-    return t_mt, t_np
+class Copy:
+    """microtile's threaded copy of ``nbytes`` (read nbytes/2, write nbytes/2), and
+    NumPy's."""
+
+    def __init__(self, nbytes):
+        n = max(1, int(nbytes // 8))
+        self.a = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+        self.b = np.empty_like(self.a)
+
+    def microtile(self):
+        act_forward(self.a, self.b, 0)
+
+    def numpy(self):
+        np.copyto(self.b, self.a)
 
 
 def activation_cases(torch):
@@ -76,7 +84,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     microtile.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    rows = []     # (case, microtile s, torch s, bytes moved at least)
+    rows = []     # (case, microtile s, torch s, bytes moved at least, copy s, NumPy copy s)
+    copies = {}
+
+    def measure(case, f, g, nbytes):
+        """Rounds of f (microtile), g (torch) and the two copies of nbytes, alternating."""
+        copy = copies.setdefault(nbytes, Copy(nbytes))
+        rows.append((case, nbytes) + time_many((f, g, copy.microtile, copy.numpy),
+                                               args.rounds, args.min_time))
 
     # BatchNorm2d, train mode: forward reads x and writes y; backward reads x and dy and
     # writes dx.  (The statistics pass reads x, and the backward's sums x and dy, a second
@@ -99,8 +114,7 @@ def main(argv=None):
     def t_bn():
         tx.grad = None
         tbn(tx).backward(tdy)
-    tm, tt = time_pair(mt_bn, t_bn, args.rounds, args.min_time)
-    rows.append(("BatchNorm2d fwd+bwd (32,64,56,56)", tm, tt, 5 * x.nbytes))
+    measure("BatchNorm2d fwd+bwd (32,64,56,56)", mt_bn, t_bn, 5 * x.nbytes)
 
     # Dropout (train mode): forward reads x and writes y (drawing the mask and writing it,
     # one byte per element, is the layer's own work: in its time, not in the bytes);
@@ -111,9 +125,8 @@ def main(argv=None):
     tdrop = torch.nn.Dropout(0.5)
     tv = torch.from_numpy(v)
     tdv = torch.from_numpy(dv)
-    tm, tt = time_pair(lambda: drop.forward(v), lambda: tdrop(tv), args.rounds,
-                       args.min_time)
-    rows.append(("Dropout(0.5) forward 1e7", tm, tt, 2 * v.nbytes))
+    measure("Dropout(0.5) forward 1e7", lambda: drop.forward(v), lambda: tdrop(tv),
+            2 * v.nbytes)
     drop.forward(v)
     tvg = tv.clone().requires_grad_()
     tout = tdrop(tvg)
@@ -121,8 +134,8 @@ def main(argv=None):
     def t_drop_b():
         tvg.grad = None
         tout.backward(tdv, retain_graph=True)
-    tm, tt = time_pair(lambda: drop.backward(dv), t_drop_b, args.rounds, args.min_time)
-    rows.append(("Dropout(0.5) backward 1e7", tm, tt, 2 * v.nbytes + v.size))
+    measure("Dropout(0.5) backward 1e7", lambda: drop.backward(dv), t_drop_b,
+            2 * v.nbytes + v.size)
 
     # Activations on their own (not fused into a layer): forward reads x, writes y;
     # backward reads x (or y) and dy, writes dx.
@@ -140,27 +153,23 @@ def main(argv=None):
         def t_bwd(tvg=tvg, tout=tout):
             tvg.grad = None
             tout.backward(tdv, retain_graph=True)
-        tm, tt = time_pair(lambda layer=layer: layer.forward(v), t_fwd, args.rounds,
-                           args.min_time)
-        rows.append((f"{name} forward 1e7", tm, tt, 2 * v.nbytes))
+        measure(f"{name} forward 1e7", lambda layer=layer: layer.forward(v), t_fwd,
+                2 * v.nbytes)
         layer.forward(v)
-        tm, tt = time_pair(lambda layer=layer: layer.backward(dv), t_bwd, args.rounds,
-                           args.min_time)
-        rows.append((f"{name} backward 1e7", tm, tt, 3 * v.nbytes))
+        measure(f"{name} backward 1e7", lambda layer=layer: layer.backward(dv), t_bwd,
+                3 * v.nbytes)
 
-    bound = {}
-    for nbytes in sorted({r[3] for r in rows}):
-        bound[nbytes] = copy_seconds(nbytes, args.rounds, args.min_time)
-    big = max(bound)
     print(f"Memory-bound layers, float32, {args.threads} threads, medians of {args.rounds} "
           f"interleaved rounds (torch {torch.__version__})")
-    print(f"copy bandwidth: microtile pool {big / bound[big][0] / 1e9:.1f} GB/s, NumPy "
-          f"copyto (1 thread) {big / bound[big][1] / 1e9:.1f} GB/s ({big / 1e6:.0f} MB moved)")
-    print(f"{'case':36s} {'MB':>5s} {'microtile ms':>12s} {'torch ms':>9s} {'vs torch':>8s} "
-          f"{'x copy':>7s}")
-    for name, tm, tt, nbytes in rows:
+    gbs = [nbytes / tc / 1e9 for _, nbytes, _, _, tc, _ in rows]
+    gbs_np = [nbytes / tn / 1e9 for _, nbytes, _, _, _, tn in rows]
+    print(f"copy bandwidth beside the cases: microtile pool {min(gbs):.1f}-{max(gbs):.1f} GB/s, "
+          f"NumPy copyto (1 thread) {min(gbs_np):.1f}-{max(gbs_np):.1f} GB/s")
+    print(f"{'case':36s} {'MB':>5s} {'microtile ms':>12s} {'torch ms':>9s} {'copy ms':>8s} "
+          f"{'vs torch':>8s} {'x copy':>7s}")
+    for name, nbytes, tm, tt, tc, _ in rows:
         print(f"{name:36s} {nbytes / 1e6:5.0f} {tm * 1e3:12.3f} {tt * 1e3:9.3f} "
-              f"{tt / tm:7.2f}x {tm / bound[nbytes][0]:7.2f}")
+              f"{tc * 1e3:8.3f} {tt / tm:7.2f}x {tm / tc:7.2f}")
     return 0
 
 

@@ -80,24 +80,30 @@ def steps(model, tmodel, x, labels, torch, lr=0.01, momentum=0.9):
     return mt_step, torch_step
 
 
-def time_pair(f, g, rounds, min_time):
-    """Per-step medians of f and g, timed in alternating rounds of about ``min_time`` each."""
-    for fn in (f, g):  # warm up: buffers, packing scratch, thread pools
+def time_many(fns, rounds, min_time):
+    """Per-call medians of each of ``fns``, timed in alternating rounds of about
+    ``min_time`` each (so a change in the host's speed reaches all of them alike)."""
+    for fn in fns:  # warm up: buffers, packing scratch, thread pools
         for _ in range(3):
             fn()
     reps = []
-    for fn in (f, g):
+    for fn in fns:
         t0 = time.perf_counter()
         fn()
         reps.append(max(1, int(min_time / max(time.perf_counter() - t0, 1e-6))))
-    tf, tg = [], []
+    acc = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, n, acc in ((f, reps[0], tf), (g, reps[1], tg)):
+        for fn, n, a in zip(fns, reps, acc):
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            acc.append((time.perf_counter() - t0) / n)
-    return statistics.median(tf), statistics.median(tg)
+            a.append((time.perf_counter() - t0) / n)
+    return tuple(statistics.median(a) for a in acc)
+
+
+def time_pair(f, g, rounds, min_time):
+    """Per-step medians of f and g, timed in alternating rounds of about ``min_time`` each."""
+    return time_many((f, g), rounds, min_time)
 
 
 def main(argv=None):
