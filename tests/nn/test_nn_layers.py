@@ -641,11 +641,29 @@ _GELU_SCRIPT = """
 import sys, numpy as np
 from microtile import nn
 x = np.load(sys.argv[1])
-layer = nn.GELU(sys.argv[3] if len(sys.argv) > 3 else "none")
+layer = nn.GELU(sys.argv[3])
 y = layer.forward(x)
 g = layer.backward(np.ones_like(x))
 np.save(sys.argv[2], np.stack([y, g]))
 """
+
+
+def _gelu_float32(approximate, isa, x, tmp_path):
+    """GELU(approximate)'s forward of x and backward of ones, on the default ISA here or
+    on the portable build (MICROTILE_ISA=generic) in a child process."""
+    import os
+    import subprocess
+    import sys
+    if isa == "default":
+        layer = nn.GELU(approximate)
+        return layer.forward(x), layer.backward(np.ones_like(x))
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, MICROTILE_ISA="generic")
+    subprocess.run([sys.executable, "-c", _GELU_SCRIPT, str(tmp_path / "x.npy"),
+                    str(tmp_path / "out.npy"), approximate], check=True, env=env,
+                   timeout=120)
+    y, g = np.load(tmp_path / "out.npy")
+    return y, g
 
 
 @pytest.mark.parametrize("isa", ["default", "generic"])
@@ -658,33 +676,21 @@ def test_float32_gelu_within_a_few_ulp_of_its_rounded_argument(isa, tmp_path):
     (torch's float32 GELU is 0 below about -5.5); the derivative is within 2e-6 of its
     scale.  The
     portable build (MICROTILE_ISA=generic, in a child process) is checked the same way."""
-    import os
-    import subprocess
-    import sys
     from scipy.special import erfc
     x = np.concatenate([np.linspace(-14, 14, 140001), -np.logspace(-30, 1.2, 4001),
                         np.logspace(-30, 1.2, 4001),
                         [0.0, -0.0, 1.0606601, 1.0606602, -1.0606601, -1.0606602]]
                        ).astype(np.float32)
-    if isa == "default":
-        layer = nn.GELU()
-        y = layer.forward(x)
-        g = layer.backward(np.ones_like(x))
-    else:
-        np.save(tmp_path / "x.npy", x)
-        env = dict(os.environ, MICROTILE_ISA="generic")
-        subprocess.run([sys.executable, "-c", _GELU_SCRIPT, str(tmp_path / "x.npy"),
-                        str(tmp_path / "out.npy")], check=True, env=env, timeout=120)
-        y, g = np.load(tmp_path / "out.npy")
+    y, g = _gelu_float32("none", isa, x, tmp_path)
     xd = x.astype(np.float64)
     z = (x * np.float32(0.70710678118654752)).astype(np.float64)
     phi = 0.5 * erfc(-z)
     ref = xd * phi
     ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
     err = np.abs(y.astype(np.float64) - ref)
-    # Left of z = -0.75 the CDF is t exp(q(t) - z^2) with z^2 and the sum rounded to
-    # float32: each costs up to z^2 2^-24 of the result, hence the second term; a
-    # subnormal result is rounded once more to its last place.
+    # The CDF's tail is t P(t) e^(-z^2) with z^2 rounded to float32, which costs up to
+    # z^2 2^-24 of the result (the second term allows four times that); a subnormal
+    # result is rounded once more to its last place.
     bound = (6 * ulp + np.abs(ref) * z * z * 2.0 ** -22
              + 2 * np.finfo(np.float32).smallest_subnormal)
     worst = np.argmax(err / bound)
@@ -704,21 +710,9 @@ def test_float32_tanh_gelu_keeps_its_left_tail(isa, tmp_path):
     forward within 4 ulp plus what the float32 rounding of 2u (three roundings, 2^-24
     each) moves the sigmoid by, |2u| (1 - s) 3 2^-24 of the result; the derivative
     s + v s (1 - s) (2u)' within 2e-6 of its scale, wherever the result is normal."""
-    import os
-    import subprocess
-    import sys
     x = np.concatenate([np.linspace(-14, 14, 140001), -np.logspace(-30, 1.2, 4001),
                         np.logspace(-30, 1.2, 4001), [0.0, -0.0]]).astype(np.float32)
-    if isa == "default":
-        layer = nn.GELU("tanh")
-        y = layer.forward(x)
-        g = layer.backward(np.ones_like(x))
-    else:
-        np.save(tmp_path / "x.npy", x)
-        env = dict(os.environ, MICROTILE_ISA="generic")
-        subprocess.run([sys.executable, "-c", _GELU_SCRIPT, str(tmp_path / "x.npy"),
-                        str(tmp_path / "out.npy"), "tanh"], check=True, env=env, timeout=120)
-        y, g = np.load(tmp_path / "out.npy")
+    y, g = _gelu_float32("tanh", isa, x, tmp_path)
     xd = x.astype(np.float64)
     c1 = 2 * np.sqrt(2 / np.pi)
     u2 = xd * (c1 + c1 * 0.044715 * xd * xd)
