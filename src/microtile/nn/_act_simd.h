@@ -140,7 +140,7 @@ static inline __m256i mt_lanes8(int64_t n) {
    -> 0.62 (without the scheduling pass, two per turn changed nothing: GCC emits the two
    chains one after the other). */
 #define MT_ACT_LOOP(NAME, EXPR)                                                           \
-static void NAME(const float* x, const float* dy, float* out, int64_t n) {               \
+static inline void NAME(const float* x, const float* dy, float* out, int64_t n) {        \
     int64_t i;                                                                            \
     __m256 v, g = _mm256_setzero_ps(), v2, g2 = _mm256_setzero_ps(), r1, r2;              \
     __m256i m;                                                                            \

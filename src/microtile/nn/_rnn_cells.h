@@ -121,13 +121,128 @@ static inline void NAME(const T* RNN_RESTRICT g, const T* RNN_RESTRICT hp,      
     }                                                                                       \
 }
 
-RNN_LSTM_FWD(rnn_lstm_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)
 RNN_LSTM_FWD(rnn_lstm_fwd_d, double, mt_sigmoid_d, tanh)
-RNN_LSTM_BWD(rnn_lstm_bwd_f, float, mt_tanhf_fast)
 RNN_LSTM_BWD(rnn_lstm_bwd_d, double, tanh)
-RNN_GRU_FWD(rnn_gru_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)
 RNN_GRU_FWD(rnn_gru_fwd_d, double, mt_sigmoid_d, tanh)
 RNN_GRU_BWD(rnn_gru_bwd_f, float)
 RNN_GRU_BWD(rnn_gru_bwd_d, double)
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* float32 cells with AVX2/FMA: the same formulas eight units at a time on _act_simd.h's
+   sigmoid and tanh.  GCC's vectorisation of the scalar functions took 1.04 ns an element
+   for sigmoid and 1.30 for tanh on one core, the intrinsics 0.65 and 0.80 (same run);
+   an LSTM forward unit takes three sigmoids and two tanh.  The last partial vector goes
+   through the same code with masked loads and stores, so a unit's result does not
+   depend on where a row's share of units starts or ends (the thread-count tests). */
+#include "_act_simd.h"
+
+#define RNN_LD(p, m, full) ((full) ? _mm256_loadu_ps(p) : _mm256_maskload_ps((p), (m)))
+#define RNN_ST(p, m, full, v) \
+    do { if (full) _mm256_storeu_ps((p), (v)); else _mm256_maskstore_ps((p), (m), (v)); } \
+    while (0)
+
+static inline void rnn_lstm_fwd8(float* RNN_RESTRICT g, const float* RNN_RESTRICT t,
+                                 ptrdiff_t ts, const float* RNN_RESTRICT cp,
+                                 float* RNN_RESTRICT c, float* RNN_RESTRICT h, ptrdiff_t H,
+                                 ptrdiff_t j, __m256i m, int full) {
+    __m256 gi = mt_sigmoid8(_mm256_add_ps(RNN_LD(g + j, m, full), RNN_LD(t + j, m, full)));
+    __m256 gf = mt_sigmoid8(_mm256_add_ps(RNN_LD(g + H + j, m, full),
+                                          RNN_LD(t + ts + j, m, full)));
+    __m256 gg = mt_tanh8(_mm256_add_ps(RNN_LD(g + 2 * H + j, m, full),
+                                       RNN_LD(t + 2 * ts + j, m, full)));
+    __m256 go = mt_sigmoid8(_mm256_add_ps(RNN_LD(g + 3 * H + j, m, full),
+                                          RNN_LD(t + 3 * ts + j, m, full)));
+    __m256 cn = _mm256_fmadd_ps(gf, RNN_LD(cp + j, m, full), _mm256_mul_ps(gi, gg));
+    RNN_ST(g + j, m, full, gi);
+    RNN_ST(g + H + j, m, full, gf);
+    RNN_ST(g + 2 * H + j, m, full, gg);
+    RNN_ST(g + 3 * H + j, m, full, go);
+    RNN_ST(c + j, m, full, cn);
+    RNN_ST(h + j, m, full, _mm256_mul_ps(go, mt_tanh8(cn)));
+}
+static inline void rnn_lstm_fwd_f(float* RNN_RESTRICT g, const float* RNN_RESTRICT t,
+                                  ptrdiff_t ts, const float* RNN_RESTRICT cp,
+                                  float* RNN_RESTRICT c, float* RNN_RESTRICT h, ptrdiff_t H,
+                                  ptrdiff_t w) {
+    ptrdiff_t j;
+    __m256i all = _mm256_set1_epi32(-1);
+    for (j = 0; j + 8 <= w; j += 8)
+        rnn_lstm_fwd8(g, t, ts, cp, c, h, H, j, all, 1);
+    if (j < w)
+        rnn_lstm_fwd8(g, t, ts, cp, c, h, H, j, mt_lanes8(w - j), 0);
+}
+
+static inline void rnn_lstm_bwd8(const float* RNN_RESTRICT g, const float* RNN_RESTRICT cp,
+                                 const float* RNN_RESTRICT c, const float* RNN_RESTRICT dy,
+                                 const float* RNN_RESTRICT t, float* RNN_RESTRICT dc,
+                                 float* RNN_RESTRICT d, ptrdiff_t H, ptrdiff_t j, __m256i m,
+                                 int full) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 gi = RNN_LD(g + j, m, full), gf = RNN_LD(g + H + j, m, full);
+    __m256 gg = RNN_LD(g + 2 * H + j, m, full), go = RNN_LD(g + 3 * H + j, m, full);
+    __m256 tc = mt_tanh8(RNN_LD(c + j, m, full));
+    __m256 dh = _mm256_add_ps(RNN_LD(dy + j, m, full), RNN_LD(t + j, m, full));
+    __m256 dcv = _mm256_fmadd_ps(_mm256_mul_ps(dh, go), _mm256_fnmadd_ps(tc, tc, one),
+                                 RNN_LD(dc + j, m, full));
+    RNN_ST(d + j, m, full, _mm256_mul_ps(_mm256_mul_ps(dcv, gg),
+                                         _mm256_mul_ps(gi, _mm256_sub_ps(one, gi))));
+    RNN_ST(d + H + j, m, full,
+           _mm256_mul_ps(_mm256_mul_ps(dcv, RNN_LD(cp + j, m, full)),
+                         _mm256_mul_ps(gf, _mm256_sub_ps(one, gf))));
+    RNN_ST(d + 2 * H + j, m, full, _mm256_mul_ps(_mm256_mul_ps(dcv, gi),
+                                                 _mm256_fnmadd_ps(gg, gg, one)));
+    RNN_ST(d + 3 * H + j, m, full, _mm256_mul_ps(_mm256_mul_ps(dh, tc),
+                                                 _mm256_mul_ps(go, _mm256_sub_ps(one, go))));
+    RNN_ST(dc + j, m, full, _mm256_mul_ps(dcv, gf));
+}
+static inline void rnn_lstm_bwd_f(const float* RNN_RESTRICT g, const float* RNN_RESTRICT cp,
+                                  const float* RNN_RESTRICT c, const float* RNN_RESTRICT dy,
+                                  const float* RNN_RESTRICT t, float* RNN_RESTRICT dc,
+                                  float* RNN_RESTRICT d, ptrdiff_t H, ptrdiff_t w) {
+    ptrdiff_t j;
+    __m256i all = _mm256_set1_epi32(-1);
+    for (j = 0; j + 8 <= w; j += 8)
+        rnn_lstm_bwd8(g, cp, c, dy, t, dc, d, H, j, all, 1);
+    if (j < w)
+        rnn_lstm_bwd8(g, cp, c, dy, t, dc, d, H, j, mt_lanes8(w - j), 0);
+}
+
+/* b NULL: -0.0 added, as the scalar loop (x + -0.0 is x). */
+static inline void rnn_gru_fwd8(float* RNN_RESTRICT g, const float* RNN_RESTRICT t,
+                                ptrdiff_t ts, const float* RNN_RESTRICT b,
+                                const float* RNN_RESTRICT hp, float* RNN_RESTRICT h,
+                                float* RNN_RESTRICT hn, ptrdiff_t H, ptrdiff_t j, __m256i m,
+                                int full) {
+    const __m256 nz = _mm256_set1_ps(-0.0f);
+    __m256 br = b ? RNN_LD(b + j, m, full) : nz, bz = b ? RNN_LD(b + H + j, m, full) : nz;
+    __m256 bn = b ? RNN_LD(b + 2 * H + j, m, full) : nz;
+    __m256 pn = _mm256_add_ps(RNN_LD(t + 2 * ts + j, m, full), bn);
+    __m256 r = mt_sigmoid8(_mm256_add_ps(RNN_LD(g + j, m, full),
+                                         _mm256_add_ps(RNN_LD(t + j, m, full), br)));
+    __m256 z = mt_sigmoid8(_mm256_add_ps(RNN_LD(g + H + j, m, full),
+                                         _mm256_add_ps(RNN_LD(t + ts + j, m, full), bz)));
+    __m256 n = mt_tanh8(_mm256_fmadd_ps(r, pn, RNN_LD(g + 2 * H + j, m, full)));
+    RNN_ST(hn + j, m, full, pn);
+    RNN_ST(g + j, m, full, r);
+    RNN_ST(g + H + j, m, full, z);
+    RNN_ST(g + 2 * H + j, m, full, n);
+    RNN_ST(h + j, m, full, _mm256_fmadd_ps(z, _mm256_sub_ps(RNN_LD(hp + j, m, full), n), n));
+}
+static inline void rnn_gru_fwd_f(float* RNN_RESTRICT g, const float* RNN_RESTRICT t,
+                                 ptrdiff_t ts, const float* RNN_RESTRICT b,
+                                 const float* RNN_RESTRICT hp, float* RNN_RESTRICT h,
+                                 float* RNN_RESTRICT hn, ptrdiff_t H, ptrdiff_t w) {
+    ptrdiff_t j;
+    __m256i all = _mm256_set1_epi32(-1);
+    for (j = 0; j + 8 <= w; j += 8)
+        rnn_gru_fwd8(g, t, ts, b, hp, h, hn, H, j, all, 1);
+    if (j < w)
+        rnn_gru_fwd8(g, t, ts, b, hp, h, hn, H, j, mt_lanes8(w - j), 0);
+}
+#else
+RNN_LSTM_FWD(rnn_lstm_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)
+RNN_LSTM_BWD(rnn_lstm_bwd_f, float, mt_tanhf_fast)
+RNN_GRU_FWD(rnn_gru_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)
+#endif
 
 #endif
