@@ -20,8 +20,12 @@ BatchNorm2d -> ReLU then costs no pass of its own either way.
 Private helpers of ``microtile.nn.BatchNorm*``: the callers check shapes and dtypes, and
 own the buffers.
 """
-from microtile._common._mt_pool cimport pool_items, pool_ranges
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport sqrt
+
+from microtile._common._mt_pool cimport pool_items, pool_ranges
+from microtile.nn._bn_loops cimport (bn_table_t, mt_bn_sums_f, mt_bn_sums_d, mt_bn_affine_f,
+                                     mt_bn_affine_d)
 
 from microtile._common._typedefs cimport idx_t, floating
 from microtile.linalg._gemm cimport gemm_params
@@ -68,154 +72,36 @@ def work_size(idx_t channels):
     return 2 * channels * _max_threads()
 
 
-# The per-plane sums in C, eight independent float64 partial sums per quantity: a single
-# accumulator is a serial chain of dependent adds that the compiler may not reorder, and
-# with a fused ReLU each element also took a branch on the sign of the kept output, which
-# a random sign mispredicts half the time: BatchNorm2d+ReLU backward on (32, 32, 32, 32)
-# took 10.4 ms against 0.76 ms without the ReLU (1 thread).  Eight lanes vectorise (SSE2
-# pairs on the baseline build) and the masked read is a bit mask, not a branch: 1.12 ms.
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #define MT_BN_LANES 8
-    /* u where g > 0, else +0 (a NaN u included, as torch's threshold_backward), by masking
-       u's bits: GCC turned the plain select into a branch, which random signs mispredict
-       half the time. */
-    #define MT_BN_KEEP(T, uv, gv) mt_bn_keep_##T((uv), (gv))
-    static inline float mt_bn_keep_float(float u, float g) {
-        uint32_t b;
-        memcpy(&b, &u, sizeof b);
-        b &= (uint32_t) 0 - (uint32_t) (g > 0);
-        memcpy(&u, &b, sizeof b);
-        return u;
-    }
-    static inline double mt_bn_keep_double(double u, double g) {
-        uint64_t b;
-        memcpy(&b, &u, sizeof b);
-        b &= (uint64_t) 0 - (uint64_t) (g > 0);
-        memcpy(&u, &b, sizeof b);
-        return u;
-    }
-    #define MT_BN_SUMS(T, NAME)                                                         \
-    static void NAME(const T* x, const T* u, const T* g, double k, Py_ssize_t s,        \
-                     double* out0, double* out1) {                                      \
-        double a0[MT_BN_LANES] = {0}, a1[MT_BN_LANES] = {0};                            \
-        Py_ssize_t i = 0, l, e = s - s % MT_BN_LANES;                                   \
-        if (u == NULL) {                                                                \
-            for (; i < e; i += MT_BN_LANES)                                             \
-                for (l = 0; l < MT_BN_LANES; l++) {                                     \
-                    double d = (double) x[i + l] - k;                                   \
-                    a0[l] += d;                                                         \
-                    a1[l] += d * d;                                                     \
-                }                                                                       \
-            for (; i < s; i++) {                                                        \
-                double d = (double) x[i] - k;                                           \
-                a0[0] += d;                                                             \
-                a1[0] += d * d;                                                         \
-            }                                                                           \
-        } else if (g == NULL) {                                                         \
-            for (; i < e; i += MT_BN_LANES)                                             \
-                for (l = 0; l < MT_BN_LANES; l++) {                                     \
-                    double v = (double) u[i + l];                                       \
-                    a0[l] += v;                                                         \
-                    a1[l] += v * ((double) x[i + l] - k);                               \
-                }                                                                       \
-            for (; i < s; i++) {                                                        \
-                double v = (double) u[i];                                               \
-                a0[0] += v;                                                             \
-                a1[0] += v * ((double) x[i] - k);                                       \
-            }                                                                           \
-        } else {                                                                        \
-            for (; i < e; i += MT_BN_LANES)                                             \
-                for (l = 0; l < MT_BN_LANES; l++) {                                     \
-                    double v = (double) MT_BN_KEEP(T, u[i + l], g[i + l]);              \
-                    a0[l] += v;                                                         \
-                    a1[l] += v * ((double) x[i + l] - k);                               \
-                }                                                                       \
-            for (; i < s; i++) {                                                        \
-                double v = (double) MT_BN_KEEP(T, u[i], g[i]);                          \
-                a0[0] += v;                                                             \
-                a1[0] += v * ((double) x[i] - k);                                       \
-            }                                                                           \
-        }                                                                               \
-        for (l = 1; l < MT_BN_LANES; l++) {                                             \
-            a0[0] += a0[l];                                                             \
-            a1[0] += a1[l];                                                             \
-        }                                                                               \
-        *out0 = a0[0];                                                                  \
-        *out1 = a1[0];                                                                  \
-    }
-    MT_BN_SUMS(float, mt_bn_sums_f)
-    MT_BN_SUMS(double, mt_bn_sums_d)
-    /* out = b*(x - m) + k, plus a*u when u is given (u read as 0 where g <= 0 when g is
-       given); with relu (forward only) through ReLU as it is written, NaN kept. */
-    #define MT_BN_AFFINE(T, NAME)                                                       \
-    static void NAME(const T* x, const T* u, const T* g, T* out, double m, double a,    \
-                     double b, double k, int relu, Py_ssize_t s) {                      \
-        Py_ssize_t i;                                                                   \
-        if (u == NULL && relu) {                                                        \
-            for (i = 0; i < s; i++) {                                                   \
-                double v = ((double) x[i] - m) * b + k;                                 \
-                out[i] = (T) (v <= 0 ? 0.0 : v);                                        \
-            }                                                                           \
-        } else if (u == NULL) {                                                         \
-            for (i = 0; i < s; i++)                                                     \
-                out[i] = (T) (((double) x[i] - m) * b + k);                             \
-        } else if (g == NULL) {                                                         \
-            for (i = 0; i < s; i++)                                                     \
-                out[i] = (T) (a * (double) u[i] + ((double) x[i] - m) * b + k);         \
-        } else {                                                                        \
-            for (i = 0; i < s; i++) {                                                   \
-                double v = (double) MT_BN_KEEP(T, u[i], g[i]);                          \
-                out[i] = (T) (a * v + ((double) x[i] - m) * b + k);                     \
-            }                                                                           \
-        }                                                                               \
-    }
-    /* float32 data: the write in float32 arithmetic.  The mean goes in as two floats,
-       mh + ml = m to 2^-48 relative: x - mh is exact for x near a large mean (Sterbenz),
-       so x - m keeps its digits (float32 data around 1e4 with unit spread: rounding m
-       alone gave errors of 4e-4), then one fused multiply-add.  Through double, the
-       conversions made the pass compute-bound: BatchNorm2d forward (32, 64, 56, 56), one
-       thread, 6.1 ms against 2.7 ms for a copy of the same bytes. */
-    static void mt_bn_affine_f(const float* x, const float* u, const float* g, float* out,
-                               double m, double a, double b, double k, int relu,
-                               Py_ssize_t s) {
-        Py_ssize_t i;
-        const float mh = (float) m, ml = (float) (m - (double) mh);
-        const float af = (float) a, bf = (float) b, kf = (float) k;
-        if (u == NULL && relu) {
-            for (i = 0; i < s; i++) {
-                float v = ((x[i] - mh) - ml) * bf + kf;
-                out[i] = v <= 0 ? 0.0f : v;
-            }
-        } else if (u == NULL) {
-            for (i = 0; i < s; i++)
-                out[i] = ((x[i] - mh) - ml) * bf + kf;
-        } else if (g == NULL) {
-            for (i = 0; i < s; i++)
-                out[i] = af * u[i] + (((x[i] - mh) - ml) * bf + kf);
-        } else {
-            for (i = 0; i < s; i++)
-                out[i] = af * mt_bn_keep_float(u[i], g[i]) + (((x[i] - mh) - ml) * bf + kf);
-        }
-    }
-    MT_BN_AFFINE(double, mt_bn_affine_d)
-    """
-    void mt_bn_sums_f(const float* x, const float* u, const float* g, double k, idx_t s,
-                      double* out0, double* out1) noexcept nogil
-    void mt_bn_sums_d(const double* x, const double* u, const double* g, double k, idx_t s,
-                      double* out0, double* out1) noexcept nogil
-    void mt_bn_affine_f(const float* x, const float* u, const float* g, float* out, double m,
-                        double a, double b, double k, int relu, idx_t s) noexcept nogil
-    void mt_bn_affine_d(const double* x, const double* u, const double* g, double* out,
-                        double m, double a, double b, double k, int relu,
-                        idx_t s) noexcept nogil
+# The per-plane loops (_bn_loops.pxd): float32 from the table of the ISA in use (the GEMM's,
+# read on every call: ``MICROTILE_ISA=generic`` and ``config_context`` choose it), float64
+# from this module's baseline build.
+cdef bn_table_t _tables[2]
+_tables[0].sums_f = mt_bn_sums_f
+_tables[0].affine_f = mt_bn_affine_f
+_tables[1] = _tables[0]
 
 
-cdef void _sums_part(const floating* x, const floating* u, const floating* g,
-                     const double* shift, double* acc, idx_t p0, idx_t p1, idx_t nc,
-                     idx_t s) noexcept nogil:
+def _load_avx2():
+    from microtile._kernels._dispatch import available_isas
+    if "avx2-fma" not in available_isas():
+        return
+    from microtile.nn import _norm_avx2
+    _tables[1] = (<bn_table_t*> PyCapsule_GetPointer(_norm_avx2.table(),
+                                                     b"microtile.bn_f32"))[0]
+
+
+_load_avx2()
+
+
+cdef const bn_table_t* _table() except NULL:
+    cdef gemm_params prm
+    current_params(0, &prm)
+    return &_tables[1] if prm.isa == 1 else &_tables[0]
+
+
+cdef void _sums_part(const bn_table_t* tab, const floating* x, const floating* u,
+                     const floating* g, const double* shift, double* acc, idx_t p0, idx_t p1,
+                     idx_t nc, idx_t s) noexcept nogil:
     """Planes [p0, p1): with d = x - shift[c], acc[c] += sum(d) and acc[nc + c] += sum(d*d)
     when u is NULL, else acc[c] += sum(u) and acc[nc + c] += sum(u*d).  With g (a fused
     ReLU's output), u is taken as 0 where g <= 0 (torch's threshold_backward)."""
@@ -227,8 +113,8 @@ cdef void _sums_part(const floating* x, const floating* u, const floating* g,
     for p in range(p0, p1):
         off = p * s
         if floating is float:
-            mt_bn_sums_f(x + off, NULL if u == NULL else u + off,
-                         NULL if g == NULL else g + off, shift[c], s, &s0, &s1)
+            tab.sums_f(x + off, NULL if u == NULL else u + off,
+                       NULL if g == NULL else g + off, shift[c], s, &s0, &s1)
         else:
             mt_bn_sums_d(x + off, NULL if u == NULL else u + off,
                          NULL if g == NULL else g + off, shift[c], s, &s0, &s1)
@@ -240,6 +126,7 @@ cdef void _sums_part(const floating* x, const floating* u, const floating* g,
 
 
 ctypedef struct _norm_job:
+    const bn_table_t* tab
     bint sums, dbl, relu
     const void* x
     const void* u
@@ -262,9 +149,10 @@ cdef void _norm_share(const _norm_job* j, idx_t t, const floating* x, const floa
     if p0 > j.planes:
         p0 = j.planes
     if j.sums:
-        _sums_part(x, u, g, j.shift, j.work + 2 * j.nc * t, p0, p1, j.nc, j.s)
+        _sums_part(j.tab, x, u, g, j.shift, j.work + 2 * j.nc * t, p0, p1, j.nc, j.s)
     elif p0 < p1:
-        _affine_part(x, u, g, out, j.mean, j.ca, j.cb, j.cc, j.relu, p0, p1, j.nc, j.s)
+        _affine_part(j.tab, x, u, g, out, j.mean, j.ca, j.cb, j.cc, j.relu, p0, p1, j.nc,
+                     j.s)
 
 
 cdef void _norm_item(void* ctx, idx_t t, int tid) noexcept nogil:
@@ -278,9 +166,9 @@ cdef void _norm_item(void* ctx, idx_t t, int tid) noexcept nogil:
                     <float*> j.out)
 
 
-cdef void _sums(const floating* x, const floating* u, const floating* g, const double* shift,
-                double* out0, double* out1, double* work, idx_t n, idx_t nc, idx_t s,
-                int nt) noexcept nogil:
+cdef void _sums(const bn_table_t* tab, const floating* x, const floating* u, const floating* g,
+                const double* shift, double* out0, double* out1, double* work, idx_t n,
+                idx_t nc, idx_t s, int nt) noexcept nogil:
     """Per-channel sums of _sums_part over all N*C planes into out0[c] and out1[c], on nt
     threads (each with 2*nc doubles of ``work``)."""
     cdef idx_t planes = n * nc, c
@@ -288,9 +176,10 @@ cdef void _sums(const floating* x, const floating* u, const floating* g, const d
     cdef double a, b
     cdef _norm_job j
     if nt == 1:
-        _sums_part(x, u, g, shift, work, 0, planes, nc, s)
+        _sums_part(tab, x, u, g, shift, work, 0, planes, nc, s)
     else:
         # Every share runs (an empty one zeroes its sums), whichever thread takes it.
+        j.tab = tab
         j.sums = True
         j.dbl = floating is double
         j.x = x
@@ -313,10 +202,10 @@ cdef void _sums(const floating* x, const floating* u, const floating* g, const d
         out1[c] = b
 
 
-cdef void _affine_part(const floating* x, const floating* u, const floating* g,
-                       floating* out, const double* mean, const double* ca, const double* cb,
-                       const double* cc, bint relu, idx_t p0, idx_t p1, idx_t nc,
-                       idx_t s) noexcept nogil:
+cdef void _affine_part(const bn_table_t* tab, const floating* x, const floating* u,
+                       const floating* g, floating* out, const double* mean, const double* ca,
+                       const double* cb, const double* cc, bint relu, idx_t p0, idx_t p1,
+                       idx_t nc, idx_t s) noexcept nogil:
     """Planes [p0, p1): out = cb[c]*(x - mean[c]) + cc[c], plus ca[c]*u when u is given
     (u taken as 0 where g <= 0 when g is given, as in _sums_part); with ``relu`` (forward
     only) the result goes through ReLU as it is written (NaN kept, as torch.relu)."""
@@ -326,9 +215,9 @@ cdef void _affine_part(const floating* x, const floating* u, const floating* g,
         off = p * s
         a = ca[c] if u != NULL else 0
         if floating is float:
-            mt_bn_affine_f(x + off, NULL if u == NULL else u + off,
-                           NULL if g == NULL else g + off, out + off, mean[c], a, cb[c],
-                           cc[c], relu, s)
+            tab.affine_f(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, out + off, mean[c], a, cb[c],
+                         cc[c], relu, s)
         else:
             mt_bn_affine_d(x + off, NULL if u == NULL else u + off,
                            NULL if g == NULL else g + off, out + off, mean[c], a, cb[c],
@@ -338,15 +227,17 @@ cdef void _affine_part(const floating* x, const floating* u, const floating* g,
             c = 0
 
 
-cdef void _affine(const floating* x, const floating* u, const floating* g, floating* out,
-                  const double* mean, const double* ca, const double* cb, const double* cc,
-                  bint relu, idx_t n, idx_t nc, idx_t s, int nt) noexcept nogil:
+cdef void _affine(const bn_table_t* tab, const floating* x, const floating* u,
+                  const floating* g, floating* out, const double* mean, const double* ca,
+                  const double* cb, const double* cc, bint relu, idx_t n, idx_t nc, idx_t s,
+                  int nt) noexcept nogil:
     """_affine_part over all N*C planes on nt threads."""
     cdef idx_t planes = n * nc
     cdef _norm_job j
     if nt == 1:
-        _affine_part(x, u, g, out, mean, ca, cb, cc, relu, 0, planes, nc, s)
+        _affine_part(tab, x, u, g, out, mean, ca, cb, cc, relu, 0, planes, nc, s)
         return
+    j.tab = tab
     j.sums = False
     j.dbl = floating is double
     j.x = x
@@ -379,6 +270,7 @@ cdef idx_t CHAN_PER_THREAD = 2
 cdef idx_t CHAN_MIN_PLANE = 16
 
 ctypedef struct _chan_job:
+    const bn_table_t* tab
     bint dbl, fwd, batch_stats, update, relu, acc_w, acc_b
     const void* x
     const void* u           # backward: dy
@@ -396,9 +288,9 @@ ctypedef struct _chan_job:
     idx_t n, nc, s
 
 
-cdef void _chan_sums(const floating* x, const floating* u, const floating* g, double k,
-                     idx_t n, idx_t nc, idx_t s, idx_t c, double* s0,
-                     double* s1) noexcept nogil:
+cdef void _chan_sums(const bn_table_t* tab, const floating* x, const floating* u,
+                     const floating* g, double k, idx_t n, idx_t nc, idx_t s, idx_t c,
+                     double* s0, double* s1) noexcept nogil:
     """_sums_part's two sums for channel c alone (its N planes, in order)."""
     cdef idx_t i, off
     cdef double a, b
@@ -407,8 +299,8 @@ cdef void _chan_sums(const floating* x, const floating* u, const floating* g, do
     for i in range(n):
         off = (i * nc + c) * s
         if floating is float:
-            mt_bn_sums_f(x + off, NULL if u == NULL else u + off,
-                         NULL if g == NULL else g + off, k, s, &a, &b)
+            tab.sums_f(x + off, NULL if u == NULL else u + off,
+                       NULL if g == NULL else g + off, k, s, &a, &b)
         else:
             mt_bn_sums_d(x + off, NULL if u == NULL else u + off,
                          NULL if g == NULL else g + off, k, s, &a, &b)
@@ -416,16 +308,17 @@ cdef void _chan_sums(const floating* x, const floating* u, const floating* g, do
         s1[0] += b
 
 
-cdef void _chan_affine(const floating* x, const floating* u, const floating* g, floating* out,
-                       double m, double a, double b, double k, bint relu, idx_t n, idx_t nc,
-                       idx_t s, idx_t c) noexcept nogil:
+cdef void _chan_affine(const bn_table_t* tab, const floating* x, const floating* u,
+                       const floating* g, floating* out, double m, double a, double b,
+                       double k, bint relu, idx_t n, idx_t nc, idx_t s,
+                       idx_t c) noexcept nogil:
     """_affine_part's write for channel c alone."""
     cdef idx_t i, off
     for i in range(n):
         off = (i * nc + c) * s
         if floating is float:
-            mt_bn_affine_f(x + off, NULL if u == NULL else u + off,
-                           NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
+            tab.affine_f(x + off, NULL if u == NULL else u + off,
+                         NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
         else:
             mt_bn_affine_d(x + off, NULL if u == NULL else u + off,
                            NULL if g == NULL else g + off, out + off, m, a, b, k, relu, s)
@@ -439,8 +332,8 @@ cdef void _chan_fwd(const _chan_job* j, idx_t c, const floating* x, floating* y,
     cdef double* sv = j.saved
     if j.batch_stats:
         k = x[c * j.s]          # the shift K: the channel's first element
-        _chan_sums(x, <const floating*> NULL, <const floating*> NULL, k, j.n, j.nc, j.s, c,
-                   &s0, &s1)
+        _chan_sums(j.tab, x, <const floating*> NULL, <const floating*> NULL, k, j.n, j.nc,
+                   j.s, c, &s0, &s1)
         mu = s0 / m
         var = s1 / m - mu * mu
         if var < 0:
@@ -458,7 +351,7 @@ cdef void _chan_fwd(const _chan_job* j, idx_t c, const floating* x, floating* y,
     sv[INVSTD * j.nc + c] = inv
     sv[SCALE * j.nc + c] = inv * (w[c] if w != NULL else 1)
     sv[SHIFT * j.nc + c] = bias[c] if bias != NULL else 0
-    _chan_affine(x, <const floating*> NULL, <const floating*> NULL, y, mu, 0,
+    _chan_affine(j.tab, x, <const floating*> NULL, <const floating*> NULL, y, mu, 0,
                  sv[SCALE * j.nc + c], sv[SHIFT * j.nc + c], j.relu, j.n, j.nc, j.s, c)
 
 
@@ -469,7 +362,7 @@ cdef void _chan_bwd(const _chan_job* j, idx_t c, const floating* x, const floati
     cdef double m = <double> j.n * <double> j.s, wc, inv, sdy, sdyx, ca, cb, cc
     cdef double mean = j.saved[MEAN * j.nc + c]
     inv = j.saved[INVSTD * j.nc + c]
-    _chan_sums(x, dy, g, mean, j.n, j.nc, j.s, c, &sdy, &sdyx)
+    _chan_sums(j.tab, x, dy, g, mean, j.n, j.nc, j.s, c, &sdy, &sdyx)
     if gw != NULL:
         gw[c] = <floating> ((gw[c] if j.acc_w else 0) + sdyx * inv)
     if gb != NULL:
@@ -488,7 +381,7 @@ cdef void _chan_bwd(const _chan_job* j, idx_t c, const floating* x, const floati
     j.coef[COEF_B * j.nc + c] = cb
     j.coef[COEF_C * j.nc + c] = cc
     if dx != NULL:
-        _chan_affine(x, dy, g, dx, mean, ca, cb, cc, False, j.n, j.nc, j.s, c)
+        _chan_affine(j.tab, x, dy, g, dx, mean, ca, cb, cc, False, j.n, j.nc, j.s, c)
 
 
 cdef void _chan_range(void* ctx, idx_t c0, idx_t c1, int tid) noexcept nogil:
@@ -568,8 +461,10 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     cdef double* scale = sv + SCALE * nc
     cdef double* shift = sv + SHIFT * nc
     cdef int nt = _team(n, nc, s, work.shape[0])
+    cdef const bn_table_t* tab = _table()
     cdef _chan_job cj
     if _by_channel(n, nc, s, nt):
+        cj.tab = tab
         cj.dbl = floating is double
         cj.fwd = True
         cj.batch_stats = batch_stats
@@ -595,7 +490,7 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
             # The shift K of each channel: its first element (see the module docstring).
             for c in range(nc):
                 scale[c] = x[0, c, 0] if m > 0 else 0
-            _sums(px, <const floating*> NULL, <const floating*> NULL, scale, mean, invstd,
+            _sums(tab, px, <const floating*> NULL, <const floating*> NULL, scale, mean, invstd,
                   &work[0], n, nc, s, nt)
             for c in range(nc):
                 if m > 0:
@@ -625,7 +520,7 @@ def batch_norm_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y,
             scale[c] = inv * (pw[c] if pw != NULL else 1)
             shift[c] = pb[c] if pb != NULL else 0
         if m > 0:
-            _affine(px, <const floating*> NULL, <const floating*> NULL, py, mean,
+            _affine(tab, px, <const floating*> NULL, <const floating*> NULL, py, mean,
                     <const double*> NULL, scale, shift, relu, n, nc, s, nt)
 
 
@@ -677,8 +572,10 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
     cdef double* cb = &coef[COEF_B, 0]
     cdef double* cc = &coef[COEF_C, 0]
     cdef int nt = _team(n, nc, s, work.shape[0])
+    cdef const bn_table_t* tab = _table()
     cdef _chan_job cj
     if _by_channel(n, nc, s, nt):
+        cj.tab = tab
         cj.dbl = floating is double
         cj.fwd = False
         cj.batch_stats = batch_stats
@@ -701,7 +598,7 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
         return
     with nogil:
         if m > 0:
-            _sums(px, pdy, pg, mean, sdy, sdyx, &work[0], n, nc, s, nt)
+            _sums(tab, px, pdy, pg, mean, sdy, sdyx, &work[0], n, nc, s, nt)
         else:
             for c in range(nc):
                 sdy[c] = 0
@@ -721,4 +618,4 @@ def batch_norm_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] d
                 cb[c] = 0
                 cc[c] = 0
         if pdx != NULL:
-            _affine(px, pdy, pg, pdx, mean, ca, cb, cc, False, n, nc, s, nt)
+            _affine(tab, px, pdy, pg, pdx, mean, ca, cb, cc, False, n, nc, s, nt)
