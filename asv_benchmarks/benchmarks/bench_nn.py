@@ -175,9 +175,15 @@ def _gelu(x):
     return x * 0.5 * erfc(-x / np.sqrt(2.0))
 
 
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) written as x sigmoid(2u), which does not cancel in the left tail
+    return x / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
 ELEMENTWISE = {
     "ReLU": (nn.ReLU, lambda x: np.maximum(x, 0.0)),
     "GELU": (nn.GELU, _gelu),
+    "GELU(tanh)": (lambda: nn.GELU("tanh"), _gelu_tanh),
     "SiLU": (nn.SiLU, lambda x: x / (1 + np.exp(-x))),
     "Sigmoid": (nn.Sigmoid, lambda x: 1 / (1 + np.exp(-x))),
     "Tanh": (nn.Tanh, np.tanh),
@@ -248,3 +254,63 @@ class BatchNormMaxPool(Benchmark):
 
     def time_maxpool_backward(self, threads):
         self.pool.backward(self.pdy)
+
+
+# Recurrent layers (issue 15's cases, as tools/bench_rnn.py times them beside torch).
+def _sigmoid(v):
+    return 0.5 * (1 + np.tanh(0.5 * v))
+
+
+def lstm_ref(x, w_ih, w_hh, b_ih, b_hh, dtype):
+    """A one-layer LSTM over x (T, N, I) in float64, torch's equations and gate order, and a
+    bound on a ``dtype`` computation's error: each step's pre-activations round within
+    gamma_(I+H+2) of the sum of their terms' magnitudes, the gates and the cell add a few
+    units of roundoff, and a step's error is carried into the next at most whole (the
+    gates' derivatives are at most 1/4 and 1), so the bounds of the steps add up."""
+    T, N = x.shape[:2]
+    H = w_hh.shape[1]
+    h = np.zeros((N, H))
+    c = np.zeros((N, H))
+    out = np.empty((T, N, H))
+    bound = 0.0
+    for t in range(T):
+        z = x[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+        mag = (np.abs(x[t]) @ np.abs(w_ih).T + np.abs(b_ih) + np.abs(h) @ np.abs(w_hh).T
+               + np.abs(b_hh))
+        i, f, g, o = (z[:, q * H:(q + 1) * H] for q in range(4))
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        h = _sigmoid(o) * np.tanh(c)
+        out[t] = h
+        bound += float(gamma(x.shape[2] + H + 2, dtype) * mag.max()) * (1 + np.abs(c).max())
+        bound += float(gamma(16, dtype)) * (1 + np.abs(c).max())
+    return out, bound
+
+
+class Recurrent(Benchmark):
+    """LSTM and GRU 128 -> 256 over 50 steps, forward and forward+backward, float32."""
+    params = (["LSTM", "GRU"], [1, 32], THREADS)
+    param_names = ["layer", "batch", "threads"]
+
+    def setup(self, layer, batch, threads):
+        self.m = getattr(nn, layer)(128, 256, rng=0)
+        self.x = random((50, batch, 128), "float32", 7)
+        self.dy = random((50, batch, 256), "float32", 8)
+        self.limit_threads(threads)
+        self.check_once(layer, batch, threads)
+        self.m.forward(self.x)
+
+    def check(self, layer, batch, threads):
+        if layer != "LSTM":
+            return
+        sd = {k: np.asarray(v, np.float64) for k, v in self.m.state_dict().items()}
+        x = self.x[:, :1]
+        ref, bound = lstm_ref(x.astype(np.float64), sd["weight_ih_l0"], sd["weight_hh_l0"],
+                              sd["bias_ih_l0"], sd["bias_hh_l0"], np.float32)
+        compare("LSTM forward", self.m.forward(x), ref, bound)
+
+    def time_forward(self, layer, batch, threads):
+        self.m.forward(self.x)
+
+    def time_forward_backward(self, layer, batch, threads):
+        self.m.forward(self.x)
+        self.m.backward(self.dy)
