@@ -8,7 +8,7 @@ issue 14's goal is at most 1.5.  The copy is microtile's own threaded copy (the 
 activation on the thread pool, the same threads as the layers), timed on arrays of the
 case's size, so the bound is the one these kernels see; NumPy's one-thread ``np.copyto``
 is shown beside it.  Each case's rounds alternate with rounds of torch's and of the copy,
-so the three see the same host: its memory bandwidth moved between 14 and 28 GB/s from
+so the three see the same host: its memory bandwidth moved between 11 and 28 GB/s from
 one run to the next here, and a bound measured minutes apart moved the ratio by as much.
 Results are checked against torch before timing.
 

@@ -194,24 +194,30 @@ def test_errors():
                                   lambda: nn.GELU("tanh")],
                          ids=["sigmoid", "tanh", "silu", "gelu", "gelu-tanh"])
 def test_float32_value_does_not_depend_on_where_the_element_sits(make):
-    """The float32 loops take two vectors per turn, then one, then a masked part: an
-    element gives the same bits forward and backward whichever of them it falls in (every
-    offset and length up to past two vectors, one thread and two)."""
+    """The float32 loops take two vectors per turn, then one, then a masked part, and
+    threads split long arrays into shares at any element: an element gives the same bits
+    forward and backward whichever of them it falls in (every offset and length up to past
+    two vectors on one thread; arrays long enough to be split, 2^15 elements and more, at
+    odd offsets on two threads)."""
     from microtile import set_num_threads, get_num_threads
     rng = np.random.default_rng(5)
-    x = (rng.standard_normal(80) * 4).astype(np.float32)
-    dy = rng.standard_normal(80).astype(np.float32)
+    big = (1 << 15) + 101
+    x = (rng.standard_normal(big) * 4).astype(np.float32)
+    dy = rng.standard_normal(big).astype(np.float32)
     layer = make()
-    full, gfull = layer(x).copy(), layer.backward(dy).copy()
     before = get_num_threads()
     try:
-        for threads in (1, 2):
+        set_num_threads(1)
+        full, gfull = layer(x).copy(), layer.backward(dy).copy()
+        cases = {1: [(off, n) for off in range(9)
+                     for n in (1, 7, 8, 9, 15, 16, 17, 24, 31, 33, 47, 64)],
+                 2: [(off, n) for off in (0, 1, 3, 7) for n in (1 << 15, (1 << 15) + 37)]}
+        for threads, spans in cases.items():
             set_num_threads(threads)
-            for off in range(9):
-                for n in (1, 7, 8, 9, 15, 16, 17, 24, 31, 33, 47, 64):
-                    y = layer(x[off:off + n].copy())
-                    g = layer.backward(dy[off:off + n].copy())
-                    assert np.array_equal(y, full[off:off + n]), (off, n)
-                    assert np.array_equal(g, gfull[off:off + n]), (off, n)
+            for off, n in spans:
+                y = layer(x[off:off + n].copy())
+                g = layer.backward(dy[off:off + n].copy())
+                assert np.array_equal(y, full[off:off + n]), (threads, off, n)
+                assert np.array_equal(g, gfull[off:off + n]), (threads, off, n)
     finally:
         set_num_threads(before)

@@ -674,8 +674,8 @@ def test_float32_gelu_within_a_few_ulp_of_its_rounded_argument(isa, tmp_path):
     forward is within 6 ulp, plus the rounding of z^2 in the tail's exponent, everywhere it
     is a normal number, including the far left tail that 1 + erf(z) would lose entirely
     (torch's float32 GELU is 0 below about -5.5); the derivative is within 2e-6 of its
-    scale.  The
-    portable build (MICROTILE_ISA=generic, in a child process) is checked the same way."""
+    scale; NaN and the infinities give torch's values.  The portable build
+    (MICROTILE_ISA=generic, in a child process) is checked the same way."""
     from scipy.special import erfc
     x = np.concatenate([np.linspace(-14, 14, 140001), -np.logspace(-30, 1.2, 4001),
                         np.logspace(-30, 1.2, 4001),
@@ -697,8 +697,8 @@ def test_float32_gelu_within_a_few_ulp_of_its_rounded_argument(isa, tmp_path):
     assert np.all(err <= bound), (x[worst], y[worst], ref[worst])
     dref = phi + xd * np.exp(-0.5 * xd * xd) / np.sqrt(2 * np.pi)
     assert np.all(np.abs(g - dref) <= 2e-6 * np.maximum(np.abs(dref), 1.0))
-    special = np.array([np.nan, np.inf, -np.inf], np.float32)
-    ys = nn.GELU().forward(special)
+    ys, _ = _gelu_float32("none", isa, np.array([np.nan, np.inf, -np.inf], np.float32),
+                          tmp_path)
     assert np.isnan(ys[0]) and ys[1] == np.inf and np.isnan(ys[2])   # torch: gelu(-inf) NaN
 
 
@@ -709,7 +709,8 @@ def test_float32_tanh_gelu_keeps_its_left_tail(isa, tmp_path):
     float32 value at v = -5 is 30 % off).  Against the float64 value of that formula: the
     forward within 4 ulp plus what the float32 rounding of 2u (three roundings, 2^-24
     each) moves the sigmoid by, |2u| (1 - s) 3 2^-24 of the result; the derivative
-    s + v s (1 - s) (2u)' within 2e-6 of its scale, wherever the result is normal."""
+    s + v s (1 - s) (2u)' within 2e-6 of its scale, wherever the result is normal; NaN and
+    the infinities give torch's values."""
     x = np.concatenate([np.linspace(-14, 14, 140001), -np.logspace(-30, 1.2, 4001),
                         np.logspace(-30, 1.2, 4001), [0.0, -0.0]]).astype(np.float32)
     y, g = _gelu_float32("tanh", isa, x, tmp_path)
@@ -729,3 +730,7 @@ def test_float32_tanh_gelu_keeps_its_left_tail(isa, tmp_path):
     assert np.all(y[(x < -4) & normal] < 0)
     dref = s + xd * s * (1 - s) * (c1 + 3 * c1 * 0.044715 * xd * xd)
     assert np.all(np.abs(g - dref) <= 2e-6 * np.maximum(np.abs(dref), 1.0))
+    ys, _ = _gelu_float32("tanh", isa, np.array([np.nan, np.inf, -np.inf], np.float32),
+                          tmp_path)
+    # torch: 0.5 (-inf) (1 + tanh(-inf)) is NaN
+    assert np.isnan(ys[0]) and ys[1] == np.inf and np.isnan(ys[2])

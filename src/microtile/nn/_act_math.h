@@ -41,14 +41,12 @@ static inline float mt_expf_fast(float x) {
     return x != x ? x : p;
 }
 /* sigmoid from e = e^-|v| <= 1 only (no overflow): 1 / (1 + e) for v >= 0, e / (1 + e)
-   below, so tiny results keep their relative accuracy. */
+   below, so tiny results keep their relative accuracy; the numerator is chosen and there
+   is one division (a select between two values already computed, which GCC
+   if-converts: a product that only one branch made kept the loop scalar). */
 static inline float mt_sigmoidf_fast(float v) {
     float e = mt_expf_fast(-fabsf(v));
-    float d = 1.0f / (1.0f + e);
-    float ed = e * d;   /* computed either way: GCC does not if-convert a product that
-                           only one branch makes (it might trap), so the loop stayed
-                           scalar */
-    return v >= 0.0f ? d : ed;
+    return (v >= 0.0f ? 1.0f : e) / (1.0f + e);
 }
 /* tanh within about 2 ulp: an odd polynomial below |v| = 0.55 (least squares on the
    relative error, fitted for this file: 6e-8), 1 - 2 / (e^(2|v|) + 1) above; computed

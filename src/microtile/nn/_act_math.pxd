@@ -12,7 +12,6 @@ from microtile._common._typedefs cimport floating
 # in _act_math.h, which the recurrent cells' C (_rnn_cells.h) includes too.
 
 cdef extern from "_act_math.h":
-    float expf_fast "mt_expf_fast"(float x) nogil
     float sigmoidf_fast "mt_sigmoidf_fast"(float v) nogil
     float tanhf_fast "mt_tanhf_fast"(float v) nogil
     float phif_fast "mt_phif_fast"(float v) nogil

@@ -1,9 +1,11 @@
 /* The float32 activations of _act_math.h eight at a time with AVX2/FMA intrinsics, and the
- * loops of _act_loops.pxd that use them; included only by _act_avx2 (built with -mavx2
- * -mfma).  Same formulas, constants and special values as _act_math.h, written so that each
- * step is one instruction: GCC's vectorisation of the scalar functions spent ~40
- * instructions per eight exps (the clamps became compare masks applied at the end, the
- * integer part a conversion; 0.55 ns per element on one core), against 22 here.
+ * loops of _act_loops.pxd that use them; included by _act_avx2 and by the AVX2 recurrent
+ * cells (_rnn_cells.h), both built with -mavx2 -mfma.  Same formulas, constants and special
+ * values as _act_math.h (the rounding differs by a few ulp: FMA, Estrin's order, 2^n
+ * applied once), written so that each step is one instruction: GCC's vectorisation of the
+ * scalar functions spent ~40 instructions per eight exps (the clamps became compare masks
+ * applied at the end, the integer part a conversion; 0.55 ns per element on one core),
+ * against about 20 here.
  *
  * Every element of a loop, the last partial vector included (masked loads and stores), goes
  * through the same vector code, so a result does not depend on where an element sits. */
@@ -49,15 +51,14 @@ static inline __m256 mt_exp8_biased(__m256 c, int bias) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* e^x for x <= 0 (every caller but tanh's), x clamped to [-104, 0] (NaN passes: min and
-   max return their second operand when either is NaN).  2^n is applied as 2^(n + 64)
-   (normal for every n >= -150) times 2^-64, so a subnormal result is rounded once, as
-   by the scalar mt_expf_fast's two halves of n; that split took seven integer
+/* e^x for x <= 0 (the CDF's e^(-z^2), the sigmoid's e^-|v|), x clamped below at -104
+   (NaN passes: max returns its second operand when either is NaN).  2^n is applied as
+   2^(n + 64) (normal for every n >= -150) times 2^-64, so a subnormal result is rounded
+   once, as by the scalar mt_expf_fast's two halves of n; that split took seven integer
    instructions of the loop's ~25, this two (one core, ns per element: sigmoid 0.65 ->
-   0.56, tanh 0.85 -> 0.74). */
-static inline __m256 mt_exp8(__m256 x) {
-    __m256 c = _mm256_min_ps(_mm256_setzero_ps(), x);
-    c = _mm256_max_ps(_mm256_set1_ps(-104.0f), c);
+   0.56, tanh 0.85 -> 0.74, with tanh's exp below). */
+static inline __m256 mt_exp8_nonpos(__m256 x) {
+    __m256 c = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
     return _mm256_mul_ps(mt_exp8_biased(c, 64), _mm256_set1_ps(5.421010862427522e-20f));
 }
 
@@ -73,11 +74,9 @@ static inline __m256 mt_abs8(__m256 v) {
 }
 
 /* 1 / (1 + e) for v >= 0, e / (1 + e) below, e = e^-|v|: the numerator chosen, one
-   division.  -|v| is v with its sign bit set (a NaN stays a NaN), which mt_exp8's clamp
-   at 0 leaves as it is: the clamp is skipped here. */
+   division.  -|v| is v with its sign bit set (a NaN stays a NaN), never above 0. */
 static inline __m256 mt_sigmoid8(__m256 v) {
-    __m256 c = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_or_ps(v, _mm256_set1_ps(-0.0f)));
-    __m256 e = _mm256_mul_ps(mt_exp8_biased(c, 64), _mm256_set1_ps(5.421010862427522e-20f));
+    __m256 e = mt_exp8_nonpos(_mm256_or_ps(v, _mm256_set1_ps(-0.0f)));
     __m256 ge = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ);
     return _mm256_div_ps(_mm256_blendv_ps(e, _mm256_set1_ps(1.0f), ge),
                          _mm256_add_ps(_mm256_set1_ps(1.0f), e));
@@ -119,7 +118,7 @@ static inline __m256 mt_phi8(__m256 v, __m256* e_out) {
     p01 = _mm256_fmadd_ps(t2, p23, p01);
     p45 = _mm256_fmadd_ps(t2, p67, p45);
     p45 = _mm256_fmadd_ps(t4, p89, p45);
-    e = mt_exp8(_mm256_fnmadd_ps(z, z, _mm256_setzero_ps()));
+    e = mt_exp8_nonpos(_mm256_fnmadd_ps(z, z, _mm256_setzero_ps()));     /* -z^2 <= 0 */
     h = _mm256_mul_ps(_mm256_mul_ps(t, _mm256_fmadd_ps(t4, p45, p01)), e);
     *e_out = e;
     return _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), h), h,

@@ -177,9 +177,9 @@ static inline void NAME(const T* x, const T* u, const T* g, T* out, double m,   
 /* float32 data: the write in float32 arithmetic.  The mean goes in as two floats,
    mh + ml = m to 2^-48 relative: x - mh is exact for x near a large mean (Sterbenz),
    so x - m keeps its digits (float32 data around 1e4 with unit spread: rounding m
-   alone gave errors of 4e-4), then one fused multiply-add.  Through double, the
-   conversions made the pass compute-bound: BatchNorm2d forward (32, 64, 56, 56), one
-   thread, 6.1 ms against 2.7 ms for a copy of the same bytes. */
+   alone gave errors of 4e-4), then a multiply-add (fused in the AVX2 build).  Through
+   double, the conversions made the pass compute-bound: BatchNorm2d forward (32, 64, 56,
+   56), one thread, 6.1 ms against 2.7 ms for a copy of the same bytes. */
 static inline void mt_bn_affine_f(const float* x, const float* u, const float* g, float* out,
                            double m, double a, double b, double k, int relu,
                            ptrdiff_t s) {

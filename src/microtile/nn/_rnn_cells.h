@@ -7,8 +7,10 @@
  * versioned each for aliasing, and the LSTM forward cell took 17 ns a unit (29 % of a
  * one-thread LSTM forward, 128->256 batch 32).
  *
- * Compiled in each translation unit that includes it (baseline and -mavx2 -mfma), float32
- * with the branch-free functions of _act_math.h, float64 with libm. */
+ * Compiled in each translation unit that includes it (baseline and -mavx2 -mfma): float32
+ * with the branch-free functions of _act_math.h on the baseline, with _act_simd.h's
+ * intrinsics eight units at a time in the AVX2 build (the LSTM cells and the GRU forward;
+ * the GRU backward has no exp); float64 with libm. */
 #ifndef MICROTILE_RNN_CELLS_H
 #define MICROTILE_RNN_CELLS_H
 
@@ -140,6 +142,15 @@ RNN_GRU_BWD(rnn_gru_bwd_d, double)
 #define RNN_ST(p, m, full, v) \
     do { if (full) _mm256_storeu_ps((p), (v)); else _mm256_maskstore_ps((p), (m), (v)); } \
     while (0)
+/* CELL8(j, mask, full) over the w units: whole vectors, then the masked rest. */
+#define RNN_BY_VECTORS(w, CELL8)                                                           \
+    do {                                                                                    \
+        ptrdiff_t j_;                                                                       \
+        for (j_ = 0; j_ + 8 <= (w); j_ += 8)                                                \
+            CELL8(j_, _mm256_set1_epi32(-1), 1);                                            \
+        if (j_ < (w))                                                                       \
+            CELL8(j_, mt_lanes8((w) - j_), 0);                                              \
+    } while (0)
 
 static inline void rnn_lstm_fwd8(float* RNN_RESTRICT g, const float* RNN_RESTRICT t,
                                  ptrdiff_t ts, const float* RNN_RESTRICT cp,
@@ -164,12 +175,9 @@ static inline void rnn_lstm_fwd_f(float* RNN_RESTRICT g, const float* RNN_RESTRI
                                   ptrdiff_t ts, const float* RNN_RESTRICT cp,
                                   float* RNN_RESTRICT c, float* RNN_RESTRICT h, ptrdiff_t H,
                                   ptrdiff_t w) {
-    ptrdiff_t j;
-    __m256i all = _mm256_set1_epi32(-1);
-    for (j = 0; j + 8 <= w; j += 8)
-        rnn_lstm_fwd8(g, t, ts, cp, c, h, H, j, all, 1);
-    if (j < w)
-        rnn_lstm_fwd8(g, t, ts, cp, c, h, H, j, mt_lanes8(w - j), 0);
+#define RNN_LSTM_FWD8(j, m, full) rnn_lstm_fwd8(g, t, ts, cp, c, h, H, j, m, full)
+    RNN_BY_VECTORS(w, RNN_LSTM_FWD8);
+#undef RNN_LSTM_FWD8
 }
 
 static inline void rnn_lstm_bwd8(const float* RNN_RESTRICT g, const float* RNN_RESTRICT cp,
@@ -199,12 +207,9 @@ static inline void rnn_lstm_bwd_f(const float* RNN_RESTRICT g, const float* RNN_
                                   const float* RNN_RESTRICT c, const float* RNN_RESTRICT dy,
                                   const float* RNN_RESTRICT t, float* RNN_RESTRICT dc,
                                   float* RNN_RESTRICT d, ptrdiff_t H, ptrdiff_t w) {
-    ptrdiff_t j;
-    __m256i all = _mm256_set1_epi32(-1);
-    for (j = 0; j + 8 <= w; j += 8)
-        rnn_lstm_bwd8(g, cp, c, dy, t, dc, d, H, j, all, 1);
-    if (j < w)
-        rnn_lstm_bwd8(g, cp, c, dy, t, dc, d, H, j, mt_lanes8(w - j), 0);
+#define RNN_LSTM_BWD8(j, m, full) rnn_lstm_bwd8(g, cp, c, dy, t, dc, d, H, j, m, full)
+    RNN_BY_VECTORS(w, RNN_LSTM_BWD8);
+#undef RNN_LSTM_BWD8
 }
 
 /* b NULL: -0.0 added, as the scalar loop (x + -0.0 is x). */
@@ -232,12 +237,9 @@ static inline void rnn_gru_fwd_f(float* RNN_RESTRICT g, const float* RNN_RESTRIC
                                  ptrdiff_t ts, const float* RNN_RESTRICT b,
                                  const float* RNN_RESTRICT hp, float* RNN_RESTRICT h,
                                  float* RNN_RESTRICT hn, ptrdiff_t H, ptrdiff_t w) {
-    ptrdiff_t j;
-    __m256i all = _mm256_set1_epi32(-1);
-    for (j = 0; j + 8 <= w; j += 8)
-        rnn_gru_fwd8(g, t, ts, b, hp, h, hn, H, j, all, 1);
-    if (j < w)
-        rnn_gru_fwd8(g, t, ts, b, hp, h, hn, H, j, mt_lanes8(w - j), 0);
+#define RNN_GRU_FWD8(j, m, full) rnn_gru_fwd8(g, t, ts, b, hp, h, hn, H, j, m, full)
+    RNN_BY_VECTORS(w, RNN_GRU_FWD8);
+#undef RNN_GRU_FWD8
 }
 #else
 RNN_LSTM_FWD(rnn_lstm_fwd_f, float, mt_sigmoidf_fast, mt_tanhf_fast)

@@ -37,8 +37,10 @@ cdef enum:
 # (``_rnn_cells.h``): one restrict-qualified loop per cell.
 
 # Named for the build's dependency tracking (which follows only direct includes): a change
-# to the float32 math rebuilds the cells.
+# to the float32 math, scalar or AVX2, rebuilds the cells.
 cdef extern from "_act_math.h":
+    pass
+cdef extern from "_act_simd.h":
     pass
 
 cdef extern from "_rnn_cells.h" nogil:
