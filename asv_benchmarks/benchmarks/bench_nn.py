@@ -175,17 +175,22 @@ def _gelu(x):
     return x * 0.5 * erfc(-x / np.sqrt(2.0))
 
 
+def _sigmoid(v):
+    # through tanh: no overflow in exp for any v
+    return 0.5 * (1 + np.tanh(0.5 * v))
+
+
 def _gelu_tanh(x):
     # 0.5 x (1 + tanh(u)) written as x sigmoid(2u), which does not cancel in the left tail
-    return x / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return x * _sigmoid(2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))
 
 
 ELEMENTWISE = {
     "ReLU": (nn.ReLU, lambda x: np.maximum(x, 0.0)),
     "GELU": (nn.GELU, _gelu),
     "GELU(tanh)": (lambda: nn.GELU("tanh"), _gelu_tanh),
-    "SiLU": (nn.SiLU, lambda x: x / (1 + np.exp(-x))),
-    "Sigmoid": (nn.Sigmoid, lambda x: 1 / (1 + np.exp(-x))),
+    "SiLU": (nn.SiLU, lambda x: x * _sigmoid(x)),
+    "Sigmoid": (nn.Sigmoid, _sigmoid),
     "Tanh": (nn.Tanh, np.tanh),
 }
 
@@ -257,10 +262,6 @@ class BatchNormMaxPool(Benchmark):
 
 
 # Recurrent layers (issue 15's cases, as tools/bench_rnn.py times them beside torch).
-def _sigmoid(v):
-    return 0.5 * (1 + np.tanh(0.5 * v))
-
-
 def lstm_ref(x, w_ih, w_hh, b_ih, b_hh, dtype):
     """A one-layer LSTM over x (T, N, I) in float64, torch's equations and gate order, and a
     bound on a ``dtype`` computation's error: each step's pre-activations round within

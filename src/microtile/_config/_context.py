@@ -282,10 +282,11 @@ def config_context(**overrides):
         3x3 stride-1 ungrouped layers with at least 64 channels in and out and enough
         output positions, im2col + GEMM otherwise.  ``"im2col"`` and ``"direct"`` force
         that algorithm; each applies to every layer (the direct kernel is slow on layers
-        with many channels per group, never wrong).  ``"winograd"`` forces Winograd where it applies (3x3 filters, stride
-        1, dilation 1, groups 1, its transforms within ``conv_workspace``) and leaves the
-        other layers to the rule; in the backward pass it computes dx (dw and db stay on
-        im2col).  Its error is a few times im2col's (see ``conv2d``).
+        with many channels per group, never wrong).  ``"winograd"`` forces Winograd where
+        it applies (3x3 filters, stride 1, dilation 1, groups 1, its transforms within
+        ``conv_workspace``) and leaves the other layers to the rule; in the backward pass
+        it computes dx (dw and db stay on im2col).  Its error is a few times im2col's (see
+        ``conv2d``).
     sparse_density : float, optional
         Weight density at or below which a pruned ``Linear`` runs on the sparse kernel.
 

@@ -1086,25 +1086,26 @@ cdef void _d_taps(const taps_t* block, const rows_t* shape, idx_t P, idx_t Q,
         acc[j] += _hsum_pd(a[j])
 
 
+cdef inline void _taps_rows(const taps_t* block, const rows_t* shape, idx_t P, idx_t Q,
+                            const idx_t* off, const floating* src, idx_t srs,
+                            const floating* dy, idx_t dys, double* acc) noexcept nogil:
+    if floating is float:
+        _s_taps(block, shape, P, Q, off, src, srs, dy, dys, acc)
+    else:
+        _d_taps(block, shape, P, Q, off, src, srs, dy, dys, acc)
+
+
 cdef inline void _taps_f(const taps_t* block, idx_t P, idx_t Q, const idx_t* off,
                          const floating* src, idx_t srs, const floating* dy, idx_t dys,
                          double* acc) noexcept nogil:
     """One block of taps over the P rows, through the copy of the loops for the rows' shape."""
     cdef int vw = 8 if floating is float else 4
-    if floating is float:
-        if Q % vw == 0:
-            _s_taps(block, <rows_full*> NULL, P, Q, off, src, srs, dy, dys, acc)
-        elif Q > vw:
-            _s_taps(block, <rows_both*> NULL, P, Q, off, src, srs, dy, dys, acc)
-        else:
-            _s_taps(block, <rows_tail*> NULL, P, Q, off, src, srs, dy, dys, acc)
+    if Q % vw == 0:
+        _taps_rows(block, <rows_full*> NULL, P, Q, off, src, srs, dy, dys, acc)
+    elif Q > vw:
+        _taps_rows(block, <rows_both*> NULL, P, Q, off, src, srs, dy, dys, acc)
     else:
-        if Q % vw == 0:
-            _d_taps(block, <rows_full*> NULL, P, Q, off, src, srs, dy, dys, acc)
-        elif Q > vw:
-            _d_taps(block, <rows_both*> NULL, P, Q, off, src, srs, dy, dys, acc)
-        else:
-            _d_taps(block, <rows_tail*> NULL, P, Q, off, src, srs, dy, dys, acc)
+        _taps_rows(block, <rows_tail*> NULL, P, Q, off, src, srs, dy, dys, acc)
 
 
 cdef void conv_taps_avx2(idx_t P, idx_t Q, idx_t T, const idx_t* off, const floating* src,

@@ -351,11 +351,8 @@ def dropout_forward(const floating[::1] x, floating[::1] out, uint8_t[::1] keep,
     job.p1 = scale
     nt = _threads_for(n)
     with nogil:
-        if nt == 1:
-            _ew_range(&job, 0, n, 0)
-        else:
-            # Shares of whole blocks: each starts its own generators.
-            pool_ranges(nt, n, 4 * nt, MT_DROP_BLOCK, _ew_range, &job)
+        # Shares of whole blocks: each starts its own generators.
+        pool_ranges(nt, n, 4 * nt, MT_DROP_BLOCK, _ew_range, &job)
 
 
 def dropout_backward(const floating[::1] g, const uint8_t[::1] keep, floating[::1] out,
@@ -377,10 +374,7 @@ def dropout_backward(const floating[::1] g, const uint8_t[::1] keep, floating[::
     job.p1 = scale
     nt = _threads_for(n)
     with nogil:
-        if nt == 1:
-            _ew_range(&job, 0, n, 0)
-        else:
-            pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
+        pool_ranges(nt, n, 4 * nt, 16, _ew_range, &job)
 
 
 def dropout_bits(uint64_t key, idx_t n):

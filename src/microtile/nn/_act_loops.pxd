@@ -30,7 +30,7 @@ cdef inline void act_loop_f(int act, const float* x, const float* dy, float* out
     """out = act(x) when dy is NULL; else out = dy * act'(.) computed from the output x
     (ReLU: 0 where x <= 0, so NaN passes; sigmoid: x(1 - x); tanh: 1 - x^2)."""
     cdef idx_t i
-    cdef float v, t, g
+    cdef float v, g
     if dy == NULL:
         if act == LOOP_ACT_RELU:
             for i in range(n):
@@ -71,7 +71,7 @@ cdef inline void pw_loop_f(int code, float alpha, const float* x, const float* d
     """out = f(x) when dy is NULL, else out = dy * f'(x), f chosen by ``code`` (PW_*);
     torch's formulas."""
     cdef idx_t i
-    cdef float v, g
+    cdef float v, t, g
     # The GELUs' formulas and constants are in _act_math.h.
     if code == PW_LEAKY:
         if dy == NULL:

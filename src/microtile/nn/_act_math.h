@@ -70,13 +70,23 @@ static inline float mt_tanhf_fast(float v) {
    Then that left of 0 and one minus it right of 0.  NaN stays NaN; Phi(-inf) = 0 and
    Phi(inf) = 1.  ``e`` receives e^(-z^2), the derivative's other term times
    sqrt(2 pi). */
+/* P's coefficients, constant term first (AVX2's Estrin form in _act_simd.h takes them too). */
+#define MT_PHI_P0 (0.14103224873542786f)
+#define MT_PHI_P1 (0.14142853021621704f)
+#define MT_PHI_P2 (0.11932235211133957f)
+#define MT_PHI_P3 (0.11277102679014206f)
+#define MT_PHI_P4 (-0.04915844276547432f)
+#define MT_PHI_P5 (0.21063512563705444f)
+#define MT_PHI_P6 (-0.3350071907043457f)
+#define MT_PHI_P7 (0.21445992588996887f)
+#define MT_PHI_P8 (-0.06162498891353607f)
+#define MT_PHI_P9 (0.00614140322431922f)
 static inline float mt_phif_e(float v, float* e) {
     float z = v * 0.70710678118654752f, a = fabsf(z);
     float t = 1.0f / (1.0f + 0.5f * a);
-    float p = 0.14103224873542786f + t * (0.14142853021621704f + t * (0.11932235211133957f
-        + t * (0.11277102679014206f + t * (-0.04915844276547432f + t * (0.21063512563705444f
-        + t * (-0.3350071907043457f + t * (0.21445992588996887f + t * (-0.06162498891353607f
-        + t * 0.00614140322431922f))))))));
+    float p = MT_PHI_P0 + t * (MT_PHI_P1 + t * (MT_PHI_P2 + t * (MT_PHI_P3 + t * (MT_PHI_P4
+        + t * (MT_PHI_P5 + t * (MT_PHI_P6 + t * (MT_PHI_P7 + t * (MT_PHI_P8
+        + t * MT_PHI_P9))))))));
     float h;
     *e = mt_expf_fast(-(z * z));
     h = t * p * *e;

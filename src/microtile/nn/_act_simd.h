@@ -16,7 +16,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#include "_act_math.h"      /* the tanh GELU's constants */
+#include "_act_math.h"      /* the tanh GELU's constants, the CDF's coefficients */
 
 #define MT_ACT_SIMD 1
 
@@ -109,11 +109,11 @@ static inline __m256 mt_phi8(__m256 v, __m256* e_out) {
     t = _mm256_div_ps(_mm256_set1_ps(1.0f),
                       _mm256_fmadd_ps(_mm256_set1_ps(0.5f), a, _mm256_set1_ps(1.0f)));
     t2 = _mm256_mul_ps(t, t);
-    p01 = _mm256_fmadd_ps(t, _mm256_set1_ps(0.14142853021621704f), _mm256_set1_ps(0.14103224873542786f));
-    p23 = _mm256_fmadd_ps(t, _mm256_set1_ps(0.11277102679014206f), _mm256_set1_ps(0.11932235211133957f));
-    p45 = _mm256_fmadd_ps(t, _mm256_set1_ps(0.21063512563705444f), _mm256_set1_ps(-0.04915844276547432f));
-    p67 = _mm256_fmadd_ps(t, _mm256_set1_ps(0.21445992588996887f), _mm256_set1_ps(-0.3350071907043457f));
-    p89 = _mm256_fmadd_ps(t, _mm256_set1_ps(0.00614140322431922f), _mm256_set1_ps(-0.06162498891353607f));
+    p01 = _mm256_fmadd_ps(t, _mm256_set1_ps(MT_PHI_P1), _mm256_set1_ps(MT_PHI_P0));
+    p23 = _mm256_fmadd_ps(t, _mm256_set1_ps(MT_PHI_P3), _mm256_set1_ps(MT_PHI_P2));
+    p45 = _mm256_fmadd_ps(t, _mm256_set1_ps(MT_PHI_P5), _mm256_set1_ps(MT_PHI_P4));
+    p67 = _mm256_fmadd_ps(t, _mm256_set1_ps(MT_PHI_P7), _mm256_set1_ps(MT_PHI_P6));
+    p89 = _mm256_fmadd_ps(t, _mm256_set1_ps(MT_PHI_P9), _mm256_set1_ps(MT_PHI_P8));
     t4 = _mm256_mul_ps(t2, t2);
     p01 = _mm256_fmadd_ps(t2, p23, p01);
     p45 = _mm256_fmadd_ps(t2, p67, p45);
