@@ -20,6 +20,9 @@ step.  Per step of the P-rank run it also reports:
 - ``copy``: the time spent preparing the buckets (scaling the gradients, which live in
   them, by this rank's weight) and posting the allreduces.
 
+``--transport mpi`` sums through MPI's allreduce even though the ranks share this machine
+(by default they sum through shared memory, see ``microtile.distributed._node``).
+
 ``--project`` adds a model of scaling to more ranks over a network: a ring allreduce of S
 gradient bytes on P ranks moves 2 (P - 1) / P * S bytes per rank in 2 (P - 1) messages,
 so it takes 2 (P - 1) / P * S / bandwidth + 2 (P - 1) * latency; the measured per-rank
@@ -67,6 +70,9 @@ def worker(args):
     """Time ``--steps`` steps (after warm-up) in this process; print one JSON line (rank 0)."""
     from microtile import nn
 
+    if args.transport == "mpi":
+        from microtile.distributed import _buckets
+        _buckets.NODE_EXCHANGE = False
     model, batch, shape, classes = build(args.model, args.smoke)
     procs = args.procs
     ddp = None
@@ -112,6 +118,7 @@ def worker(args):
                           ("backward_seconds", "backward")):
             out[name] = statistics.median(s[key] for s in stats)
         out["buckets"] = stats[0]["buckets"]
+        out["transport"] = ddp._reducer.transport
         ddp._reducer.overlap = False
         times_seq, stats_seq = series(args.steps)
         out["step_no_overlap"] = statistics.median(times_seq)
@@ -131,7 +138,8 @@ def launch(args, kind, procs, threads):
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", kind,
            "--procs", str(procs), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--bucket-cap-mb", str(args.bucket_cap_mb)] + (["--smoke"] if args.smoke else [])
+           "--bucket-cap-mb", str(args.bucket_cap_mb), "--transport", args.transport]
+    cmd += ["--smoke"] if args.smoke else []
     if procs > 1:
         cmd = ["mpirun", "-n", str(procs), "--bind-to", args.bind, "-x",
                "MICROTILE_NUM_THREADS"] + (["--oversubscribe"] if args.smoke else []) + cmd
@@ -169,6 +177,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="timed steps per worker run")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    ap.add_argument("--transport", choices=["auto", "mpi"], default="auto",
+                    help="auto: shared memory among ranks on one machine; mpi: MPI's "
+                         "allreduce always")
     ap.add_argument("--bind", default="core", help="mpirun --bind-to for the ranks")
     ap.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
     ap.add_argument("--model", choices=["mlp", "cnn"], help=argparse.SUPPRESS)
@@ -194,7 +205,7 @@ def main(argv=None):
             runs = [("one", 1, args.threads), ("many", args.procs, per_rank)]
             for which, procs, threads in (runs if rnd % 2 == 0 else runs[::-1]):
                 (one if which == "one" else many).append(launch(args, kind, procs, threads))
-        med = {k: statistics.median(m[k] for m in many) for k in many[0]}
+        med = {k: statistics.median(m[k] for m in many) for k in many[0] if k != "transport"}
         t1 = statistics.median(o["step"] for o in one)
         _, batch, _, _ = build(kind, args.smoke)
         rows.append(dict(model=kind, batch=batch, one_step=t1, p_step=med["step"],
@@ -202,7 +213,8 @@ def main(argv=None):
                          hidden=(1 - med["wait"] / med["comm"]) if med["comm"] > 0 else 0.0,
                          copy=med["copy"], backward=med["backward"],
                          p_step_no_overlap=med["step_no_overlap"],
-                         buckets=int(med["buckets"]), grad_bytes=int(med["grad_bytes"])))
+                         buckets=int(med["buckets"]), grad_bytes=int(med["grad_bytes"]),
+                         transport=many[0].get("transport", "none")))
     if args.json:
         print(json.dumps(dict(procs=args.procs, threads=args.threads, rows=rows), indent=2))
         return 0
@@ -225,6 +237,7 @@ def main(argv=None):
                   f"backward {r['backward'] * 1e3:.2f} ms, gradients "
                   f"{r['grad_bytes'] / 2**20:.2f} MB; over a network:")
             print("\n".join(project(r)))
+    print(f"gradients summed through: {rows[0]['transport'] if rows else '-'}")
     print("ratio: throughput of the ranks over that of the one process (goal: >= 0.9)")
     return 0
 

@@ -3,6 +3,9 @@ of one process):
 
     mpirun -n 2 python tests/distributed/mpi_scenarios.py OUT_DIR NAME [NAME ...]
 
+With ``MICROTILE_TEST_TRANSPORT=mpi`` in the environment the gradient sums go through MPI's
+allreduce even when the ranks share a machine (by default they go through shared memory).
+
 Each rank writes ``OUT_DIR/rank<r>.json``: ``{NAME: result}``, or ``{NAME: {"error":
 traceback}}`` when the scenario raised.  The scenarios only measure and report; the tests
 decide.  Every scenario runs the same collectives on every rank, so one that fails on all
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -19,6 +23,7 @@ import numpy as np
 import microtile
 from microtile import nn
 from microtile.distributed import DistributedDataParallel, barrier, rank, world_size
+from microtile.distributed import _buckets, _node
 from microtile.nn._module import Module
 
 F32, F64 = np.float32, np.float64
@@ -378,6 +383,57 @@ def no_gradient(r, p):
             "after_error": digest(q.data for q in fresh.parameters())}
 
 
+def transport(r, p):
+    """How the gradients are summed: as this launch asked, and with the ranks made to look
+    as if each were on a machine of its own (MPI's allreduce then, whatever was asked)."""
+    model = mlp(F32, seed=0)
+    asked = DistributedDataParallel(model)._reducer.transport
+    real = _node.node_comm
+    _node.node_comm = lambda comm: comm.Split(comm.Get_rank())
+    try:
+        apart = DistributedDataParallel(mlp(F32, seed=0))._reducer.transport
+    finally:
+        _node.node_comm = real
+    return {"asked": asked, "apart": apart}
+
+
+def slow_rank(r, p, B=3, steps=3):
+    """The last rank is 50 ms late at one point of the shared-memory protocol in every
+    step, while the others go straight on (into their next step, which writes their
+    gradients again): the average must not change.  Each delay is at a point that only a
+    wait in the protocol makes safe -- publishing its gradients (the others must wait to
+    sum), summing its slice (the others must wait to copy it), copying the others' slices
+    (the others must not write their copies before) -- so removing that wait fails here.
+    Under MPI's allreduce it is only a slow rank."""
+    out = {}
+    loss = nn.CrossEntropyLoss()
+    for point in ("publish", "_sum", "_copy"):
+        real = getattr(_node.NodeExchange, point)
+        if r == p - 1:
+            def late(self, *args, _real=real):
+                time.sleep(0.05)
+                return _real(self, *args)
+            setattr(_node.NodeExchange, point, late)
+        try:
+            for cap in (0.0005, 25):
+                ddp = DistributedDataParallel(mlp(F64, seed=11 + r), bucket_cap_mb=cap)
+                ref = mlp(F64, seed=11)
+                opt = nn.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+                ref_opt = nn.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+                X, y = data("mlp", steps * p * B, seed=43)
+                for t in range(steps):
+                    g = slice(t * p * B, (t + 1) * p * B)
+                    mine = slice(t * p * B + r * B, t * p * B + (r + 1) * B)
+                    step(ddp, opt, loss, X[mine], y[mine])
+                    step(ref, ref_opt, loss, X[g], y[g])
+                out[f"{point}/{cap}"] = {"diff": max_diff(ddp.module, ref),
+                                         "digest": state_digest(ddp.module),
+                                         "buckets": len(ddp._reducer.buckets)}
+        finally:
+            setattr(_node.NodeExchange, point, real)
+    return out
+
+
 def mismatch(r, p):
     """Ranks that disagree (model shapes, sample counts) get a ValueError on every rank,
     not a hang."""
@@ -523,12 +579,14 @@ def wrapped_twice(r, p, B=3):
 SCENARIOS = {f.__name__: f for f in (broadcast_at_wrap, identical_steps, match_single,
                                      match_batchnorm, fit_uneven, save_once, bucket_sizes,
                                      no_gradient, mismatch, threads, world_one,
-                                     wrapped_twice)}
+                                     wrapped_twice, transport, slow_rank)}
 WITH_DIR = {"save_once", "world_one"}
 
 
 def main(argv):
     out_dir, names = argv[0], argv[1:]
+    if os.environ.get("MICROTILE_TEST_TRANSPORT") == "mpi":
+        _buckets.NODE_EXCHANGE = False
     r, p = rank(), world_size()
     results = {}
     for name in names:

@@ -29,8 +29,8 @@ TIMEOUT = 150
 
 ALL_TWO = ["broadcast_at_wrap", "identical_steps", "match_single", "match_batchnorm",
            "fit_uneven", "save_once", "bucket_sizes", "no_gradient", "mismatch", "threads",
-           "wrapped_twice"]
-ALL_THREE = ["identical_steps", "no_gradient", "threads"]
+           "wrapped_twice", "transport", "slow_rank"]
+ALL_THREE = ["identical_steps", "no_gradient", "threads", "transport", "slow_rank"]
 
 
 def _flag(name):
@@ -106,13 +106,23 @@ def scenario(results, name):
     return out
 
 
-@pytest.fixture(scope="module")
-def two(tmp_path_factory):
+TRANSPORTS = {"shared memory": {}, "mpi": {"MICROTILE_TEST_TRANSPORT": "mpi"}}
+
+
+@pytest.fixture(scope="module", params=list(TRANSPORTS))
+def two(request, tmp_path_factory):
+    """Every two-rank test runs twice: the ranks (on this one machine) summing through
+    shared memory, as they do by default, and through MPI's allreduce, as ranks on
+    different machines do."""
     require_mpirun()
     # --bind-to none: both ranks may run on both CPUs, so dividing the CPUs between them
     # is the wrapper's work (Open MPI would otherwise bind each rank to one core).
-    return run_ranks(tmp_path_factory.mktemp("mpi2"), ALL_TWO, n=2,
-                     mpirun_args=("--bind-to", "none"))
+    results = run_ranks(tmp_path_factory.mktemp("mpi2"), ALL_TWO, n=2,
+                        mpirun_args=("--bind-to", "none", "-x", "MICROTILE_TEST_TRANSPORT"),
+                        env=TRANSPORTS[request.param])
+    for res in scenario(results, "transport"):
+        assert res["asked"] == request.param and res["apart"] == "mpi"
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +229,17 @@ def test_parameter_without_gradient_on_a_rank_counts_as_zero(two):
     assert r0["after_error"] == r1["after_error"]
 
 
+def test_a_late_rank_changes_nothing(two):
+    # One rank 50 ms late at each point of the shared-memory protocol (see slow_rank):
+    # the others must wait for it there, and the average stays that of one process.
+    results = scenario(two, "slow_rank")
+    for case, res in results[0].items():
+        assert res["diff"] < 1e-13, (case, res)
+        assert results[1][case]["digest"] == res["digest"], case
+    assert results[0]["_sum/0.0005"]["buckets"] >= 3
+    assert results[0]["_sum/25"]["buckets"] == 1
+
+
 def test_ranks_that_disagree_all_get_a_value_error(two):
     r0, r1 = scenario(two, "mismatch")
     assert r0["model"] == r1["model"]
@@ -241,6 +262,14 @@ def test_three_ranks_stay_bitwise_identical(three, case):
     results = [res[case] for res in scenario(three, "identical_steps")]
     assert len({json.dumps(r["losses"]) for r in results}) == 3
     assert all(r["digests"] == results[0]["digests"] for r in results)
+
+
+def test_three_ranks_sum_through_shared_memory_and_wait_for_a_late_one(three):
+    assert {res["asked"] for res in scenario(three, "transport")} == {"shared memory"}
+    results = scenario(three, "slow_rank")
+    for case, res in results[0].items():
+        assert res["diff"] < 1e-13, (case, res)
+        assert all(other[case]["digest"] == res["digest"] for other in results[1:]), case
 
 
 def test_three_ranks_parameter_without_gradient(three):

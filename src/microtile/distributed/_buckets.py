@@ -6,7 +6,9 @@ and at most ``cap_bytes`` each (a larger parameter gets a bucket of its own).  D
 backward pass the layers report their gradients final through ``grads_ready_hook``; once
 every parameter of a bucket is final, its gradients are copied into the bucket's buffer
 (scaled by this rank's weight) and an ``Iallreduce`` (sum, in place) starts on it while the
-layers before keep computing.  ``finish`` starts whatever has not started and waits.
+layers before keep computing.  ``finish`` starts whatever has not started and waits.  When
+every rank shares this machine, the buffers live in a shared-memory window and the sums are
+made there instead (``_node.NodeExchange``), the weights applied as the slices are summed.
 
 The gradients live in the buckets' buffers (``Parameter._move_grad_to``, when the buckets
 are made), so a bucket is scaled in place and its sums are the gradients: copying every
@@ -26,7 +28,12 @@ import time
 import numpy as np
 
 from microtile.distributed._mpi import MPI
+from microtile.distributed._node import open_exchange
 from microtile.nn._module import Module, backward_leaves
+
+# Sum the buckets of ranks that share one machine through shared memory (see _node) rather
+# than MPI's allreduce; the tests turn it off to run the MPI path on one machine too.
+NODE_EXCHANGE = True
 
 
 def _leaf_parameters(leaf):
@@ -41,9 +48,9 @@ class _Bucket:
 
     __slots__ = ("buffer", "entries", "size")
 
-    def __init__(self, dtype, params):
+    def __init__(self, dtype, params, buffer=None):
         offsets = np.cumsum([0] + [p.size for p in params])
-        self.buffer = np.zeros(int(offsets[-1]), dtype)
+        self.buffer = np.zeros(int(offsets[-1]), dtype) if buffer is None else buffer
         # (parameter, start, end, the view of the buffer that holds its gradient)
         self.entries = []
         for p, a, b in zip(params, offsets, offsets[1:]):
@@ -119,7 +126,14 @@ class GradientReducer:
         self.comm = comm
         order, self._leaf_slots, self._owners = plan_order(module, params)
         runs = plan_buckets(order, cap_bytes)
-        self.buckets = [_Bucket(run[0].dtype, run) for run in runs]
+        # A collective: every rank takes the same path.
+        self._exchange = (open_exchange(comm, [sum(p.size for p in run) for run in runs],
+                                        [run[0].dtype for run in runs])
+                          if NODE_EXCHANGE else None)
+        self.transport = "mpi" if self._exchange is None else "shared memory"
+        self.buckets = [_Bucket(run[0].dtype, run,
+                                None if self._exchange is None else self._exchange.buffers[b])
+                        for b, run in enumerate(runs)]
         where = {}
         for b, run in enumerate(runs):
             for p in run:
@@ -145,6 +159,10 @@ class GradientReducer:
             # buffers are about to be reused, so they must be complete first.
             MPI.Request.Waitall(self._requests)
             self._requests = []
+        if self._exchange is not None:
+            if self._active:
+                self._exchange.complete()       # the same, for the shared-memory sums
+            self._exchange.begin()
         self._remaining = list(self._owners)
         self._pending = [b.size for b in self.buckets]
         self._next = 0
@@ -175,7 +193,9 @@ class GradientReducer:
                     self._late = True
             if self.overlap:
                 self._start_ready()
-        if self._requests:
+        if self._exchange is not None:
+            self._exchange.progress()
+        elif self._requests:
             # Open MPI moves a non-blocking collective along only inside MPI calls: a test
             # between layers lets the reductions already started progress during backward.
             MPI.Request.Testall(self._requests)
@@ -191,6 +211,8 @@ class GradientReducer:
         while self._next < len(self.buckets):
             self._start(self._next)
         t0 = time.perf_counter()
+        if self._exchange is not None:
+            self._exchange.complete()
         MPI.Request.Waitall(self._requests)
         t1 = time.perf_counter()
         self._requests = []
@@ -229,6 +251,8 @@ class GradientReducer:
         bucket = self.buckets[b]
         buf = bucket.buffer
         scale = self._scale
+        if self._exchange is not None:
+            scale = 1.0         # the exchange weights the slices as it sums them
         for p, a, c, view in bucket.entries:
             with p._lock:
                 if p._grad_is_zero or self._zero:
@@ -240,6 +264,9 @@ class GradientReducer:
                     view[...] = p._flat_grad
                 else:
                     np.multiply(p._flat_grad, scale, out=view)
-        self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
         self._next = b + 1
+        if self._exchange is not None:
+            self._exchange.publish(b, self._scale)
+        else:
+            self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
         self._launch_seconds += time.perf_counter() - t0
