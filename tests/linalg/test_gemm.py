@@ -157,6 +157,42 @@ def test_edge_tiles_exhaustive(isa, dt, nopack, rng):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("nopack", [0, 1 << 40], ids=["packed", "nopack"])
+def test_partial_row_panels_alpha_beta_strided_c(isa, dt, nopack, rng):
+    """The last row panel of fewer than mr rows (the rows micro-kernel where the ISA has
+    one) with alpha, beta and C written through strides, every row count, n a multiple of
+    the tile width and not."""
+    with config_context(isa=isa, nopack_mnk=nopack, threads=1):
+        for m in range(1, 20):
+            for n in (16, 32, 40):
+                a, b = rand(rng, (m, 37), dt), rand(rng, (37, n), dt)
+                big = rand(rng, (2 * m, 3 * n), dt)
+                c = big[::2, ::3]
+                before = np.array(big, copy=True)
+                gemm(a, b, alpha=-0.5, beta=2.0, c=c, out=c)
+                assert_gemm(c, a, b, alpha=-0.5, beta=2.0, c=before[::2, ::3],
+                            what=f"{isa} {m}x{n}")
+                rest = np.ones(big.shape, bool)
+                rest[::2, ::3] = False
+                np.testing.assert_array_equal(big[rest], before[rest])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("nopack", [0, 1 << 40], ids=["packed", "nopack"])
+def test_a_row_has_the_same_bits_in_a_partial_panel(isa, dt, nopack, rng):
+    """A row of C computed in a partial row panel gets the same bits as in a full one: its
+    sums are made in the same order, whichever kernel runs (m = 12 is two full 6-row
+    panels; m = 2..11 end in a partial one; m = 1 is a matrix-vector product)."""
+    a, b = rand(rng, (12, 300), dt), rand(rng, (300, 48), dt)
+    with config_context(isa=isa, nopack_mnk=nopack, threads=1):
+        full = gemm(a, b)
+        for m in range(2, 12):
+            np.testing.assert_array_equal(gemm(a[:m], b), full[:m], err_msg=f"m={m}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dt", FLOATS)
 def test_row_major_a_panels_every_depth_tail(isa, dt, rng):
     """Packed row-major A (the vector transposes of _pack_rows.h, 4 or 2 columns at a time):
     every depth tail, rows wider than k (a view of a wider array), kc cutting k, and A read

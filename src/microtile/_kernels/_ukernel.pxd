@@ -6,6 +6,8 @@
 # C is not read.  C may have any strides.
 # General micro-kernel: the same with A read in place (strides rs_a, cs_a) and B rows rs_b
 # apart (B's columns contiguous), so small problems need not pack.
+# Rows micro-kernel (optional, NULL when a module has none): the general micro-kernel on the
+# first `rows` (1 to mr - 1) rows of the tile only, every column; C's other rows untouched.
 from libc.string cimport memcpy
 
 from libc.stdint cimport int32_t, int64_t
@@ -22,6 +24,12 @@ ctypedef void (*sgemm_gen_t)(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
 ctypedef void (*dgemm_gen_t)(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
                              const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
                              double alpha, double beta) noexcept nogil
+ctypedef void (*sgemm_rows_t)(idx_t k, int rows, const float* a, idx_t rs_a, idx_t cs_a,
+                              const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
+                              float alpha, float beta) noexcept nogil
+ctypedef void (*dgemm_rows_t)(idx_t k, int rows, const double* a, idx_t rs_a, idx_t cs_a,
+                              const double* b, idx_t rs_b, double* c, idx_t rs_c,
+                              idx_t cs_c, double alpha, double beta) noexcept nogil
 
 # Level-1/2 kernels on contiguous vectors.
 #   dot:  sum x[i] * y[i]
@@ -107,6 +115,7 @@ ctypedef struct skernels_t:
     int nr
     sgemm_ukr_t gemm
     sgemm_gen_t gemm_gen
+    sgemm_rows_t gemm_rows
     sdot_t dot
     sdot4_t dot4
     saxpy_t axpy
@@ -124,6 +133,7 @@ ctypedef struct dkernels_t:
     int nr
     dgemm_ukr_t gemm
     dgemm_gen_t gemm_gen
+    dgemm_rows_t gemm_rows
     ddot_t dot
     ddot4_t dot4
     daxpy_t axpy
@@ -173,6 +183,21 @@ cdef inline void ukr_gen(const kernel_set_t* ks, idx_t k, const floating* a, idx
         ks.s.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
     else:
         ks.d.gemm_gen(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
+
+
+cdef inline bint ukr_rows(const kernel_set_t* ks, idx_t k, int rows, const floating* a,
+                          idx_t rs_a, idx_t cs_a, const floating* b, idx_t rs_b, floating* c,
+                          idx_t rs_c, idx_t cs_c, floating alpha, floating beta) noexcept nogil:
+    """The rows micro-kernel when the module has one (True), else nothing (False)."""
+    if floating is float:
+        if ks.s.gemm_rows == NULL:
+            return False
+        ks.s.gemm_rows(k, rows, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
+    else:
+        if ks.d.gemm_rows == NULL:
+            return False
+        ks.d.gemm_rows(k, rows, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
+    return True
 
 
 cdef inline floating ukr_dot(const kernel_set_t* ks, idx_t n, const floating* x,

@@ -26,7 +26,7 @@ from libc.math cimport ceil, exp, tanh
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport ceil_div, imin, imax
 from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr, ukr_packed,
-                                 ukr_gen)
+                                 ukr_gen, ukr_rows)
 from microtile._kernels._dispatch cimport kernel_set
 from microtile._config._params cimport current_params
 from microtile.linalg._pack cimport pack_a, pack_b
@@ -210,7 +210,8 @@ cdef void _macro(const kernel_set_t* ks, idx_t mc, idx_t nc, idx_t kc, floating 
                     ukr_packed(ks, kc, ap, bp, cp, rs_c, cs_c, alpha, beta)
                 else:
                     ukr_gen(ks, kc, ap, ars, acs, bp, brs, cp, rs_c, cs_c, alpha, beta)
-            else:
+            elif nrr < nr or not ukr_rows(ks, kc, <int> mrr, ap, ars, acs, bp, brs, cp, rs_c,
+                                          cs_c, alpha, beta):
                 _edge_tile(ks, kc, ap, ars, acs, bp, brs, mrr, nrr, alpha, beta, cp, rs_c, cs_c)
             if ep != NULL:
                 _epilogue(ep, row0 + ir, col0 + jr, mrr, nrr, cp, rs_c, cs_c)
