@@ -129,8 +129,11 @@ def test_matches_torch(cell, num_layers, batch_first, with_h0, rng):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T,N,I,H", [(1, 1, 1, 1), (1, 4, 3, 7), (6, 1, 5, 63), (3, 2, 1, 1),
-                                     (4, 5, 9, 63)])
+                                     (4, 5, 9, 63), (2, 8, 4, 17), (3, 13, 5, 40),
+                                     (2, 32, 3, 33)])
 def test_odd_sizes_match_torch(cell, T, N, I, H, rng):
+    # Batches of 8, 13 and 32 end in a partial group of rows (2, 1 and 2 of the 6-row
+    # micro-tile): the step's product runs the rows kernel there.
     for batch_first, with_h0, layers in ((False, True, 2), (True, False, 1)):
         pairs, depth = run_pair(cell, T, N, I, H, num_layers=layers, batch_first=batch_first,
                                 with_h0=with_h0, rng=rng)

@@ -6,7 +6,7 @@ from libc.string cimport memcpy, memset
 from microtile._common._typedefs cimport idx_t, floating
 from microtile._common._inline cimport imin
 from microtile._kernels._ukernel cimport (kernel_set_t, MAX_MR, MAX_NR, ukr_mr, ukr_nr,
-                                          ukr_gen, ukr_dot, ukr_dot4)
+                                          ukr_gen, ukr_rows, ukr_dot, ukr_dot4)
 
 cdef extern from *:
     """
@@ -217,6 +217,7 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
     cdef idx_t gs = mr * nr, ts = ng * gs    # a tile; a gate's tiles (gate q at q * ts)
     cdef idx_t gl, i, q, pc, kc
     cdef floating beta
+    cdef bint partial_by_group
     cdef const floating* a = <const floating*> L.a
     cdef const floating* bp = <const floating*> L.bp
     cdef const floating* e = <const floating*> L.e
@@ -248,24 +249,31 @@ cdef void _item(const _loop* L, idx_t it, floating tag) noexcept nogil:
             # groups' rows stream past it: the backward's 1024-deep panel (64 KiB) did not,
             # and its product ran at half speed.
             pc = 0
+            partial_by_group = False
             while pc < k:
                 kc = imin(L.kc, k - pc)
                 beta = 0 if pc == 0 else 1
                 for gl in range(full):
                     ukr_gen(ks, kc, a + (r0 + gl * mr) * L.lda + pc, L.lda, 1, panel + pc * nr,
                             nr, tmp + q * ts + gl * gs, nr, 1, <floating> 1, beta)
-                if full * mr < n_rows:
-                    # A partial group: the whole group that ends at the last row (it
-                    # overlaps rows done already, whose results are dropped) -- as much work
-                    # as padding the group, with nothing copied; dot products on W_hh's
-                    # rows, read from L3 for every row, cost twice as much (2 of 32 rows
-                    # took 80 of 310 us).
+                if full * mr < n_rows and not ukr_rows(
+                        ks, kc, <int> (n_rows - full * mr), a + (r0 + full * mr) * L.lda + pc,
+                        L.lda, 1, panel + pc * nr, nr, tmp + q * ts + full * gs, nr, 1,
+                        <floating> 1, beta):
+                    # A partial group on a kernel set without a rows kernel: the whole
+                    # group that ends at the last row (it overlaps rows done already, whose
+                    # results are dropped) -- as much work as padding the group, with
+                    # nothing copied; dot products on W_hh's rows, read from L3 for every
+                    # row, cost twice as much (2 of 32 rows took 80 of 310 us).  The rows
+                    # kernel does 2 rows' work for batch 32's last 2 rows instead of 6.
                     ukr_gen(ks, kc, a + (L.N - mr) * L.lda + pc, L.lda, 1, panel + pc * nr,
                             nr, last, nr, 1, <floating> 1, beta)
+                    partial_by_group = True
                 pc += kc
-            for i in range(full * mr, n_rows):
-                memcpy(tmp + q * ts + i * nr, last + (r0 + i - (L.N - mr)) * nr,
-                       nr * sizeof(floating))
+            if partial_by_group:
+                for i in range(full * mr, n_rows):
+                    memcpy(tmp + q * ts + i * nr, last + (r0 + i - (L.N - mr)) * nr,
+                           nr * sizeof(floating))
     if n_rows > L1_ROWS:
         _prefetch_cell(L, r0, j0, w, True, tag)
     for i in range(n_rows):
