@@ -155,6 +155,21 @@ def test_edge_tiles_exhaustive(isa, dt, nopack, rng):
                     assert_gemm(gemm(a, b), a, b, what=f"{isa} {m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_b_in_place_for_a_few_row_panels(dt, threads, rng):
+    """Up to a few row panels read B in place when B's rows fall in different L1 sets, and
+    pack it when they would share sets: rows of 784 and 129 elements (spread), of 1024 and
+    512 (4 KiB and 2 KiB apart for float32), a view with rows wider than n, each with
+    row counts that end in partial panels, and n ending in a partial column panel."""
+    with config_context(threads=threads, nopack_mnk=0):
+        for n, width in ((784, 784), (129, 129), (1024, 1024), (512, 512), (100, 131)):
+            for m in (13, 32, 36, 37, 48, 64, 66, 67):
+                a = rand(rng, (m, 300), dt)
+                b = rand(rng, (300, width), dt)[:, :n]
+                assert_gemm(gemm(a, b, alpha=0.5), a, b, alpha=0.5, what=f"{m}x{n} w{width}")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dt", FLOATS)
 @pytest.mark.parametrize("nopack", [0, 1 << 40], ids=["packed", "nopack"])

@@ -245,6 +245,17 @@ cdef double ITEM_FLOPS = 1e7
 # Smallest item: rows in micro-panels, columns in micro-panels when items cut the columns
 # (a 256-column chunk for float32: A's block, packed per item, is then reused 256 times).
 cdef enum:
+    # The bytes of one way of L1 (32 KiB, 8 ways: every x86-64 core since Nehalem), where
+    # addresses this far apart share a set.
+    ALIAS_BYTES = 4096
+    # Row panels that read B in place when its rows spread over L1 (see _make_plan).  A/B
+    # (alternating processes, medians), k = 1024 and n = 784, in place / packed time^-1:
+    # float32 one thread 1.27 at m = 32, 1.20 at 48, 1.09-1.34 at 64 (two runs), 0.98 at
+    # 96, 0.86 at 128 (each panel of B read in place serves 22 tiles and falls out of L1
+    # between them); two threads 1.27 at 32 and 64.  float64 (A's panels twice as big in
+    # L1 beside B's): 1.26 at 32, 0.93 at 48, 0.92-0.98 at 64.
+    INPLACE_B_PANELS_F32 = 11
+    INPLACE_B_PANELS_F64 = 6
     ITEM_MIN_PANELS = 8
     CHUNK_MIN_PANELS = 16
     # nopack_a_panels is measured (autotune) with A's rows contiguous.  Read in place, a
@@ -266,13 +277,43 @@ ctypedef struct _plan:
     idx_t n_jr          # column chunks per block of nc columns (more than 1 when rows are few)
 
 
+cdef inline bint _rows_spread(idx_t row_bytes) noexcept nogil:
+    """Whether rows ``row_bytes`` apart (B read in place: one line per row of a micro-panel)
+    fall in enough L1 sets to stay there together: at least half of the sets of an
+    ALIAS_BYTES way.  Rows a multiple of 4 KiB apart all land in one set (32x1024x784 in
+    place ran at 0.81x its packed speed) and 2 KiB apart in two."""
+    cdef idx_t lines, sets = ALIAS_BYTES // 64, a, b, t
+    if row_bytes < 0:
+        row_bytes = -row_bytes
+    if row_bytes % 64:
+        return True
+    lines = (row_bytes // 64) % sets
+    # gcd(lines, sets): how many rows share each set they use
+    a = lines
+    b = sets
+    while a:
+        t = b % a
+        b = a
+        a = t
+    return b <= 2
+
+
 cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, idx_t n, idx_t k,
-                     idx_t cs_a, idx_t cs_b, _plan* pl) noexcept nogil:
+                     idx_t cs_a, idx_t cs_b, idx_t rs_b, int itemsize,
+                     _plan* pl) noexcept nogil:
     cdef bint small = <double> m * <double> n * <double> k <= prm.nopack_mnk
     cdef idx_t micro_rows, want, rows, n_pc
     cdef idx_t a_panels = prm.nopack_a_panels
     pl.nt = nt
-    pl.b_packed = not (cs_b == 1 and (small or m <= 2 * mr))
+    # B is read in place (rows contiguous) by small problems, by a few rows of A, and by
+    # up to INPLACE_B_PANELS_* micro-panels of rows when B's rows fall in different L1 sets:
+    # each micro-panel of B is then read once either way, and packing it first only adds
+    # a write and a read of all of B.
+    pl.b_packed = not (cs_b == 1 and (small or m <= 2 * mr
+                                      or (ceil_div(m, mr) <= (INPLACE_B_PANELS_F32
+                                                              if itemsize == 4
+                                                              else INPLACE_B_PANELS_F64)
+                                          and _rows_spread(rs_b * itemsize))))
     if cs_a != 1 and a_panels > COLMAJOR_A_PANELS:
         a_panels = COLMAJOR_A_PANELS
     pl.a_packed = not (small or n <= a_panels * nr)
@@ -402,7 +443,7 @@ cdef int _gemm_at(const gemm_params* prm, int nt, idx_t m, idx_t n, idx_t k, flo
     if nt > 1 and (<double> m * <double> n * <double> k < prm.thread_mnk
                    or ceil_div(m, mr) * ceil_div(n, nr) < 2 * nt):
         nt = 1
-    _make_plan(prm, nt, mr, nr, m, n, k, cs_a, cs_b, &pl)
+    _make_plan(prm, nt, mr, nr, m, n, k, cs_a, cs_b, rs_b, sizeof(floating), &pl)
     n_items = pl.n_ic * pl.n_jr
     if nt == 1:
         if pl.b_packed:
