@@ -18,7 +18,10 @@ step.  Per step of the P-rank run it also reports:
   allreduce time, measured in a second series of steps with overlap turned off);
 - ``hidden``: 1 - wait / comm, the share of the communication that backward hides;
 - ``copy``: the time spent preparing the buckets (scaling the gradients, which live in
-  them, by this rank's weight) and posting the allreduces.
+  them, by this rank's weight) and posting the allreduces.  Through shared memory it is
+  publishing each bucket, which sums and copies whatever the other ranks' progress
+  already allows: part of the summing lands here and not in ``wait`` or ``comm``, so
+  ``hidden`` compares the transports only roughly.
 
 ``--transport mpi`` sums through MPI's allreduce even though the ranks share this machine
 (by default they sum through shared memory, see ``microtile.distributed._node``).

@@ -401,19 +401,21 @@ def slow_rank(r, p, B=3, steps=3):
     """The last rank is 50 ms late at one point of the shared-memory protocol in every
     step, while the others go straight on (into their next step, which writes their
     gradients again): the average must not change.  Each delay is at a point that only a
-    wait in the protocol makes safe -- publishing its gradients (the others must wait to
-    sum), summing its slice (the others must wait to copy it), copying the others' slices
-    (the others must not write their copies before) -- so removing that wait fails here.
-    Under MPI's allreduce it is only a slow rank."""
+    wait in the protocol makes safe -- starting a bucket (the others must wait to sum),
+    summing its slice (the others must wait to copy it), copying the others' slices (the
+    others must not write their copies before) -- so removing that wait fails here.
+    Through MPI's allreduce only the first delay (starting a bucket) applies: a rank late
+    to start its allreduces."""
     out = {}
     loss = nn.CrossEntropyLoss()
-    for point in ("publish", "_sum", "_copy"):
-        real = getattr(_node.NodeExchange, point)
+    for owner, point in ((_buckets.GradientReducer, "_start"), (_node.NodeExchange, "_sum"),
+                         (_node.NodeExchange, "_copy")):
+        real = getattr(owner, point)
         if r == p - 1:
             def late(self, *args, _real=real):
                 time.sleep(0.05)
                 return _real(self, *args)
-            setattr(_node.NodeExchange, point, late)
+            setattr(owner, point, late)
         try:
             for cap in (0.0005, 25):
                 ddp = DistributedDataParallel(mlp(F64, seed=11 + r), bucket_cap_mb=cap)
@@ -430,7 +432,7 @@ def slow_rank(r, p, B=3, steps=3):
                                          "digest": state_digest(ddp.module),
                                          "buckets": len(ddp._reducer.buckets)}
         finally:
-            setattr(_node.NodeExchange, point, real)
+            setattr(owner, point, real)
     return out
 
 
@@ -443,6 +445,13 @@ def mismatch(r, p):
         out["model"] = None
     except ValueError as exc:
         out["model"] = str(exc)
+    try:
+        # Different caps cut different buckets: each rank would sum the others' bytes at
+        # the wrong offsets.
+        DistributedDataParallel(mlp(F64, seed=0), bucket_cap_mb=25 if r == 0 else 0.0005)
+        out["cap"] = None
+    except ValueError as exc:
+        out["cap"] = str(exc)
     ddp = DistributedDataParallel(mlp(F64, seed=0))
     X, y = data("mlp", 10 + r, seed=0)
     try:

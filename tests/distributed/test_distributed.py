@@ -236,7 +236,7 @@ def test_a_late_rank_changes_nothing(two):
     for case, res in results[0].items():
         assert res["diff"] < 1e-13, (case, res)
         assert results[1][case]["digest"] == res["digest"], case
-    assert results[0]["_sum/0.0005"]["buckets"] >= 3
+    assert results[0]["_start/0.0005"]["buckets"] >= 3
     assert results[0]["_sum/25"]["buckets"] == 1
 
 
@@ -246,6 +246,7 @@ def test_ranks_that_disagree_all_get_a_value_error(two):
     assert "rank 1's model differs from rank 0's" in r0["model"] and "'0.weight'" in r0["model"]
     assert r0["fit"] == r1["fit"]
     assert "rank 1 has samples 11 but rank 0 has 10" in r0["fit"]
+    assert r0["cap"] == r1["cap"] and "every rank must pass the same bucket_cap_mb" in r0["cap"]
 
 
 def test_ranks_share_the_cpus(two):
@@ -317,6 +318,26 @@ def test_fair_share_of_cpus(one):
     assert shares["bound"] == [1, 1]            # each has a core of its own
     assert shares["3_on_8"] == [3, 3, 2]
     assert shares["5_on_2"] == [1, 1, 1, 1, 1]  # never zero threads
+
+
+def test_ctrl_c_waits_until_a_slice_sum_is_recorded(tmp_path):
+    # A KeyboardInterrupt between adding the other ranks' slices in place and recording it
+    # would make the step's completion add them again: the sum holds it back until done.
+    require_mpi4py()
+    code = ("import os, signal\n"
+            "from microtile.distributed._node import _interrupts_held\n"
+            "seen = []\n"
+            "try:\n"
+            "    with _interrupts_held():\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        seen.append('inside')\n"
+            "except KeyboardInterrupt:\n"
+            "    seen.append('after')\n"
+            "print(seen)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=mpi_env(), capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['inside', 'after']"
 
 
 # --- the example -------------------------------------------------------------------------

@@ -544,7 +544,8 @@ def test_gate_pass_split_over_threads_matches_torch(cell, rng):
 def test_fused_step_row_groups_match_torch(cell, isa, threads, N, H, rng):
     """The fused steps' row cases on both kernel sets: batch below the micro-tile's rows (dot
     products on W_hh's rows; H = 130 puts batch 1 on two threads), whole row groups, a
-    partial last group (run as the whole group ending at the last row), more groups than
+    partial last group (the rows micro-kernel on AVX2, the whole group ending at the last
+    row on the portable set), more groups than
     one item takes, and blocks of units past H."""
     with config_context(isa=isa, threads=threads):
         pairs, depth = run_pair(cell, 4, N, 3, H, with_h0=True, rng=rng)

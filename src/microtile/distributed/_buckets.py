@@ -126,10 +126,20 @@ class GradientReducer:
         self.comm = comm
         order, self._leaf_slots, self._owners = plan_order(module, params)
         runs = plan_buckets(order, cap_bytes)
+        sizes = [sum(p.size for p in run) for run in runs]
+        dtypes = [run[0].dtype for run in runs]
+        # Every rank must cut the same buckets (same model, same bucket_cap_mb), or each
+        # would sum another rank's bytes at the wrong offsets.
+        layouts = comm.allgather([(n, dt.str) for n, dt in zip(sizes, dtypes)])
+        for r, layout in enumerate(layouts[1:], start=1):
+            if layout != layouts[0]:
+                raise ValueError(
+                    f"DistributedDataParallel: rank {r} cuts the gradients into buckets of "
+                    f"{[n for n, _ in layout]} elements and rank 0 into "
+                    f"{[n for n, _ in layouts[0]]}: every rank must pass the same "
+                    f"bucket_cap_mb")
         # A collective: every rank takes the same path.
-        self._exchange = (open_exchange(comm, [sum(p.size for p in run) for run in runs],
-                                        [run[0].dtype for run in runs])
-                          if NODE_EXCHANGE else None)
+        self._exchange = open_exchange(comm, sizes, dtypes) if NODE_EXCHANGE else None
         self.transport = "mpi" if self._exchange is None else "shared memory"
         self.buckets = [_Bucket(run[0].dtype, run,
                                 None if self._exchange is None else self._exchange.buffers[b])

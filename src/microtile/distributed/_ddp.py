@@ -63,8 +63,9 @@ class DistributedDataParallel(Module):
     rest of backward; ``backward`` returns once all of them are complete.  When every rank
     shares one machine, the buckets live in an MPI shared-memory window and each rank sums
     its slice of them from the others' copies (a few times faster than MPI's allreduce for
-    two ranks); otherwise each bucket is a non-blocking allreduce.  In training mode every ``forward`` first copies rank 0's buffers
-    (BatchNorm's running statistics) into every rank, as torch's DDP does by default.
+    two ranks); otherwise each bucket is a non-blocking allreduce.  In training mode every
+    ``forward`` first copies rank 0's buffers (BatchNorm's running statistics) into every
+    rank, as torch's DDP does by default.
 
     Called like the module: ``ddp(x)``, ``ddp.forward``, ``ddp.backward(dy)``,
     ``ddp.parameters()``, ``ddp.train()``/``ddp.eval()``, ``ddp.zero_grad()``; its

@@ -16,18 +16,23 @@ owns three counters per bucket in its segment of the window, each the last step 
 that point, and writes only its own counters and its own copy of the buckets:
 
 - ``READY``: its gradients of ``b`` are final, and its weight in the step's sum is beside
-  its counters; it writes them no more until its next step;
+  its counters; it writes neither again until every rank has ``COPIED``;
 - ``SUMMED``: its slice of its copy holds the sum; it reads the others' copies of that slice
   no more;
 - ``COPIED``: it holds every other slice's sum; it reads the others' copies no more.
 
-A rank sums its slice once every rank is ``READY``, copies slice ``q`` once rank ``q`` has
-``SUMMED``, and returns from the step (after which its next backward writes its copy again)
-only once every rank has ``COPIED``.  Each counter is written after a memory barrier
+A rank sums its slice once every rank is ``READY``, copies the others' slices once every
+rank has ``SUMMED``, and returns from the step (after which its next backward writes its
+copy again) only once every rank has ``COPIED``.  Each counter is written after a memory barrier
 (``MPI_Win_sync``) and read before one, so the data it announces is visible with it on
-machines with weaker ordering than x86.
+machines with weaker ordering than x86.  A rank never sees another's counter past its own
+step (each waits for every rank's ``COPIED`` before it starts the next one); one that does
+raises, since the ranks' steps no longer match.
 """
+import contextlib
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -41,6 +46,32 @@ _UNPUBLISHED, _TO_SUM, _TO_COPY, _DONE = range(4)
 _LINE = 64          # each rank's counters and each bucket start on their own cache line
 _SPINS = 64         # polls of a counter before yielding the CPU between polls
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C held back until the block is done (and raised right after): a sum added in
+    place and the record that it was added must not be separated by a KeyboardInterrupt,
+    or the step finished after it would add the other ranks' gradients twice.  Python runs
+    signal handlers in the main thread only, between bytecodes: the block swaps in a
+    handler that notes the signal.  (Blocking SIGINT in this thread is not enough: MPI's
+    own threads leave it unblocked and take it.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield           # handlers run in the main thread: nothing interrupts this one
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        # None: a handler not installed from Python (an embedding program's); the
+        # default is the closest Python can put back.
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
+        if caught:
+            if callable(old):
+                old(signal.SIGINT, caught[0])       # default_int_handler raises
+            elif old == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _aligned(nbytes):
@@ -71,6 +102,8 @@ def open_exchange(comm, sizes, dtypes):
         # rank has zeroed its counters (this allreduce is also that barrier).
         exchange = None
     if not node.allreduce(exchange is not None, op=MPI.LAND):
+        if exchange is None:
+            node.Free()
         return None
     return exchange
 
@@ -79,7 +112,7 @@ class NodeExchange:
     """The buckets of every rank on one machine in one shared window; ``buffers[b]`` is
     this rank's copy of bucket ``b`` (where its gradients live).
 
-    Use per step: ``begin()``; ``publish(b)`` once bucket ``b``'s gradients are final,
+    Use per step: ``begin()``; ``publish(b, weight)`` once bucket ``b``'s gradients are final,
     ``progress()`` whenever there is a moment, ``complete()`` at the end (it returns once
     every published bucket is summed on every rank and no rank reads this rank's copy any
     more).  Every rank must publish every bucket in every step.
@@ -136,9 +169,10 @@ class NodeExchange:
     def publish(self, b, weight):
         """This rank's copy of bucket ``b`` is final for this step; the sum is to take it
         times ``weight`` (the same for every bucket of a step)."""
-        self.weights[self.rank][0] = weight
-        self._set(READY, b)
-        self._state[b] = _TO_SUM
+        with _interrupts_held():
+            self.weights[self.rank][0] = weight
+            self._set(READY, b)
+            self._state[b] = _TO_SUM
         self.progress()
 
     def progress(self):
@@ -169,27 +203,30 @@ class NodeExchange:
         # The weights are applied here, on a slice, not by each rank to its whole copy
         # before publishing it: equal weights (every step but an uneven last batch) cost
         # one multiplication of the summed slice, where scaling first was a pass over all
-        # of the gradients (0.7-1.9 ms per MLP step above).
-        lo, hi = self.slices[b][self.rank]
-        if hi > lo:
-            mine = self.buffers[b][lo:hi]
-            w = self.weights[self.rank][0]
-            if all(self.weights[q][0] == w for q in self.others):
-                for q in self.others:
-                    np.add(mine, self.copies[q][b][lo:hi], out=mine)
-                if w != 1.0:
+        # of the gradients (0.7-1.9 ms per MLP step above).  Python floats, as the MPI path
+        # scales by: a float32 slice is multiplied in float32.
+        with _interrupts_held():
+            lo, hi = self.slices[b][self.rank]
+            if hi > lo:
+                mine = self.buffers[b][lo:hi]
+                w = float(self.weights[self.rank][0])
+                if all(float(self.weights[q][0]) == w for q in self.others):
+                    for q in self.others:
+                        np.add(mine, self.copies[q][b][lo:hi], out=mine)
+                    if w != 1.0:
+                        np.multiply(mine, w, out=mine)
+                else:
+                    dt = mine.dtype
+                    if dt not in self._scratch:
+                        self._scratch[dt] = np.empty(self._largest[dt], dt)
+                    tmp = self._scratch[dt][:hi - lo]
                     np.multiply(mine, w, out=mine)
-            else:
-                dt = mine.dtype
-                if dt not in self._scratch:
-                    self._scratch[dt] = np.empty(self._largest[dt], dt)
-                tmp = self._scratch[dt][:hi - lo]
-                np.multiply(mine, w, out=mine)
-                for q in self.others:
-                    np.multiply(self.copies[q][b][lo:hi], self.weights[q][0], out=tmp)
-                    np.add(mine, tmp, out=mine)
-        self._set(SUMMED, b)
-        self._state[b] = _TO_COPY
+                    for q in self.others:
+                        np.multiply(self.copies[q][b][lo:hi], float(self.weights[q][0]),
+                                    out=tmp)
+                        np.add(mine, tmp, out=mine)
+            self._set(SUMMED, b)
+            self._state[b] = _TO_COPY
 
     def _copy(self, b):
         mine = self.buffers[b]
@@ -208,8 +245,11 @@ class NodeExchange:
     def _reached(self, which, b):
         step = self.step
         for q in self.others:
-            if self.counters[q][which, b] < step:
+            seen = self.counters[q][which, b]
+            if seen < step:
                 return False
+            if seen > step:
+                self._ahead(q, seen)
         self.win.Sync()                     # then read what it announces
         return True
 
@@ -223,4 +263,12 @@ class NodeExchange:
                 if spins > _SPINS:
                     # The other rank may have lost its core (a busy machine): give it ours.
                     _yield()
+            if counter[b] > step:
+                self._ahead(q, counter[b])
         self.win.Sync()
+
+    def _ahead(self, q, seen):
+        raise RuntimeError(
+            f"DistributedDataParallel: rank {q} of this machine is at gradient step {seen} "
+            f"and this rank at {self.step}: the ranks' backward calls no longer match (a "
+            f"step interrupted on some ranks only?)")

@@ -14,13 +14,15 @@ never waits for a helper that has not started (see ``_threaded``).  When there a
 row blocks (small m, or split == "jc"), items also cut the jr loop.
 
 Small problems and skinny operands skip packing: the general micro-kernel reads A at any
-strides and B in place when its rows are contiguous, so only edge slivers are copied.
+strides and B in place when its rows are contiguous, so only edge slivers are copied; so do
+products of a few row panels when B's rows spread over L1's sets (see _make_plan).  A last
+row panel of fewer than mr rows runs the kernel set's rows micro-kernel where it has one.
 
 An epilogue (bias, activation) is applied to each tile right after its last rank-kc update,
 while it is still in L1, which saves the separate pass over C that NumPy code would make.
 """
 from libc.stdlib cimport calloc, free
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.math cimport ceil, exp, tanh
 
 from microtile._common._typedefs cimport idx_t, floating
@@ -245,9 +247,10 @@ cdef double ITEM_FLOPS = 1e7
 # Smallest item: rows in micro-panels, columns in micro-panels when items cut the columns
 # (a 256-column chunk for float32: A's block, packed per item, is then reused 256 times).
 cdef enum:
-    # The bytes of one way of L1 (32 KiB, 8 ways: every x86-64 core since Nehalem), where
-    # addresses this far apart share a set.
+    # The bytes of one way of L1 (32 KiB in 8 ways, or 48 KiB in 12 on newer cores: 4 KiB
+    # either way), where addresses this far apart share a set; at most 64 sets here.
     ALIAS_BYTES = 4096
+    SPREAD_ROWS = 256       # rows of B a micro-panel holds, about (kc)
     # Row panels that read B in place when its rows spread over L1 (see _make_plan).  A/B
     # (alternating processes, medians), k = 1024 and n = 784, in place / packed time^-1:
     # float32 one thread 1.27 at m = 32, 1.20 at 48, 1.09-1.34 at 64 (two runs), 0.98 at
@@ -280,22 +283,20 @@ ctypedef struct _plan:
 cdef inline bint _rows_spread(idx_t row_bytes) noexcept nogil:
     """Whether rows ``row_bytes`` apart (B read in place: one line per row of a micro-panel)
     fall in enough L1 sets to stay there together: at least half of the sets of an
-    ALIAS_BYTES way.  Rows a multiple of 4 KiB apart all land in one set (32x1024x784 in
-    place ran at 0.81x its packed speed) and 2 KiB apart in two."""
-    cdef idx_t lines, sets = ALIAS_BYTES // 64, a, b, t
+    ALIAS_BYTES way over SPREAD_ROWS rows.  Rows a multiple of 4 KiB apart all land in one
+    set (32x1024x784 in place ran at 0.81x its packed speed), 2 KiB apart in two, and
+    4100 bytes apart (n = 1025 float32) drift through a set every 16 rows."""
+    cdef idx_t sets = ALIAS_BYTES // 64, i
+    cdef uint64_t seen = 0
+    cdef int count = 0
     if row_bytes < 0:
         row_bytes = -row_bytes
-    if row_bytes % 64:
-        return True
-    lines = (row_bytes // 64) % sets
-    # gcd(lines, sets): how many rows share each set they use
-    a = lines
-    b = sets
-    while a:
-        t = b % a
-        b = a
-        a = t
-    return b <= 2
+    for i in range(SPREAD_ROWS):
+        seen |= (<uint64_t> 1) << (((i * row_bytes) // 64) % sets)
+    while seen:
+        seen &= seen - 1
+        count += 1
+    return 2 * count >= sets
 
 
 cdef void _make_plan(const gemm_params* prm, int nt, int mr, int nr, idx_t m, idx_t n, idx_t k,
@@ -857,3 +858,16 @@ def _prepacked_gemm(const floating[:, :] a, const floating[:, :] b, floating[:, 
                             c.strides[0] // isz, c.strides[1] // isz, NULL)
     if rc != 0:
         raise MemoryError("_prepacked_gemm")
+
+
+def _b_read_in_place(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, Py_ssize_t rs_b, bint dbl):
+    """For tests: whether a one-thread product of this shape reads B in place (rows rs_b
+    elements apart, columns contiguous, A row-major) under the current parameters."""
+    cdef gemm_params prm
+    cdef _plan pl
+    cdef const kernel_set_t* ks
+    current_params(1 if dbl else 0, &prm)
+    ks = kernel_set(prm.isa)
+    _make_plan(&prm, 1, ks.d.mr if dbl else ks.s.mr, ks.d.nr if dbl else ks.s.nr, m, n, k, 1,
+               1, rs_b, 8 if dbl else 4, &pl)
+    return not pl.b_packed
