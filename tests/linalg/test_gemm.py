@@ -168,12 +168,14 @@ def test_b_in_place_for_a_few_row_panels(dt, threads, rng):
     with config_context(threads=threads, nopack_mnk=0):
         # float32 rows: 784 and 129 elements spread over L1's sets; 1024 (4 KiB) and 512
         # (2 KiB) share one or two; 1025 (4100 bytes) drifts through a set every 16 rows.
-        assert _b_read_in_place(32, 784, 300, 784, dbl)
-        assert _b_read_in_place(32, 129, 300, 129, dbl)
-        assert not _b_read_in_place(32, 1024, 300, 1024, dbl)
-        assert not _b_read_in_place(32, 512, 300, 512, dbl)
-        assert not _b_read_in_place(32, 1025, 300, 1025, False)     # 16 sets of 64
-        assert _b_read_in_place(32, 1025, 300, 1025, True)          # 8200 bytes: 32 sets
+        # 16 rows: more than two row panels and few enough to read B in place, for the 6-
+        # and the 4-row tiles (AVX2 and the portable set).
+        assert _b_read_in_place(16, 784, 300, 784, dbl)
+        assert _b_read_in_place(16, 129, 300, 129, dbl)
+        assert not _b_read_in_place(16, 1024, 300, 1024, dbl)
+        assert not _b_read_in_place(16, 512, 300, 512, dbl)
+        assert not _b_read_in_place(16, 1025, 300, 1025, False)     # 16 sets of 64
+        assert _b_read_in_place(16, 1025, 300, 1025, True)          # 8200 bytes: 32 sets
         assert not _b_read_in_place(200, 784, 300, 784, dbl)    # too many rows of A
         for n, width in ((784, 784), (129, 129), (1024, 1024), (512, 512), (100, 131)):
             for m in (13, 32, 36, 37, 48, 64, 66, 67):
