@@ -333,11 +333,12 @@ def test_ctrl_c_waits_until_a_slice_sum_is_recorded(tmp_path):
             "        seen.append('inside')\n"
             "except KeyboardInterrupt:\n"
             "    seen.append('after')\n"
+            "seen.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
             "print(seen)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=mpi_env(), capture_output=True,
                           text=True, timeout=120, cwd=str(tmp_path), stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['inside', 'after']"
+    assert proc.stdout.strip() == "['inside', 'after', True]"    # and the handler put back
 
 
 # --- the example -------------------------------------------------------------------------

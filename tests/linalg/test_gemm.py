@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 import microtile
 from microtile import config_context, gemm
+from microtile.linalg._gemm import _b_read_in_place
 
 from _helpers import (EDGE_SIZES, FLOATS, LAYOUTS, OUT_LAYOUTS, PRIMES, assert_close,
                       assert_gemm, assert_outside_untouched, gemm_reference, make_out, rand,
@@ -155,6 +156,20 @@ def test_edge_tiles_exhaustive(isa, dt, nopack, rng):
                     assert_gemm(gemm(a, b), a, b, what=f"{isa} {m}x{n}x{k}")
 
 
+def _check_b_plan(dbl):
+    # float32 rows: 784 and 129 elements spread over L1's sets; 1024 (4 KiB) and 512
+    # (2 KiB) share one or two; 1025 (4100 bytes) drifts through a set every 16 rows.
+    # 16 rows: more than two row panels and few enough to read B in place, for the 6-
+    # and the 4-row tiles (AVX2 and the portable set).
+    assert _b_read_in_place(16, 784, 300, 784, dbl)
+    assert _b_read_in_place(16, 129, 300, 129, dbl)
+    assert not _b_read_in_place(16, 1024, 300, 1024, dbl)
+    assert not _b_read_in_place(16, 512, 300, 512, dbl)
+    assert not _b_read_in_place(16, 1025, 300, 1025, False)     # 16 sets of 64
+    assert _b_read_in_place(16, 1025, 300, 1025, True)          # 8200 bytes: 32 sets
+    assert not _b_read_in_place(200, 784, 300, 784, dbl)    # too many rows of A
+
+
 @pytest.mark.parametrize("dt", FLOATS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_b_in_place_for_a_few_row_panels(dt, threads, rng):
@@ -162,21 +177,11 @@ def test_b_in_place_for_a_few_row_panels(dt, threads, rng):
     pack it when they would share sets: rows of 784 and 129 elements (spread), of 1024 and
     512 (4 KiB and 2 KiB apart for float32), a view with rows wider than n, each with
     row counts that end in partial panels, and n ending in a partial column panel."""
-    from microtile.linalg._gemm import _b_read_in_place
-
     dbl = np.dtype(dt) == np.float64
+    for isa in ISAS:
+        with config_context(isa=isa, nopack_mnk=0):
+            _check_b_plan(dbl)
     with config_context(threads=threads, nopack_mnk=0):
-        # float32 rows: 784 and 129 elements spread over L1's sets; 1024 (4 KiB) and 512
-        # (2 KiB) share one or two; 1025 (4100 bytes) drifts through a set every 16 rows.
-        # 16 rows: more than two row panels and few enough to read B in place, for the 6-
-        # and the 4-row tiles (AVX2 and the portable set).
-        assert _b_read_in_place(16, 784, 300, 784, dbl)
-        assert _b_read_in_place(16, 129, 300, 129, dbl)
-        assert not _b_read_in_place(16, 1024, 300, 1024, dbl)
-        assert not _b_read_in_place(16, 512, 300, 512, dbl)
-        assert not _b_read_in_place(16, 1025, 300, 1025, False)     # 16 sets of 64
-        assert _b_read_in_place(16, 1025, 300, 1025, True)          # 8200 bytes: 32 sets
-        assert not _b_read_in_place(200, 784, 300, 784, dbl)    # too many rows of A
         for n, width in ((784, 784), (129, 129), (1024, 1024), (512, 512), (100, 131)):
             for m in (13, 32, 36, 37, 48, 64, 66, 67):
                 a = rand(rng, (m, 300), dt)

@@ -540,13 +540,14 @@ def test_gate_pass_split_over_threads_matches_torch(cell, rng):
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 @pytest.mark.parametrize("isa", microtile.available_isas())
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("N,H", [(1, 130), (6, 17), (7, 40), (13, 9), (50, 33)])
+@pytest.mark.parametrize("N,H", [(1, 130), (6, 17), (7, 40), (13, 9), (50, 33), (50, 520)])
 def test_fused_step_row_groups_match_torch(cell, isa, threads, N, H, rng):
     """The fused steps' row cases on both kernel sets: batch below the micro-tile's rows (dot
     products on W_hh's rows; H = 130 puts batch 1 on two threads), whole row groups, a
     partial last group (the rows micro-kernel on AVX2, the whole group ending at the last
-    row on the portable set), more groups than
-    one item takes, and blocks of units past H."""
+    row on the portable set), more groups than one item takes (H = 520: 33 blocks of 16
+    units, several row groups per item on two threads, the last item partial), and blocks
+    of units past H."""
     with config_context(isa=isa, threads=threads):
         pairs, depth = run_pair(cell, 4, N, 3, H, with_h0=True, rng=rng)
     assert_pairs(pairs, depth, F64)

@@ -164,14 +164,13 @@ class GradientReducer:
 
     # -- a step -------------------------------------------------------------------------
     def begin(self, scale, zero=False):
-        if self._requests:
-            # A step interrupted by KeyboardInterrupt left reductions in flight: their
-            # buffers are about to be reused, so they must be complete first.
-            MPI.Request.Waitall(self._requests)
-            self._requests = []
+        if self._active:
+            # A step interrupted by KeyboardInterrupt: the other ranks reduce (or wait
+            # for) every bucket of it, so this rank sends the rest too and waits, before
+            # its buffers are reused.  Its replica may now differ from the others' (this
+            # rank skipped that step's optimizer update): reload a checkpoint.
+            self.finish(write=False)
         if self._exchange is not None:
-            if self._active:
-                self._exchange.complete()       # the same, for the shared-memory sums
             self._exchange.begin()
         self._remaining = list(self._owners)
         self._pending = [b.size for b in self.buckets]

@@ -55,18 +55,30 @@ def _interrupts_held():
     or the step finished after it would add the other ranks' gradients twice.  Python runs
     signal handlers in the main thread only, between bytecodes: the block swaps in a
     handler that notes the signal.  (Blocking SIGINT in this thread is not enough: MPI's
-    own threads leave it unblocked and take it.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield           # handlers run in the main thread: nothing interrupts this one
+    own threads leave it unblocked and take it.)  Only SIGINT is held: an exception from
+    another signal's Python handler can still land inside the block."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old is None:
+        # Handlers run in the main thread: nothing interrupts this one.  None: a handler
+        # installed outside Python (an embedding program's), which Python cannot put back.
+        yield
         return
     caught = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
     try:
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
         yield
     finally:
-        # None: a handler not installed from Python (an embedding program's); the
-        # default is the closest Python can put back.
-        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
+        # signal.signal runs pending handlers first: one that raises (a SIGALRM timeout)
+        # must not leave the noting handler installed for good.
+        error = None
+        while True:
+            try:
+                signal.signal(signal.SIGINT, old)
+                break
+            except BaseException as exc:   # noqa: BLE001 - re-raised below
+                error = exc
+        if error is not None:
+            raise error
         if caught:
             if callable(old):
                 old(signal.SIGINT, caught[0])       # default_int_handler raises
@@ -229,13 +241,16 @@ class NodeExchange:
             self._state[b] = _TO_COPY
 
     def _copy(self, b):
-        mine = self.buffers[b]
-        for q in self.others:
-            lo, hi = self.slices[b][q]
-            if hi > lo:
-                mine[lo:hi] = self.copies[q][b][lo:hi]
-        self._set(COPIED, b)
-        self._state[b] = _DONE
+        # Held too: copied again after the last COPIED, a slice could already hold the
+        # other rank's next gradients.
+        with _interrupts_held():
+            mine = self.buffers[b]
+            for q in self.others:
+                lo, hi = self.slices[b][q]
+                if hi > lo:
+                    mine[lo:hi] = self.copies[q][b][lo:hi]
+            self._set(COPIED, b)
+            self._state[b] = _DONE
 
     # -- counters ---------------------------------------------------------------------------
     def _set(self, which, b):
