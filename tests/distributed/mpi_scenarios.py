@@ -436,6 +436,31 @@ def slow_rank(r, p, B=3, steps=3):
     return out
 
 
+def ahead(r, p):
+    """A rank a step ahead of the others in the shared-memory exchange (two begin() calls
+    for the others' one) makes the others raise instead of summing the wrong step."""
+    from microtile.distributed import MPI
+
+    ex = _node.open_exchange(MPI.COMM_WORLD, [10], [F64])
+    if ex is None:
+        return {"error": None, "no_window": True}
+    ex.buffers[0][:] = r + 1.0
+    error = None
+    if r == 0:
+        ex.begin()
+        ex.begin()
+        ex.publish(0, 1.0)          # step 2's READY, while the others are in step 1
+    else:
+        ex.begin()
+        try:
+            ex.publish(0, 1.0)      # raises here if rank 0's READY is already there
+            ex.complete()
+        except RuntimeError as exc:
+            error = str(exc)
+    barrier()
+    return {"error": error, "no_window": False}
+
+
 def mismatch(r, p):
     """Ranks that disagree (model shapes, sample counts) get a ValueError on every rank,
     not a hang."""
@@ -588,7 +613,7 @@ def wrapped_twice(r, p, B=3):
 SCENARIOS = {f.__name__: f for f in (broadcast_at_wrap, identical_steps, match_single,
                                      match_batchnorm, fit_uneven, save_once, bucket_sizes,
                                      no_gradient, mismatch, threads, world_one,
-                                     wrapped_twice, transport, slow_rank)}
+                                     wrapped_twice, transport, slow_rank, ahead)}
 WITH_DIR = {"save_once", "world_one"}
 
 

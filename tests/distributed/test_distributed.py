@@ -29,7 +29,7 @@ TIMEOUT = 150
 
 ALL_TWO = ["broadcast_at_wrap", "identical_steps", "match_single", "match_batchnorm",
            "fit_uneven", "save_once", "bucket_sizes", "no_gradient", "mismatch", "threads",
-           "wrapped_twice", "transport", "slow_rank"]
+           "wrapped_twice", "transport", "slow_rank", "ahead"]
 ALL_THREE = ["identical_steps", "no_gradient", "threads", "transport", "slow_rank"]
 
 
@@ -238,6 +238,13 @@ def test_a_late_rank_changes_nothing(two):
         assert results[1][case]["digest"] == res["digest"], case
     assert results[0]["_start/0.0005"]["buckets"] >= 3
     assert results[0]["_sum/25"]["buckets"] == 1
+
+
+def test_a_rank_a_step_ahead_makes_the_others_raise(two):
+    r0, r1 = scenario(two, "ahead")
+    assert not r1["no_window"]
+    assert r0["error"] is None
+    assert "no longer match" in r1["error"] and "rank 0" in r1["error"]
 
 
 def test_ranks_that_disagree_all_get_a_value_error(two):
