@@ -88,9 +88,16 @@ cdef inline void _s_row_out(float* c, idx_t cs_c, __m256 x0, __m256 x1, __m256 v
                 c[j * cs_c] = tmp[j]
 
 
-cdef inline void _s6x16(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
-                        const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
-                        float alpha, float beta) noexcept nogil:
+# One template for the tile and for fewer rows than it (the last row panel of a block:
+# m = 32, 64, 128, 256 ... leave 2 or 4 over 6).  `rows` is a literal at every call, so each
+# inlined copy keeps only its rows' registers, and each row's sums are made in the same
+# order whatever the row count: an element of C gets the same bits in a partial panel as in
+# a full one.  Before the rows kernel, a partial panel ran the full tile into a buffer and
+# copied the valid rows out: at m = 32 that panel was 11 % of the time, for 2 rows in 32
+# (perf, 32x1024x784).
+cdef inline void _s_tile16(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
+                           const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
+                           float alpha, float beta, const int rows) noexcept nogil:
     cdef __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps()
     cdef __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps()
     cdef __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps()
@@ -100,67 +107,8 @@ cdef inline void _s6x16(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
     cdef __m256 b0, b1, av
     cdef idx_t p
     cdef int i
-    for i in range(6):
+    for i in range(rows):
         _mm_prefetch(<const char*> (c + i * rs_c), _MM_HINT_T0)
-    for p in range(k):
-        b0 = _mm256_loadu_ps(b)
-        b1 = _mm256_loadu_ps(b + 8)
-        av = _mm256_broadcast_ss(a)
-        c00 = _mm256_fmadd_ps(av, b0, c00)
-        c01 = _mm256_fmadd_ps(av, b1, c01)
-        av = _mm256_broadcast_ss(a + rs_a)
-        c10 = _mm256_fmadd_ps(av, b0, c10)
-        c11 = _mm256_fmadd_ps(av, b1, c11)
-        av = _mm256_broadcast_ss(a + 2 * rs_a)
-        c20 = _mm256_fmadd_ps(av, b0, c20)
-        c21 = _mm256_fmadd_ps(av, b1, c21)
-        av = _mm256_broadcast_ss(a + 3 * rs_a)
-        c30 = _mm256_fmadd_ps(av, b0, c30)
-        c31 = _mm256_fmadd_ps(av, b1, c31)
-        av = _mm256_broadcast_ss(a + 4 * rs_a)
-        c40 = _mm256_fmadd_ps(av, b0, c40)
-        c41 = _mm256_fmadd_ps(av, b1, c41)
-        av = _mm256_broadcast_ss(a + 5 * rs_a)
-        c50 = _mm256_fmadd_ps(av, b0, c50)
-        c51 = _mm256_fmadd_ps(av, b1, c51)
-        a += cs_a
-        b += rs_b
-    cdef __m256 va = _mm256_set1_ps(alpha)
-    cdef __m256 vb = _mm256_set1_ps(beta)
-    _s_row_out(c, cs_c, c00, c01, va, beta, vb)
-    _s_row_out(c + rs_c, cs_c, c10, c11, va, beta, vb)
-    _s_row_out(c + 2 * rs_c, cs_c, c20, c21, va, beta, vb)
-    _s_row_out(c + 3 * rs_c, cs_c, c30, c31, va, beta, vb)
-    _s_row_out(c + 4 * rs_c, cs_c, c40, c41, va, beta, vb)
-    _s_row_out(c + 5 * rs_c, cs_c, c50, c51, va, beta, vb)
-
-
-cdef void sgemm_6x16(idx_t k, const float* a, const float* b, float* c,
-                     idx_t rs_c, idx_t cs_c, float alpha, float beta) noexcept nogil:
-    _s6x16(k, a, 1, 6, b, 16, c, rs_c, cs_c, alpha, beta)
-
-
-cdef void sgemm_6x16_gen(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
-                         const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
-                         float alpha, float beta) noexcept nogil:
-    _s6x16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
-
-
-# Fewer rows than the tile (the last row panel of a block: m = 32, 64, 128, 256 ... leave 2
-# or 4 rows over 6).  Each row's sums are made in the same order as in the full kernel, so
-# an element of C gets the same bits whichever kernel computed it.  Before, such a panel ran
-# the full kernel into a buffer and copied the valid rows out: at m = 32 that panel was 11 %
-# of the time, for 2 rows in 32 (perf, 32x1024x784).
-cdef inline void _s_rows16(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
-                           const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
-                           float alpha, float beta, const int rows) noexcept nogil:
-    cdef __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps()
-    cdef __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps()
-    cdef __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps()
-    cdef __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps()
-    cdef __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps()
-    cdef __m256 b0, b1, av
-    cdef idx_t p
     for p in range(k):
         b0 = _mm256_loadu_ps(b)
         b1 = _mm256_loadu_ps(b + 8)
@@ -183,6 +131,10 @@ cdef inline void _s_rows16(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
             av = _mm256_broadcast_ss(a + 4 * rs_a)
             c40 = _mm256_fmadd_ps(av, b0, c40)
             c41 = _mm256_fmadd_ps(av, b1, c41)
+        if rows > 5:
+            av = _mm256_broadcast_ss(a + 5 * rs_a)
+            c50 = _mm256_fmadd_ps(av, b0, c50)
+            c51 = _mm256_fmadd_ps(av, b1, c51)
         a += cs_a
         b += rs_b
     cdef __m256 va = _mm256_set1_ps(alpha)
@@ -196,22 +148,34 @@ cdef inline void _s_rows16(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
         _s_row_out(c + 3 * rs_c, cs_c, c30, c31, va, beta, vb)
     if rows > 4:
         _s_row_out(c + 4 * rs_c, cs_c, c40, c41, va, beta, vb)
+    if rows > 5:
+        _s_row_out(c + 5 * rs_c, cs_c, c50, c51, va, beta, vb)
+
+
+cdef void sgemm_6x16(idx_t k, const float* a, const float* b, float* c,
+                     idx_t rs_c, idx_t cs_c, float alpha, float beta) noexcept nogil:
+    _s_tile16(k, a, 1, 6, b, 16, c, rs_c, cs_c, alpha, beta, 6)
+
+
+cdef void sgemm_6x16_gen(idx_t k, const float* a, idx_t rs_a, idx_t cs_a,
+                         const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
+                         float alpha, float beta) noexcept nogil:
+    _s_tile16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 6)
 
 
 cdef void sgemm_rows16(idx_t k, int rows, const float* a, idx_t rs_a, idx_t cs_a,
                        const float* b, idx_t rs_b, float* c, idx_t rs_c, idx_t cs_c,
                        float alpha, float beta) noexcept nogil:
-    # A literal per case, so each inlined copy keeps only its rows' registers.
     if rows == 1:
-        _s_rows16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 1)
+        _s_tile16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 1)
     elif rows == 2:
-        _s_rows16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 2)
+        _s_tile16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 2)
     elif rows == 3:
-        _s_rows16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 3)
+        _s_tile16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 3)
     elif rows == 4:
-        _s_rows16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 4)
+        _s_tile16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 4)
     else:
-        _s_rows16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 5)
+        _s_tile16(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 5)
 
 
 # ----------------------------------------------------------------------------- float64 6x8
@@ -239,9 +203,10 @@ cdef inline void _d_row_out(double* c, idx_t cs_c, __m256d x0, __m256d x1, __m25
                 c[j * cs_c] = tmp[j]
 
 
-cdef inline void _d6x8(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
-                       const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
-                       double alpha, double beta) noexcept nogil:
+# The tile and fewer rows than it: see _s_tile16.
+cdef inline void _d_tile8(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
+                          const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
+                          double alpha, double beta, const int rows) noexcept nogil:
     cdef __m256d c00 = _mm256_setzero_pd(), c01 = _mm256_setzero_pd()
     cdef __m256d c10 = _mm256_setzero_pd(), c11 = _mm256_setzero_pd()
     cdef __m256d c20 = _mm256_setzero_pd(), c21 = _mm256_setzero_pd()
@@ -251,63 +216,8 @@ cdef inline void _d6x8(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
     cdef __m256d b0, b1, av
     cdef idx_t p
     cdef int i
-    for i in range(6):
+    for i in range(rows):
         _mm_prefetch(<const char*> (c + i * rs_c), _MM_HINT_T0)
-    for p in range(k):
-        b0 = _mm256_loadu_pd(b)
-        b1 = _mm256_loadu_pd(b + 4)
-        av = _mm256_broadcast_sd(a)
-        c00 = _mm256_fmadd_pd(av, b0, c00)
-        c01 = _mm256_fmadd_pd(av, b1, c01)
-        av = _mm256_broadcast_sd(a + rs_a)
-        c10 = _mm256_fmadd_pd(av, b0, c10)
-        c11 = _mm256_fmadd_pd(av, b1, c11)
-        av = _mm256_broadcast_sd(a + 2 * rs_a)
-        c20 = _mm256_fmadd_pd(av, b0, c20)
-        c21 = _mm256_fmadd_pd(av, b1, c21)
-        av = _mm256_broadcast_sd(a + 3 * rs_a)
-        c30 = _mm256_fmadd_pd(av, b0, c30)
-        c31 = _mm256_fmadd_pd(av, b1, c31)
-        av = _mm256_broadcast_sd(a + 4 * rs_a)
-        c40 = _mm256_fmadd_pd(av, b0, c40)
-        c41 = _mm256_fmadd_pd(av, b1, c41)
-        av = _mm256_broadcast_sd(a + 5 * rs_a)
-        c50 = _mm256_fmadd_pd(av, b0, c50)
-        c51 = _mm256_fmadd_pd(av, b1, c51)
-        a += cs_a
-        b += rs_b
-    cdef __m256d va = _mm256_set1_pd(alpha)
-    cdef __m256d vb = _mm256_set1_pd(beta)
-    _d_row_out(c, cs_c, c00, c01, va, beta, vb)
-    _d_row_out(c + rs_c, cs_c, c10, c11, va, beta, vb)
-    _d_row_out(c + 2 * rs_c, cs_c, c20, c21, va, beta, vb)
-    _d_row_out(c + 3 * rs_c, cs_c, c30, c31, va, beta, vb)
-    _d_row_out(c + 4 * rs_c, cs_c, c40, c41, va, beta, vb)
-    _d_row_out(c + 5 * rs_c, cs_c, c50, c51, va, beta, vb)
-
-
-cdef void dgemm_6x8(idx_t k, const double* a, const double* b, double* c,
-                    idx_t rs_c, idx_t cs_c, double alpha, double beta) noexcept nogil:
-    _d6x8(k, a, 1, 6, b, 8, c, rs_c, cs_c, alpha, beta)
-
-
-cdef void dgemm_6x8_gen(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
-                        const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
-                        double alpha, double beta) noexcept nogil:
-    _d6x8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta)
-
-
-# Fewer rows than the tile: see _s_rows16.
-cdef inline void _d_rows8(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
-                          const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
-                          double alpha, double beta, const int rows) noexcept nogil:
-    cdef __m256d c00 = _mm256_setzero_pd(), c01 = _mm256_setzero_pd()
-    cdef __m256d c10 = _mm256_setzero_pd(), c11 = _mm256_setzero_pd()
-    cdef __m256d c20 = _mm256_setzero_pd(), c21 = _mm256_setzero_pd()
-    cdef __m256d c30 = _mm256_setzero_pd(), c31 = _mm256_setzero_pd()
-    cdef __m256d c40 = _mm256_setzero_pd(), c41 = _mm256_setzero_pd()
-    cdef __m256d b0, b1, av
-    cdef idx_t p
     for p in range(k):
         b0 = _mm256_loadu_pd(b)
         b1 = _mm256_loadu_pd(b + 4)
@@ -330,6 +240,10 @@ cdef inline void _d_rows8(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
             av = _mm256_broadcast_sd(a + 4 * rs_a)
             c40 = _mm256_fmadd_pd(av, b0, c40)
             c41 = _mm256_fmadd_pd(av, b1, c41)
+        if rows > 5:
+            av = _mm256_broadcast_sd(a + 5 * rs_a)
+            c50 = _mm256_fmadd_pd(av, b0, c50)
+            c51 = _mm256_fmadd_pd(av, b1, c51)
         a += cs_a
         b += rs_b
     cdef __m256d va = _mm256_set1_pd(alpha)
@@ -343,21 +257,34 @@ cdef inline void _d_rows8(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
         _d_row_out(c + 3 * rs_c, cs_c, c30, c31, va, beta, vb)
     if rows > 4:
         _d_row_out(c + 4 * rs_c, cs_c, c40, c41, va, beta, vb)
+    if rows > 5:
+        _d_row_out(c + 5 * rs_c, cs_c, c50, c51, va, beta, vb)
+
+
+cdef void dgemm_6x8(idx_t k, const double* a, const double* b, double* c,
+                    idx_t rs_c, idx_t cs_c, double alpha, double beta) noexcept nogil:
+    _d_tile8(k, a, 1, 6, b, 8, c, rs_c, cs_c, alpha, beta, 6)
+
+
+cdef void dgemm_6x8_gen(idx_t k, const double* a, idx_t rs_a, idx_t cs_a,
+                        const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
+                        double alpha, double beta) noexcept nogil:
+    _d_tile8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 6)
 
 
 cdef void dgemm_rows8(idx_t k, int rows, const double* a, idx_t rs_a, idx_t cs_a,
                       const double* b, idx_t rs_b, double* c, idx_t rs_c, idx_t cs_c,
                       double alpha, double beta) noexcept nogil:
     if rows == 1:
-        _d_rows8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 1)
+        _d_tile8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 1)
     elif rows == 2:
-        _d_rows8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 2)
+        _d_tile8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 2)
     elif rows == 3:
-        _d_rows8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 3)
+        _d_tile8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 3)
     elif rows == 4:
-        _d_rows8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 4)
+        _d_tile8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 4)
     else:
-        _d_rows8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 5)
+        _d_tile8(k, a, rs_a, cs_a, b, rs_b, c, rs_c, cs_c, alpha, beta, 5)
 
 
 # ----------------------------------------------------------------------------- level 1/2
