@@ -23,7 +23,7 @@ import numpy as np
 import microtile
 from microtile import nn
 from microtile.distributed import DistributedDataParallel, barrier, rank, world_size
-from microtile.distributed import _buckets, _node
+from microtile.distributed import _buckets, _node, _world
 from microtile.nn._module import Module
 
 F32, F64 = np.float32, np.float64
@@ -388,12 +388,12 @@ def transport(r, p):
     as if each were on a machine of its own (MPI's allreduce then, whatever was asked)."""
     model = mlp(F32, seed=0)
     asked = DistributedDataParallel(model)._reducer.transport
-    real = _node.node_comm
-    _node.node_comm = lambda comm: comm.Split(comm.Get_rank())
+    real = _world.node_comm
+    _world.node_comm = lambda comm: comm.Split(comm.Get_rank())
     try:
         apart = DistributedDataParallel(mlp(F32, seed=0))._reducer.transport
     finally:
-        _node.node_comm = real
+        _world.node_comm = real
     return {"asked": asked, "apart": apart}
 
 

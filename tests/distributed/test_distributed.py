@@ -95,6 +95,14 @@ def run_ranks(tmp_path, names, n=None, mpirun_args=(), env=None):
     return results
 
 
+def _python(tmp_path, code, env):
+    """Run ``python -c code`` in ``tmp_path``; its standard output (failing on an error)."""
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def scenario(results, name):
     """``[rank 0's result, rank 1's, ...]`` of one scenario; fails on a scenario error."""
     out = []
@@ -342,10 +350,8 @@ def test_ctrl_c_waits_until_a_slice_sum_is_recorded(tmp_path):
             "    seen.append('after')\n"
             "seen.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
             "print(seen)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=mpi_env(), capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path), stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['inside', 'after', True]"    # and the handler put back
+    out = _python(tmp_path, code, mpi_env())
+    assert out.strip() == "['inside', 'after', True]"    # and the handler put back
 
 
 # --- the example -------------------------------------------------------------------------
@@ -387,10 +393,7 @@ def _import_error(tmp_path, prelude):
             "import microtile\n"
             "from microtile import nn\n"
             "print('microtile without MPI:', nn.Linear(2, 2, rng=0).weight.shape)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path), stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return _python(tmp_path, code, child_env())
 
 
 def test_import_without_mpi4py_names_the_extra(tmp_path):

@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from microtile.distributed import _world
 from microtile.distributed._mpi import MPI
 
 # The counters (rows of each rank's counter array).
@@ -90,19 +91,13 @@ def _aligned(nbytes):
     return -(-nbytes // _LINE) * _LINE
 
 
-def node_comm(comm):
-    """The ranks of ``comm`` on this rank's machine (a collective); tests replace it to
-    make one machine look like several."""
-    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-
-
 def open_exchange(comm, sizes, dtypes):
     """A ``NodeExchange`` for buckets of ``sizes`` elements of ``dtypes`` when every rank
     of ``comm`` (more than one) shares this machine and the MPI library gives a shared
     window; else None (the buckets then go through MPI's allreduce).  A collective."""
     if comm.Get_size() < 2:
         return None
-    node = node_comm(comm)
+    node = _world.node_comm(comm)
     if node.Get_size() != comm.Get_size():
         node.Free()
         return None

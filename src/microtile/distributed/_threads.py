@@ -3,7 +3,7 @@ import os
 
 from microtile._config import _hwinfo
 from microtile._config._context import get_num_threads, set_num_threads, threads_chosen
-from microtile.distributed._mpi import MPI
+from microtile.distributed import _world
 
 
 def _affinity():
@@ -45,7 +45,7 @@ def share_threads(comm):
     int
         The thread count in force afterwards.
     """
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local = _world.node_comm(comm)
     try:
         # Collective over the machine's ranks: every rank takes part even when its own
         # count was chosen, so the call is the same on all of them.

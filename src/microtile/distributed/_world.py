@@ -26,6 +26,13 @@ def as_comm(comm, owner):
     return comm
 
 
+def node_comm(comm):
+    """The ranks of ``comm`` on this rank's machine (``Split_type(COMM_TYPE_SHARED)``, a
+    collective); the caller frees it.  Tests replace it to make one machine look like
+    several."""
+    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+
+
 def rank(comm=None):
     """This process's rank in ``comm``.
 
